@@ -1,0 +1,313 @@
+//! The driver: runs a [`Deployment`] against a host, a verifier, a journal
+//! and a clock, all passed in as traits. It holds no policy of its own: the
+//! state machine decides, the driver journals and performs.
+//!
+//! The one rule it enforces: an event returned as [`Next::Record`] is
+//! appended *and made durable* before anything else happens, and the state
+//! machine asks for such a record before every side effect that recovery
+//! must know about. Results of actions are only appended; the next durable
+//! record covers them (one flush per step, shared by group commit).
+
+use std::future::Future;
+
+use crate::event::*;
+use crate::machine::*;
+use crate::model::*;
+
+/// A host's file operations and commands. Implementations must be
+/// idempotent per request (a step may run more than once after a crash).
+pub trait Host: Send + Sync {
+    /// Results align with `files`. For an existing cert file, `content`
+    /// holds its (public) bytes so supersede and verify-original can be
+    /// decided; never for keys.
+    fn snapshot(
+        &self,
+        deployment_id: &str,
+        files: &[SnapshotRequest],
+    ) -> impl Future<Output = Vec<Result<Snapped, StepError>>> + Send;
+    /// Results align with `files`; a shorter vector means the rest were not
+    /// attempted.
+    fn write(
+        &self,
+        deployment_id: &str,
+        files: &[(WriteRequest, &[u8])],
+    ) -> impl Future<Output = Vec<Result<(), StepError>>> + Send;
+    fn exec(&self, command: &str, timeout_ms: u64) -> impl Future<Output = Result<ExecResult, StepError>> + Send;
+    fn restore(
+        &self,
+        deployment_id: &str,
+        files: &[RestoreRequest],
+    ) -> impl Future<Output = Vec<Result<RestoreStatus, StepError>>> + Send;
+    fn remove_backups(&self, deployment_id: &str, paths: &[String]) -> impl Future<Output = Result<(), StepError>> + Send;
+    fn prune(
+        &self,
+        deployment_id: &str,
+        live_paths: &[String],
+        keep: u32,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+}
+
+/// What `Host::snapshot` found at one path.
+#[derive(Clone, Debug)]
+pub struct Snapped {
+    pub snapshot: Snapshot,
+    pub content: Option<Vec<u8>>,
+}
+
+/// Fetches the leaf certificate an endpoint serves.
+pub trait Verifier: Send + Sync {
+    fn served_leaf(&self, endpoint: &str, sni: Option<&str>) -> impl Future<Output = Result<Digest, String>> + Send;
+}
+
+/// A verifier for deployments without `verify_endpoint`.
+pub struct NoVerifier;
+
+impl Verifier for NoVerifier {
+    async fn served_leaf(&self, endpoint: &str, _sni: Option<&str>) -> Result<Digest, String> {
+        Err(format!("no verifier configured for {endpoint}"))
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("journal: {0}")]
+pub struct JournalError(pub String);
+
+/// Where records go. `append` returns a sequence number; `sync(seq)`
+/// returns once every record up to `seq` is durable (group commit: many
+/// callers may share one flush).
+pub trait Journal: Send + Sync {
+    fn append(&self, deployment_id: &str, record: &Record) -> Result<u64, JournalError>;
+    fn sync(&self, seq: u64) -> impl Future<Output = Result<(), JournalError>> + Send;
+}
+
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+    fn sleep_until(&self, t: Timestamp) -> impl Future<Output = ()> + Send;
+}
+
+/// Everything a deployment runs against.
+pub struct Env<'a, H, V, J, C> {
+    pub host: &'a H,
+    pub verifier: &'a V,
+    pub journal: &'a J,
+    pub clock: &'a C,
+    /// Parses public facts from a certificate file's bytes (pki crate).
+    pub cert_facts: fn(&[u8]) -> Option<CertFacts>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("journal replay: {0}")]
+    Core(#[from] CoreError),
+    #[error("no content for {0} in this process (a recovered attempt never writes)")]
+    MissingPayload(Role),
+}
+
+macro_rules! failpoint {
+    ($name:expr) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name);
+    };
+}
+
+/// Start a new attempt: journal `Started` durably, then run it.
+pub async fn start<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    plan: Plan,
+    payload: &Payload,
+) -> Result<Terminal, DriveError> {
+    let at = env.clock.now();
+    let rec = Record { at, event: Event::Started { plan: plan.clone() } };
+    record(env, &plan.deployment_id, &rec).await?;
+    run(env, Deployment::start(plan, at), Some(payload)).await
+}
+
+/// Resume an interrupted attempt from its journal records.
+pub async fn resume<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    records: &[Record],
+) -> Result<Terminal, DriveError> {
+    let dep = Deployment::replay(records)?;
+    run(env, dep, None).await
+}
+
+async fn record<H, V, J: Journal, C>(env: &Env<'_, H, V, J, C>, id: &str, rec: &Record) -> Result<(), DriveError> {
+    failpoint!("before_journal_append");
+    let seq = env.journal.append(id, rec)?;
+    failpoint!("after_journal_append");
+    env.journal.sync(seq).await?;
+    failpoint!("after_journal_sync");
+    Ok(())
+}
+
+/// Drive a deployment until it reaches a terminal state.
+pub async fn run<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    mut dep: Deployment,
+    payload: Option<&Payload>,
+) -> Result<Terminal, DriveError> {
+    let id = dep.plan().deployment_id.clone();
+    loop {
+        let now = env.clock.now();
+        match dep.next(now) {
+            Next::Done(t) => return Ok(t),
+            Next::Wait(t) => env.clock.sleep_until(t).await,
+            Next::Record(event) => {
+                tracing::debug!(deployment_id = %id, event = event_name(&event), "journal");
+                let rec = Record { at: now, event };
+                record(env, &id, &rec).await?;
+                dep.apply(&rec)?;
+            }
+            Next::Perform(action) => {
+                let events = perform(env, &action, payload).await?;
+                for event in events {
+                    let rec = Record { at: env.clock.now(), event };
+                    env.journal.append(&id, &rec)?;
+                    dep.apply(&rec)?;
+                }
+            }
+        }
+    }
+}
+
+/// A short name for logs.
+pub fn event_name(e: &Event) -> &'static str {
+    match e {
+        Event::Started { .. } => "started",
+        Event::Recovering => "recovering",
+        Event::Begun { .. } => "begun",
+        Event::Snapshotted { .. } => "snapshotted",
+        Event::Written { .. } => "written",
+        Event::Executed { .. } => "executed",
+        Event::Verified { .. } => "verified",
+        Event::Restored { .. } => "restored",
+        Event::BackupsRemoved { .. } => "backups_removed",
+        Event::Pruned { .. } => "pruned",
+        Event::StepFailed { .. } => "step_failed",
+        Event::GaveUp { .. } => "gave_up",
+        Event::Finished { .. } => "finished",
+        Event::Abandoned { .. } => "abandoned",
+    }
+}
+
+async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    action: &Action,
+    payload: Option<&Payload>,
+) -> Result<Vec<Event>, DriveError> {
+    let events = match action {
+        Action::Snapshot { deployment_id, files } => {
+            failpoint!("before_snapshot");
+            let results = env.host.snapshot(deployment_id, files).await;
+            failpoint!("after_snapshot");
+            let events = files
+                .iter()
+                .zip(results)
+                .map(|(req, r)| match r {
+                    Ok(mut s) => {
+                        if let (Role::Cert, PreState::Existing { cert, .. }, Some(bytes)) =
+                            (req.role, &mut s.snapshot.pre, s.content.as_deref())
+                        {
+                            *cert = (env.cert_facts)(bytes);
+                        }
+                        Event::Snapshotted { role: req.role, snapshot: s.snapshot }
+                    }
+                    Err(error) => Event::StepFailed { step: Step::Snapshot, role: Some(req.role), error },
+                })
+                .collect();
+            successes_then_one_failure(events)
+        }
+        Action::Write { deployment_id, files } => {
+            let payload = payload.ok_or(DriveError::MissingPayload(files.first().map_or(Role::Cert, |f| f.role)))?;
+            let mut batch = Vec::with_capacity(files.len());
+            for f in files {
+                let bytes = payload.get(f.role).ok_or(DriveError::MissingPayload(f.role))?;
+                batch.push((f.clone(), bytes));
+            }
+            failpoint!("before_write");
+            let results = env.host.write(deployment_id, &batch).await;
+            failpoint!("after_write");
+            let events = files
+                .iter()
+                .zip(results)
+                .map(|(f, r)| match r {
+                    Ok(()) => Event::Written { role: f.role },
+                    Err(error) => Event::StepFailed { step: Step::Write, role: Some(f.role), error },
+                })
+                .collect();
+            successes_then_one_failure(events)
+        }
+        Action::Exec { step, command, timeout_ms } => {
+            failpoint!(exec_fp(*step, true));
+            let r = env.host.exec(command, *timeout_ms).await;
+            failpoint!(exec_fp(*step, false));
+            vec![match r {
+                Ok(result) => Event::Executed { step: *step, result },
+                Err(error) => Event::StepFailed { step: *step, role: None, error },
+            }]
+        }
+        Action::Verify { step, endpoint, sni, expected } => {
+            failpoint!("before_verify");
+            let r = env.verifier.served_leaf(endpoint, sni.as_deref()).await;
+            vec![match r {
+                Ok(served) => Event::Verified { step: *step, served: Some(served), matched: served == *expected, error: None },
+                Err(e) => Event::Verified { step: *step, served: None, matched: false, error: Some(e) },
+            }]
+        }
+        Action::Restore { deployment_id, files } => {
+            failpoint!("before_restore");
+            let results = env.host.restore(deployment_id, files).await;
+            failpoint!("after_restore");
+            files
+                .iter()
+                .zip(results)
+                .map(|(f, r)| match r {
+                    Ok(status) => Event::Restored { role: f.role, status, error: None },
+                    Err(error) => Event::StepFailed { step: Step::Restore, role: Some(f.role), error },
+                })
+                .collect()
+        }
+        Action::RemoveBackups { deployment_id, paths } => {
+            failpoint!("before_cleanup");
+            let r = env.host.remove_backups(deployment_id, paths).await;
+            failpoint!("after_cleanup");
+            vec![Event::BackupsRemoved { error: r.err().map(|e| e.message) }]
+        }
+        Action::Prune { deployment_id, live_paths, keep } => {
+            failpoint!("before_prune");
+            let r = env.host.prune(deployment_id, live_paths, *keep).await;
+            failpoint!("after_prune");
+            vec![Event::Pruned { error: r.err().map(|e| e.message) }]
+        }
+    };
+    Ok(events)
+}
+
+/// Within one snapshot or write batch, record every success first (they
+/// happened), then the single failure that decides what comes next: the
+/// first permanent one if any, else the first transient one.
+fn successes_then_one_failure(events: Vec<Event>) -> Vec<Event> {
+    let (mut out, failures): (Vec<Event>, Vec<Event>) =
+        events.into_iter().partition(|e| !matches!(e, Event::StepFailed { .. }));
+    let permanent = failures
+        .iter()
+        .position(|e| matches!(e, Event::StepFailed { error, .. } if !error.is_transient()));
+    if let Some(f) = failures.into_iter().nth(permanent.unwrap_or(0)) {
+        out.push(f);
+    }
+    out
+}
+
+#[cfg(feature = "failpoints")]
+fn exec_fp(step: Step, before: bool) -> &'static str {
+    match (step, before) {
+        (Step::Validate, true) => "before_validate",
+        (Step::Validate, false) => "after_validate",
+        (Step::Reload, true) => "before_reload",
+        (Step::Reload, false) => "after_reload",
+        (_, true) => "before_retry_reload",
+        (_, false) => "after_retry_reload",
+    }
+}

@@ -1,0 +1,19 @@
+//! certdeploy's core: the deployment model, the pure state machine, its
+//! journaled events and the driver loop that runs it against traits.
+//!
+//! Nothing here performs I/O, reads the clock or depends on an async
+//! runtime; hosts, journals, verifiers and clocks are passed in.
+#![forbid(unsafe_code)]
+
+pub mod driver;
+pub mod event;
+pub mod machine;
+pub mod model;
+pub mod wire;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use event::*;
+pub use machine::*;
+pub use model::*;

@@ -1,0 +1,441 @@
+//! The request/target/plan model: what a deployment writes where, and the
+//! facts about it that may be journaled (digests, modes, paths — never key
+//! bytes). Key material lives only in [`Payload`], which is never serialized.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroize;
+
+/// Milliseconds since the Unix epoch. Time always comes in from outside.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    pub fn plus_ms(self, ms: u64) -> Timestamp {
+        Timestamp(self.0.saturating_add(ms))
+    }
+    pub fn since(self, earlier: Timestamp) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+    /// RFC 3339 with milliseconds, UTC.
+    pub fn rfc3339(self) -> String {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.0);
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+}
+
+/// The files a deployment may write.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Cert,
+    Key,
+    Chain,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Cert, Role::Key, Role::Chain];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Cert => "cert",
+            Role::Key => "key",
+            Role::Chain => "chain",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A SHA-256 digest, serialized as lowercase hex.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn from_hex(s: &str) -> Option<Digest> {
+        let v = hex::decode(s).ok()?;
+        Some(Digest(v.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.to_hex())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Digest::from_hex(&s).ok_or_else(|| serde::de::Error::custom("invalid sha256 hex digest"))
+    }
+}
+
+/// Key material (or anything else secret). Never printed, zeroed on drop,
+/// deliberately not `Serialize`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Secret {
+        Secret(bytes)
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A deployment target as configured (or sent inline, when allowed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    pub cert_path: String,
+    pub key_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_path: Option<String>,
+    #[serde(default = "default_cert_mode")]
+    pub cert_mode: String,
+    #[serde(default = "default_key_mode")]
+    pub key_mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate_command: Option<String>,
+    pub reload_command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_sni: Option<String>,
+}
+
+fn default_port() -> u16 {
+    22
+}
+fn default_cert_mode() -> String {
+    "0644".into()
+}
+fn default_key_mode() -> String {
+    "0600".into()
+}
+
+/// Parse an octal file mode of the form `0[0-7]{3}`.
+pub fn parse_mode(s: &str) -> Option<u32> {
+    let b = s.as_bytes();
+    if b.len() != 4 || b[0] != b'0' || !b[1..].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        return None;
+    }
+    u32::from_str_radix(&s[1..], 8).ok()
+}
+
+/// Check a remote path: absolute, normalized, no `..`/`.` segments, no empty
+/// segments, no NUL, newline or other control characters.
+pub fn check_remote_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err("must be an absolute path".into());
+    }
+    if p.len() > 4096 {
+        return Err("is longer than 4096 bytes".into());
+    }
+    if p.chars().any(|c| c.is_control()) {
+        return Err("contains a control character (NUL, newline, ...)".into());
+    }
+    if p.len() > 1 && p.ends_with('/') {
+        return Err("must name a file, not a directory".into());
+    }
+    for seg in p[1..].split('/') {
+        match seg {
+            "" => return Err("is not normalized (empty segment `//`)".into()),
+            "." | ".." => return Err(format!("is not normalized (contains `{seg}`)")),
+            _ => {}
+        }
+    }
+    if p == "/" {
+        return Err("must name a file".into());
+    }
+    Ok(())
+}
+
+/// One file the deployment writes. Journaled: holds the digest of the new
+/// content, never the content itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePlan {
+    pub role: Role,
+    pub path: String,
+    pub mode: u32,
+    pub sha256: Digest,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyPlan {
+    pub endpoint: String,
+    pub sni: Option<String>,
+    /// SHA-256 of the new leaf certificate's DER.
+    pub expected: Digest,
+}
+
+/// Timing and retention policy of one deployment (all durations in ms).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub exec_timeout_ms: u64,
+    /// Per-deployment deadline, counted from `Started`.
+    pub deadline_ms: u64,
+    /// Extra time a rollback may keep retrying transient errors after the deadline.
+    pub rollback_budget_ms: u64,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub verify_initial_ms: u64,
+    /// Total time verify may retry after a reload before it counts as a mismatch.
+    pub verify_budget_ms: u64,
+    /// Backups to keep per path after a successful deployment (>= 1).
+    pub keep_backups: u32,
+    pub allow_downgrade: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            exec_timeout_ms: 60_000,
+            deadline_ms: 600_000,
+            rollback_budget_ms: 600_000,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 60_000,
+            verify_initial_ms: 200,
+            verify_budget_ms: 10_000,
+            keep_backups: 1,
+            allow_downgrade: false,
+        }
+    }
+}
+
+/// Everything the state machine needs to know about one deployment attempt.
+/// Journaled as part of `Started`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub deployment_id: String,
+    pub target: String,
+    /// `host:port`, for results and messages.
+    pub host: String,
+    pub attempt: u32,
+    pub files: Vec<FilePlan>,
+    pub validate_command: Option<String>,
+    pub reload_command: String,
+    pub verify: Option<VerifyPlan>,
+    /// notBefore (unix s) of the incoming leaf, for supersede protection.
+    pub new_not_before: Option<i64>,
+    pub policy: Policy,
+}
+
+impl Plan {
+    pub fn file(&self, role: Role) -> Option<&FilePlan> {
+        self.files.iter().find(|f| f.role == role)
+    }
+    pub fn roles(&self) -> impl Iterator<Item = Role> + '_ {
+        self.files.iter().map(|f| f.role)
+    }
+}
+
+/// The bytes to write, by role. Held in memory only for the live attempt.
+#[derive(Clone, Debug, Default)]
+pub struct Payload {
+    contents: BTreeMap<Role, Secret>,
+}
+
+impl Payload {
+    pub fn get(&self, role: Role) -> Option<&[u8]> {
+        self.contents.get(&role).map(Secret::expose)
+    }
+    pub fn insert(&mut self, role: Role, bytes: Vec<u8>) {
+        self.contents.insert(role, Secret::new(bytes));
+    }
+}
+
+/// What a request asks for, after decoding (material still unvalidated PEM).
+#[derive(Clone, Debug)]
+pub struct Material {
+    pub certificate_pem: String,
+    pub private_key_pem: Secret,
+    pub chain_pem: Option<String>,
+}
+
+/// Facts the caller has extracted from the material (by the pki crate).
+#[derive(Clone, Debug, Default)]
+pub struct MaterialFacts {
+    pub leaf_sha256: Option<Digest>,
+    pub not_before: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("target.{field}: {problem}")]
+    Target { field: &'static str, problem: String },
+}
+
+/// Build the plan and payload for one attempt. The chain is appended to the
+/// certificate file (certificate, newline, chain) when the target has no
+/// `chain_path`.
+pub fn build_plan(
+    deployment_id: &str,
+    target_name: &str,
+    target: &TargetSpec,
+    material: &Material,
+    facts: &MaterialFacts,
+    policy: Policy,
+    attempt: u32,
+) -> Result<(Plan, Payload), PlanError> {
+    let cert_mode = parse_mode(&target.cert_mode).ok_or_else(|| PlanError::Target {
+        field: "cert_mode",
+        problem: format!("`{}` is not an octal mode like 0644", target.cert_mode),
+    })?;
+    let key_mode = parse_mode(&target.key_mode).ok_or_else(|| PlanError::Target {
+        field: "key_mode",
+        problem: format!("`{}` is not an octal mode like 0600", target.key_mode),
+    })?;
+    let check = |field: &'static str, p: &str| {
+        check_remote_path(p).map_err(|problem| PlanError::Target { field, problem })
+    };
+    check("cert_path", &target.cert_path)?;
+    check("key_path", &target.key_path)?;
+    if let Some(c) = &target.chain_path {
+        check("chain_path", c)?;
+    }
+    let mut paths = vec![&target.cert_path, &target.key_path];
+    paths.extend(target.chain_path.as_ref());
+    for (i, a) in paths.iter().enumerate() {
+        if paths[i + 1..].contains(a) {
+            return Err(PlanError::Target {
+                field: "cert_path",
+                problem: format!("`{a}` is used for more than one file"),
+            });
+        }
+    }
+
+    let mut payload = Payload::default();
+    let mut files = Vec::with_capacity(3);
+    let mut push = |role: Role, path: &str, mode: u32, bytes: Vec<u8>| {
+        files.push(FilePlan {
+            role,
+            path: path.to_string(),
+            mode,
+            sha256: Digest::of(&bytes),
+            size: bytes.len() as u64,
+        });
+        payload.insert(role, bytes);
+    };
+
+    let mut cert = material.certificate_pem.clone().into_bytes();
+    let chain = material.chain_pem.as_deref().filter(|c| !c.trim().is_empty());
+    match (chain, &target.chain_path) {
+        (Some(chain), Some(chain_path)) => {
+            push(Role::Cert, &target.cert_path, cert_mode, cert);
+            push(Role::Chain, chain_path, cert_mode, chain.as_bytes().to_vec());
+        }
+        (Some(chain), None) => {
+            if !cert.ends_with(b"\n") {
+                cert.push(b'\n');
+            }
+            cert.extend_from_slice(chain.as_bytes());
+            push(Role::Cert, &target.cert_path, cert_mode, cert);
+        }
+        (None, _) => push(Role::Cert, &target.cert_path, cert_mode, cert),
+    }
+    push(
+        Role::Key,
+        &target.key_path,
+        key_mode,
+        material.private_key_pem.expose().to_vec(),
+    );
+    files.sort_by_key(|f| f.role);
+
+    let verify = match (&target.verify_endpoint, facts.leaf_sha256) {
+        (Some(endpoint), Some(expected)) => Some(VerifyPlan {
+            endpoint: endpoint.clone(),
+            sni: target.verify_sni.clone(),
+            expected,
+        }),
+        (Some(_), None) => {
+            return Err(PlanError::Target {
+                field: "verify_endpoint",
+                problem: "set, but the certificate's fingerprint is unknown".into(),
+            });
+        }
+        (None, _) => None,
+    };
+
+    let plan = Plan {
+        deployment_id: deployment_id.to_string(),
+        target: target_name.to_string(),
+        host: format!("{}:{}", target.host, target.port),
+        attempt,
+        files,
+        validate_command: target.validate_command.clone(),
+        reload_command: target.reload_command.clone(),
+        verify,
+        new_not_before: facts.not_before,
+        policy,
+    };
+    Ok((plan, payload))
+}
+
+/// Is this a valid deployment id (1–128 chars of `[A-Za-z0-9._:-]`)?
+pub fn valid_deployment_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Names derived from a live path, shared by every host implementation so
+/// that recovery can find them from the journal alone.
+pub fn backup_path(live_path: &str, deployment_id: &str) -> String {
+    format!("{live_path}.certdeploy-bak.{deployment_id}")
+}
+
+pub fn temp_path(live_path: &str, deployment_id: &str) -> String {
+    format!("{live_path}.certdeploy-tmp.{deployment_id}")
+}
