@@ -109,6 +109,8 @@ pub struct World {
     next_ino: u64,
     /// Command name -> exit code when run (absent: exit 0).
     pub commands: BTreeMap<String, i32>,
+    /// (command, nth call) -> exit code, overriding `commands`.
+    pub scripted: BTreeMap<(String, u32), i32>,
     /// Which command strings count as a reload (serving what is on disk).
     pub reload_commands: BTreeSet<String>,
     /// Leaf fingerprint the daemon serves (after the last good reload).
@@ -190,6 +192,14 @@ impl Sim {
 
     pub fn fail_always(&self, op: OpKind, err: StepError) {
         self.world().always.insert(op, err);
+    }
+
+    /// Exit codes of the 1st, 2nd, ... call of `command`.
+    pub fn exit_codes(&self, command: &str, codes: &[i32]) {
+        let mut w = self.world();
+        for (i, c) in codes.iter().enumerate() {
+            w.scripted.insert((command.to_string(), i as u32 + 1), *c);
+        }
     }
 
     pub fn crash_at(&self, step: u64, after: bool) {
@@ -426,7 +436,11 @@ impl Host for MemHost {
         let crash_after = gate(&self.0, OpKind::Exec(command.to_string()))?;
         let mut w = self.0.world();
         w.exec_log.push(command.to_string());
-        let code = w.commands.get(command).copied().unwrap_or(0);
+        let n = w.op_counts.get(&OpKind::Exec(command.to_string())).copied().unwrap_or(0);
+        let code = match w.scripted.get(&(command.to_string(), n)) {
+            Some(c) => *c,
+            None => w.commands.get(command).copied().unwrap_or(0),
+        };
         if code == 0 && w.reload_commands.contains(command) && !w.reload_is_noop {
             let served = w.served_path.clone().and_then(|p| {
                 let p = w.resolve(&p);
