@@ -38,7 +38,11 @@ pub trait Host: Send + Sync {
         deployment_id: &str,
         files: &[RestoreRequest],
     ) -> impl Future<Output = Vec<Result<RestoreStatus, StepError>>> + Send;
-    fn remove_backups(&self, deployment_id: &str, paths: &[String]) -> impl Future<Output = Result<(), StepError>> + Send;
+    fn remove_backups(
+        &self,
+        deployment_id: &str,
+        paths: &[String],
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
     fn prune(
         &self,
         deployment_id: &str,
@@ -252,7 +256,9 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
             failpoint!("before_verify");
             let r = env.verifier.served_leaf(endpoint, sni.as_deref()).await;
             vec![match r {
-                Ok(served) => Event::Verified { step: *step, served: Some(served), matched: served == *expected, error: None },
+                Ok(served) => {
+                    Event::Verified { step: *step, served: Some(served), matched: served == *expected, error: None }
+                }
                 Err(e) => Event::Verified { step: *step, served: None, matched: false, error: Some(e) },
             }]
         }
@@ -291,9 +297,7 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
 fn successes_then_one_failure(events: Vec<Event>) -> Vec<Event> {
     let (mut out, failures): (Vec<Event>, Vec<Event>) =
         events.into_iter().partition(|e| !matches!(e, Event::StepFailed { .. }));
-    let permanent = failures
-        .iter()
-        .position(|e| matches!(e, Event::StepFailed { error, .. } if !error.is_transient()));
+    let permanent = failures.iter().position(|e| matches!(e, Event::StepFailed { error, .. } if !error.is_transient()));
     if let Some(f) = failures.into_iter().nth(permanent.unwrap_or(0)) {
         out.push(f);
     }

@@ -137,11 +137,7 @@ impl ExecResult {
             Some(c) => format!("exit status {c}"),
             None => "killed by a signal".to_string(),
         };
-        if self.output.trim().is_empty() {
-            status
-        } else {
-            format!("{status} (output: {})", self.output.trim())
-        }
+        if self.output.trim().is_empty() { status } else { format!("{status} (output: {})", self.output.trim()) }
     }
 }
 
@@ -252,15 +248,27 @@ pub struct Report {
 pub enum Event {
     /// A new attempt. Starts a fresh fold; earlier events of the same id
     /// belong to earlier attempts.
-    Started { plan: Plan },
+    Started {
+        plan: Plan,
+    },
     /// A process resumed this attempt from the journal after a crash.
     Recovering,
     /// About to perform a step whose side effects recovery must know of.
     /// Always durable before the step's first side effect.
-    Begun { step: Step },
-    Snapshotted { role: Role, snapshot: Snapshot },
-    Written { role: Role },
-    Executed { step: Step, result: ExecResult },
+    Begun {
+        step: Step,
+    },
+    Snapshotted {
+        role: Role,
+        snapshot: Snapshot,
+    },
+    Written {
+        role: Role,
+    },
+    Executed {
+        step: Step,
+        result: ExecResult,
+    },
     Verified {
         step: Step,
         served: Option<Digest>,
@@ -291,12 +299,19 @@ pub enum Event {
         error: StepError,
     },
     /// A step ran out of time or attempts (deadline, verify budget).
-    GaveUp { step: Step, reason: String },
+    GaveUp {
+        step: Step,
+        reason: String,
+    },
     /// Terminal: the result to publish for this deployment id.
-    Finished { report: Report },
+    Finished {
+        report: Report,
+    },
     /// Recovery ended this attempt without a result: the host is back in its
     /// pre-deploy state and the redelivered request deploys afresh.
-    Abandoned { reason: String },
+    Abandoned {
+        reason: String,
+    },
 }
 
 impl Event {

@@ -155,9 +155,7 @@ pub struct Deployment {
 }
 
 fn retry_delay(initial: u64, max: u64, attempt: u32, seed: u64) -> u64 {
-    let exp = initial
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
-        .min(max);
+    let exp = initial.saturating_mul(1u64 << attempt.saturating_sub(1).min(30)).min(max);
     // Full jitter from a deterministic hash, so replays agree.
     let mut x = seed ^ (attempt as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     x ^= x >> 33;
@@ -167,8 +165,7 @@ fn retry_delay(initial: u64, max: u64, attempt: u32, seed: u64) -> u64 {
 }
 
 fn fnv(s: &str) -> u64 {
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 impl Deployment {
@@ -208,10 +205,8 @@ impl Deployment {
     /// result asks to be marked `Recovering` before anything else unless it
     /// is already terminal.
     pub fn replay(records: &[Record]) -> Result<Deployment, CoreError> {
-        let start = records
-            .iter()
-            .rposition(|r| matches!(r.event, Event::Started { .. }))
-            .ok_or(CoreError::NotStarted)?;
+        let start =
+            records.iter().rposition(|r| matches!(r.event, Event::Started { .. })).ok_or(CoreError::NotStarted)?;
         let Event::Started { plan } = &records[start].event else {
             return Err(CoreError::NotStarted);
         };
@@ -342,11 +337,7 @@ impl Deployment {
                     .files
                     .iter()
                     .filter(|f| !self.written.contains(&f.role))
-                    .map(|f| WriteRequest {
-                        role: f.role,
-                        live_path: self.live_path(f.role),
-                        mode: f.mode,
-                    })
+                    .map(|f| WriteRequest { role: f.role, live_path: self.live_path(f.role), mode: f.mode })
                     .collect();
                 Next::Perform(Action::Write { deployment_id: id.clone(), files })
             }
@@ -369,11 +360,8 @@ impl Deployment {
                 let verify_step = if self.phase == Phase::Verify { Step::Verify } else { Step::VerifyOriginal };
                 if self.verify_attempts > 0 {
                     let budget_end = self.verify_since.plus_ms(self.plan.policy.verify_budget_ms);
-                    let delay = self
-                        .plan
-                        .policy
-                        .verify_initial_ms
-                        .saturating_mul(1u64 << (self.verify_attempts - 1).min(20));
+                    let delay =
+                        self.plan.policy.verify_initial_ms.saturating_mul(1u64 << (self.verify_attempts - 1).min(20));
                     let retry_at = self.last_at.plus_ms(delay);
                     if retry_at > budget_end || now >= budget_end {
                         return Next::Record(Event::GaveUp {
@@ -396,10 +384,12 @@ impl Deployment {
                 } else {
                     match self.original_leaf() {
                         Some(d) => d,
-                        None => return Next::Record(Event::GaveUp {
-                            step: verify_step,
-                            reason: "original certificate fingerprint unknown".into(),
-                        }),
+                        None => {
+                            return Next::Record(Event::GaveUp {
+                                step: verify_step,
+                                reason: "original certificate fingerprint unknown".into(),
+                            });
+                        }
                     }
                 };
                 Next::Perform(Action::Verify {
@@ -513,11 +503,10 @@ impl Deployment {
         let cert = self.snaps.get(&Role::Cert).map(|s| &s.pre);
         if let (false, Some(new_nb), Some(PreState::Existing { cert: Some(facts), .. })) =
             (self.plan.policy.allow_downgrade, self.plan.new_not_before, cert)
+            && facts.not_before > new_nb
         {
-            if facts.not_before > new_nb {
-                self.phase = Phase::Cleanup(End::Outcome(Outcome::Superseded));
-                return;
-            }
+            self.phase = Phase::Cleanup(End::Outcome(Outcome::Superseded));
+            return;
         }
         let identical = self.plan.files.iter().all(|f| {
             matches!(self.snaps.get(&f.role).map(|s| &s.pre),
@@ -625,11 +614,7 @@ impl Deployment {
                 self.written.insert(*role);
                 if self.plan.roles().all(|r| self.written.contains(&r)) {
                     self.wait_until = None;
-                    self.phase = if self.plan.validate_command.is_some() {
-                        Phase::Validate
-                    } else {
-                        Phase::Reload
-                    };
+                    self.phase = if self.plan.validate_command.is_some() { Phase::Validate } else { Phase::Reload };
                 }
             }
             Event::Executed { step, result } => match (step, &self.phase) {
@@ -876,7 +861,12 @@ impl Deployment {
                 self.verify_attempts = 0;
             }
             // Rolling back, committing, cleaning up, finishing: carry on.
-            Phase::Cleanup(_) | Phase::Commit | Phase::Restore | Phase::RetryReload | Phase::Finishing(_) | Phase::Done => {}
+            Phase::Cleanup(_)
+            | Phase::Commit
+            | Phase::Restore
+            | Phase::RetryReload
+            | Phase::Finishing(_)
+            | Phase::Done => {}
         }
     }
 
@@ -975,14 +965,15 @@ impl Deployment {
                 set("rollback_error", truncate_output(&rollback_error));
                 let mut left = Vec::new();
                 for (role, s) in &self.snaps {
-                    if let PreState::Existing { backup_path, .. } = &s.pre {
-                        if self.restored.get(role).is_some_and(|(st, _)| !st.ok()) {
-                            set(&format!("backup_path_{role}"), backup_path.clone());
-                            left.push(backup_path.clone());
-                        }
+                    if let PreState::Existing { backup_path, .. } = &s.pre
+                        && self.restored.get(role).is_some_and(|(st, _)| !st.ok())
+                    {
+                        set(&format!("backup_path_{role}"), backup_path.clone());
+                        left.push(backup_path.clone());
                     }
                 }
-                let left = if left.is_empty() { String::new() } else { format!("; backups left at {}", left.join(", ")) };
+                let left =
+                    if left.is_empty() { String::new() } else { format!("; backups left at {}", left.join(", ")) };
                 format!(
                     "{}{detail}; rollback failed on {host}: {rollback_error}; manual action required{left}",
                     failure.summary

@@ -336,9 +336,8 @@ pub fn build_plan(
         field: "key_mode",
         problem: format!("`{}` is not an octal mode like 0600", target.key_mode),
     })?;
-    let check = |field: &'static str, p: &str| {
-        check_remote_path(p).map_err(|problem| PlanError::Target { field, problem })
-    };
+    let check =
+        |field: &'static str, p: &str| check_remote_path(p).map_err(|problem| PlanError::Target { field, problem });
     check("cert_path", &target.cert_path)?;
     check("key_path", &target.key_path)?;
     if let Some(c) = &target.chain_path {
@@ -384,20 +383,13 @@ pub fn build_plan(
         }
         (None, _) => push(Role::Cert, &target.cert_path, cert_mode, cert),
     }
-    push(
-        Role::Key,
-        &target.key_path,
-        key_mode,
-        material.private_key_pem.expose().to_vec(),
-    );
+    push(Role::Key, &target.key_path, key_mode, material.private_key_pem.expose().to_vec());
     files.sort_by_key(|f| f.role);
 
     let verify = match (&target.verify_endpoint, facts.leaf_sha256) {
-        (Some(endpoint), Some(expected)) => Some(VerifyPlan {
-            endpoint: endpoint.clone(),
-            sni: target.verify_sni.clone(),
-            expected,
-        }),
+        (Some(endpoint), Some(expected)) => {
+            Some(VerifyPlan { endpoint: endpoint.clone(), sni: target.verify_sni.clone(), expected })
+        }
         (Some(_), None) => {
             return Err(PlanError::Target {
                 field: "verify_endpoint",
@@ -425,9 +417,7 @@ pub fn build_plan(
 /// Is this a valid deployment id (1–128 chars of `[A-Za-z0-9._:-]`)?
 pub fn valid_deployment_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// Names derived from a live path, shared by every host implementation so

@@ -102,7 +102,7 @@ pub struct Inode {
 
 /// Everything the doubles share: the host's file system and daemon, the
 /// journal, the clock, the fault schedule, the operation log.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct World {
     pub paths: BTreeMap<String, Node>,
     pub inodes: BTreeMap<u64, Inode>,
@@ -111,6 +111,9 @@ pub struct World {
     pub commands: BTreeMap<String, i32>,
     /// (command, nth call) -> exit code, overriding `commands`.
     pub scripted: BTreeMap<(String, u32), i32>,
+    /// command -> cert bytes: the command exits 1 while the served path
+    /// holds exactly these bytes (a daemon that rejects that certificate).
+    pub rejects: BTreeMap<String, Vec<u8>>,
     /// Which command strings count as a reload (serving what is on disk).
     pub reload_commands: BTreeSet<String>,
     /// Leaf fingerprint the daemon serves (after the last good reload).
@@ -212,12 +215,7 @@ impl Sim {
     }
 
     pub fn durable_records(&self, id: &str) -> Vec<Record> {
-        self.world()
-            .records
-            .iter()
-            .filter(|(i, _, d)| i == id && *d)
-            .map(|(_, r, _)| r.clone())
-            .collect()
+        self.world().records.iter().filter(|(i, _, d)| i == id && *d).map(|(_, r, _)| r.clone()).collect()
     }
 
     /// Deployment ids whose latest attempt has no terminal record.
@@ -247,6 +245,11 @@ impl Sim {
             out.extend_from_slice(&serde_json::to_vec(r).unwrap_or_default());
         }
         out
+    }
+
+    /// An independent copy of everything (host, journal, schedule).
+    pub fn fork(&self) -> Sim {
+        Sim(Arc::new(Mutex::new(self.world().clone())))
     }
 
     pub fn reset_faults(&self) {
@@ -298,15 +301,15 @@ fn gate(sim: &Sim, op: OpKind) -> Result<bool, StepError> {
     };
     w.now += 1;
     let mut crash_after = false;
-    if let Some((s, after)) = w.crash_at {
-        if s == step {
-            w.crash_at = None;
-            if after {
-                crash_after = true;
-            } else {
-                drop(w);
-                crash();
-            }
+    if let Some((s, after)) = w.crash_at
+        && s == step
+    {
+        w.crash_at = None;
+        if after {
+            crash_after = true;
+        } else {
+            drop(w);
+            crash();
         }
     }
     match w.faults.get(&(op.clone(), n)).cloned() {
@@ -340,12 +343,8 @@ impl MemHost {
     /// The write-ahead rule: before a live path changes, the journal must
     /// durably hold every snapshot of this attempt and `Begun{Write}`.
     fn check_write_ahead(&self, w: &mut World, deployment_id: &str) {
-        let recs: Vec<&Record> = w
-            .records
-            .iter()
-            .filter(|(i, _, d)| i == deployment_id && *d)
-            .map(|(_, r, _)| r)
-            .collect();
+        let recs: Vec<&Record> =
+            w.records.iter().filter(|(i, _, d)| i == deployment_id && *d).map(|(_, r, _)| r).collect();
         let start = recs.iter().rposition(|r| matches!(r.event, Event::Started { .. }));
         let Some(start) = start else {
             w.violations.push(format!("{deployment_id}: write with no durable Started"));
@@ -354,9 +353,7 @@ impl MemHost {
         let Event::Started { plan } = &recs[start].event else { return };
         let after = &recs[start..];
         for f in &plan.files {
-            let snapped = after
-                .iter()
-                .any(|r| matches!(&r.event, Event::Snapshotted { role, .. } if *role == f.role));
+            let snapped = after.iter().any(|r| matches!(&r.event, Event::Snapshotted { role, .. } if *role == f.role));
             if !snapped {
                 w.violations.push(format!("{deployment_id}: write before snapshot of {} was durable", f.role));
             }
@@ -437,8 +434,14 @@ impl Host for MemHost {
         let mut w = self.0.world();
         w.exec_log.push(command.to_string());
         let n = w.op_counts.get(&OpKind::Exec(command.to_string())).copied().unwrap_or(0);
+        let on_disk = w.served_path.clone().and_then(|p| {
+            let p = w.resolve(&p);
+            w.file(&p).map(|i| i.bytes.clone())
+        });
+        let rejected = matches!((w.rejects.get(command), &on_disk), (Some(r), Some(d)) if r == d);
         let code = match w.scripted.get(&(command.to_string(), n)) {
             Some(c) => *c,
+            None if rejected => 1,
             None => w.commands.get(command).copied().unwrap_or(0),
         };
         if code == 0 && w.reload_commands.contains(command) && !w.reload_is_noop {
@@ -520,7 +523,7 @@ impl Host for MemHost {
                 .map(|(p, n)| (if let Node::File(i) = n { *i } else { 0 }, p.clone()))
                 .collect();
             // Newest (highest inode number) first; keep `keep - 1` others.
-            others.sort_by(|a, b| b.0.cmp(&a.0));
+            others.sort_by_key(|o| std::cmp::Reverse(o.0));
             for (_, p) in others.into_iter().skip(keep.saturating_sub(1) as usize) {
                 w.paths.remove(&p);
             }

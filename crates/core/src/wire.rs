@@ -88,10 +88,7 @@ pub fn salvage_ids(body: &[u8]) -> (Option<String>, Option<String>) {
         return (None, None);
     }
     let Ok(ids) = serde_json::from_slice::<Ids>(body) else { return (None, None) };
-    let id = ids
-        .deployment_id
-        .and_then(|v| v.as_str().map(str::to_string))
-        .filter(|s| valid_deployment_id(s));
+    let id = ids.deployment_id.and_then(|v| v.as_str().map(str::to_string)).filter(|s| valid_deployment_id(s));
     let target = ids
         .target
         .and_then(|v| v.as_str().map(str::to_string))
@@ -108,16 +105,10 @@ pub fn decode_request(body: &[u8]) -> Result<DeployRequest, RequestError> {
             format!("{} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes", body.len()),
         ));
     }
-    let text = std::str::from_utf8(body)
-        .map_err(|e| RequestError::new("body", format!("not valid UTF-8 ({e})")))?;
+    let text = std::str::from_utf8(body).map_err(|e| RequestError::new("body", format!("not valid UTF-8 ({e})")))?;
     let req: DeployRequest = serde_json::from_str(text).map_err(|e| {
         let msg = e.to_string();
-        let field = msg
-            .split('`')
-            .nth(1)
-            .filter(|_| msg.contains("field"))
-            .unwrap_or("body")
-            .to_string();
+        let field = msg.split('`').nth(1).filter(|_| msg.contains("field")).unwrap_or("body").to_string();
         RequestError::new(field, format!("invalid JSON request: {msg}"))
     })?;
     if req.schema != REQUEST_SCHEMA {
@@ -127,10 +118,7 @@ pub fn decode_request(body: &[u8]) -> Result<DeployRequest, RequestError> {
         ));
     }
     if !valid_deployment_id(&req.deployment_id) {
-        return Err(RequestError::new(
-            "deployment_id",
-            "must be 1-128 characters of [A-Za-z0-9._:-]",
-        ));
+        return Err(RequestError::new("deployment_id", "must be 1-128 characters of [A-Za-z0-9._:-]"));
     }
     match (&req.target, &req.target_spec) {
         (Some(_), Some(_)) => {
