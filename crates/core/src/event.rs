@@ -243,6 +243,9 @@ pub struct Report {
 }
 
 /// Everything that happens to a deployment.
+// `Started` carries the plan; events are few per deployment and moved
+// rarely, so boxing it would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {

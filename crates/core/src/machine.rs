@@ -13,6 +13,7 @@ use crate::event::*;
 use crate::model::*;
 
 /// What the driver must do next.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Next {
     /// Append this event and make it (and everything before it) durable,

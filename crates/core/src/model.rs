@@ -253,6 +253,14 @@ impl Default for Policy {
     }
 }
 
+/// The SSH account a deployment talks to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Remote {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+}
+
 /// Everything the state machine needs to know about one deployment attempt.
 /// Journaled as part of `Started`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +269,8 @@ pub struct Plan {
     pub target: String,
     /// `host:port`, for results and messages.
     pub host: String,
+    /// Where to connect (recovery needs it without the request).
+    pub remote: Remote,
     pub attempt: u32,
     pub files: Vec<FilePlan>,
     pub validate_command: Option<String>,
@@ -403,6 +413,7 @@ pub fn build_plan(
         deployment_id: deployment_id.to_string(),
         target: target_name.to_string(),
         host: format!("{}:{}", target.host, target.port),
+        remote: Remote { host: target.host.clone(), port: target.port, user: target.user.clone() },
         attempt,
         files,
         validate_command: target.validate_command.clone(),

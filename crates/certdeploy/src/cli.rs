@@ -1,0 +1,406 @@
+//! The subcommands other than `worker`'s loop.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use certdeploy_core::wire::{self, DeployRequest, ResultEvent, SecretString};
+use certdeploy_core::{Outcome, Report};
+use certdeploy_journal::{DeploymentStatus, JournalOptions, SledJournal};
+use clap::{Args, Subcommand};
+use tokio::sync::watch;
+
+use crate::app::Runtime;
+use crate::config::Config;
+use crate::intake;
+use crate::verify::now;
+use crate::{Cli, Command, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    /// Target name from the configuration.
+    #[arg(long)]
+    pub target: String,
+    /// Certificate PEM file.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Private key PEM file.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Chain PEM file (issuing order).
+    #[arg(long)]
+    pub chain: Option<PathBuf>,
+    /// Deployment id (default: generated).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Print the result event as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
+    pub target: Option<String>,
+    #[arg(long, requires = "target")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, requires = "target")]
+    pub key: Option<PathBuf>,
+    #[arg(long, requires = "target")]
+    pub chain: Option<PathBuf>,
+    /// Deployment id for a single request (default: generated).
+    #[arg(long, requires = "target")]
+    pub id: Option<String>,
+    /// A JSONL file of deploy requests, one per line.
+    #[arg(long)]
+    pub batch: Option<PathBuf>,
+    /// Follow the results until every request has one.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// No progress bar (for logs and scripts).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JournalCommand {
+    /// A table of deployments in the journal.
+    List,
+    /// Every event of one deployment, with timestamps.
+    Show { id: String },
+    /// Remove terminal records older than the retention (dedupe keys are kept).
+    Gc {
+        /// Days to keep (default: worker.journal_retention_days).
+        #[arg(long)]
+        retention_days: Option<u64>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Only this target (default: all).
+    #[arg(long)]
+    pub target: Option<String>,
+}
+
+pub async fn dispatch(cli: Cli) -> u8 {
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("certdeploy: config error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let r = match cli.command {
+        Command::Worker => run_worker(cfg).await,
+        Command::Deploy(a) => deploy(cfg, a).await,
+        Command::Submit(a) => submit(cfg, a).await,
+        Command::Journal(c) => journal(cfg, c),
+        Command::Check(a) => check(cfg, a).await,
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("certdeploy: {e:#}");
+            EXIT_FAILED
+        }
+    }
+}
+
+async fn run_worker(cfg: Config) -> anyhow::Result<u8> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: graceful shutdown (a second signal exits at once)");
+        let _ = tx.send(true);
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        eprintln!("certdeploy: second signal: exiting now; unfinished deployments resume on next start");
+        std::process::exit(130);
+    });
+    crate::worker::run(cfg, rx).await?;
+    Ok(EXIT_OK)
+}
+
+fn read(path: &PathBuf, what: &str) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("--{what} {}", path.display()))?;
+    if meta.len() > wire::MAX_MESSAGE_BYTES as u64 {
+        anyhow::bail!("--{what} {}: larger than 1 MiB", path.display());
+    }
+    std::fs::read_to_string(path).with_context(|| format!("--{what} {}", path.display()))
+}
+
+pub fn generate_id(target: &str) -> String {
+    let t = now();
+    let secs = t.0 / 1000;
+    let rnd = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(t.0);
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    let safe: String = target.chars().filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c)).take(64).collect();
+    format!("cd-{safe}-{secs}-{:08x}", rnd as u32)
+}
+
+fn print_report(report: &Report, worker: &str, json: bool) {
+    if json {
+        println!("{}", String::from_utf8_lossy(&ResultEvent::from_report(report, worker).to_json()));
+        return;
+    }
+    println!("{}: {} ({})", report.deployment_id, report.outcome, report.message);
+    for (k, v) in &report.metadata {
+        println!("  {k} = {v}");
+    }
+}
+
+async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
+    let id = a.id.clone().unwrap_or_else(|| generate_id(&a.target));
+    let req = DeployRequest {
+        schema: wire::REQUEST_SCHEMA.into(),
+        deployment_id: id.clone(),
+        target: Some(a.target.clone()),
+        target_spec: None,
+        certificate_pem: read(&a.cert, "cert")?,
+        private_key_pem: SecretString::new(read(&a.key, "key")?),
+        chain_pem: a.chain.as_ref().map(|c| read(c, "chain")).transpose()?,
+        requested_at: None,
+    };
+    if !certdeploy_core::valid_deployment_id(&id) {
+        eprintln!("certdeploy: --id: must be 1-128 characters of [A-Za-z0-9._:-]");
+        return Ok(EXIT_USAGE);
+    }
+    let now = now();
+    let v = match intake::validate_request(req, &cfg, now) {
+        Ok(v) => v,
+        Err(e) => {
+            let report = Report::rejected(&id, &a.target, "", format!("request rejected: {e}"), now);
+            print_report(&report, &cfg.worker_name(), a.json);
+            return Ok(EXIT_FAILED);
+        }
+    };
+    let rt = Arc::new(Runtime::open(cfg)?);
+    rt.recover_all().await?;
+    let report = rt.execute(&v).await?;
+    print_report(&report, &rt.worker_name, a.json);
+    let _ = rt.journal.mark_acked(&report.deployment_id);
+    rt.pool.close_all().await;
+    Ok(if report.outcome.success() { EXIT_OK } else { EXIT_FAILED })
+}
+
+fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
+    let j = SledJournal::open(&cfg.worker.journal_path, JournalOptions::default())?;
+    match c {
+        JournalCommand::List => {
+            let rows = j.list()?;
+            println!(
+                "{:<40} {:<16} {:<28} {:>8} {:<5} {:<24}",
+                "DEPLOYMENT", "TARGET", "STATE", "ATTEMPTS", "ACKED", "UPDATED"
+            );
+            for r in &rows {
+                let state = match (r.outcome, &r.phase) {
+                    (Some(o), _) => o.as_str().to_string(),
+                    (None, Some(p)) => format!("{:?}:{p}", r.state).to_lowercase(),
+                    (None, None) => format!("{:?}", r.state).to_lowercase(),
+                };
+                println!(
+                    "{:<40} {:<16} {:<28} {:>8} {:<5} {:<24}",
+                    r.deployment_id,
+                    r.target,
+                    state,
+                    r.attempts,
+                    if r.acked { "yes" } else { "no" },
+                    r.updated_at.rfc3339()
+                );
+            }
+            println!("{} deployment(s)", rows.len());
+        }
+        JournalCommand::Show { id } => {
+            let records = j.records(&id)?;
+            if records.is_empty() {
+                match j.status(&id)? {
+                    Some(DeploymentStatus::Finished { report, .. }) => {
+                        println!("{id}: records garbage-collected; result kept for redelivery:");
+                        print_report(&report, "", false);
+                        return Ok(EXIT_OK);
+                    }
+                    _ => {
+                        eprintln!("certdeploy: no deployment `{id}` in {}", cfg.worker.journal_path.display());
+                        return Ok(EXIT_FAILED);
+                    }
+                }
+            }
+            for r in &records {
+                let detail = serde_json::to_string(&r.event).unwrap_or_default();
+                println!("{}  {:<16} {}", r.at.rfc3339(), certdeploy_core::driver::event_name(&r.event), detail);
+            }
+        }
+        JournalCommand::Gc { retention_days } => {
+            let days = retention_days.unwrap_or(cfg.worker.journal_retention_days);
+            let stats = j.gc(Duration::from_secs(days * 86400), now())?;
+            println!("{stats:?}");
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
+    let names: Vec<String> = match &a.target {
+        Some(t) if !cfg.targets.contains_key(t) => {
+            eprintln!("certdeploy: --target: unknown target `{t}`");
+            return Ok(EXIT_USAGE);
+        }
+        Some(t) => vec![t.clone()],
+        None => cfg.targets.keys().cloned().collect(),
+    };
+    let control_dir = std::env::temp_dir().join(format!("certdeploy-check-{}", std::process::id()));
+    let pool = certdeploy_ssh::SshPool::new(certdeploy_ssh::SshConfig {
+        known_hosts: cfg.ssh.known_hosts.clone(),
+        identity_file: cfg.ssh.identity_file.clone(),
+        connect_timeout: Duration::from_secs(cfg.ssh.connect_timeout_s.max(1)),
+        control_dir,
+        idle_timeout: Duration::from_secs(30),
+        per_host_concurrency: cfg.worker.per_host_concurrency,
+    })?;
+    let mut ok = true;
+    for name in names {
+        let t = &cfg.targets[&name];
+        let addr = certdeploy_ssh::HostAddr {
+            host: t.host.clone(),
+            port: t.port,
+            user: t.user.clone(),
+            accept_new_host_key: t.accept_new_host_key(),
+        };
+        println!("target {name} ({}@{}:{})", t.user, t.host, t.port);
+        for line in certdeploy_ssh::check(&pool, &addr, &t.spec()).await {
+            ok &= line.ok;
+            println!("  [{}] {}: {}", if line.ok { "ok" } else { "FAIL" }, line.name, line.detail);
+        }
+    }
+    pool.close_all().await;
+    Ok(if ok { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// One line of a batch, re-serialized with an id and schema filled in.
+fn batch_line(line: &str, n: usize) -> anyhow::Result<(String, Vec<u8>)> {
+    let mut v: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("--batch line {n}: not a JSON object"))?;
+    let obj = v.as_object_mut().with_context(|| format!("--batch line {n}: not a JSON object"))?;
+    obj.entry("schema").or_insert_with(|| wire::REQUEST_SCHEMA.into());
+    let id = match obj.get("deployment_id").and_then(|i| i.as_str()) {
+        Some(id) => id.to_string(),
+        None => {
+            let target = obj.get("target").and_then(|t| t.as_str()).unwrap_or("inline").to_string();
+            let id = format!("{}-{n}", generate_id(&target));
+            obj.insert("deployment_id".into(), id.clone().into());
+            id
+        }
+    };
+    Ok((id, serde_json::to_vec(&v)?))
+}
+
+async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
+    let mut requests: Vec<(String, Vec<u8>)> = Vec::new();
+    if let Some(batch) = &a.batch {
+        let text = std::fs::read_to_string(batch).with_context(|| format!("--batch {}", batch.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            if !line.trim().is_empty() {
+                requests.push(batch_line(line, i + 1)?);
+            }
+        }
+    } else {
+        let target = a.target.clone().unwrap_or_default();
+        let (Some(cert), Some(key)) = (&a.cert, &a.key) else {
+            eprintln!("certdeploy: submit --target needs --cert and --key");
+            return Ok(EXIT_USAGE);
+        };
+        let id = a.id.clone().unwrap_or_else(|| generate_id(&target));
+        let chain = a.chain.as_ref().map(|c| read(c, "chain")).transpose()?;
+        let body =
+            wire::encode_request(&id, &target, &read(cert, "cert")?, &read(key, "key")?, chain.as_deref(), now());
+        requests.push((id, body));
+    }
+    let bcfg = crate::worker::broker_config(&cfg, &format!("certdeploy-submit-{}", std::process::id()));
+    let broker = certdeploy_amqp::connect(&bcfg).await.context("broker")?;
+    // Subscribe before publishing: results published while nobody is
+    // bound would be dropped.
+    let mut results = if a.wait { Some(broker.subscribe_results().await?) } else { None };
+    for (id, body) in &requests {
+        broker.publish_request(body).await.with_context(|| format!("publishing {id}"))?;
+        if !a.wait {
+            println!("{id}");
+        }
+    }
+    let Some(results) = results.as_mut() else {
+        eprintln!("published {} request(s)", requests.len());
+        broker.close().await;
+        return Ok(EXIT_OK);
+    };
+    let wanted: HashSet<String> = requests.iter().map(|(id, _)| id.clone()).collect();
+    let mut seen: BTreeMap<String, ResultEvent> = BTreeMap::new();
+    let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(wanted.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout);
+    while seen.len() < wanted.len() {
+        let ev = match tokio::time::timeout_at(deadline, results.next()).await {
+            Err(_) => break,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                bar.abandon();
+                anyhow::bail!("result stream: {e}");
+            }
+            Ok(Some(Ok(ev))) => ev,
+        };
+        let Ok(res) = serde_json::from_slice::<ResultEvent>(&ev.body) else { continue };
+        if !wanted.contains(&res.deployment_id) || seen.contains_key(&res.deployment_id) {
+            continue;
+        }
+        *counts.entry(res.outcome.as_str()).or_default() += 1;
+        seen.insert(res.deployment_id.clone(), res);
+        bar.inc(1);
+        bar.set_message(counts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
+    }
+    bar.finish_and_clear();
+    broker.close().await;
+    let missing: Vec<&String> = wanted.iter().filter(|id| !seen.contains_key(*id)).collect();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{:<28} {:>6}", "OUTCOME", "COUNT");
+    for o in Outcome::ALL {
+        if let Some(n) = counts.get(o.as_str()) {
+            let _ = writeln!(out, "{:<28} {n:>6}", o.as_str());
+        }
+    }
+    if !missing.is_empty() {
+        let _ = writeln!(out, "{:<28} {:>6}", "(no result before timeout)", missing.len());
+    }
+    let failures: Vec<&ResultEvent> = seen.values().filter(|r| !r.success).collect();
+    if !failures.is_empty() {
+        let _ = writeln!(out, "\nFAILED:");
+        for r in &failures {
+            let _ = writeln!(out, "  {} {} {}: {}", r.deployment_id, r.target, r.outcome.as_str(), r.message);
+        }
+    }
+    for id in &missing {
+        let _ = writeln!(out, "  {id}: no result");
+    }
+    Ok(if failures.is_empty() && missing.is_empty() { EXIT_OK } else { EXIT_FAILED })
+}

@@ -1,0 +1,482 @@
+//! `certdeploy.toml`: worker, ssh and targets. Every error names the file,
+//! the key and the problem. `CERTDEPLOY_*` environment variables override
+//! `[worker]` keys (e.g. `CERTDEPLOY_AMQP_URL`, `CERTDEPLOY_CONCURRENCY`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use certdeploy_core::{Policy, TargetSpec, check_remote_path, parse_mode};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub problem: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    #[serde(default)]
+    pub ssh: SshSection,
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    pub amqp_url: String,
+    pub journal_path: PathBuf,
+    pub concurrency: usize,
+    pub per_host_concurrency: usize,
+    pub metrics_listen: String,
+    pub allow_inline_targets: bool,
+    pub inline_host_allowlist: Vec<String>,
+    pub inline_command_allowlist: Vec<String>,
+    /// Name in result events; default `<hostname>-<pid>`.
+    pub worker_name: Option<String>,
+    /// Per-deployment deadline (SPEC §3: default 10 min).
+    pub deadline_s: u64,
+    /// SIGTERM: how long in-flight deployments may take to finish.
+    pub shutdown_grace_s: u64,
+    /// Terminal journal records are garbage-collected after this many days.
+    pub journal_retention_days: u64,
+    /// `fsync` (default), `flush` (sled flush only) or `off` (benchmarks only).
+    pub journal_durability: String,
+    pub requests_queue: String,
+    pub events_exchange: String,
+    pub dead_exchange: String,
+    pub dead_queue: String,
+    pub delivery_limit: u32,
+    /// Verify: total time to wait for the new certificate to be served.
+    pub verify_budget_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            journal_path: "/var/lib/certdeploy/journal".into(),
+            concurrency: 64,
+            per_host_concurrency: 4,
+            metrics_listen: "127.0.0.1:9464".into(),
+            allow_inline_targets: false,
+            inline_host_allowlist: vec![],
+            inline_command_allowlist: vec![],
+            worker_name: None,
+            deadline_s: 600,
+            shutdown_grace_s: 30,
+            journal_retention_days: 7,
+            journal_durability: "fsync".into(),
+            requests_queue: "certdeploy.requests".into(),
+            events_exchange: "certdeploy.events".into(),
+            dead_exchange: "certdeploy.dead".into(),
+            dead_queue: "certdeploy.dead".into(),
+            delivery_limit: 20,
+            verify_budget_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshSection {
+    pub known_hosts: PathBuf,
+    pub identity_file: PathBuf,
+    pub connect_timeout_s: u64,
+    /// Where ControlMaster sockets and certdeploy's ssh_config live.
+    pub control_dir: Option<PathBuf>,
+    /// Idle masters are closed after this many seconds.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for SshSection {
+    fn default() -> Self {
+        SshSection {
+            known_hosts: "/etc/certdeploy/known_hosts".into(),
+            identity_file: "/etc/certdeploy/id_ed25519".into(),
+            connect_timeout_s: 10,
+            control_dir: None,
+            idle_timeout_s: 300,
+        }
+    }
+}
+
+/// A `[targets.NAME]` table: the target fields plus per-target policy.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    pub cert_path: String,
+    pub key_path: String,
+    #[serde(default)]
+    pub chain_path: Option<String>,
+    #[serde(default = "default_cert_mode")]
+    pub cert_mode: String,
+    #[serde(default = "default_key_mode")]
+    pub key_mode: String,
+    #[serde(default)]
+    pub validate_command: Option<String>,
+    pub reload_command: String,
+    #[serde(default)]
+    pub verify_endpoint: Option<String>,
+    #[serde(default)]
+    pub verify_sni: Option<String>,
+    /// Timeout of validate/reload commands (default 60 s).
+    #[serde(default = "default_exec_timeout")]
+    pub exec_timeout_s: u64,
+    /// Allow deploying a certificate older than the one on the host.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// `strict` (default) or `accept-new` (trust an unknown host key once).
+    #[serde(default = "default_host_key_policy")]
+    pub host_key_policy: String,
+    /// Backups kept per path after a deployment (default 1).
+    #[serde(default = "default_keep")]
+    pub keep_backups: u32,
+}
+
+fn default_port() -> u16 {
+    22
+}
+fn default_cert_mode() -> String {
+    "0644".into()
+}
+fn default_key_mode() -> String {
+    "0600".into()
+}
+fn default_exec_timeout() -> u64 {
+    60
+}
+fn default_host_key_policy() -> String {
+    "strict".into()
+}
+fn default_keep() -> u32 {
+    1
+}
+
+impl TargetConfig {
+    pub fn spec(&self) -> TargetSpec {
+        TargetSpec {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            cert_path: self.cert_path.clone(),
+            key_path: self.key_path.clone(),
+            chain_path: self.chain_path.clone(),
+            cert_mode: self.cert_mode.clone(),
+            key_mode: self.key_mode.clone(),
+            validate_command: self.validate_command.clone(),
+            reload_command: self.reload_command.clone(),
+            verify_endpoint: self.verify_endpoint.clone(),
+            verify_sni: self.verify_sni.clone(),
+        }
+    }
+
+    pub fn accept_new_host_key(&self) -> bool {
+        self.host_key_policy == "accept-new"
+    }
+}
+
+impl Config {
+    /// The deployment policy for a target.
+    pub fn policy(&self, t: Option<&TargetConfig>) -> Policy {
+        Policy {
+            exec_timeout_ms: t.map_or(60, |t| t.exec_timeout_s).saturating_mul(1000),
+            deadline_ms: self.worker.deadline_s.saturating_mul(1000),
+            rollback_budget_ms: self.worker.deadline_s.saturating_mul(1000),
+            verify_budget_ms: self.worker.verify_budget_ms,
+            keep_backups: t.map_or(1, |t| t.keep_backups.max(1)),
+            allow_downgrade: t.is_some_and(|t| t.allow_downgrade),
+            ..Policy::default()
+        }
+    }
+
+    pub fn worker_name(&self) -> String {
+        self.worker.worker_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    /// Load, apply `CERTDEPLOY_*` overrides, validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "-".into(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        let vars: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("CERTDEPLOY_")).collect();
+        Config::parse(&text, &file, &vars)
+    }
+
+    pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let err = |key: &str, problem: String| ConfigError { file: file.to_string(), key: key.to_string(), problem };
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let key = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "-".into());
+            err(&key, msg)
+        })?;
+        cfg.apply_env(env).map_err(|(k, p)| err(&k, p))?;
+        cfg.validate().map_err(|(k, p)| err(&k, p))?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), (String, String)> {
+        let w = &mut self.worker;
+        for (k, v) in env {
+            let Some(key) = k.strip_prefix("CERTDEPLOY_") else { continue };
+            let key = key.to_ascii_lowercase();
+            let bad = |what: &str| (k.clone(), format!("`{v}` is not {what}"));
+            let list = || v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>();
+            let boolean = || match v.as_str() {
+                "1" | "true" | "yes" => Ok(true),
+                "0" | "false" | "no" => Ok(false),
+                _ => Err(bad("a boolean")),
+            };
+            match key.as_str() {
+                "amqp_url" => w.amqp_url = v.clone(),
+                "journal_path" => w.journal_path = v.into(),
+                "concurrency" => w.concurrency = v.parse().map_err(|_| bad("a number"))?,
+                "per_host_concurrency" => w.per_host_concurrency = v.parse().map_err(|_| bad("a number"))?,
+                "metrics_listen" => w.metrics_listen = v.clone(),
+                "allow_inline_targets" => w.allow_inline_targets = boolean()?,
+                "inline_host_allowlist" => w.inline_host_allowlist = list(),
+                "inline_command_allowlist" => w.inline_command_allowlist = list(),
+                "worker_name" => w.worker_name = Some(v.clone()),
+                "deadline_s" => w.deadline_s = v.parse().map_err(|_| bad("a number"))?,
+                "shutdown_grace_s" => w.shutdown_grace_s = v.parse().map_err(|_| bad("a number"))?,
+                "journal_retention_days" => w.journal_retention_days = v.parse().map_err(|_| bad("a number"))?,
+                "journal_durability" => w.journal_durability = v.clone(),
+                "requests_queue" => w.requests_queue = v.clone(),
+                "events_exchange" => w.events_exchange = v.clone(),
+                "dead_exchange" => w.dead_exchange = v.clone(),
+                "dead_queue" => w.dead_queue = v.clone(),
+                "delivery_limit" => w.delivery_limit = v.parse().map_err(|_| bad("a number"))?,
+                "verify_budget_ms" => w.verify_budget_ms = v.parse().map_err(|_| bad("a number"))?,
+                // Not [worker] keys (e.g. CERTDEPLOY_CONFIG, CERTDEPLOY_LOG_FORMAT).
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let w = &self.worker;
+        let e = |k: &str, p: &str| Err((k.to_string(), p.to_string()));
+        if !(w.amqp_url.starts_with("amqp://") || w.amqp_url.starts_with("amqps://")) {
+            return e("worker.amqp_url", "must start with amqp:// or amqps://");
+        }
+        if w.concurrency == 0 || w.concurrency > 65535 {
+            return e("worker.concurrency", "must be between 1 and 65535");
+        }
+        if w.per_host_concurrency == 0 || w.per_host_concurrency > 10 {
+            return e("worker.per_host_concurrency", "must be between 1 and 10 (sshd MaxSessions is 10)");
+        }
+        if !["fsync", "flush", "off"].contains(&w.journal_durability.as_str()) {
+            return e("worker.journal_durability", "must be `fsync`, `flush` or `off`");
+        }
+        if w.deadline_s == 0 {
+            return e("worker.deadline_s", "must be at least 1");
+        }
+        if w.delivery_limit == 0 {
+            return e("worker.delivery_limit", "must be at least 1");
+        }
+        if w.metrics_listen.parse::<std::net::SocketAddr>().is_err() && !w.metrics_listen.is_empty() {
+            return e("worker.metrics_listen", "must be host:port (an IP address), or empty to disable");
+        }
+        for (name, t) in &self.targets {
+            validate_target(name, t)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_target(name: &str, t: &TargetConfig) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("targets.{name}.{k}");
+    if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c)) {
+        return Err((format!("targets.{name}"), "target names are 1-128 characters of [A-Za-z0-9._:-]".into()));
+    }
+    check_host(&t.host).map_err(|p| (key("host"), p))?;
+    if t.user.is_empty() || t.user.starts_with('-') || t.user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err((key("user"), "must be a plain user name".into()));
+    }
+    for (k, p) in
+        [("cert_path", Some(&t.cert_path)), ("key_path", Some(&t.key_path)), ("chain_path", t.chain_path.as_ref())]
+    {
+        if let Some(p) = p {
+            check_remote_path(p).map_err(|problem| (key(k), format!("`{p}` {problem}")))?;
+        }
+    }
+    for (k, m) in [("cert_mode", &t.cert_mode), ("key_mode", &t.key_mode)] {
+        if parse_mode(m).is_none() {
+            return Err((key(k), format!("`{m}` is not an octal mode like 0644")));
+        }
+    }
+    for (k, c) in [("reload_command", Some(&t.reload_command)), ("validate_command", t.validate_command.as_ref())] {
+        if let Some(c) = c
+            && (c.trim().is_empty() || c.chars().any(|ch| ch == '\0' || ch == '\n' || ch == '\r'))
+        {
+            return Err((key(k), "must be a non-empty single-line command".into()));
+        }
+    }
+    if let Some(ep) = &t.verify_endpoint {
+        check_endpoint(ep).map_err(|p| (key("verify_endpoint"), p))?;
+    }
+    if !["strict", "accept-new"].contains(&t.host_key_policy.as_str()) {
+        return Err((key("host_key_policy"), "must be `strict` or `accept-new`".into()));
+    }
+    if t.exec_timeout_s == 0 {
+        return Err((key("exec_timeout_s"), "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// A host name or IP address: no spaces, no option-looking values.
+pub fn check_host(h: &str) -> Result<(), String> {
+    if h.is_empty() || h.len() > 253 {
+        return Err("must be 1-253 characters".into());
+    }
+    if h.starts_with('-') {
+        return Err("must not start with `-`".into());
+    }
+    if !h.chars().all(|c| c.is_ascii_alphanumeric() || ".-_:[]".contains(c)) {
+        return Err(format!("`{}` is not a host name or IP address", certdeploy_core::wire::printable(h)));
+    }
+    Ok(())
+}
+
+pub fn check_endpoint(ep: &str) -> Result<(), String> {
+    let Some((h, p)) = ep.rsplit_once(':') else { return Err("must be host:port".into()) };
+    check_host(h.trim_start_matches('[').trim_end_matches(']'))?;
+    p.parse::<u16>().map_err(|_| format!("port `{p}` is not a number"))?;
+    Ok(())
+}
+
+/// Glob match with `*` (any run, including dots) and `?` (one char).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi].eq_ignore_ascii_case(&t[ti])) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[worker]
+journal_path = "/tmp/j"
+[targets.web1]
+host = "web1.internal"
+user = "deploy"
+cert_path = "/etc/ssl/site.pem"
+key_path = "/etc/ssl/site.key"
+reload_command = "systemctl reload nginx"
+"#;
+
+    #[test]
+    fn parses_minimal_with_defaults() {
+        let c = Config::parse(MIN, "c.toml", &[]).unwrap();
+        assert_eq!(c.worker.concurrency, 64);
+        assert_eq!(c.worker.per_host_concurrency, 4);
+        let t = &c.targets["web1"];
+        assert_eq!((t.port, t.cert_mode.as_str(), t.key_mode.as_str()), (22, "0644", "0600"));
+        assert!(!t.accept_new_host_key());
+    }
+
+    #[test]
+    fn env_overrides_worker_keys() {
+        let env = vec![
+            ("CERTDEPLOY_AMQP_URL".to_string(), "amqps://u:p@broker:5671/v".to_string()),
+            ("CERTDEPLOY_CONCURRENCY".to_string(), "8".to_string()),
+            ("CERTDEPLOY_INLINE_HOST_ALLOWLIST".to_string(), "*.internal, web?.lab".to_string()),
+        ];
+        let c = Config::parse(MIN, "c.toml", &env).unwrap();
+        assert_eq!(c.worker.amqp_url, "amqps://u:p@broker:5671/v");
+        assert_eq!(c.worker.concurrency, 8);
+        assert_eq!(c.worker.inline_host_allowlist, vec!["*.internal", "web?.lab"]);
+        let bad = vec![("CERTDEPLOY_CONCURRENCY".to_string(), "many".to_string())];
+        let e = Config::parse(MIN, "c.toml", &bad).unwrap_err().to_string();
+        assert_eq!(e, "c.toml: CERTDEPLOY_CONCURRENCY: `many` is not a number");
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let cases = [
+            (
+                MIN.replace("/etc/ssl/site.key", "etc/ssl/site.key"),
+                "c.toml: targets.web1.key_path: `etc/ssl/site.key` must be an absolute path",
+            ),
+            (
+                MIN.replace("[targets.web1]", "[targets.web1]\nkey_mode = \"600\""),
+                "c.toml: targets.web1.key_mode: `600` is not an octal mode like 0644",
+            ),
+            (MIN.replace("concurrency", "x") + "\n", ""),
+            (
+                MIN.replace("journal_path", "concurrency = 0\njournal_path"),
+                "c.toml: worker.concurrency: must be between 1 and 65535",
+            ),
+            (MIN.replace("web1.internal", "-oProxyCommand=x"), "c.toml: targets.web1.host: must not start with `-`"),
+            (
+                MIN.replace("[targets.web1]", "[targets.web1]\nhost_key_policy = \"yolo\""),
+                "c.toml: targets.web1.host_key_policy: must be `strict` or `accept-new`",
+            ),
+        ];
+        for (text, want) in cases {
+            match Config::parse(&text, "c.toml", &[]) {
+                Ok(_) if want.is_empty() => {}
+                Ok(_) => panic!("accepted: {want}"),
+                Err(e) => assert_eq!(e.to_string(), want),
+            }
+        }
+        let e = Config::parse("[worker]\nbogus = 1\n", "c.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: line 2: unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.internal", "web1.internal"));
+        assert!(glob_match("*.internal", "a.b.internal"));
+        assert!(!glob_match("*.internal", "web1.internal.evil.com"));
+        assert!(glob_match("web?.lab", "web7.lab"));
+        assert!(!glob_match("web?.lab", "web10.lab"));
+        assert!(glob_match("127.0.0.*", "127.0.0.9"));
+    }
+}

@@ -1,0 +1,160 @@
+//! The trust boundary: everything a request must pass before any host is
+//! contacted. Each refusal names the field and the problem.
+
+use certdeploy_core::wire::{DeployRequest, RequestError, decode_request, printable};
+use certdeploy_core::{
+    Digest, Material, MaterialFacts, Payload, Plan, Secret, TargetSpec, Timestamp, build_plan, check_remote_path,
+    parse_mode,
+};
+
+use crate::config::{Config, TargetConfig, check_endpoint, check_host, glob_match};
+
+/// Clock skew tolerated on a certificate's notBefore.
+pub const NOT_BEFORE_SKEW_S: i64 = 300;
+
+/// A request that passed every check; ready to plan an attempt.
+#[derive(Debug)]
+pub struct Validated {
+    pub deployment_id: String,
+    pub target_name: String,
+    pub spec: TargetSpec,
+    pub target_config: Option<TargetConfig>,
+    pub material: Material,
+    pub facts: MaterialFacts,
+}
+
+/// Why a request is refused, with what could be salvaged for the result.
+#[derive(Debug)]
+pub struct Rejection {
+    pub deployment_id: Option<String>,
+    pub target: Option<String>,
+    pub error: RequestError,
+}
+
+impl Validated {
+    pub fn plan(&self, cfg: &Config, attempt: u32) -> Result<(Plan, Payload), RequestError> {
+        build_plan(
+            &self.deployment_id,
+            &self.target_name,
+            &self.spec,
+            &self.material,
+            &self.facts,
+            cfg.policy(self.target_config.as_ref()),
+            attempt,
+        )
+        .map_err(|e| RequestError::new("target", e.to_string()))
+    }
+}
+
+/// Decode and check a message body.
+pub fn validate_body(body: &[u8], cfg: &Config, now: Timestamp) -> Result<Validated, Rejection> {
+    let req = decode_request(body).map_err(|error| {
+        let (id, target) = certdeploy_core::wire::salvage_ids(body);
+        Rejection { deployment_id: id, target, error }
+    })?;
+    let id = req.deployment_id.clone();
+    let target = req.target.clone().or_else(|| req.target_spec.as_ref().map(|_| "inline".to_string()));
+    validate_request(req, cfg, now).map_err(|error| Rejection { deployment_id: Some(id), target, error })
+}
+
+/// Check a decoded request against the configuration and the PKI rules.
+pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Result<Validated, RequestError> {
+    let (target_name, spec, target_config) = match (&req.target, &req.target_spec) {
+        (Some(name), None) => match cfg.targets.get(name) {
+            Some(t) => (name.clone(), t.spec(), Some(t.clone())),
+            None => {
+                return Err(RequestError::new(
+                    "target",
+                    format!("unknown target `{}` (not in the worker configuration)", printable(name)),
+                ));
+            }
+        },
+        (None, Some(spec)) => {
+            check_inline(spec, cfg)?;
+            ("inline".to_string(), spec.clone(), None)
+        }
+        _ => return Err(RequestError::new("target", "give exactly one of `target` and `target_spec`")),
+    };
+    let now_s = (now.0 / 1000) as i64;
+    let facts = certdeploy_pki::validate_bundle(
+        &req.certificate_pem,
+        req.private_key_pem.expose_str(),
+        req.chain_pem.as_deref(),
+        now_s,
+        NOT_BEFORE_SKEW_S,
+    )
+    .map_err(|e| RequestError::new(e.field, e.problem))?;
+    let material = Material {
+        certificate_pem: req.certificate_pem,
+        private_key_pem: Secret::new(req.private_key_pem.expose_str().as_bytes().to_vec()),
+        chain_pem: req.chain_pem,
+    };
+    Ok(Validated {
+        deployment_id: req.deployment_id,
+        target_name,
+        spec,
+        target_config,
+        material,
+        facts: MaterialFacts { leaf_sha256: Some(Digest(facts.leaf_sha256)), not_before: Some(facts.not_before) },
+    })
+}
+
+/// Inline targets: whoever can publish must not gain command execution or
+/// reach arbitrary hosts.
+fn check_inline(spec: &TargetSpec, cfg: &Config) -> Result<(), RequestError> {
+    let w = &cfg.worker;
+    if !w.allow_inline_targets {
+        return Err(RequestError::new(
+            "target_spec",
+            "inline targets are disabled on this worker (allow_inline_targets = false)",
+        ));
+    }
+    let field = |k: &str| format!("target_spec.{k}");
+    check_host(&spec.host).map_err(|p| RequestError::new(field("host"), p))?;
+    if !w.inline_host_allowlist.iter().any(|g| glob_match(g, &spec.host)) {
+        return Err(RequestError::new(
+            field("host"),
+            format!("`{}` is not in inline_host_allowlist", printable(&spec.host)),
+        ));
+    }
+    if spec.user.is_empty()
+        || spec.user.starts_with('-')
+        || !spec.user.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(RequestError::new(field("user"), "must be a plain user name"));
+    }
+    for (k, p) in [
+        ("cert_path", Some(&spec.cert_path)),
+        ("key_path", Some(&spec.key_path)),
+        ("chain_path", spec.chain_path.as_ref()),
+    ] {
+        if let Some(p) = p {
+            check_remote_path(p)
+                .map_err(|problem| RequestError::new(field(k), format!("`{}` {problem}", printable(p))))?;
+        }
+    }
+    for (k, m) in [("cert_mode", &spec.cert_mode), ("key_mode", &spec.key_mode)] {
+        if parse_mode(m).is_none() {
+            return Err(RequestError::new(field(k), format!("`{}` is not an octal mode like 0644", printable(m))));
+        }
+    }
+    for (k, c) in [("reload_command", Some(&spec.reload_command)), ("validate_command", spec.validate_command.as_ref())]
+    {
+        if let Some(c) = c
+            && !w.inline_command_allowlist.iter().any(|a| a == c)
+        {
+            return Err(RequestError::new(field(k), format!("`{}` is not in inline_command_allowlist", printable(c))));
+        }
+    }
+    if let Some(ep) = &spec.verify_endpoint {
+        check_endpoint(ep).map_err(|p| RequestError::new(field("verify_endpoint"), p))?;
+        let host = ep.rsplit_once(':').map(|(h, _)| h).unwrap_or(ep);
+        if !w.inline_host_allowlist.iter().any(|g| glob_match(g, host)) {
+            return Err(RequestError::new(
+                field("verify_endpoint"),
+                format!("`{}` is not in inline_host_allowlist", printable(host)),
+            ));
+        }
+    }
+    Ok(())
+}

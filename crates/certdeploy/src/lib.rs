@@ -1,0 +1,76 @@
+//! The library behind the `certdeploy` binary: configuration, the trust
+//! boundary, the runtime that wires the adapters to the core driver, the
+//! worker loop, metrics and the subcommands.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod intake;
+pub mod metrics;
+pub mod verify;
+pub mod worker;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes (SPEC §6).
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "certdeploy", version, about = "Crash-safe certificate deployment over SSH, driven by RabbitMQ")]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "CERTDEPLOY_CONFIG", default_value = "/etc/certdeploy/certdeploy.toml")]
+    pub config: PathBuf,
+    /// Log format: `human` or `json`. Filter with RUST_LOG (default info).
+    #[arg(long, global = true, env = "CERTDEPLOY_LOG_FORMAT", default_value = "human")]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Consume deploy requests from RabbitMQ (the main job).
+    #[command(after_help = "Example:\n  certdeploy worker --config /etc/certdeploy/certdeploy.toml\n\n\
+        Recovers every unfinished deployment from the journal first, then consumes.\n\
+        SIGTERM/SIGINT: stop consuming, let in-flight deployments finish (shutdown_grace_s), exit 0.\n\
+        A second signal exits at once; unfinished work resumes on the next start.")]
+    Worker,
+    /// Run one deployment right here (same state machine and journal, no broker).
+    #[command(
+        after_help = "Example:\n  certdeploy deploy --target web1 --cert site.pem --key site.key --chain chain.pem\n\n\
+        Exit status: 0 deployed/unchanged, 1 any other outcome, 2 usage or config error."
+    )]
+    Deploy(cli::DeployArgs),
+    /// Publish deploy requests (one, or a JSONL batch) and optionally wait for results.
+    #[command(after_help = "Examples:\n  certdeploy submit --target web1 --cert site.pem --key site.key --wait\n  \
+        certdeploy submit --batch renewals.jsonl --wait\n\n\
+        Batch lines are deploy requests (schemas/deploy-request.v1.json); a missing deployment_id\n\
+        (or schema) is filled in. With --wait: progress per outcome, a summary table, and exit 1\n\
+        if any deployment did not succeed.")]
+    Submit(cli::SubmitArgs),
+    /// Inspect and clean the journal.
+    #[command(subcommand)]
+    Journal(cli::JournalCommand),
+    /// Check targets without changing anything: host key, auth, SFTP extensions,
+    /// writable directories, reload/validate programs.
+    #[command(after_help = "Example:\n  certdeploy check --target web1")]
+    Check(cli::CheckArgs),
+}
+
+pub fn init_logging(format: &str) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().with_current_span(true).with_span_list(true).init(),
+        "human" => builder.init(),
+        other => return Err(format!("--log-format: `{other}` is not `human` or `json`")),
+    }
+    Ok(())
+}

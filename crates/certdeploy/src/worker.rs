@@ -1,0 +1,243 @@
+//! `certdeploy worker`: recover, then consume deploy requests, run each
+//! through the driver, publish the result with confirms, ack.
+//!
+//! Ordering of the last steps is the durability contract: the terminal
+//! event is journaled (durably) by the driver, *then* the result is
+//! published and confirmed, *then* the delivery is acked, *then* the ack is
+//! recorded. A crash anywhere in between leaves the message unacked; its
+//! redelivery finds the terminal record and re-publishes the same result.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use certdeploy_amqp::{Broker, BrokerConfig, Delivery, Topology};
+use certdeploy_core::Report;
+use certdeploy_core::wire::ResultEvent;
+use tokio::sync::watch;
+
+use crate::app::Runtime;
+use crate::config::Config;
+use crate::intake;
+use crate::metrics::{self as m, Health};
+
+pub fn broker_config(cfg: &Config, name: &str) -> BrokerConfig {
+    let w = &cfg.worker;
+    let mut b = BrokerConfig::new(w.amqp_url.clone(), name.to_string());
+    b.topology = Topology {
+        requests_queue: w.requests_queue.clone(),
+        dead_exchange: w.dead_exchange.clone(),
+        dead_queue: w.dead_queue.clone(),
+        events_exchange: w.events_exchange.clone(),
+        delivery_limit: w.delivery_limit,
+    };
+    b.prefetch = w.concurrency.min(u16::MAX as usize) as u16;
+    b.rpc_timeout = Duration::from_secs(30);
+    b
+}
+
+/// Runs until `shutdown` flips to true; then stops consuming, lets
+/// in-flight deployments finish (bounded by `shutdown_grace_s`) and returns.
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let health = Arc::new(Health::default());
+    if !cfg.worker.metrics_listen.is_empty() {
+        let handle = m::install();
+        let listener = tokio::net::TcpListener::bind(&cfg.worker.metrics_listen)
+            .await
+            .with_context(|| format!("metrics_listen {}", cfg.worker.metrics_listen))?;
+        tracing::info!("metrics on http://{}/metrics", cfg.worker.metrics_listen);
+        tokio::spawn(m::serve(listener, handle, health.clone()));
+    }
+    let rt = Arc::new(Runtime::open(cfg.clone())?);
+    health.journal.store(true, Ordering::Relaxed);
+    tokio::spawn(journal_metrics(rt.clone()));
+
+    // Finish every interrupted deployment before taking new work.
+    let n = rt.recover_all().await?;
+    health.recovered.store(true, Ordering::Relaxed);
+    tracing::info!(recovered = n, worker = %rt.worker_name, "recovery done");
+
+    let bcfg = broker_config(&cfg, &rt.worker_name);
+    let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut connects = 0u64;
+    'outer: loop {
+        let stop = wait_true(shutdown.clone());
+        let broker = match certdeploy_amqp::connect_with_backoff(&bcfg, stop).await {
+            Ok(b) => Arc::new(b),
+            Err(certdeploy_amqp::AmqpError::Shutdown) => break,
+            Err(e) => return Err(e).context("broker"),
+        };
+        if connects > 0 {
+            metrics::counter!(m::AMQP_RECONNECTS).increment(1);
+            tracing::warn!("reconnected to the broker");
+        }
+        connects += 1;
+        let mut consumer = match broker.consume(&format!("certdeploy-{}", rt.worker_name)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("consume failed: {e}; reconnecting");
+                broker.close().await;
+                continue;
+            }
+        };
+        health.broker.store(true, Ordering::Relaxed);
+        let _ = broker_tx.send(Some(broker.clone()));
+        tracing::info!(queue = %bcfg.topology.requests_queue, prefetch = bcfg.prefetch, "consuming");
+        loop {
+            tokio::select! {
+                d = consumer.next() => match d {
+                    Some(Ok(delivery)) => {
+                        let rt = rt.clone();
+                        let brx = broker_rx.clone();
+                        tasks.spawn(async move { handle(&rt, delivery, brx).await });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("consumer error: {e}; reconnecting");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("consumer closed; reconnecting");
+                        break;
+                    }
+                },
+                _ = broker.closed() => {
+                    tracing::warn!("broker connection lost; reconnecting");
+                    break;
+                }
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        tracing::info!("shutting down: no new deliveries; waiting for {} in-flight", tasks.len());
+                        let _ = consumer.cancel().await;
+                        break 'outer;
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        health.broker.store(false, Ordering::Relaxed);
+        let _ = broker_tx.send(None);
+        drop(consumer);
+        broker.close().await;
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+
+    // Graceful: in-flight deployments reach a terminal state (bounded).
+    let grace = Duration::from_secs(cfg.worker.shutdown_grace_s);
+    let deadline = tokio::time::Instant::now() + grace;
+    while !tasks.is_empty() {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(
+                    "{} deployment(s) still running after {grace:?}; they resume on next start",
+                    tasks.len()
+                );
+                break;
+            }
+        }
+    }
+    if let Some(b) = broker_rx.borrow().clone() {
+        b.close().await;
+    }
+    let _ = rt.journal.flush_now();
+    rt.pool.close_all().await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn journal_metrics(rt: Arc<Runtime>) {
+    loop {
+        let s = rt.journal.stats();
+        metrics::counter!(m::JOURNAL_FLUSHES).absolute(s.flushes);
+        metrics::gauge!(m::JOURNAL_FLUSH_SECONDS).set(s.flush_latency.sum_us as f64 / 1e6);
+        metrics::counter!(m::SSH_MASTERS_OPENED).absolute(rt.pool.masters_opened());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The broker to publish on: the current connection, waiting a bounded
+/// time for a reconnect.
+async fn current_broker(rx: &mut watch::Receiver<Option<Arc<Broker>>>) -> Option<Arc<Broker>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(b) = rx.borrow().clone() {
+            return Some(b);
+        }
+        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            return None;
+        }
+    }
+}
+
+async fn publish(broker: &Broker, report: &Report, worker: &str) -> Result<(), certdeploy_amqp::AmqpError> {
+    let t = Instant::now();
+    let body = ResultEvent::from_report(report, worker).to_json();
+    let r = broker.publish_result(report.outcome.as_str(), &body).await;
+    metrics::histogram!(m::PUBLISH_SECONDS).record(t.elapsed().as_secs_f64());
+    r
+}
+
+async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Option<Arc<Broker>>>) {
+    let now = crate::verify::now();
+    let validated = match intake::validate_body(&delivery.body, &rt.cfg, now) {
+        Ok(v) => v,
+        Err(rej) => {
+            let id = rej.deployment_id.unwrap_or_else(|| "unknown".into());
+            let target = rej.target.unwrap_or_else(|| "unknown".into());
+            let reason = rej.error.to_string();
+            tracing::warn!(deployment_id = %id, target = %target, "rejected: {reason}");
+            let report = Report::rejected(&id, &target, "", format!("request rejected: {reason}"), now);
+            metrics::counter!(m::DEPLOYMENTS, "outcome" => "rejected").increment(1);
+            let Some(broker) = current_broker(&mut brx).await else { return };
+            if let Err(e) = publish(&broker, &report, &rt.worker_name).await {
+                tracing::warn!(deployment_id = %id, "publishing the rejected result failed: {e}; message will be redelivered");
+                let _ = delivery.reject_requeue().await;
+                return;
+            }
+            if let Err(e) = broker.dead_letter(&delivery, &reason).await {
+                tracing::warn!(deployment_id = %id, "dead-lettering failed: {e}");
+            }
+            return;
+        }
+    };
+    let report = match rt.execute(&validated).await {
+        Ok(r) => r,
+        Err(e) => {
+            // The journal (or the runtime) failed: nothing is lost, the
+            // deployment stays unfinished and is resumed on redelivery.
+            tracing::error!(deployment_id = %validated.deployment_id, "deployment could not run: {e:#}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = delivery.reject_requeue().await;
+            return;
+        }
+    };
+    let Some(broker) = current_broker(&mut brx).await else { return };
+    if let Err(e) = publish(&broker, &report, &rt.worker_name).await {
+        tracing::warn!(deployment_id = %report.deployment_id, "result publish failed: {e}; will re-publish on redelivery");
+        let _ = delivery.reject_requeue().await;
+        return;
+    }
+    match delivery.ack().await {
+        Ok(true) => {
+            if let Err(e) = rt.journal.mark_acked(&report.deployment_id) {
+                tracing::warn!(deployment_id = %report.deployment_id, "recording the ack failed: {e}");
+            }
+        }
+        Ok(false) => {
+            tracing::info!(deployment_id = %report.deployment_id, "ack lost with the connection; the redelivery re-publishes")
+        }
+        Err(e) => tracing::warn!(deployment_id = %report.deployment_id, "ack failed: {e}"),
+    }
+}

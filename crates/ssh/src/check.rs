@@ -1,0 +1,152 @@
+//! `certdeploy check`: probe a target without changing anything on it.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use certdeploy_core::TargetSpec;
+
+use crate::error::{is_no_such_file, sftp_detail, shell_quote};
+use crate::pool::{ExecFailure, HostAddr, SshPool};
+
+/// One line of a check report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckLine {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl CheckLine {
+    fn new(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> CheckLine {
+        CheckLine { name: name.into(), ok, detail: detail.into() }
+    }
+}
+
+fn parent_of(path: &str) -> String {
+    match path.rfind('/') {
+        Some(0) => "/".into(),
+        Some(i) => path[..i].to_string(),
+        None => ".".into(),
+    }
+}
+
+/// Connect (host key, authentication), check the SFTP extensions, that
+/// every target directory exists and is writable (a probe file is created
+/// and removed), and that the validate and reload commands' programs exist.
+pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec) -> Vec<CheckLine> {
+    let mut lines = Vec::new();
+    let lease = match pool.lease(addr).await {
+        Ok(l) => {
+            lines.push(CheckLine::new(
+                "connect",
+                true,
+                format!("{}@{addr}: host key and authentication ok", addr.user),
+            ));
+            l
+        }
+        Err(e) => {
+            lines.push(CheckLine::new("connect", false, e.message));
+            return lines;
+        }
+    };
+    let sftp = lease.sftp();
+    for (name, ok, need) in [
+        ("sftp posix-rename", sftp.support_posix_rename(), "required: atomic replacement"),
+        ("sftp fsync", sftp.support_fsync(), "required: durable writes"),
+        ("sftp hardlink", sftp.support_hardlink(), "optional: backups fall back to copies"),
+    ] {
+        let ext = name.trim_start_matches("sftp ");
+        let detail = if ok {
+            format!("{ext}@openssh.com supported")
+        } else {
+            format!("{addr}: the SFTP server lacks {ext}@openssh.com ({need})")
+        };
+        let ok = ok || name == "sftp hardlink";
+        lines.push(CheckLine::new(name, ok, detail));
+    }
+
+    let mut dirs = BTreeSet::new();
+    dirs.insert(parent_of(&target.cert_path));
+    dirs.insert(parent_of(&target.key_path));
+    if let Some(c) = &target.chain_path {
+        dirs.insert(parent_of(c));
+    }
+    for dir in dirs {
+        let name = format!("directory {dir}");
+        let mut fs = sftp.fs();
+        match fs.metadata(Path::new(&dir)).await {
+            Ok(m) if m.file_type().is_some_and(|t| t.is_dir()) => {}
+            Ok(_) => {
+                lines.push(CheckLine::new(name, false, format!("{addr}: {dir} is not a directory")));
+                continue;
+            }
+            Err(e) if is_no_such_file(&e) => {
+                lines.push(CheckLine::new(name, false, format!("{addr}: {dir} does not exist")));
+                continue;
+            }
+            Err(e) => {
+                lines.push(CheckLine::new(name, false, format!("{addr}: stat {dir}: {}", sftp_detail(&e))));
+                continue;
+            }
+        }
+        let probe = format!(
+            "{}/.certdeploy-check.{}.{}",
+            if dir == "/" { "" } else { &dir },
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        );
+        match sftp.options().write(true).create_new(true).open(Path::new(&probe)).await {
+            Ok(f) => {
+                let _ = f.close().await;
+                match fs.remove_file(Path::new(&probe)).await {
+                    Ok(()) => {
+                        lines.push(CheckLine::new(name, true, format!("{dir} exists and is writable by {}", addr.user)))
+                    }
+                    Err(e) => lines.push(CheckLine::new(
+                        name,
+                        false,
+                        format!("{addr}: created {probe} but cannot remove it: {}", sftp_detail(&e)),
+                    )),
+                }
+            }
+            Err(e) => lines.push(CheckLine::new(
+                name,
+                false,
+                format!("{addr}: {dir} is not writable by {}: {}", addr.user, sftp_detail(&e)),
+            )),
+        }
+    }
+
+    let mut commands = Vec::new();
+    if let Some(v) = &target.validate_command {
+        commands.push(("validate command", v));
+    }
+    commands.push(("reload command", &target.reload_command));
+    for (name, cmd) in commands {
+        let Some(program) = cmd.split_whitespace().next() else {
+            lines.push(CheckLine::new(name, false, "empty command"));
+            continue;
+        };
+        let probe = format!("command -v {}", shell_quote(program));
+        match lease.exec(&probe, Duration::from_secs(30)).await {
+            Ok((Some(0), out, _)) => lines.push(CheckLine::new(
+                name,
+                true,
+                format!("`{program}` found at {}", String::from_utf8_lossy(&out).trim()),
+            )),
+            Ok(_) => lines.push(CheckLine::new(
+                name,
+                false,
+                format!("{addr}: `{program}` (from `{cmd}`) not found in the PATH of {}", addr.user),
+            )),
+            Err(ExecFailure::TimedOut) => {
+                lines.push(CheckLine::new(name, false, format!("{addr}: `{probe}` timed out")))
+            }
+            Err(ExecFailure::Lost(e) | ExecFailure::NoChannel(e)) => {
+                lines.push(CheckLine::new(name, false, format!("{addr}: `{probe}` failed: {e}")))
+            }
+        }
+    }
+    lines
+}

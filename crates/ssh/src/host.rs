@@ -1,0 +1,588 @@
+//! [`Host`] over SSH: the semantics of the core's `MemHost`, on a real
+//! file system.
+//!
+//! Every step is idempotent: names derive from the live path and the
+//! deployment id (`model::backup_path`/`temp_path`), stale leftovers of the
+//! same names are replaced, and restore re-checks digests before acting.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use certdeploy_core::driver::{Host, Snapped};
+use certdeploy_core::event::truncate_output;
+use certdeploy_core::*;
+use futures_util::future::join_all;
+use futures_util::stream::StreamExt as _;
+use openssh_sftp_client::error::SftpErrorKind;
+use openssh_sftp_client::metadata::{MetaData, MetaDataBuilder, Permissions};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{is_no_such_file, sftp_kind, shell_quote};
+use crate::pool::{ExecFailure, HostAddr, Lease, SshPool};
+
+/// Bound on one SFTP step (snapshot, write, restore, ...): a stalled
+/// connection must not hold a deployment forever. ServerAliveInterval
+/// normally notices a dead peer well before this.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on housekeeping commands (temp creation, directory sync).
+const AUX_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One remote host, reached through a shared [`SshPool`].
+#[derive(Clone, Debug)]
+pub struct SshHost<'a> {
+    pool: &'a SshPool,
+    addr: HostAddr,
+}
+
+fn p(s: &str) -> &Path {
+    Path::new(s)
+}
+
+fn parent_of(path: &str) -> String {
+    match path.rfind('/') {
+        Some(0) => "/".into(),
+        Some(i) => path[..i].to_string(),
+        None => ".".into(),
+    }
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+fn mode_of(m: &MetaData) -> u32 {
+    m.permissions().map(|p| p.as_raw().bits()).unwrap_or(0) & 0o7777
+}
+
+/// Content digest and facts of one remote file, read through one handle.
+struct Read {
+    meta: MetaData,
+    sha256: Digest,
+    size: u64,
+    content: Option<Vec<u8>>,
+}
+
+impl<'a> SshHost<'a> {
+    pub fn new(pool: &'a SshPool, addr: HostAddr) -> SshHost<'a> {
+        SshHost { pool, addr }
+    }
+
+    pub fn addr(&self) -> &HostAddr {
+        &self.addr
+    }
+
+    /// A connection that can deploy: posix-rename and fsync are required.
+    async fn lease(&self) -> Result<Lease, StepError> {
+        let lease = self.pool.lease(&self.addr).await?;
+        let sftp = lease.sftp();
+        for (ok, ext, why) in [
+            (sftp.support_posix_rename(), "posix-rename@openssh.com", "atomic replacement is impossible"),
+            (sftp.support_fsync(), "fsync@openssh.com", "durable writes are impossible"),
+        ] {
+            if !ok {
+                return Err(StepError::permanent(format!(
+                    "{}: the SFTP server lacks the {ext} extension; refusing to deploy ({why})",
+                    self.addr
+                )));
+            }
+        }
+        Ok(lease)
+    }
+
+    /// The configured path with symlinks resolved (the path actually
+    /// written). A symlink is resolved with the server's realpath.
+    async fn resolve(&self, lease: &Lease, path: &str) -> Result<String, StepError> {
+        let mut fs = lease.sftp().fs();
+        match fs.symlink_metadata(p(path)).await {
+            Ok(m) if m.file_type().is_some_and(|t| t.is_symlink()) => match fs.canonicalize(p(path)).await {
+                Ok(c) => c
+                    .to_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| StepError::permanent(format!("{}: {path}: link target is not UTF-8", self.addr))),
+                Err(e) => Err(lease.sftp_err("resolve symlink", path, &e)),
+            },
+            Ok(_) => Ok(path.to_string()),
+            Err(e) if is_no_such_file(&e) => Ok(path.to_string()),
+            Err(e) => Err(lease.sftp_err("stat", path, &e)),
+        }
+    }
+
+    /// `Missing`, unless the directory itself is missing (a permanent error:
+    /// the write could never succeed).
+    async fn missing(&self, lease: &Lease, live: String) -> Result<Snapped, StepError> {
+        let dir = parent_of(&live);
+        match lease.sftp().fs().metadata(p(&dir)).await {
+            Ok(m) if m.file_type().is_some_and(|t| t.is_dir()) => {
+                Ok(Snapped { snapshot: Snapshot { live_path: live, pre: PreState::Missing }, content: None })
+            }
+            Ok(_) => {
+                Err(StepError::permanent(format!("{}: {dir} (directory of {live}) is not a directory", self.addr)))
+            }
+            Err(e) if is_no_such_file(&e) => {
+                Err(StepError::permanent(format!("{}: directory {dir} (of {live}) does not exist", self.addr)))
+            }
+            Err(e) => Err(lease.sftp_err("stat directory", &dir, &e)),
+        }
+    }
+
+    async fn read_file(&self, lease: &Lease, path: &str, keep: bool) -> Result<Read, openssh_sftp_client::Error> {
+        let mut f = lease.sftp().open(p(path)).await?;
+        let meta = f.metadata().await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut content = keep.then(Vec::new);
+        let n = 64 * 1024;
+        while let Some(mut chunk) = f.read(n, Default::default()).await? {
+            hasher.update(&chunk[..]);
+            size += chunk.len() as u64;
+            if let Some(c) = content.as_mut() {
+                c.extend_from_slice(&chunk);
+            }
+            // Key bytes do not linger in freed buffers.
+            chunk.iter_mut().for_each(|b| *b = 0);
+        }
+        f.close().await?;
+        Ok(Read { meta, sha256: Digest(hasher.finalize().into()), size, content })
+    }
+
+    async fn snapshot_one(&self, lease: &Lease, id: &str, req: &SnapshotRequest) -> Result<Snapped, StepError> {
+        let live = self.resolve(lease, &req.path).await?;
+        let mut fs = lease.sftp().fs();
+        let meta = match fs.metadata(p(&live)).await {
+            Ok(m) => m,
+            Err(e) if is_no_such_file(&e) => return self.missing(lease, live).await,
+            Err(e) => return Err(lease.sftp_err("stat", &live, &e)),
+        };
+        if !meta.file_type().is_some_and(|t| t.is_file()) {
+            return Err(StepError::permanent(format!("{}: {live} is not a regular file", self.addr)));
+        }
+        let backup = backup_path(&live, id);
+        match fs.remove_file(p(&backup)).await {
+            Ok(()) => {}
+            Err(e) if is_no_such_file(&e) => {}
+            Err(e) => return Err(lease.sftp_err("remove stale backup", &backup, &e)),
+        }
+        let linked = if lease.sftp().support_hardlink() {
+            match fs.hard_link(p(&live), p(&backup)).await {
+                Ok(()) => true,
+                // Not supported by the file system, or forbidden by
+                // fs.protected_hardlinks for a file the user does not own:
+                // fall back to a copy.
+                Err(e)
+                    if matches!(
+                        sftp_kind(&e),
+                        Some(SftpErrorKind::OpUnsupported | SftpErrorKind::Failure | SftpErrorKind::PermDenied)
+                    ) =>
+                {
+                    tracing::info!(host = %self.addr, path = %live, "hard link refused; backing up by copy");
+                    false
+                }
+                Err(e) => return Err(lease.sftp_err("hard-link backup", &backup, &e)),
+            }
+        } else {
+            false
+        };
+        if !linked {
+            self.copy_file(lease, id, &live, &backup, &meta).await?;
+        }
+        let r = match self.read_file(lease, &backup, req.role == Role::Cert).await {
+            Ok(r) => r,
+            Err(e) => return Err(lease.sftp_err("read backup", &backup, &e)),
+        };
+        Ok(Snapped {
+            snapshot: Snapshot {
+                live_path: live,
+                pre: PreState::Existing {
+                    backup_path: backup,
+                    sha256: r.sha256,
+                    size: r.size,
+                    mode: mode_of(&r.meta),
+                    uid: r.meta.uid().unwrap_or(0),
+                    gid: r.meta.gid().unwrap_or(0),
+                    cert: None,
+                },
+            },
+            content: r.content,
+        })
+    }
+
+    /// Back up by copy: a private temp, same mode (and owner, where
+    /// allowed), content, fsync, rename to the backup name.
+    async fn copy_file(
+        &self,
+        lease: &Lease,
+        id: &str,
+        live: &str,
+        backup: &str,
+        meta: &MetaData,
+    ) -> Result<(), StepError> {
+        let temp = temp_path(backup, id);
+        let created = self.create_private(lease, std::slice::from_ref(&temp)).await?;
+        let mut src = match self.read_file(lease, live, true).await {
+            Ok(r) => r,
+            Err(e) => return Err(lease.sftp_err("read", live, &e)),
+        };
+        let bytes = src.content.take().unwrap_or_default();
+        let r = self.fill_temp(lease, &temp, mode_of(meta), Some((meta.uid(), meta.gid())), &bytes, &created).await;
+        drop(Secret::new(bytes));
+        r?;
+        if let Err(e) = lease.sftp().fs().rename(p(&temp), p(backup)).await {
+            let _ = lease.sftp().fs().remove_file(p(&temp)).await;
+            return Err(lease.sftp_err("rename backup copy to", backup, &e));
+        }
+        Ok(())
+    }
+
+    /// Create empty files that only their owner can read (umask 077,
+    /// O_EXCL after removing leftovers). SFTP would create them 0644 and
+    /// a reader that opens a file during that moment keeps its access after
+    /// a chmod; a shell creates them private from the start. Returns the
+    /// shell's complaints (one line per failed file).
+    async fn create_private(&self, lease: &Lease, paths: &[String]) -> Result<String, StepError> {
+        let mut script = String::from("umask 077; set -C; rc=0; for t in");
+        for t in paths {
+            script.push(' ');
+            script.push_str(&shell_quote(t));
+        }
+        script.push_str("; do rm -f -- \"$t\" && : > \"$t\" || rc=1; done; exit $rc");
+        match lease.exec(&script, AUX_TIMEOUT).await {
+            Ok((_, out, err)) => {
+                let mut s = String::from_utf8_lossy(&out).into_owned();
+                s.push_str(&String::from_utf8_lossy(&err));
+                Ok(s)
+            }
+            Err(f) => Err(self.exec_failure(f, "create temp files", AUX_TIMEOUT)),
+        }
+    }
+
+    /// Fill a temp file made by [`Self::create_private`]: owner (best
+    /// effort), mode, content, fsync.
+    async fn fill_temp(
+        &self,
+        lease: &Lease,
+        temp: &str,
+        mode: u32,
+        owner: Option<(Option<u32>, Option<u32>)>,
+        bytes: &[u8],
+        create_output: &str,
+    ) -> Result<(), StepError> {
+        let mut f = match lease.sftp().options().write(true).truncate(true).open(p(temp)).await {
+            Ok(f) => f,
+            Err(e) if is_no_such_file(&e) => {
+                let why = create_output
+                    .lines()
+                    .find(|l| l.contains(temp))
+                    .map(|l| l.trim().to_string())
+                    .unwrap_or_else(|| "it was not created".into());
+                return Err(StepError::permanent(format!("{}: cannot create temp file {temp}: {why}", self.addr)));
+            }
+            Err(e) => return Err(lease.sftp_err("open temp file", temp, &e)),
+        };
+        // Owner first (a group change must not widen access to content),
+        // best effort: an unprivileged user may not give files away.
+        if let Some((Some(uid), Some(gid))) = owner
+            && let Err(e) = f.set_metadata(MetaDataBuilder::new().id((uid, gid)).create()).await
+            && !matches!(sftp_kind(&e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure))
+        {
+            return Err(lease.sftp_err("chown temp file", temp, &e));
+        }
+        if let Err(e) = f.set_permissions(Permissions::from((mode & 0o7777) as u16)).await {
+            return Err(lease.sftp_err("chmod temp file", temp, &e));
+        }
+        if let Err(e) = f.write_all(bytes).await {
+            return Err(lease.sftp_err("write temp file", temp, &e));
+        }
+        if let Err(e) = f.sync_all().await {
+            return Err(lease.sftp_err("fsync temp file", temp, &e));
+        }
+        if let Err(e) = f.close().await {
+            return Err(lease.sftp_err("close temp file", temp, &e));
+        }
+        Ok(())
+    }
+
+    /// Make renames in these directories durable (`sync DIR...`, coreutils
+    /// fsyncs each named directory). Best effort: the renames are done.
+    async fn sync_dirs(&self, lease: &Lease, paths: impl IntoIterator<Item = String>) {
+        let dirs: BTreeSet<String> = paths.into_iter().map(|p| parent_of(&p)).collect();
+        if dirs.is_empty() {
+            return;
+        }
+        let mut cmd = String::from("sync --");
+        for d in &dirs {
+            cmd.push(' ');
+            cmd.push_str(&shell_quote(d));
+        }
+        match lease.exec(&cmd, AUX_TIMEOUT).await {
+            Ok((Some(0), _, _)) => {}
+            Ok((code, out, err)) => tracing::warn!(
+                host = %self.addr, ?code,
+                output = %String::from_utf8_lossy(&[out, err].concat()),
+                "directory sync failed"
+            ),
+            Err(_) => tracing::warn!(host = %self.addr, "directory sync: connection lost"),
+        }
+    }
+
+    fn exec_failure(&self, f: ExecFailure, what: &str, timeout: Duration) -> StepError {
+        match f {
+            ExecFailure::TimedOut => StepError::transient(format!(
+                "{}: {what}: timed out after {} ms; outcome unknown",
+                self.addr,
+                timeout.as_millis()
+            )),
+            ExecFailure::Lost(e) => StepError::transient(format!(
+                "{}: {what}: connection lost during command; outcome unknown ({e})",
+                self.addr
+            )),
+            ExecFailure::NoChannel(e) => {
+                StepError::transient(format!("{}: {what}: cannot open a channel: {e}", self.addr))
+            }
+        }
+    }
+
+    async fn restore_one(&self, lease: &Lease, id: &str, req: &RestoreRequest) -> Result<RestoreStatus, StepError> {
+        let mut fs = lease.sftp().fs();
+        let live = &req.live_path;
+        let temp = temp_path(live, id);
+        match fs.remove_file(p(&temp)).await {
+            Ok(()) => {}
+            Err(e) if is_no_such_file(&e) => {}
+            Err(e) => return Err(lease.sftp_err("remove temp file", &temp, &e)),
+        }
+        match &req.pre {
+            PreState::Missing => match fs.remove_file(p(live)).await {
+                Ok(()) => Ok(RestoreStatus::Removed),
+                Err(e) if is_no_such_file(&e) => Ok(RestoreStatus::Removed),
+                Err(e) => Err(lease.sftp_err("remove", live, &e)),
+            },
+            PreState::Existing { backup_path, sha256, .. } => match fs.rename(p(backup_path), p(live)).await {
+                Ok(()) => {
+                    // rename() of two links to one inode does nothing: the
+                    // write never happened. The live path is the original
+                    // either way; drop the backup name.
+                    let _ = fs.remove_file(p(backup_path)).await;
+                    Ok(RestoreStatus::Restored)
+                }
+                Err(e) if is_no_such_file(&e) => match self.read_file(lease, live, false).await {
+                    // Restored before a crash.
+                    Ok(r) if r.sha256 == *sha256 => Ok(RestoreStatus::Restored),
+                    Ok(_) => Err(StepError::permanent(format!(
+                        "{}: {backup_path} is missing and {live} differs from the snapshot",
+                        self.addr
+                    ))),
+                    Err(e) if is_no_such_file(&e) => {
+                        Err(StepError::permanent(format!("{}: {backup_path} and {live} are both missing", self.addr)))
+                    }
+                    Err(e) => Err(lease.sftp_err("read", live, &e)),
+                },
+                Err(e) => Err(lease.sftp_err(&format!("rename {backup_path} over"), live, &e)),
+            },
+        }
+    }
+
+    async fn prune_dir(
+        &self,
+        lease: &Lease,
+        id: &str,
+        dir: &str,
+        lives: &[&String],
+        keep: u32,
+    ) -> Result<(), StepError> {
+        let mut fs = lease.sftp().fs();
+        let d = match fs.open_dir(p(dir)).await {
+            Ok(d) => d,
+            Err(e) => return Err(lease.sftp_err("list", dir, &e)),
+        };
+        let mut entries = Vec::new();
+        let mut rd = Box::pin(d.read_dir());
+        while let Some(e) = rd.next().await {
+            match e {
+                Ok(e) => {
+                    let name = e.filename().to_string_lossy().into_owned();
+                    let mtime = e.metadata().modified().map(|t| t.into_raw()).unwrap_or(0);
+                    entries.push((name, mtime));
+                }
+                Err(e) => return Err(lease.sftp_err("list", dir, &e)),
+            }
+        }
+        let mut first_err = None;
+        for live in lives {
+            let base = file_name(live);
+            let prefix = format!("{base}.certdeploy-bak.");
+            let own = file_name(&backup_path(live, id)).to_string();
+            let mut others: Vec<&(String, u32)> =
+                entries.iter().filter(|(n, _)| n.starts_with(&prefix) && *n != own).collect();
+            // Newest first; this attempt's own backup counts as one kept.
+            others.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+            for (name, _) in others.into_iter().skip(keep.saturating_sub(1) as usize) {
+                let path = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+                match fs.remove_file(p(&path)).await {
+                    Ok(()) => {}
+                    Err(e) if is_no_such_file(&e) => {}
+                    Err(e) => {
+                        first_err.get_or_insert(lease.sftp_err("remove old backup", &path, &e));
+                    }
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn step_timeout(&self, lease: &Lease, what: &str) -> StepError {
+        lease.mark_dead();
+        StepError::transient(format!(
+            "{}: {what}: timed out after {} s; outcome unknown",
+            self.addr,
+            STEP_TIMEOUT.as_secs()
+        ))
+    }
+}
+
+impl Host for SshHost<'_> {
+    async fn snapshot(&self, deployment_id: &str, files: &[SnapshotRequest]) -> Vec<Result<Snapped, StepError>> {
+        let lease = match self.lease().await {
+            Ok(l) => l,
+            Err(e) => return files.iter().map(|_| Err(e.clone())).collect(),
+        };
+        // All paths at once: SFTP requests pipeline on the one channel.
+        let all = join_all(files.iter().map(|f| self.snapshot_one(&lease, deployment_id, f)));
+        match tokio::time::timeout(STEP_TIMEOUT, all).await {
+            Ok(v) => v,
+            Err(_) => {
+                let e = self.step_timeout(&lease, "snapshot");
+                files.iter().map(|_| Err(e.clone())).collect()
+            }
+        }
+    }
+
+    async fn write(&self, deployment_id: &str, files: &[(WriteRequest, &[u8])]) -> Vec<Result<(), StepError>> {
+        let lease = match self.lease().await {
+            Ok(l) => l,
+            Err(e) => return vec![Err(e)],
+        };
+        let temps: Vec<String> = files.iter().map(|(f, _)| temp_path(&f.live_path, deployment_id)).collect();
+        let work = async {
+            let created = match self.create_private(&lease, &temps).await {
+                Ok(s) => s,
+                Err(e) => return vec![Err(e)],
+            };
+            // Temps concurrently...
+            let filled = join_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
+                let created = &created;
+                let lease = &lease;
+                async move {
+                    // Keep the original owner where there was one.
+                    let owner = lease.sftp().fs().metadata(p(&f.live_path)).await.ok().map(|m| (m.uid(), m.gid()));
+                    self.fill_temp(lease, temp, f.mode, owner, bytes, created).await
+                }
+            }))
+            .await;
+            // ...renames in order, stopping at the first failure.
+            let mut out = Vec::with_capacity(files.len());
+            for (((f, _), temp), r) in files.iter().zip(&temps).zip(filled) {
+                let r = match r {
+                    Ok(()) => match lease.sftp().fs().rename(p(temp), p(&f.live_path)).await {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(lease.sftp_err(&format!("rename {temp} over"), &f.live_path, &e)),
+                    },
+                    Err(e) => Err(e),
+                };
+                let failed = r.is_err();
+                out.push(r);
+                if failed {
+                    break;
+                }
+            }
+            // Temps not renamed (their content may be a key) go away.
+            let renamed = out.iter().filter(|r| r.is_ok()).count();
+            for temp in &temps[renamed..] {
+                let _ = lease.sftp().fs().remove_file(p(temp)).await;
+            }
+            if renamed > 0 {
+                self.sync_dirs(&lease, files[..renamed].iter().map(|(f, _)| f.live_path.clone())).await;
+            }
+            out
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, work).await {
+            Ok(v) => v,
+            Err(_) => vec![Err(self.step_timeout(&lease, "write"))],
+        }
+    }
+
+    async fn exec(&self, command: &str, timeout_ms: u64) -> Result<ExecResult, StepError> {
+        let lease = self.pool.lease(&self.addr).await?;
+        let timeout = Duration::from_millis(timeout_ms);
+        match lease.exec(command, timeout).await {
+            Ok((exit_code, out, err)) => {
+                let mut s = String::from_utf8_lossy(&out).into_owned();
+                s.push_str(&String::from_utf8_lossy(&err));
+                Ok(ExecResult { exit_code, output: truncate_output(&s) })
+            }
+            Err(f) => Err(self.exec_failure(f, &format!("command `{command}`"), timeout)),
+        }
+    }
+
+    async fn restore(&self, deployment_id: &str, files: &[RestoreRequest]) -> Vec<Result<RestoreStatus, StepError>> {
+        let lease = match self.lease().await {
+            Ok(l) => l,
+            Err(e) => return files.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let work = async {
+            let out = join_all(files.iter().map(|f| self.restore_one(&lease, deployment_id, f))).await;
+            let touched = files.iter().zip(&out).filter(|(_, r)| r.is_ok()).map(|(f, _)| f.live_path.clone());
+            self.sync_dirs(&lease, touched.collect::<Vec<_>>()).await;
+            out
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, work).await {
+            Ok(v) => v,
+            Err(_) => {
+                let e = self.step_timeout(&lease, "restore");
+                files.iter().map(|_| Err(e.clone())).collect()
+            }
+        }
+    }
+
+    async fn remove_backups(&self, deployment_id: &str, paths: &[String]) -> Result<(), StepError> {
+        let lease = self.pool.lease(&self.addr).await?;
+        let work = async {
+            let results = join_all(paths.iter().map(|path| async {
+                let live = self.resolve(&lease, path).await?;
+                let mut fs = lease.sftp().fs();
+                for name in [backup_path(&live, deployment_id), temp_path(&live, deployment_id)] {
+                    match fs.remove_file(p(&name)).await {
+                        Ok(()) => {}
+                        Err(e) if is_no_such_file(&e) => {}
+                        Err(e) => return Err(lease.sftp_err("remove", &name, &e)),
+                    }
+                }
+                Ok(())
+            }))
+            .await;
+            results.into_iter().collect::<Result<Vec<()>, StepError>>().map(|_| ())
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(self.step_timeout(&lease, "remove backups")),
+        }
+    }
+
+    async fn prune(&self, deployment_id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {
+        let lease = self.pool.lease(&self.addr).await?;
+        let dirs: BTreeSet<String> = live_paths.iter().map(|l| parent_of(l)).collect();
+        let work = async {
+            let results = join_all(dirs.iter().map(|dir| {
+                let lives: Vec<&String> = live_paths.iter().filter(|l| parent_of(l) == *dir).collect();
+                let lease = &lease;
+                async move { self.prune_dir(lease, deployment_id, dir, &lives, keep).await }
+            }))
+            .await;
+            results.into_iter().collect::<Result<Vec<()>, StepError>>().map(|_| ())
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(self.step_timeout(&lease, "prune")),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! certdeploy's remote host: file operations over SFTP and commands over
+//! exec, both multiplexed over one OpenSSH ControlMaster connection per
+//! host (the system `ssh` client, driven by the `openssh` crate with its
+//! native mux client, and `openssh-sftp-client`).
+//!
+//! - [`SshPool`] owns the connections: one master and one SFTP session per
+//!   host, reused across deployments, a bounded number of concurrent exec
+//!   channels per host, idle masters closed, dead masters reopened.
+//! - [`SshHost`] implements [`certdeploy_core::driver::Host`] for one host
+//!   with the semantics of the core's in-memory `MemHost`.
+//! - [`check`] probes a target without changing anything.
+#![forbid(unsafe_code)]
+
+mod check;
+mod error;
+mod host;
+mod pool;
+
+pub use check::{CheckLine, check};
+pub use error::shell_quote;
+pub use host::SshHost;
+pub use pool::{HostAddr, SshConfig, SshPool};

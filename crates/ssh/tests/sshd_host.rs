@@ -1,0 +1,363 @@
+//! SshHost against a real sshd, as an unprivileged user, driven by the
+//! core's driver. Every test asserts what is on disk afterwards.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use certdeploy_core::driver::Host;
+use certdeploy_core::*;
+use certdeploy_ssh::{HostAddr, SshHost, SshPool, check};
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_deploy_then_failed_reload_removes_new_files() {
+    let rig = Rig::new();
+    let d = rig.dir("first");
+    let t = target(&d, "true");
+    let r = rig.deploy(&t, "first-1", &cert("a", 100), &key("a")).await;
+    assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+    assert_eq!(meta(&r, "backup_status_cert"), "no_pre_existing");
+    assert_eq!(meta(&r, "backup_status_key"), "no_pre_existing");
+    assert_eq!(rig.sshd.read(d.join("site.pem")), cert("a", 100));
+    assert_eq!(rig.sshd.read(d.join("site.key")), key("a"));
+    assert_eq!(rig.sshd.stat(d.join("site.pem")).mode, 0o644);
+    assert_eq!(rig.sshd.stat(d.join("site.key")).mode, 0o600);
+    assert_eq!(rig.sshd.stat(d.join("site.key")).uid, rig.sshd.uid());
+    assert!(leftovers(&rig.sshd, &d).is_empty(), "{:?}", rig.sshd.list(&d));
+    assert!(!rig.journal_text("first-1").contains("SECRET-KEY"));
+
+    // A fresh directory whose reload fails: the new files are removed.
+    let d2 = rig.dir("first-fail");
+    let t2 = target(&d2, "echo nginx: config broken >&2; exit 1");
+    let r = rig.deploy(&t2, "first-2", &cert("b", 100), &key("b")).await;
+    assert!(matches!(r.outcome, Outcome::RolledBack | Outcome::RolledBackDaemonUnknown), "{}", dump(&r));
+    assert_eq!(meta(&r, "backup_status_cert"), "removed");
+    assert_eq!(meta(&r, "backup_status_key"), "removed");
+    assert!(meta(&r, "reload_error").contains("config broken"), "{}", dump(&r));
+    assert!(rig.sshd.list(&d2).is_empty(), "{:?}", rig.sshd.list(&d2));
+    assert_eq!(rig.pool.masters_opened(), 1, "one master for both deployments");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeploy_over_existing_files_restores_bytes_mode_and_inode() {
+    let rig = Rig::new();
+    let d = rig.dir("redeploy");
+    let (pem, k) = (d.join("site.pem"), d.join("site.key"));
+    rig.sshd.write(&pem, &cert("old", 100), 0o640);
+    rig.sshd.write(&k, &key("old"), 0o600);
+    let (ino_c, ino_k) = (rig.sshd.stat(&pem).ino, rig.sshd.stat(&k).ino);
+
+    // Reload fails once, then works: rolled_back.
+    let marker = d.join("reloaded-once");
+    let reload = format!("if [ -e {m} ]; then exit 0; fi; touch {m}; echo failing; exit 1", m = marker.display());
+    let r = rig.deploy(&target(&d, &reload), "redeploy-1", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::RolledBack, "{}", dump(&r));
+    assert_eq!(meta(&r, "backup_status_cert"), "restored");
+    assert_eq!(meta(&r, "backup_status_key"), "restored");
+    assert_eq!(rig.sshd.read(&pem), cert("old", 100));
+    assert_eq!(rig.sshd.read(&k), key("old"));
+    let (sc, sk) = (rig.sshd.stat(&pem), rig.sshd.stat(&k));
+    assert_eq!((sc.mode, sc.ino, sc.nlink), (0o640, ino_c, 1), "cert inode restored, no backup link left");
+    assert_eq!((sk.mode, sk.ino, sk.nlink), (0o600, ino_k, 1));
+    assert_eq!(rig.sshd.list(&d), vec!["reloaded-once", "site.key", "site.pem"]);
+
+    // A successful redeploy keeps this attempt's backup (the old inode).
+    let r = rig.deploy(&target(&d, "true"), "redeploy-2", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+    assert_eq!(meta(&r, "backup_status_cert"), "snapshotted");
+    assert_eq!(rig.sshd.read(&pem), cert("new", 200));
+    assert_eq!(rig.sshd.stat(&pem).mode, 0o644);
+    let bak = d.join("site.pem.certdeploy-bak.redeploy-2");
+    assert_eq!(rig.sshd.stat(&bak).ino, ino_c);
+    assert_eq!(rig.sshd.read(&bak), cert("old", 100));
+
+    // The next deployment prunes it (keep = 1: only its own backup stays).
+    let r = rig.deploy(&target(&d, "true"), "redeploy-3", &cert("newer", 300), &key("newer")).await;
+    assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+    let left = leftovers(&rig.sshd, &d);
+    assert_eq!(left, vec!["site.key.certdeploy-bak.redeploy-3", "site.pem.certdeploy-bak.redeploy-3"]);
+    assert_eq!(rig.sshd.read(d.join(&left[1])), cert("new", 200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_reload_fails_daemon_unknown() {
+    let rig = Rig::new();
+    let d = rig.dir("unknown");
+    rig.sshd.write(d.join("site.pem"), &cert("old", 100), 0o644);
+    rig.sshd.write(d.join("site.key"), &key("old"), 0o600);
+    // Fails while the marker exists, i.e. on the reload and the retry.
+    let marker = d.join("broken");
+    rig.sshd.write(&marker, b"", 0o644);
+    let reload = format!("test -e {} && {{ echo still broken; exit 2; }}; exit 0", marker.display());
+    let r = rig.deploy(&target(&d, &reload), "unknown-1", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::RolledBackDaemonUnknown, "{}", dump(&r));
+    assert_eq!(meta(&r, "daemon_state_unknown"), "true");
+    assert!(meta(&r, "retry_reload_error").contains("still broken"), "{}", dump(&r));
+    assert_eq!(rig.sshd.read(d.join("site.pem")), cert("old", 100));
+    assert_eq!(rig.sshd.read(d.join("site.key")), key("old"));
+    assert!(leftovers(&rig.sshd, &d).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_fails_when_directory_turns_read_only() {
+    let rig = Rig::new();
+    let d = rig.dir("rofail");
+    rig.sshd.write(d.join("site.pem"), &cert("old", 100), 0o644);
+    rig.sshd.write(d.join("site.key"), &key("old"), 0o600);
+    // The reload takes write permission away, then fails.
+    let reload = format!("chmod 0555 {}; exit 1", d.display());
+    let r = rig.deploy(&target(&d, &reload), "rofail-1", &cert("new", 200), &key("new")).await;
+    rig.sshd.chmod(&d, 0o755);
+    assert_eq!(r.outcome, Outcome::RollbackFailed, "{}", dump(&r));
+    assert_eq!(meta(&r, "manual_action_required"), "true");
+    assert_eq!(meta(&r, "backup_status_cert"), "restore_failed");
+    let bak = d.join("site.pem.certdeploy-bak.rofail-1");
+    assert_eq!(meta(&r, "backup_path_cert"), bak.display().to_string());
+    assert!(r.message.contains(&bak.display().to_string()), "{}", r.message);
+    assert!(meta(&r, "rollback_error").contains("Permission denied"), "{}", dump(&r));
+    // The backup is intact, for the operator.
+    assert_eq!(rig.sshd.read(&bak), cert("old", 100));
+    assert_eq!(rig.sshd.read(d.join("site.pem")), cert("new", 200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_failing_mid_way_is_rolled_back() {
+    let rig = Rig::new();
+    let d = rig.dir("midway");
+    let kd = rig.dir("midway-private");
+    let pem = d.join("site.pem");
+    rig.sshd.write(&pem, &cert("old", 100), 0o644);
+    let ino = rig.sshd.stat(&pem).ino;
+    rig.sshd.chmod(&kd, 0o555);
+    let mut t = target(&d, "true");
+    t.key_path = kd.join("site.key").display().to_string();
+    let r = rig.deploy(&t, "midway-1", &cert("new", 200), &key("new")).await;
+    rig.sshd.chmod(&kd, 0o755);
+    assert_eq!(r.outcome, Outcome::RolledBack, "{}", dump(&r));
+    assert_eq!(meta(&r, "failed_step"), "write");
+    assert!(r.message.contains("Permission denied"), "{}", r.message);
+    assert_eq!(meta(&r, "backup_status_cert"), "restored");
+    assert_eq!(meta(&r, "backup_status_key"), "removed");
+    assert_eq!(rig.sshd.read(&pem), cert("old", 100));
+    assert_eq!(rig.sshd.stat(&pem).ino, ino);
+    assert!(leftovers(&rig.sshd, &d).is_empty(), "{:?}", rig.sshd.list(&d));
+    assert!(rig.sshd.list(&kd).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_content_is_unchanged() {
+    let rig = Rig::new();
+    let d = rig.dir("same");
+    rig.sshd.write(d.join("site.pem"), &cert("a", 100), 0o644);
+    rig.sshd.write(d.join("site.key"), &key("a"), 0o600);
+    let before = rig.sshd.stat(d.join("site.key"));
+    let reload = format!("touch {}/reloaded", d.display());
+    let r = rig.deploy(&target(&d, &reload), "same-1", &cert("a", 100), &key("a")).await;
+    assert_eq!(r.outcome, Outcome::Unchanged, "{}", dump(&r));
+    assert_eq!(rig.sshd.stat(d.join("site.key")), before);
+    assert!(leftovers(&rig.sshd, &d).is_empty(), "backup links removed: {:?}", rig.sshd.list(&d));
+    assert!(!rig.sshd.exists(d.join("reloaded")), "no reload for unchanged files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinked_cert_is_written_through() {
+    let rig = Rig::new();
+    let d = rig.dir("link");
+    let real = rig.dir("link-real");
+    rig.sshd.write(real.join("site-2026.pem"), &cert("old", 100), 0o644);
+    rig.sshd.symlink("../link-real/site-2026.pem", d.join("site.pem"));
+    let r = rig.deploy(&target(&d, "true"), "link-1", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+    assert!(rig.sshd.stat(d.join("site.pem")).is_symlink, "the link stays a link");
+    assert_eq!(rig.sshd.read(real.join("site-2026.pem")), cert("new", 200));
+    assert!(rig.sshd.exists(real.join("site-2026.pem.certdeploy-bak.link-1")));
+
+    // And a failed reload restores the target, link untouched.
+    let r = rig.deploy(&target(&d, "false"), "link-2", &cert("newer", 300), &key("newer")).await;
+    assert!(matches!(r.outcome, Outcome::RolledBackDaemonUnknown), "{}", dump(&r));
+    assert!(rig.sshd.stat(d.join("site.pem")).is_symlink);
+    assert_eq!(rig.sshd.read(d.join("site.pem")), cert("new", 200));
+}
+
+/// A root poller stats every key-related name in the directory as fast as
+/// it can while deployments run; no key file (temp or live) may ever be
+/// readable by group or others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_is_never_readable_by_others() {
+    use std::os::unix::fs::MetadataExt;
+    let rig = Rig::new();
+    let d = rig.dir("secret");
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (d, stop) = (d.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut seen_temp, mut bad) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(rd) = std::fs::read_dir(&d) else { continue };
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if !name.starts_with("site.key") {
+                        continue;
+                    }
+                    if let Ok(m) = std::fs::symlink_metadata(e.path()) {
+                        if name.contains(".certdeploy-tmp.") {
+                            seen_temp += 1;
+                        }
+                        if m.mode() & 0o077 != 0 {
+                            bad.push(format!("{name} {:o} size {}", m.mode() & 0o7777, m.size()));
+                        }
+                    }
+                }
+            }
+            (seen_temp, bad)
+        })
+    };
+    for i in 0..15 {
+        let r = rig
+            .deploy(
+                &target(&d, "true"),
+                &format!("secret-{i}"),
+                &cert(&format!("c{i}"), 100 + i),
+                &key(&format!("k{i}")),
+            )
+            .await;
+        assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (seen_temp, bad) = poller.join().expect("poller");
+    assert!(bad.is_empty(), "key readable by others: {bad:?}");
+    eprintln!("poller saw key temp files {seen_temp} times");
+    assert_eq!(rig.sshd.stat(d.join("site.key")).mode, 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_key_mismatch_fails_without_sftp() {
+    let rig = Rig::with(&[ADDR], Some(|s| s.mismatched_known_hosts()));
+    let d = rig.dir("mismatch");
+    rig.sshd.write(d.join("site.pem"), &cert("old", 100), 0o644);
+    let r = rig.deploy(&target(&d, "true"), "mismatch-1", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{}", dump(&r));
+    assert!(r.message.to_lowercase().contains("host key"), "{}", r.message);
+    assert_eq!(meta(&r, "failed_step"), "snapshot");
+    assert_eq!(rig.sshd.list(&d), vec!["site.pem"]);
+    let log = rig.sshd.log();
+    assert!(!log.contains("subsystem request for sftp"), "{log}");
+    assert!(!log.contains("Accepted publickey"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_fails_without_sftp() {
+    let rig = Rig::with(&[ADDR], Some(|s| s.empty_known_hosts()));
+    let d = rig.dir("unknown-host");
+    let r = rig.deploy(&target(&d, "true"), "unknown-host-1", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{}", dump(&r));
+    assert!(r.message.contains("host key verification failed"), "{}", r.message);
+    assert!(rig.sshd.list(&d).is_empty());
+    assert_eq!(std::fs::read_to_string(rig.sshd.empty_known_hosts()).unwrap_or_default(), "", "never trusted silently");
+    assert!(!rig.sshd.log().contains("subsystem request for sftp"));
+}
+
+/// sshd's connections die while the reload runs: the deployment is
+/// retried or rolled back, never left half-deployed, and the pool reopens
+/// its master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_mid_deployment() {
+    let rig = Arc::new(Rig::new());
+    for round in 0..3u32 {
+        let d = rig.dir(&format!("killed-{round}"));
+        rig.sshd.write(d.join("site.pem"), &cert("old", 100), 0o644);
+        rig.sshd.write(d.join("site.key"), &key("old"), 0o600);
+        let t = target(&d, "sleep 1");
+        let rig2 = rig.clone();
+        let id = format!("killed-{round}");
+        let task = tokio::spawn(async move { rig2.deploy(&t, &id, &cert("new", 200), &key("new")).await });
+        tokio::time::sleep(Duration::from_millis(150 + 250 * round as u64)).await;
+        let killed = rig.sshd.kill_connections();
+        let r = task.await.expect("deploy task");
+        let (c, k) = (rig.sshd.read(d.join("site.pem")), rig.sshd.read(d.join("site.key")));
+        eprintln!("round {round}: killed {killed} processes: {}", dump(&r));
+        match r.outcome {
+            Outcome::Deployed => assert_eq!((c, k), (cert("new", 200), key("new"))),
+            Outcome::RolledBack | Outcome::RolledBackDaemonUnknown => {
+                assert_eq!((c, k), (cert("old", 100), key("old")))
+            }
+            o => panic!("unexpected outcome {o}: {}", dump(&r)),
+        }
+        assert!(!leftovers(&rig.sshd, &d).iter().any(|n| n.contains("tmp")));
+    }
+    assert!(rig.pool.masters_opened() >= 2, "master reopened after the kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_reports_status_output_and_timeouts() {
+    let rig = Rig::with(&[ADDR, "127.0.0.3"], None);
+    let host = rig.host();
+    let r = host.exec("echo out; echo err >&2; exit 3", 5_000).await.expect("exec");
+    assert_eq!(r.exit_code, Some(3));
+    assert!(r.output.contains("out") && r.output.contains("err"), "{r:?}");
+    let nf = host.exec("nosuchprog --reload", 5_000).await.expect("exec of a missing program");
+    assert_eq!(nf.exit_code, Some(127));
+    assert!(nf.output.contains("not found"), "{nf:?}");
+    let big = host.exec("head -c 10000 /dev/zero | tr '\\0' x", 5_000).await.expect("exec");
+    assert!(big.output.len() < 4200 && big.output.ends_with("[truncated]"));
+    let started = std::time::Instant::now();
+    let e = host.exec("sleep 5", 300).await.expect_err("timeout");
+    assert!(e.is_transient() && e.message.contains("timed out after 300 ms; outcome unknown"), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The master survives a timed-out command.
+    assert_eq!(host.exec("true", 5_000).await.expect("exec").exit_code, Some(0));
+    assert_eq!(rig.pool.masters_opened(), 1);
+    // A second host address gets its own master.
+    let other = SshHost::new(&rig.pool, rig.addr("127.0.0.3"));
+    assert_eq!(other.exec("true", 5_000).await.expect("exec").exit_code, Some(0));
+    assert_eq!(rig.pool.masters_opened(), 2);
+    // Concurrent commands beyond per_host_concurrency queue, not fail.
+    let many = futures_join(&host, 12).await;
+    assert!(many.iter().all(|r| r.as_ref().is_ok_and(|r| r.success())), "{many:?}");
+    assert_eq!(rig.pool.masters_opened(), 2);
+}
+
+async fn futures_join(host: &SshHost<'_>, n: usize) -> Vec<Result<ExecResult, StepError>> {
+    futures_util::future::join_all((0..n).map(|_| host.exec("sleep 0.2", 5_000))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_precise_problems() {
+    let rig = Rig::new();
+    let ok = rig.dir("check-ok");
+    let ro = rig.dir("check-ro");
+    rig.sshd.chmod(&ro, 0o555);
+    let mut t = target(&ok, "nosuchprog --reload");
+    t.key_path = ro.join("site.key").display().to_string();
+    t.chain_path = Some(ok.join("../check-missing/chain.pem").display().to_string());
+    let lines = check(&rig.pool, &rig.addr(ADDR), &t).await;
+    let text: Vec<String> = lines.iter().map(|l| format!("{} {} {}", l.ok, l.name, l.detail)).collect();
+    let find = |n: &str| lines.iter().find(|l| l.name.starts_with(n)).unwrap_or_else(|| panic!("{n}: {text:?}"));
+    assert!(find("connect").ok);
+    assert!(find("sftp posix-rename").ok && find("sftp fsync").ok && find("sftp hardlink").ok);
+    let okd = find(&format!("directory {}", ok.display()));
+    assert!(okd.ok, "{text:?}");
+    let rod = find(&format!("directory {}", ro.display()));
+    assert!(!rod.ok && rod.detail.contains("not writable") && rod.detail.contains("Permission denied"), "{text:?}");
+    let missing = lines.iter().find(|l| l.name.contains("check-missing")).expect("missing dir line");
+    assert!(!missing.ok && missing.detail.contains("does not exist"), "{text:?}");
+    let reload = find("reload command");
+    assert!(!reload.ok && reload.detail.contains("`nosuchprog`") && reload.detail.contains("not found"), "{text:?}");
+    // Nothing changed.
+    assert!(rig.sshd.list(&ok).is_empty() && rig.sshd.list(&ro).is_empty());
+
+    let t2 = target(&ok, "true");
+    let good = check(&rig.pool, &rig.addr(ADDR), &t2).await;
+    assert!(good.iter().all(|l| l.ok), "{good:?}");
+
+    // Wrong host key.
+    let control = tempfile::Builder::new().prefix("cdc").tempdir_in("/tmp").expect("dir");
+    let pool = SshPool::new(config(&rig.sshd, control.path(), &rig.sshd.mismatched_known_hosts())).expect("pool");
+    let lines = check(&pool, &HostAddr::new(ADDR, rig.sshd.port(), rig.sshd.user()), &t2).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(!lines[0].ok && lines[0].detail.contains("host key verification failed"), "{lines:?}");
+    assert!(lines[0].detail.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{lines:?}");
+}
