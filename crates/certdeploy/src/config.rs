@@ -228,7 +228,7 @@ impl Config {
             let key = e
                 .span()
                 .map(|s| {
-                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
                     format!("line {line}")
                 })
                 .unwrap_or_else(|| "-".into());
