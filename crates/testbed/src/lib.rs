@@ -7,6 +7,9 @@
 //! Requires root and `/usr/sbin/sshd` (package `openssh-server`).
 #![forbid(unsafe_code)]
 
+pub mod certs;
+pub mod rabbit;
+
 use std::fs;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};

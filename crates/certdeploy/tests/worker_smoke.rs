@@ -1,0 +1,70 @@
+//! The whole path once: `deploy` without a broker, then the worker with
+//! RabbitMQ, against a real sshd.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn deploy_command_deploys_over_real_sshd() {
+    let fleet = Fleet::new(1, false);
+    let cfg = fleet.write_config(&Opts::default());
+    let ca = TestCa::new();
+    let b = ca.leaf("web1.example", 1);
+    let dir = fleet.tmp.path();
+    write_file(&dir.join("c.pem"), &b.cert_pem);
+    write_file(&dir.join("k.pem"), &b.key_pem);
+    write_file(&dir.join("ch.pem"), &b.chain_pem);
+    let (c, k, ch) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("ch.pem"));
+    let args = [
+        "deploy",
+        "--target",
+        "t0",
+        "--cert",
+        c.to_str().unwrap(),
+        "--key",
+        k.to_str().unwrap(),
+        "--chain",
+        ch.to_str().unwrap(),
+        "--id",
+        "smoke-1",
+        "--json",
+    ];
+    let (code, out, err) = run(&cfg, &args);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    let ev: certdeploy_core::wire::ResultEvent = serde_json::from_str(out.trim()).expect("json result");
+    assert_eq!(ev.outcome, certdeploy_core::Outcome::Deployed);
+    let t = &fleet.targets[0];
+    assert_eq!(std::fs::read_to_string(&t.cert).unwrap(), b.cert_pem);
+    assert_eq!(std::fs::read_to_string(&t.key).unwrap(), b.key_pem);
+    assert_eq!(fleet.reloads(t), 1);
+    // Same id again: the recorded result, nothing touched.
+    let (code, out, _) = run(&cfg, &args);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"deployed\""), "{out}");
+    assert_eq!(fleet.reloads(t), 1, "second run re-publishes, no second reload");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_deploys_requests_from_rabbitmq() {
+    let fleet = Fleet::new(2, true);
+    let cfg = fleet.write_config(&Opts::default());
+    let mut client = Client::connect(&fleet).await;
+    let _w = Proc::worker(&fleet, &cfg, &[], "worker");
+    let ca = TestCa::new();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let t = &fleet.targets[i % 2];
+        let b = ca.leaf("web.example", 10 - i as i64);
+        let id = format!("smoke-{i}");
+        client.publish(&request(&id, &t.name, &b, true)).await;
+        ids.push(id);
+    }
+    let seen = client.collect(Duration::from_secs(120), all_ids(&ids)).await;
+    for id in &ids {
+        let r = &seen.get(id).unwrap_or_else(|| panic!("no result for {id}"))[0];
+        assert_eq!(r.outcome, certdeploy_core::Outcome::Deployed, "{}", r.message);
+    }
+}
