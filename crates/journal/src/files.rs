@@ -1,0 +1,159 @@
+//! The journal directory: creation with safe permissions, the process
+//! lock, and the fsync of sled's files that sled itself does not perform.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::JournalOpenError;
+
+pub(crate) const DIR_MODE: u32 = 0o700;
+pub(crate) const FILE_MODE: u32 = 0o600;
+pub(crate) const LOCK_FILE: &str = "certdeploy.lock";
+
+fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> JournalOpenError + 'a {
+    move |source| JournalOpenError::Io { path: path.to_path_buf(), action, source }
+}
+
+/// Create the directory (0700, parents as needed) or tighten an existing one.
+pub(crate) fn prepare_dir(path: &Path) -> Result<(), JournalOpenError> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(JournalOpenError::Corrupt {
+                path: path.to_path_buf(),
+                problem: "exists and is not a directory".into(),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(path)
+                .map_err(io_err(path, "creating the directory"))?;
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                // Make the new directory entry itself durable.
+                File::open(parent).and_then(|d| d.sync_all()).map_err(io_err(path, "fsync of the parent directory"))?;
+            }
+        }
+        Err(e) => return Err(io_err(path, "reading the directory")(e)),
+    }
+    set_mode(path, DIR_MODE).map_err(io_err(path, "setting directory mode 0700"))
+}
+
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    let m = fs::symlink_metadata(path)?;
+    if m.permissions().mode() & 0o7777 != mode {
+        fs::set_permissions(path, Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// The process lock: an exclusive `flock` on `certdeploy.lock` holding the
+/// holder's pid (for the error message of the next one).
+pub(crate) fn lock(dir: &Path) -> Result<File, JournalOpenError> {
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(&path)
+        .map_err(io_err(dir, "opening the lock file"))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            let holder = match s.trim().parse::<u32>() {
+                Ok(pid) => format!(" (pid {pid})"),
+                Err(_) => String::new(),
+            };
+            return Err(JournalOpenError::Locked { path: dir.to_path_buf(), holder });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err(dir, "locking the lock file")(e)),
+    }
+    f.set_len(0)
+        .and_then(|_| f.rewind())
+        .and_then(|_| writeln!(f, "{}", std::process::id()))
+        .map_err(io_err(dir, "writing the lock file"))?;
+    Ok(f)
+}
+
+/// Tracks sled's files: fixes their modes and fsyncs them.
+pub(crate) struct SledFiles {
+    dir: PathBuf,
+    db: File,
+    /// Files already made 0600 and fsynced once (immutable afterwards).
+    seen: BTreeSet<PathBuf>,
+}
+
+impl SledFiles {
+    /// After sled opened: every file 0600, every directory 0700, `conf` and
+    /// every other file fsynced once, and the directories too.
+    pub(crate) fn open(dir: &Path) -> Result<SledFiles, JournalOpenError> {
+        let db = File::open(dir.join("db")).map_err(io_err(dir, "opening sled's db file for fsync"))?;
+        let mut files = SledFiles { dir: dir.to_path_buf(), db, seen: BTreeSet::new() };
+        files.sweep(true).map_err(io_err(dir, "securing and syncing sled's files"))?;
+        Ok(files)
+    }
+
+    /// Fix modes of files not seen before (new blobs, snapshots); with
+    /// `sync`, fsync them once and the directories whose entries changed.
+    pub(crate) fn sweep(&mut self, sync: bool) -> io::Result<()> {
+        let mut present = BTreeSet::new();
+        let mut dirty_dirs = BTreeSet::new();
+        let mut stack = vec![self.dir.clone()];
+        while let Some(d) = stack.pop() {
+            for entry in fs::read_dir(&d)? {
+                let entry = entry?;
+                let p = entry.path();
+                let ft = entry.file_type()?;
+                // A file may vanish between readdir and chmod or open (sled
+                // replaces snapshots, removes blobs); that is not an error.
+                if ft.is_dir() {
+                    match set_mode(&p, DIR_MODE) {
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        r => r?,
+                    }
+                    stack.push(p);
+                } else if ft.is_file() {
+                    if !self.seen.contains(&p) {
+                        match set_mode(&p, FILE_MODE) {
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                            r => r?,
+                        }
+                        if sync {
+                            match File::open(&p) {
+                                Ok(f) => f.sync_all()?,
+                                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        dirty_dirs.insert(d.clone());
+                    }
+                    present.insert(p);
+                }
+            }
+        }
+        if present.len() != self.seen.len() || !present.iter().all(|p| self.seen.contains(p)) {
+            dirty_dirs.insert(self.dir.clone());
+        }
+        if sync {
+            for d in &dirty_dirs {
+                File::open(d)?.sync_all()?;
+            }
+        }
+        self.seen = present;
+        Ok(())
+    }
+
+    /// The per-flush fsync: the log file, then any new file.
+    pub(crate) fn fsync(&mut self) -> io::Result<()> {
+        self.db.sync_all()?;
+        self.sweep(true)
+    }
+}

@@ -1,0 +1,443 @@
+//! Behaviour of the sled journal: group commit, durability counters,
+//! recovery queries, retention, format versions, permissions, locking and
+//! the absence of key bytes on disk.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use certdeploy_core::driver::{self, Env, Journal};
+use certdeploy_core::testkit::{MemClock, MemHost, MemVerifier, Sim, fake_cert_facts, test_plan};
+use certdeploy_core::{Event, Outcome, Record, Report, Step, Terminal, Timestamp};
+use certdeploy_journal::{
+    DeploymentState, DeploymentStatus, Durability, Error, JournalOpenError, JournalOptions, SledJournal,
+};
+
+const RELOAD: &str = "systemctl reload nginx";
+const KEY_MARKER: &str = "SECRET-KEY-MARKER-c0ffee-9d41";
+const NEW_CERT: &[u8] = b"CERT new nb=200\nnew-body\n";
+
+fn new_key() -> Vec<u8> {
+    format!("-----BEGIN PRIVATE KEY-----\n{KEY_MARKER}\n-----END PRIVATE KEY-----\n").into_bytes()
+}
+
+fn open(path: &Path) -> SledJournal {
+    SledJournal::open(path, JournalOptions::default()).expect("open journal")
+}
+
+fn started(id: &str, at: u64) -> Record {
+    let (plan, _) = test_plan(id, NEW_CERT, &new_key(), None, false, false);
+    Record { at: Timestamp(at), event: Event::Started { plan } }
+}
+
+fn begun(step: Step, at: u64) -> Record {
+    Record { at: Timestamp(at), event: Event::Begun { step } }
+}
+
+fn report(id: &str, outcome: Outcome, at: u64) -> Report {
+    Report {
+        deployment_id: id.into(),
+        target: "web1".into(),
+        host: "web1.internal:22".into(),
+        outcome,
+        message: format!("{outcome} for {id}"),
+        metadata: BTreeMap::from([("backup_status_cert".into(), "snapshotted".into())]),
+        attempts: 1,
+        started_at: Timestamp(at.saturating_sub(10)),
+        finished_at: Timestamp(at),
+    }
+}
+
+fn finished(id: &str, outcome: Outcome, at: u64) -> Record {
+    Record { at: Timestamp(at), event: Event::Finished { report: report(id, outcome, at) } }
+}
+
+fn append_sync(j: &SledJournal, id: &str, rec: &Record) -> u64 {
+    let seq = j.append(id, rec).expect("append");
+    j.flush_now().expect("flush");
+    seq
+}
+
+fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A complete deployment driven by the real driver, journaled in sled: the
+/// key's marker must not appear in any byte of any file of the journal.
+#[tokio::test]
+async fn full_deployment_leaves_no_key_bytes_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let journal = open(&path);
+    let sim = Sim::new();
+    {
+        let mut w = sim.world();
+        w.reload_commands.insert(RELOAD.to_string());
+        w.served_path = Some("/etc/ssl/site.pem".to_string());
+    }
+    let (host, verifier, clock) = (MemHost(sim.clone()), MemVerifier(sim.clone()), MemClock(sim.clone()));
+    let env = Env { host: &host, verifier: &verifier, journal: &journal, clock: &clock, cert_facts: fake_cert_facts };
+    let key = new_key();
+    let (plan, payload) = test_plan("d-secret", NEW_CERT, &key, Some(b"NEW CHAIN\n"), true, true);
+    let t = driver::start(&env, plan, &payload).await.expect("drive");
+    let Terminal::Finished(r) = t else { panic!("abandoned: {t:?}") };
+    assert_eq!(r.outcome, Outcome::Deployed, "{}", r.message);
+    // The host really got the key; the journal must not have.
+    assert!(sim.get("/etc/ssl/site.key").is_some_and(|(b, _)| b == key));
+
+    let records = journal.records("d-secret").unwrap();
+    assert!(records.len() >= 8, "{} records", records.len());
+    assert!(matches!(records.last().map(|r| &r.event), Some(Event::Finished { .. })));
+    assert_eq!(journal.status("d-secret").unwrap(), Some(DeploymentStatus::Finished { report: r, acked: false }));
+    let durable_steps =
+        records.iter().filter(|r| matches!(r.event, Event::Started { .. } | Event::Begun { .. })).count() as u64;
+    assert!(journal.flushes() >= durable_steps, "{} flushes for {durable_steps} durable steps", journal.flushes());
+    journal.flush_now().unwrap();
+
+    let files = all_files(&path);
+    assert!(files.iter().any(|p| p.ends_with("db")), "{files:?}");
+    let mut scanned = 0;
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        scanned += bytes.len();
+        assert!(
+            !bytes.windows(KEY_MARKER.len()).any(|w| w == KEY_MARKER.as_bytes()),
+            "key material found in {}",
+            f.display()
+        );
+    }
+    assert!(scanned > 0);
+    // The scan is not vacuous: public facts of the deployment are on disk.
+    let db = std::fs::read(path.join("db")).unwrap();
+    assert!(db.windows(b"d-secret".len()).any(|w| w == b"d-secret"));
+    journal.close().unwrap();
+}
+
+/// 64 concurrent deployments × 20 (append, sync): flushes are shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_coalesces_concurrent_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let journal = Arc::new(open(&path));
+    let mut tasks = Vec::new();
+    for t in 0..64u64 {
+        let j = journal.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("gc-{t:02}");
+            let mut seqs = Vec::new();
+            for i in 0..20u64 {
+                let rec = if i == 0 { started(&id, t * 100) } else { begun(Step::Write, t * 100 + i) };
+                let seq = j.append(&id, &rec).unwrap();
+                j.sync(seq).await.unwrap();
+                assert!(j.durable_seq() >= seq);
+                seqs.push(seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 64 * 20, "sequence numbers are unique");
+    let (appends, flushes) = (journal.appends(), journal.flushes());
+    let stats = journal.stats();
+    eprintln!("appends={appends} flushes={flushes} stats={stats:?}");
+    assert_eq!(appends, 64 * 20);
+    assert!(flushes < appends / 4, "flushes {flushes} not coalesced for {appends} appends");
+    assert_eq!(stats.flush_latency.count, flushes);
+    assert_eq!(stats.flush_latency.buckets.iter().sum::<u64>(), flushes);
+    drop(journal);
+
+    let j = open(&path);
+    for t in 0..64u64 {
+        let id = format!("gc-{t:02}");
+        let rs = j.records(&id).unwrap();
+        assert_eq!(rs.len(), 20, "{id}");
+        assert!(matches!(rs[0].event, Event::Started { .. }));
+        assert!(rs.windows(2).all(|w| w[0].at < w[1].at), "records of {id} in order");
+    }
+    assert_eq!(j.unfinished().unwrap().len(), 64);
+}
+
+/// `sync(seq)` waits for a flush that started after the append; a second
+/// `sync` of a durable seq returns at once without flushing.
+#[tokio::test]
+async fn sync_waits_for_a_flush_started_after_the_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = open(&dir.path().join("j"));
+    for round in 0..5u64 {
+        let f0 = j.flushes();
+        let seq = j.append("d-1", &begun(Step::Write, round)).unwrap();
+        assert!(j.durable_seq() < seq, "not durable before sync");
+        j.sync(seq).await.unwrap();
+        assert!(j.flushes() > f0, "sync returned without a new flush");
+        assert!(j.durable_seq() >= seq);
+        let (f1, fast) = (j.flushes(), j.stats().syncs_already_durable);
+        j.sync(seq).await.unwrap();
+        assert_eq!(j.flushes(), f1, "already durable: no flush");
+        assert_eq!(j.stats().syncs_already_durable, fast + 1);
+    }
+    // A sequence number never handed out is an error, not a hang.
+    let bogus = j.durable_seq() + 1000;
+    assert!(j.sync(bogus).await.is_err());
+}
+
+#[tokio::test]
+async fn durability_off_never_flushes_on_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = JournalOptions { durability: Durability::Off, ..JournalOptions::default() };
+    let j = SledJournal::open(&dir.path().join("j"), opts).unwrap();
+    let f0 = j.flushes();
+    for i in 0..10 {
+        let seq = j.append("d-off", &begun(Step::Write, i)).unwrap();
+        j.sync(seq).await.unwrap();
+    }
+    assert_eq!(j.flushes(), f0);
+    j.close().unwrap();
+}
+
+#[test]
+fn dedupe_lookup_after_finished_and_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let j = open(&path);
+    assert_eq!(j.status("d-dup").unwrap(), None);
+    append_sync(&j, "d-dup", &started("d-dup", 1_000));
+    append_sync(&j, "d-dup", &begun(Step::Snapshot, 1_001));
+    assert!(matches!(
+        j.status("d-dup").unwrap(),
+        Some(DeploymentStatus::InFlight { attempt: 1, ref last_event, .. }) if last_event == "begun:snapshot"
+    ));
+    append_sync(&j, "d-dup", &finished("d-dup", Outcome::Deployed, 1_050));
+    let want = report("d-dup", Outcome::Deployed, 1_050);
+    assert_eq!(j.status("d-dup").unwrap(), Some(DeploymentStatus::Finished { report: want.clone(), acked: false }));
+    assert!(j.mark_acked("d-dup").unwrap());
+    assert!(!j.mark_acked("d-unknown").unwrap());
+    j.close().unwrap();
+
+    let j = open(&path);
+    assert_eq!(j.status("d-dup").unwrap(), Some(DeploymentStatus::Finished { report: want, acked: true }));
+    let list = j.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].outcome, Some(Outcome::Deployed));
+    assert!(list[0].acked);
+    assert!(j.unfinished().unwrap().is_empty());
+}
+
+#[test]
+fn abandoned_reports_attempts_and_a_new_attempt_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = open(&dir.path().join("j"));
+    append_sync(&j, "d-ab", &started("d-ab", 10));
+    append_sync(&j, "d-ab", &begun(Step::Write, 11));
+    append_sync(&j, "d-ab", &Record { at: Timestamp(20), event: Event::Recovering });
+    append_sync(&j, "d-ab", &Record { at: Timestamp(30), event: Event::Abandoned { reason: "crashed".into() } });
+    assert_eq!(
+        j.status("d-ab").unwrap(),
+        Some(DeploymentStatus::Abandoned { attempts: 1, reason: "crashed".into(), updated_at: Timestamp(30) })
+    );
+    assert!(j.unfinished().unwrap().is_empty());
+    let (mut plan, _) = test_plan("d-ab", NEW_CERT, &new_key(), None, false, false);
+    plan.attempt = 2;
+    append_sync(&j, "d-ab", &Record { at: Timestamp(40), event: Event::Started { plan } });
+    assert_eq!(j.unfinished().unwrap(), vec!["d-ab".to_string()]);
+    assert!(matches!(j.status("d-ab").unwrap(), Some(DeploymentStatus::InFlight { attempt: 2, .. })));
+    assert_eq!(j.records("d-ab").unwrap().len(), 5);
+}
+
+#[test]
+fn unfinished_lists_in_flight_deployments_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let j = open(&path);
+        for id in ["a-1", "a-10", "b-2"] {
+            append_sync(&j, id, &started(id, 1));
+        }
+        append_sync(&j, "a-1", &begun(Step::Write, 2));
+        append_sync(&j, "b-2", &finished("b-2", Outcome::Failed, 3));
+        // Dropped without close: the synced records must survive.
+    }
+    let j = open(&path);
+    assert_eq!(j.unfinished().unwrap(), vec!["a-1".to_string(), "a-10".to_string()]);
+    // "a-1" must not pick up the records of "a-10" (prefix of another id).
+    let a1 = j.records("a-1").unwrap();
+    assert_eq!(a1.len(), 2);
+    assert_eq!(a1[1], begun(Step::Write, 2));
+    let list = j.list().unwrap();
+    let a1 = list.iter().find(|s| s.deployment_id == "a-1").unwrap();
+    assert_eq!(a1.state, DeploymentState::InFlight);
+    assert!(a1.phase.is_some(), "{a1:?}");
+    // New appends after reopen continue the sequence.
+    let seq = j.append("a-1", &begun(Step::Reload, 4)).unwrap();
+    assert!(seq > 4, "seq {seq} restarts after reopen");
+    assert_eq!(j.records("a-1").unwrap().last(), Some(&begun(Step::Reload, 4)));
+}
+
+#[test]
+fn gc_removes_records_but_keeps_dedupe_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = open(&dir.path().join("j"));
+    let hour = 3_600_000u64;
+    for id in ["old-1", "old-2"] {
+        append_sync(&j, id, &started(id, 1_000));
+        append_sync(&j, id, &begun(Step::Write, 1_001));
+        append_sync(&j, id, &finished(id, Outcome::Deployed, 2_000));
+    }
+    append_sync(&j, "recent", &started("recent", 5 * hour));
+    append_sync(&j, "recent", &finished("recent", Outcome::RolledBack, 5 * hour));
+    append_sync(&j, "running", &started("running", 0));
+
+    let now = Timestamp(2_000 + 2 * hour);
+    let stats = j.gc(Duration::from_secs(3_600), now).unwrap();
+    assert_eq!(stats.deployments_pruned, 2);
+    assert_eq!(stats.records_removed, 6);
+    assert_eq!(stats.dedupe_entries_removed, 0);
+    for id in ["old-1", "old-2"] {
+        assert!(j.records(id).unwrap().is_empty());
+        assert_eq!(
+            j.status(id).unwrap(),
+            Some(DeploymentStatus::Finished { report: report(id, Outcome::Deployed, 2_000), acked: false }),
+            "dedupe entry of {id} kept"
+        );
+    }
+    assert_eq!(j.records("recent").unwrap().len(), 2);
+    assert_eq!(j.records("running").unwrap().len(), 1, "in-flight never collected");
+    assert!(j.list().unwrap().iter().find(|s| s.deployment_id == "old-1").unwrap().records_pruned);
+    // Idempotent.
+    assert_eq!(j.gc(Duration::from_secs(3_600), now).unwrap().records_removed, 0);
+
+    // Past 10 × retention the dedupe entries go too; in-flight stays.
+    let later = Timestamp(2_000 + 11 * hour);
+    let stats = j.gc(Duration::from_secs(3_600), later).unwrap();
+    assert_eq!(stats.dedupe_entries_removed, 2);
+    assert_eq!(j.status("old-1").unwrap(), None);
+    assert!(j.status("recent").unwrap().is_some());
+    assert_eq!(j.unfinished().unwrap(), vec!["running".to_string()]);
+}
+
+#[test]
+fn future_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    open(&path).close().unwrap();
+    {
+        let db = sled::open(&path).unwrap();
+        db.open_tree("meta").unwrap().insert("format_version", &[9u8]).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledJournal::open(&path, JournalOptions::default()).unwrap_err();
+    assert!(matches!(err, JournalOpenError::UnsupportedVersion { found: 9, supported: 1, .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("version 9") && msg.contains(&path.display().to_string()), "{msg}");
+}
+
+#[test]
+fn record_with_unknown_version_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let j = open(&path);
+        append_sync(&j, "d-v", &started("d-v", 1));
+        j.close().unwrap();
+    }
+    {
+        let db = sled::open(&path).unwrap();
+        let mut key = b"d-v\0".to_vec();
+        key.extend_from_slice(&u64::MAX.to_be_bytes());
+        let mut v = vec![7u8];
+        v.extend_from_slice(br#"{"at":2,"event":{"type":"recovering"}}"#);
+        db.open_tree("records").unwrap().insert(key, v).unwrap();
+        db.flush().unwrap();
+    }
+    let j = open(&path);
+    let err = j.records("d-v").unwrap_err();
+    assert!(matches!(err, Error::UnknownVersion { found: 7, supported: 1, .. }), "{err:?}");
+    assert!(err.to_string().contains("d-v#"), "{err}");
+}
+
+#[test]
+fn directory_is_0700_and_files_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested").join("journal");
+    let j = open(&path);
+    append_sync(&j, "d-perm", &started("d-perm", 1));
+    let check = |path: &Path| {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(path), 0o700, "{}", path.display());
+        let files = all_files(path);
+        assert!(files.len() >= 3, "{files:?}");
+        for f in files {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+    };
+    check(&path);
+    j.close().unwrap();
+    // Loosened by someone else: tightened again at open.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(path.join("conf"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let j = open(&path);
+    check(&path);
+    j.close().unwrap();
+}
+
+const CHILD_ENV: &str = "CERTDEPLOY_JOURNAL_LOCK_CHILD";
+
+/// Run only as the child of `second_process_cannot_open_a_held_journal`.
+#[test]
+fn lock_child_helper() {
+    let Ok(path) = std::env::var(CHILD_ENV) else { return };
+    match SledJournal::open(Path::new(&path), JournalOptions::default()) {
+        Ok(_) => println!("CHILD-RESULT: opened"),
+        Err(e) => println!("CHILD-RESULT: {e}"),
+    }
+}
+
+#[test]
+fn second_process_cannot_open_a_held_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("held");
+    let j = open(&path);
+    append_sync(&j, "d-lock", &started("d-lock", 1));
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "lock_child_helper", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, &path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("CHILD-RESULT: ").map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("in use by another process"), "{line}");
+    assert!(line.contains(&path.display().to_string()), "{line}");
+    assert!(line.contains(&format!("pid {}", std::process::id())), "{line}");
+    // The same process cannot open it twice either.
+    let err = SledJournal::open(&path, JournalOptions::default()).unwrap_err();
+    assert!(matches!(err, JournalOpenError::Locked { .. }), "{err:?}");
+    // Released on close: the child can open it now.
+    j.close().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "lock_child_helper", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, &path)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CHILD-RESULT: opened"));
+}
