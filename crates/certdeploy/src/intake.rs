@@ -133,9 +133,26 @@ fn check_inline(spec: &TargetSpec, cfg: &Config) -> Result<(), RequestError> {
                 .map_err(|problem| RequestError::new(field(k), format!("`{}` {problem}", printable(p))))?;
         }
     }
+    if spec.port == 0 {
+        return Err(RequestError::new(field("port"), "must be from 1 to 65535"));
+    }
     for (k, m) in [("cert_mode", &spec.cert_mode), ("key_mode", &spec.key_mode)] {
-        if parse_mode(m).is_none() {
-            return Err(RequestError::new(field(k), format!("`{}` is not an octal mode like 0644", printable(m))));
+        match parse_mode(m) {
+            None => {
+                return Err(RequestError::new(field(k), format!("`{}` is not an octal mode like 0644", printable(m))));
+            }
+            // A publisher must not be able to expose the key (or let others
+            // replace the certificate) on the host.
+            Some(mode) if k == "key_mode" && mode & 0o007 != 0 => {
+                return Err(RequestError::new(
+                    field(k),
+                    format!("`{}` gives other users access to the private key", printable(m)),
+                ));
+            }
+            Some(mode) if mode & 0o002 != 0 => {
+                return Err(RequestError::new(field(k), format!("`{}` is world-writable", printable(m))));
+            }
+            Some(_) => {}
         }
     }
     for (k, c) in [("reload_command", Some(&spec.reload_command)), ("validate_command", spec.validate_command.as_ref())]
@@ -155,6 +172,9 @@ fn check_inline(spec: &TargetSpec, cfg: &Config) -> Result<(), RequestError> {
                 format!("`{}` is not in inline_host_allowlist", printable(host)),
             ));
         }
+    }
+    if let Some(sni) = &spec.verify_sni {
+        check_host(sni).map_err(|p| RequestError::new(field("verify_sni"), p))?;
     }
     Ok(())
 }

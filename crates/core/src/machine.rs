@@ -359,6 +359,11 @@ impl Deployment {
             }
             Phase::Verify | Phase::VerifyOriginal => {
                 let verify_step = if self.phase == Phase::Verify { Step::Verify } else { Step::VerifyOriginal };
+                // Make the reload's success durable before verifying, so a
+                // crash here recovers as "reload succeeded, verify pending".
+                if verify_step == Step::Verify && !self.begun.contains(&Step::Verify) {
+                    return Next::Record(Event::Begun { step: Step::Verify });
+                }
                 if self.verify_attempts > 0 {
                     let budget_end = self.verify_since.plus_ms(self.plan.policy.verify_budget_ms);
                     let delay =
@@ -592,6 +597,7 @@ impl Deployment {
                         | (Step::Commit, Phase::Commit)
                         | (Step::Restore, Phase::Restore)
                         | (Step::RetryReload, Phase::RetryReload)
+                        | (Step::Verify, Phase::Verify)
                 );
                 if !ok {
                     return Err(self.unexpected(&record.event));
@@ -653,8 +659,10 @@ impl Deployment {
                         if *matched {
                             self.phase = Phase::Cleanup(End::Outcome(Outcome::Unchanged));
                         } else {
-                            // Files are right but not served: a reload was lost.
-                            self.phase = Phase::Reload;
+                            // Files are right but not served: a reload was
+                            // lost. Validate first (when configured), then reload.
+                            self.phase =
+                                if self.plan.validate_command.is_some() { Phase::Validate } else { Phase::Reload };
                         }
                     }
                     (Step::Verify, Phase::Verify) => {

@@ -106,11 +106,24 @@ pub fn decode_request(body: &[u8]) -> Result<DeployRequest, RequestError> {
         ));
     }
     let text = std::str::from_utf8(body).map_err(|e| RequestError::new("body", format!("not valid UTF-8 ({e})")))?;
-    let req: DeployRequest = serde_json::from_str(text).map_err(|e| {
-        let msg = e.to_string();
-        let field = msg.split('`').nth(1).filter(|_| msg.contains("field")).unwrap_or("body").to_string();
-        RequestError::new(field, format!("invalid JSON request: {msg}"))
-    })?;
+    // serde also accepts a struct as a JSON array of its fields in order;
+    // the schema does not.
+    if !text.trim_start().starts_with('{') {
+        let found = match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => json_kind(&v).to_string(),
+            Err(e) => return Err(describe_decode_error(text, &e)),
+        };
+        return Err(RequestError::new("body", format!("must be a JSON object, found {found}")));
+    }
+    let req: DeployRequest = serde_json::from_str(text).map_err(|e| describe_decode_error(text, &e))?;
+    if req.target_spec.is_some() {
+        let spec_is_object = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .is_some_and(|v| v.get("target_spec").is_some_and(serde_json::Value::is_object));
+        if !spec_is_object {
+            return Err(RequestError::new("target_spec", "must be an object"));
+        }
+    }
     if req.schema != REQUEST_SCHEMA {
         return Err(RequestError::new(
             "schema",
@@ -125,12 +138,152 @@ pub fn decode_request(body: &[u8]) -> Result<DeployRequest, RequestError> {
             return Err(RequestError::new("target", "give either `target` or `target_spec`, not both"));
         }
         (None, None) => return Err(RequestError::new("target", "missing (or give `target_spec`)")),
-        (Some(t), None) if t.is_empty() || t.len() > 128 => {
-            return Err(RequestError::new("target", "must be 1-128 characters"));
+        // Target names follow the same rule as deployment ids (and as
+        // `[targets.NAME]` in the configuration).
+        (Some(t), None) if !valid_deployment_id(t) => {
+            return Err(RequestError::new("target", "must be 1-128 characters of [A-Za-z0-9._:-]"));
         }
         _ => {}
     }
     Ok(req)
+}
+
+/// Top-level fields of a request: (name, required, kind).
+const REQUEST_FIELDS: &[(&str, bool, Kind)] = &[
+    ("schema", true, Kind::Str),
+    ("deployment_id", true, Kind::Str),
+    ("target", false, Kind::Str),
+    ("target_spec", false, Kind::Object),
+    ("certificate_pem", true, Kind::Str),
+    ("private_key_pem", true, Kind::Str),
+    ("chain_pem", false, Kind::Str),
+    ("requested_at", false, Kind::Str),
+];
+
+/// Fields of an inline `target_spec` ([`TargetSpec`]).
+const TARGET_SPEC_FIELDS: &[(&str, bool, Kind)] = &[
+    ("host", true, Kind::Str),
+    ("port", false, Kind::U16),
+    ("user", true, Kind::Str),
+    ("cert_path", true, Kind::Str),
+    ("key_path", true, Kind::Str),
+    ("chain_path", false, Kind::Str),
+    ("cert_mode", false, Kind::Str),
+    ("key_mode", false, Kind::Str),
+    ("validate_command", false, Kind::Str),
+    ("reload_command", true, Kind::Str),
+    ("verify_endpoint", false, Kind::Str),
+    ("verify_sni", false, Kind::Str),
+];
+
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Object,
+    U16,
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Check one object against a field table; `prefix` is prepended to field
+/// names (`target_spec.`). Values are never echoed (they may be key bytes).
+fn check_fields(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    fields: &[(&str, bool, Kind)],
+    prefix: &str,
+) -> Option<RequestError> {
+    for k in obj.keys() {
+        if !fields.iter().any(|(name, _, _)| name == k) {
+            let expected: Vec<&str> = fields.iter().map(|(n, _, _)| *n).collect();
+            return Some(RequestError::new(
+                format!("{prefix}{}", printable(k)),
+                format!("unknown field (expected one of: {})", expected.join(", ")),
+            ));
+        }
+    }
+    for &(name, required, kind) in fields {
+        let field = || format!("{prefix}{name}");
+        let v = match obj.get(name) {
+            None if required => return Some(RequestError::new(field(), "missing required field")),
+            None => continue,
+            Some(serde_json::Value::Null) if !required => continue,
+            Some(v) => v,
+        };
+        let problem = match (kind, v) {
+            (Kind::Str, serde_json::Value::String(_)) => continue,
+            (Kind::Object, serde_json::Value::Object(o)) => {
+                match check_fields(o, TARGET_SPEC_FIELDS, &format!("{name}.")) {
+                    Some(e) => return Some(e),
+                    None => continue,
+                }
+            }
+            (Kind::U16, serde_json::Value::Number(n)) if n.as_u64().is_some_and(|n| n <= u64::from(u16::MAX)) => {
+                continue;
+            }
+            (Kind::U16, serde_json::Value::Number(_)) => "must be an integer from 0 to 65535".to_string(),
+            (Kind::Str, v) => format!("must be a string, found {}", json_kind(v)),
+            (Kind::Object, v) => format!("must be an object, found {}", json_kind(v)),
+            (Kind::U16, v) => format!("must be an integer from 0 to 65535, found {}", json_kind(v)),
+        };
+        return Some(RequestError::new(field(), problem));
+    }
+    None
+}
+
+/// Turn a serde error into one that names the field. serde's own messages
+/// name the offending *value* rather than the field for type errors (and
+/// may echo it), so structural problems are located on a generic parse.
+fn describe_decode_error(text: &str, e: &serde_json::Error) -> RequestError {
+    use serde_json::error::Category;
+    let generic = serde_json::from_str::<serde_json::Value>(text);
+    if let Err(g) = &generic
+        && g.to_string().starts_with("recursion limit exceeded")
+    {
+        return RequestError::new("body", format!("JSON nested too deeply (more than 128 levels): {g}"));
+    }
+    if matches!(e.classify(), Category::Syntax | Category::Eof | Category::Io) {
+        return RequestError::new("body", format!("not valid JSON: {e}"));
+    }
+    match generic {
+        Ok(serde_json::Value::Object(obj)) => {
+            if let Some(err) = check_fields(&obj, REQUEST_FIELDS, "") {
+                return err;
+            }
+        }
+        Ok(v) => return RequestError::new("body", format!("must be a JSON object, found {}", json_kind(&v))),
+        Err(_) => {}
+    }
+    // What the generic parse cannot see: duplicate keys (a generic map keeps
+    // the last one), and anything unforeseen.
+    let msg = e.to_string();
+    let field = msg.strip_prefix("duplicate field `").and_then(|rest| rest.split('`').next()).map(|f| f.to_string());
+    match field {
+        Some(f) => {
+            let nested =
+                !REQUEST_FIELDS.iter().any(|(n, _, _)| *n == f) && TARGET_SPEC_FIELDS.iter().any(|(n, _, _)| *n == f);
+            let field = if nested { format!("target_spec.{f}") } else { printable(&f) };
+            RequestError::new(field, "duplicate field (a key may appear only once)")
+        }
+        None => RequestError::new("body", format!("invalid request: {}", printable_long(&msg))),
+    }
+}
+
+/// Like [`printable`] with room for a whole error message.
+fn printable_long(s: &str) -> String {
+    let mut out: String = s.chars().take(300).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 300 {
+        out.push('…');
+    }
+    out
 }
 
 /// Shorten and escape a value taken from a message before echoing it.

@@ -226,6 +226,10 @@ impl<'a> SshHost<'a> {
         let bytes = src.content.take().unwrap_or_default();
         let r = self.fill_temp(lease, &temp, mode_of(meta), Some((meta.uid(), meta.gid())), &bytes, &created).await;
         drop(Secret::new(bytes));
+        if r.is_err() {
+            // Never leave a partial copy of the original (maybe a key) behind.
+            let _ = lease.sftp().fs().remove_file(p(&temp)).await;
+        }
         r?;
         if let Err(e) = lease.sftp().fs().rename(p(&temp), p(backup)).await {
             let _ = lease.sftp().fs().remove_file(p(&temp)).await;
@@ -345,11 +349,16 @@ impl<'a> SshHost<'a> {
     async fn restore_one(&self, lease: &Lease, id: &str, req: &RestoreRequest) -> Result<RestoreStatus, StepError> {
         let mut fs = lease.sftp().fs();
         let live = &req.live_path;
-        let temp = temp_path(live, id);
-        match fs.remove_file(p(&temp)).await {
-            Ok(()) => {}
-            Err(e) if is_no_such_file(&e) => {}
-            Err(e) => return Err(lease.sftp_err("remove temp file", &temp, &e)),
+        let mut temps = vec![temp_path(live, id)];
+        if let PreState::Existing { backup_path, .. } = &req.pre {
+            temps.push(temp_path(backup_path, id));
+        }
+        for temp in &temps {
+            match fs.remove_file(p(temp)).await {
+                Ok(()) => {}
+                Err(e) if is_no_such_file(&e) => {}
+                Err(e) => return Err(lease.sftp_err("remove temp file", temp, &e)),
+            }
         }
         match &req.pre {
             PreState::Missing => match fs.remove_file(p(live)).await {
@@ -550,7 +559,10 @@ impl Host for SshHost<'_> {
             let results = join_all(paths.iter().map(|path| async {
                 let live = self.resolve(&lease, path).await?;
                 let mut fs = lease.sftp().fs();
-                for name in [backup_path(&live, deployment_id), temp_path(&live, deployment_id)] {
+                // The backup, the write temp, and a backup copy's temp.
+                let backup = backup_path(&live, deployment_id);
+                let copy_temp = temp_path(&backup, deployment_id);
+                for name in [backup, temp_path(&live, deployment_id), copy_temp] {
                     match fs.remove_file(p(&name)).await {
                         Ok(()) => {}
                         Err(e) if is_no_such_file(&e) => {}

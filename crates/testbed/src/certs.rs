@@ -88,6 +88,41 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// A leaf whose validity ended `days_ago` days ago.
+    pub fn expired_leaf(&self, cn: &str, days_ago: i64) -> Bundle {
+        let end = now() - days_ago * DAY;
+        self.leaf_at(cn, end - 90 * DAY, end)
+    }
+
+    /// A leaf that becomes valid only `days_ahead` days from now.
+    pub fn future_leaf(&self, cn: &str, days_ahead: i64) -> Bundle {
+        let start = now() + days_ahead * DAY;
+        self.leaf_at(cn, start, start + 365 * DAY)
+    }
+}
+
+impl Bundle {
+    /// The same certificate with another bundle's private key (mismatch).
+    pub fn with_key_of(&self, other: &Bundle) -> Bundle {
+        Bundle { key_pem: other.key_pem.clone(), ..self.clone() }
+    }
+
+    /// The chain's certificates in reverse (root first: not issuing order).
+    pub fn reversed_chain(&self) -> String {
+        const END: &str = "-----END CERTIFICATE-----";
+        let mut blocks: Vec<String> = self
+            .chain_pem
+            .split_inclusive(END)
+            .map(|b| b.trim().to_string())
+            .filter(|b| b.contains(END))
+            .map(|b| format!("{b}\n"))
+            .collect();
+        blocks.reverse();
+        blocks.concat()
+    }
+}
+
 /// A deploy request body (schema v1) for a configured target.
 pub fn request(id: &str, target: &str, b: &Bundle, with_chain: bool) -> Vec<u8> {
     let mut v = serde_json::json!({

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod nginx;
 pub mod rabbit;
 
 use std::fs;

@@ -1,0 +1,4 @@
+#!/bin/sh
+set -e
+nginx
+exec /usr/sbin/sshd -D -e
