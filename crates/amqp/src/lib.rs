@@ -64,16 +64,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, Event,
-    ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, Event, ExchangeKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -151,9 +147,7 @@ pub enum AmqpError {
         routing_key: String,
     },
     /// A mandatory publish had no matching queue and was returned.
-    #[error(
-        "publish to exchange {exchange:?} routing key {routing_key:?} was unroutable: {reply_code} {reply_text}"
-    )]
+    #[error("publish to exchange {exchange:?} routing key {routing_key:?} was unroutable: {reply_code} {reply_text}")]
     Unroutable {
         /// Target exchange.
         exchange: String,
@@ -316,19 +310,12 @@ pub fn redact_url(url: &str) -> String {
 /// (uniform in `[d/2, d]`), so the result is always within 0.25 s..30 s.
 #[must_use]
 pub fn backoff_delay(attempt: u32) -> Duration {
-    let base = BACKOFF_INITIAL
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(BACKOFF_MAX);
+    let base = BACKOFF_INITIAL.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
     let half = base / 2;
     let half_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX).max(1);
     let mut h = RandomState::new().build_hasher();
     h.write_u32(attempt);
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     half + Duration::from_millis(h.finish() % (half_ms + 1))
 }
 
@@ -367,19 +354,14 @@ impl Drop for Broker {
 /// Must be called inside a tokio runtime.
 pub async fn connect(cfg: &BrokerConfig) -> Result<Broker, AmqpError> {
     let url = redact_url(&cfg.url);
-    let props = ConnectionProperties::default()
-        .with_connection_name(LongString::from(cfg.connection_name.clone()));
-    let conn =
-        match tokio::time::timeout(cfg.rpc_timeout, Connection::connect(&cfg.url, props)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(source)) => return Err(AmqpError::Connect { url, source }),
-            Err(_) => {
-                return Err(AmqpError::Timeout {
-                    op: "connection.open",
-                    timeout: cfg.rpc_timeout,
-                });
-            }
-        };
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(cfg.connection_name.clone()));
+    let conn = match tokio::time::timeout(cfg.rpc_timeout, Connection::connect(&cfg.url, props)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(source)) => return Err(AmqpError::Connect { url, source }),
+        Err(_) => {
+            return Err(AmqpError::Timeout { op: "connection.open", timeout: cfg.rpc_timeout });
+        }
+    };
 
     let (dead_tx, _) = watch::channel(false);
     let dead_tx = Arc::new(dead_tx);
@@ -422,14 +404,8 @@ pub async fn connect(cfg: &BrokerConfig) -> Result<Broker, AmqpError> {
         dead_tx,
         watcher,
     };
-    bounded(
-        "confirm.select",
-        broker.rpc_timeout,
-        broker
-            .publish
-            .confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await?;
+    bounded("confirm.select", broker.rpc_timeout, broker.publish.confirm_select(ConfirmSelectOptions::default()))
+        .await?;
     broker.declare_topology().await?;
     tracing::info!(url = %url, connection = %cfg.connection_name, "connected to AMQP broker");
     Ok(broker)
@@ -439,10 +415,7 @@ pub async fn connect(cfg: &BrokerConfig) -> Result<Broker, AmqpError> {
 /// and logging each failure with `tracing::warn`. Returns
 /// [`AmqpError::Shutdown`] as soon as `shutdown` resolves. A
 /// [`AmqpError::TopologyMismatch`] is returned immediately (retrying cannot fix it).
-pub async fn connect_with_backoff(
-    cfg: &BrokerConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<Broker, AmqpError> {
+pub async fn connect_with_backoff(cfg: &BrokerConfig, shutdown: impl Future<Output = ()>) -> Result<Broker, AmqpError> {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut attempt: u32 = 0;
     loop {
@@ -479,10 +452,7 @@ pub async fn connect_with_backoff(
 
 fn quorum_args() -> FieldTable {
     let mut t = FieldTable::default();
-    t.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
+    t.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     t
 }
 
@@ -499,14 +469,8 @@ impl Broker {
         let t = &self.topology;
         let to = self.rpc_timeout;
         let ch = bounded("channel.open", to, self.conn.create_channel()).await?;
-        let durable_ex = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        let durable_q = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
+        let durable_ex = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+        let durable_q = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
         let declare = async {
             check_decl(
                 format!("exchange {:?}", t.dead_exchange),
@@ -549,14 +513,8 @@ impl Broker {
             )
             .await?;
             let mut args = quorum_args();
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(t.delivery_limit)),
-            );
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(t.dead_exchange.as_str().into()),
-            );
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(t.delivery_limit)));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(t.dead_exchange.as_str().into()));
             check_decl(
                 format!("queue {:?}", t.requests_queue),
                 to,
@@ -575,53 +533,28 @@ impl Broker {
     /// Start consuming the requests queue on a dedicated channel with manual
     /// acks and `basic.qos(prefetch)`.
     pub async fn consume(&self, consumer_tag: &str) -> Result<Consumer, AmqpError> {
-        self.consume_queue(&self.topology.requests_queue, consumer_tag)
-            .await
+        self.consume_queue(&self.topology.requests_queue, consumer_tag).await
     }
 
     /// Like [`Broker::consume`] for any queue (e.g. the dead-letter queue).
-    pub async fn consume_queue(
-        &self,
-        queue: &str,
-        consumer_tag: &str,
-    ) -> Result<Consumer, AmqpError> {
+    pub async fn consume_queue(&self, queue: &str, consumer_tag: &str) -> Result<Consumer, AmqpError> {
         let to = self.rpc_timeout;
         let ch = bounded("channel.open", to, self.conn.create_channel()).await?;
-        bounded(
-            "basic.qos",
-            to,
-            ch.basic_qos(self.prefetch, BasicQosOptions::default()),
-        )
-        .await?;
+        bounded("basic.qos", to, ch.basic_qos(self.prefetch, BasicQosOptions::default())).await?;
         let inner = bounded(
             "basic.consume",
             to,
-            ch.basic_consume(
-                queue.into(),
-                consumer_tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
+            ch.basic_consume(queue.into(), consumer_tag.into(), BasicConsumeOptions::default(), FieldTable::default()),
         )
         .await?;
-        Ok(Consumer {
-            tag: inner.tag().to_string(),
-            inner,
-            channel: ch,
-            rpc_timeout: to,
-        })
+        Ok(Consumer { tag: inner.tag().to_string(), inner, channel: ch, rpc_timeout: to })
     }
 
     /// Fetch one message from `queue` (`basic.get`, manual ack); `None` when empty.
     pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, AmqpError> {
         let to = self.rpc_timeout;
         let ch = bounded("channel.open", to, self.conn.create_channel()).await?;
-        let msg = bounded(
-            "basic.get",
-            to,
-            ch.basic_get(queue.into(), BasicGetOptions::default()),
-        )
-        .await?;
+        let msg = bounded("basic.get", to, ch.basic_get(queue.into(), BasicGetOptions::default())).await?;
         Ok(msg.map(|m| Delivery::from_lapin(m.delivery, ch, to)))
     }
 
@@ -630,32 +563,19 @@ impl Broker {
     /// Safe to call concurrently (see the crate docs).
     pub async fn publish_result(&self, outcome: &str, body: &[u8]) -> Result<(), AmqpError> {
         let rk = result_routing_key(outcome)?;
-        self.publish_confirmed(
-            &self.topology.events_exchange,
-            &rk,
-            false,
-            body,
-            json_props(),
-        )
-        .await
+        self.publish_confirmed(&self.topology.events_exchange, &rk, false, body, json_props()).await
     }
 
     /// Publish many results from one task: all are sent, then all confirms are
     /// awaited together. Returns one result per input, in order.
     pub async fn publish_results(&self, items: &[(&str, &[u8])]) -> Vec<Result<(), AmqpError>> {
-        join_all(
-            items
-                .iter()
-                .map(|(outcome, body)| self.publish_result(outcome, body)),
-        )
-        .await
+        join_all(items.iter().map(|(outcome, body)| self.publish_result(outcome, body))).await
     }
 
     /// Publish a deploy request to the default exchange, routing key
     /// = requests queue (persistent, JSON, `mandatory`), confirmed.
     pub async fn publish_request(&self, body: &[u8]) -> Result<(), AmqpError> {
-        self.publish_confirmed("", &self.topology.requests_queue, true, body, json_props())
-            .await
+        self.publish_confirmed("", &self.topology.requests_queue, true, body, json_props()).await
     }
 
     /// "Reject without requeue, dead-lettered with the reason": publish a copy
@@ -666,28 +586,14 @@ impl Broker {
     /// redelivered (and dead-lettered again: duplicates possible, no loss).
     pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<bool, AmqpError> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            REASON_HEADER.into(),
-            AMQPValue::LongString(truncate_utf8(reason, MAX_REASON_BYTES).into()),
-        );
-        let props = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(DELIVERY_MODE_PERSISTENT);
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(truncate_utf8(reason, MAX_REASON_BYTES).into()));
+        let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(DELIVERY_MODE_PERSISTENT);
         let rk = if delivery.routing_key.is_empty() {
             self.topology.requests_queue.clone()
         } else {
             delivery.routing_key.clone()
         };
-        self.publish_confirmed(
-            &self.topology.dead_exchange,
-            &rk,
-            true,
-            &delivery.body,
-            props,
-        )
-        .await?;
+        self.publish_confirmed(&self.topology.dead_exchange, &rk, true, &delivery.body, props).await?;
         delivery.ack().await
     }
 
@@ -709,10 +615,7 @@ impl Broker {
             self.publish.basic_publish(
                 exchange.into(),
                 routing_key.into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..BasicPublishOptions::default()
-                },
+                BasicPublishOptions { mandatory, ..BasicPublishOptions::default() },
                 body,
                 props,
             ),
@@ -721,18 +624,15 @@ impl Broker {
         let confirmation = bounded("publisher confirm", to, confirm).await?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                Err(AmqpError::Unroutable {
-                    exchange: exchange.to_owned(),
-                    routing_key: routing_key.to_owned(),
-                    reply_code: returned.reply_code,
-                    reply_text: returned.reply_text.to_string(),
-                })
-            }
-            Confirmation::Nack(None) => Err(AmqpError::Nacked {
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(AmqpError::Unroutable {
                 exchange: exchange.to_owned(),
                 routing_key: routing_key.to_owned(),
+                reply_code: returned.reply_code,
+                reply_text: returned.reply_text.to_string(),
             }),
+            Confirmation::Nack(None) => {
+                Err(AmqpError::Nacked { exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
+            }
             Confirmation::NotRequested => Err(AmqpError::ConfirmsNotEnabled),
         }
     }
@@ -747,10 +647,7 @@ impl Broker {
 
     /// [`Broker::subscribe_results`] with a custom binding pattern
     /// (e.g. `result.deployed`).
-    pub async fn subscribe_results_matching(
-        &self,
-        pattern: &str,
-    ) -> Result<ResultStream, AmqpError> {
+    pub async fn subscribe_results_matching(&self, pattern: &str) -> Result<ResultStream, AmqpError> {
         let to = self.rpc_timeout;
         let ch = bounded("channel.open", to, self.conn.create_channel()).await?;
         let q = bounded(
@@ -758,11 +655,7 @@ impl Broker {
             to,
             ch.queue_declare(
                 "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
                 FieldTable::default(),
             ),
         )
@@ -785,27 +678,18 @@ impl Broker {
             ch.basic_consume(
                 q.name().clone(),
                 "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
+                BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
                 FieldTable::default(),
             ),
         )
         .await?;
-        Ok(ResultStream {
-            queue: q.name().to_string(),
-            inner,
-            _channel: ch,
-        })
+        Ok(ResultStream { queue: q.name().to_string(), inner, _channel: ch })
     }
 
     /// True while the connection and the publishing channel are usable.
     #[must_use]
     pub fn is_connected(&self) -> bool {
-        !*self.dead_tx.borrow()
-            && self.conn.status().connected()
-            && self.publish.status().connected()
+        !*self.dead_tx.borrow() && self.conn.status().connected() && self.publish.status().connected()
     }
 
     /// Resolves once the connection (or the publishing channel) is dead, for
@@ -824,29 +708,22 @@ impl Broker {
     /// Unacked deliveries return to their queue.
     pub async fn close(&self) {
         if self.conn.status().connected() {
-            let _ = tokio::time::timeout(
-                self.rpc_timeout,
-                self.conn.close(REPLY_SUCCESS, "certdeploy closing".into()),
-            )
-            .await;
+            let _ = tokio::time::timeout(self.rpc_timeout, self.conn.close(REPLY_SUCCESS, "certdeploy closing".into()))
+                .await;
         }
         self.dead_tx.send_replace(true);
     }
 }
 
 fn json_props() -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type(CONTENT_TYPE_JSON.into())
-        .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+    BasicProperties::default().with_content_type(CONTENT_TYPE_JSON.into()).with_delivery_mode(DELIVERY_MODE_PERSISTENT)
 }
 
 /// `result.<outcome>`, validating the outcome (1-64 chars of `[a-z0-9_]`).
 pub fn result_routing_key(outcome: &str) -> Result<String, AmqpError> {
     let ok = !outcome.is_empty()
         && outcome.len() <= 64
-        && outcome
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && outcome.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if ok {
         Ok(format!("{RESULT_ROUTING_PREFIX}{outcome}"))
     } else {
@@ -872,17 +749,9 @@ async fn check_decl(
 ) -> Result<(), AmqpError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(source)) if is_precondition_failed(&source) => {
-            Err(AmqpError::TopologyMismatch { what, source })
-        }
-        Ok(Err(source)) => Err(AmqpError::Protocol {
-            op: "declare",
-            source,
-        }),
-        Err(_) => Err(AmqpError::Timeout {
-            op: "declare",
-            timeout,
-        }),
+        Ok(Err(source)) if is_precondition_failed(&source) => Err(AmqpError::TopologyMismatch { what, source }),
+        Ok(Err(source)) => Err(AmqpError::Protocol { op: "declare", source }),
+        Err(_) => Err(AmqpError::Timeout { op: "declare", timeout }),
     }
 }
 
@@ -938,12 +807,8 @@ fn amqp_int(v: &AMQPValue) -> Option<u64> {
 
 impl Delivery {
     fn from_lapin(d: lapin::message::Delivery, channel: Channel, rpc_timeout: Duration) -> Self {
-        let delivery_count = d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-delivery-count"))
-            .and_then(amqp_int);
+        let delivery_count =
+            d.properties.headers().as_ref().and_then(|h| h.inner().get("x-delivery-count")).and_then(amqp_int);
         Self {
             body: d.data,
             redelivered: d.redelivered,
@@ -972,10 +837,7 @@ impl Delivery {
     /// The message's content type, if any.
     #[must_use]
     pub fn content_type(&self) -> Option<&str> {
-        self.properties
-            .content_type()
-            .as_ref()
-            .map(ShortString::as_str)
+        self.properties.content_type().as_ref().map(ShortString::as_str)
     }
 
     /// The reason set by [`Broker::dead_letter`], if any.
@@ -987,23 +849,13 @@ impl Delivery {
     /// Acknowledge. `Ok(true)`: acked. `Ok(false)`: already acked/rejected, or
     /// its channel/connection was lost — the broker will redeliver it.
     pub async fn ack(&self) -> Result<bool, AmqpError> {
-        bounded(
-            "basic.ack",
-            self.rpc_timeout,
-            self.acker.ack(BasicAckOptions::default()),
-        )
-        .await
+        bounded("basic.ack", self.rpc_timeout, self.acker.ack(BasicAckOptions::default())).await
     }
 
     /// Return the message to the queue (counts toward `x-delivery-limit`).
     /// Same return convention as [`Delivery::ack`].
     pub async fn reject_requeue(&self) -> Result<bool, AmqpError> {
-        bounded(
-            "basic.reject",
-            self.rpc_timeout,
-            self.acker.reject(BasicRejectOptions { requeue: true }),
-        )
-        .await
+        bounded("basic.reject", self.rpc_timeout, self.acker.reject(BasicRejectOptions { requeue: true })).await
     }
 
     /// True if an ack can still be sent (not used, channel not lost).
@@ -1026,9 +878,7 @@ pub struct Consumer {
 
 impl fmt::Debug for Consumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Consumer")
-            .field("tag", &self.tag)
-            .finish_non_exhaustive()
+        f.debug_struct("Consumer").field("tag", &self.tag).finish_non_exhaustive()
     }
 }
 
@@ -1055,8 +905,7 @@ impl Consumer {
         bounded(
             "basic.cancel",
             self.rpc_timeout,
-            self.channel
-                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default()),
+            self.channel.basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default()),
         )
         .await
     }
@@ -1070,15 +919,10 @@ impl futures_core::Stream for Consumer {
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(AmqpError::Protocol {
-                op: "basic.deliver",
-                source: e,
-            }))),
-            Poll::Ready(Some(Ok(d))) => Poll::Ready(Some(Ok(Delivery::from_lapin(
-                d,
-                this.channel.clone(),
-                this.rpc_timeout,
-            )))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(AmqpError::Protocol { op: "basic.deliver", source: e }))),
+            Poll::Ready(Some(Ok(d))) => {
+                Poll::Ready(Some(Ok(Delivery::from_lapin(d, this.channel.clone(), this.rpc_timeout))))
+            }
         }
     }
 }
@@ -1103,9 +947,7 @@ pub struct ResultStream {
 
 impl fmt::Debug for ResultStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResultStream")
-            .field("queue", &self.queue)
-            .finish_non_exhaustive()
+        f.debug_struct("ResultStream").field("queue", &self.queue).finish_non_exhaustive()
     }
 }
 
@@ -1129,21 +971,11 @@ impl futures_core::Stream for ResultStream {
         match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(AmqpError::Protocol {
-                op: "basic.deliver",
-                source: e,
-            }))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(AmqpError::Protocol { op: "basic.deliver", source: e }))),
             Poll::Ready(Some(Ok(d))) => {
                 let routing_key = d.routing_key.to_string();
-                let outcome = routing_key
-                    .strip_prefix(RESULT_ROUTING_PREFIX)
-                    .unwrap_or(&routing_key)
-                    .to_owned();
-                Poll::Ready(Some(Ok(ResultEvent {
-                    routing_key,
-                    outcome,
-                    body: d.data,
-                })))
+                let outcome = routing_key.strip_prefix(RESULT_ROUTING_PREFIX).unwrap_or(&routing_key).to_owned();
+                Poll::Ready(Some(Ok(ResultEvent { routing_key, outcome, body: d.data })))
             }
         }
     }
@@ -1155,15 +987,9 @@ mod tests {
 
     #[test]
     fn redacts_password() {
-        assert_eq!(
-            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
+        assert_eq!(redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(redact_url("amqp://host/%2f"), "amqp://host/%2f");
-        assert_eq!(
-            redact_url("amqps://u:p@a@h:1/v?heartbeat=5"),
-            "amqps://u:***@h:1/v?heartbeat=5"
-        );
+        assert_eq!(redact_url("amqps://u:p@a@h:1/v?heartbeat=5"), "amqps://u:***@h:1/v?heartbeat=5");
     }
 
     #[test]
@@ -1179,14 +1005,9 @@ mod tests {
 
     #[test]
     fn routing_keys() {
+        assert_eq!(result_routing_key("deployed").ok().as_deref(), Some("result.deployed"));
         assert_eq!(
-            result_routing_key("deployed").ok().as_deref(),
-            Some("result.deployed")
-        );
-        assert_eq!(
-            result_routing_key("rolled_back_daemon_unknown")
-                .ok()
-                .as_deref(),
+            result_routing_key("rolled_back_daemon_unknown").ok().as_deref(),
             Some("result.rolled_back_daemon_unknown")
         );
         assert!(result_routing_key("").is_err());

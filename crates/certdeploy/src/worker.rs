@@ -7,6 +7,7 @@
 //! recorded. A crash anywhere in between leaves the message unacked; its
 //! redelivery finds the terminal record and re-publishes the same result.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use anyhow::Context;
 use certdeploy_amqp::{Broker, BrokerConfig, Delivery, Topology};
 use certdeploy_core::Report;
 use certdeploy_core::wire::ResultEvent;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::app::Runtime;
 use crate::config::Config;
@@ -61,6 +62,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let bcfg = broker_config(&cfg, &rt.worker_name);
     let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
     let mut tasks = tokio::task::JoinSet::new();
+    // Kept across reconnects: a redelivered copy queues behind the
+    // original that may still be running.
+    let mut order = TargetOrder::default();
     let mut connects = 0u64;
     'outer: loop {
         let stop = wait_true(shutdown.clone());
@@ -89,9 +93,14 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             tokio::select! {
                 d = consumer.next() => match d {
                     Some(Ok(delivery)) => {
+                        let mut turn = order.enqueue(order_key(&delivery.body, &rt.cfg));
                         let rt = rt.clone();
                         let brx = broker_rx.clone();
-                        tasks.spawn(async move { handle(&rt, delivery, brx).await });
+                        tasks.spawn(async move {
+                            handle(&rt, delivery, brx, &mut turn).await;
+                            // Never release the successor before the predecessor is done.
+                            turn.wait().await;
+                        });
                     }
                     Some(Err(e)) => {
                         tracing::warn!("consumer error: {e}; reconnecting");
@@ -189,7 +198,82 @@ async fn publish(broker: &Broker, report: &Report, worker: &str) -> Result<(), c
     r
 }
 
-async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Option<Arc<Broker>>>) {
+/// Deliveries for one target (host, port, certificate path) are deployed in
+/// the order the broker delivered them, like the queue promises: a batch
+/// with renewals r1, r2 for the same host must end with r2 on the host, and
+/// r1 must not be reported `superseded` because r2 happened to win a race
+/// for the target lock. Validation still runs in parallel; only the
+/// deployment waits for its turn.
+#[derive(Default)]
+struct TargetOrder {
+    /// Per key, the completion signal of the last delivery queued for it.
+    tails: HashMap<String, oneshot::Receiver<()>>,
+    prune_at: usize,
+}
+
+/// A place in a target's line: wait for `prev`, release the next one by
+/// dropping `_next`.
+struct Turn {
+    prev: Option<oneshot::Receiver<()>>,
+    _next: Option<oneshot::Sender<()>>,
+}
+
+impl Turn {
+    async fn wait(&mut self) {
+        if let Some(prev) = self.prev.take() {
+            // The sender is only ever dropped, never used: Err is "done".
+            let _ = prev.await;
+        }
+    }
+}
+
+impl TargetOrder {
+    fn enqueue(&mut self, key: Option<String>) -> Turn {
+        let Some(key) = key else { return Turn { prev: None, _next: None } };
+        if self.tails.len() >= self.prune_at.max(64) {
+            // Drop lines whose last delivery has finished.
+            self.tails.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+            self.prune_at = self.tails.len() * 2;
+        }
+        let (tx, rx) = oneshot::channel();
+        let prev = self.tails.insert(key, rx);
+        Turn { prev, _next: Some(tx) }
+    }
+}
+
+/// The ordering key of a message body: the same key as the runtime's
+/// per-target lock, read without validating anything (a body that does not
+/// name a target is rejected later and needs no place in any line).
+fn order_key(body: &[u8], cfg: &Config) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Inline {
+        host: String,
+        #[serde(default)]
+        port: Option<u16>,
+        cert_path: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Keys {
+        #[serde(default)]
+        target: Option<String>,
+        #[serde(default)]
+        target_spec: Option<Inline>,
+    }
+    if body.len() > certdeploy_core::wire::MAX_MESSAGE_BYTES {
+        return None;
+    }
+    let keys: Keys = serde_json::from_slice(body).ok()?;
+    match (keys.target, keys.target_spec) {
+        (Some(name), None) => {
+            let t = cfg.targets.get(&name)?;
+            Some(format!("{}:{}:{}", t.host, t.port, t.cert_path))
+        }
+        (None, Some(s)) => Some(format!("{}:{}:{}", s.host, s.port.unwrap_or(22), s.cert_path)),
+        _ => None,
+    }
+}
+
+async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Option<Arc<Broker>>>, turn: &mut Turn) {
     let now = crate::verify::now();
     let validated = match intake::validate_body(&delivery.body, &rt.cfg, now) {
         Ok(v) => v,
@@ -212,6 +296,14 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
             return;
         }
     };
+    // Deploy after the earlier deliveries of this target. On SIGTERM the
+    // deliveries already handed to tasks still run (bounded by the grace
+    // period): they are in flight as far as the broker is concerned, and
+    // handing them back is worse than finishing them. Returned messages
+    // come back in no reliable order (a quorum queue applies the rejects
+    // and the returns of a closed channel as they arrive), and an older
+    // renewal redelivered after a newer one ends `superseded`.
+    turn.wait().await;
     let report = match rt.execute(&validated).await {
         Ok(r) => r,
         Err(e) => {

@@ -66,7 +66,10 @@ fn grafana_dashboard_queries_only_exported_metrics() {
     }
     assert!(queried.len() >= 10, "dashboard queries {queried:?}");
     for q in &queried {
-        assert!(certdeploy::metrics::ALL.contains(&q.as_str()), "dashboard queries `{q}`, which the worker does not export");
+        assert!(
+            certdeploy::metrics::ALL.contains(&q.as_str()),
+            "dashboard queries `{q}`, which the worker does not export"
+        );
     }
 }
 

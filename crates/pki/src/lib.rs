@@ -90,10 +90,7 @@ pub struct PkiError {
 
 impl PkiError {
     fn new(field: &'static str, problem: impl Into<String>) -> Self {
-        PkiError {
-            field,
-            problem: problem.into(),
-        }
+        PkiError { field, problem: problem.into() }
     }
 }
 
@@ -107,11 +104,7 @@ pub fn cert_facts(pem: &[u8]) -> Option<CertFacts> {
     const END: &[u8] = b"-----END CERTIFICATE-----";
     let start = find(pem, BEGIN)? + BEGIN.len();
     let len = find(&pem[start..], END)?;
-    let body: Vec<u8> = pem[start..start + len]
-        .iter()
-        .copied()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
+    let body: Vec<u8> = pem[start..start + len].iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
     let der = base64ct::Base64::decode_vec(std::str::from_utf8(&body).ok()?).ok()?;
     let (_, cert) = X509Certificate::from_der(&der).ok()?;
     Some(facts_of(&cert, &der))
@@ -184,9 +177,7 @@ struct PemBlock {
 fn sanitize_label(label: &str) -> String {
     if !label.is_empty()
         && label.len() <= 40
-        && label
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ' || c == '-')
+        && label.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ' || c == '-')
     {
         label.to_string()
     } else {
@@ -216,13 +207,8 @@ fn parse_pem(field: &'static str, text: &str) -> Result<Vec<PemBlock>, PkiError>
                     continue;
                 }
                 if let Some(label) = pem_marker(line, "BEGIN") {
-                    open = Some((
-                        sanitize_label(label),
-                        label.to_string(),
-                        lineno,
-                        Zeroizing::new(String::new()),
-                        false,
-                    ));
+                    open =
+                        Some((sanitize_label(label), label.to_string(), lineno, Zeroizing::new(String::new()), false));
                 } else if pem_marker(line, "END").is_some() {
                     return Err(PkiError::new(
                         field,
@@ -231,10 +217,7 @@ fn parse_pem(field: &'static str, text: &str) -> Result<Vec<PemBlock>, PkiError>
                 } else if let Some(last) = blocks.last() {
                     return Err(PkiError::new(
                         field,
-                        format!(
-                            "unexpected text after the END {} line (line {lineno})",
-                            last.label
-                        ),
+                        format!("unexpected text after the END {} line (line {lineno})", last.label),
                     ));
                 } else {
                     return Err(PkiError::new(
@@ -255,19 +238,12 @@ fn parse_pem(field: &'static str, text: &str) -> Result<Vec<PemBlock>, PkiError>
                         ));
                     }
                     if body.is_empty() {
-                        return Err(PkiError::new(
-                            field,
-                            format!("{label} block (line {begin_line}) has no content"),
-                        ));
+                        return Err(PkiError::new(field, format!("{label} block (line {begin_line}) has no content")));
                     }
-                    let der = base64ct::Base64::decode_vec(body.as_str(),
-                    )
-                    .map_err(|_| {
+                    let der = base64ct::Base64::decode_vec(body.as_str()).map_err(|_| {
                         PkiError::new(
                             field,
-                            format!(
-                                "{label} block (line {begin_line}) is not valid base64 (truncated or corrupted)"
-                            ),
+                            format!("{label} block (line {begin_line}) is not valid base64 (truncated or corrupted)"),
                         )
                     })?;
                     blocks.push(PemBlock {
@@ -308,28 +284,18 @@ fn parse_pem(field: &'static str, text: &str) -> Result<Vec<PemBlock>, PkiError>
 
 /// `-----BEGIN LABEL-----` → `Some("LABEL")` for kind `"BEGIN"`.
 fn pem_marker<'a>(line: &'a str, kind: &str) -> Option<&'a str> {
-    line.strip_prefix("-----")?
-        .strip_prefix(kind)?
-        .strip_prefix(' ')?
-        .strip_suffix("-----")
+    line.strip_prefix("-----")?.strip_prefix(kind)?.strip_prefix(' ')?.strip_suffix("-----")
 }
 
 fn cert_blocks(field: &'static str, text: &str) -> Result<Vec<PemBlock>, PkiError> {
     let blocks = parse_pem(field, text)?;
     for (i, b) in blocks.iter().enumerate() {
         if b.label != "CERTIFICATE" {
-            let hint = if b.label.contains("PRIVATE KEY") {
-                " (the private key belongs in private_key_pem)"
-            } else {
-                ""
-            };
+            let hint =
+                if b.label.contains("PRIVATE KEY") { " (the private key belongs in private_key_pem)" } else { "" };
             return Err(PkiError::new(
                 field,
-                format!(
-                    "PEM block {} is {}, expected CERTIFICATE{hint}",
-                    i + 1,
-                    b.label
-                ),
+                format!("PEM block {} is {}, expected CERTIFICATE{hint}", i + 1, b.label),
             ));
         }
     }
@@ -348,39 +314,24 @@ fn describe(index: Option<usize>, cert: &X509Certificate<'_>) -> String {
 
 fn name(n: &X509Name<'_>) -> String {
     let s = n.to_string();
-    if s.is_empty() {
-        "an empty name".to_string()
-    } else {
-        s
-    }
+    if s.is_empty() { "an empty name".to_string() } else { s }
 }
 
 fn names_equal(a: &X509Name<'_>, b: &X509Name<'_>) -> bool {
     a.as_raw() == b.as_raw() || a.to_string() == b.to_string()
 }
 
-fn parse_cert<'a>(
-    field: &'static str,
-    der: &'a [u8],
-    index: Option<usize>,
-) -> Result<X509Certificate<'a>, PkiError> {
+fn parse_cert<'a>(field: &'static str, der: &'a [u8], index: Option<usize>) -> Result<X509Certificate<'a>, PkiError> {
     let what = match index {
         None => "the certificate".to_string(),
         Some(i) => format!("certificate {i}"),
     };
     match X509Certificate::from_der(der) {
         Ok(([], cert)) => Ok(cert),
-        Ok((rest, _)) => Err(PkiError::new(
-            field,
-            format!(
-                "{what} has {} unexpected bytes after its DER encoding",
-                rest.len()
-            ),
-        )),
-        Err(e) => Err(PkiError::new(
-            field,
-            format!("{what} is not a valid X.509 certificate: {e}"),
-        )),
+        Ok((rest, _)) => {
+            Err(PkiError::new(field, format!("{what} has {} unexpected bytes after its DER encoding", rest.len())))
+        }
+        Err(e) => Err(PkiError::new(field, format!("{what} is not a valid X.509 certificate: {e}"))),
     }
 }
 
@@ -398,27 +349,18 @@ fn check_validity(
         Some(_) => format!("{} ", describe(index, cert)),
     };
     if not_after < now {
-        return Err(PkiError::new(
-            field,
-            format!("{prefix}expired at {}", rfc3339(not_after)),
-        ));
+        return Err(PkiError::new(field, format!("{prefix}expired at {}", rfc3339(not_after))));
     }
     if not_before > now.saturating_add(skew_s) {
         return Err(PkiError::new(
             field,
-            format!(
-                "{prefix}not valid before {} (more than {skew_s} s in the future)",
-                rfc3339(not_before)
-            ),
+            format!("{prefix}not valid before {} (more than {skew_s} s in the future)", rfc3339(not_before)),
         ));
     }
     Ok(())
 }
 
-fn check_chain_order(
-    leaf: &X509Certificate<'_>,
-    chain: &[X509Certificate<'_>],
-) -> Result<(), PkiError> {
+fn check_chain_order(leaf: &X509Certificate<'_>, chain: &[X509Certificate<'_>]) -> Result<(), PkiError> {
     let mut prev = leaf;
     let mut prev_index: Option<usize> = None;
     for (i, next) in chain.iter().enumerate() {
@@ -443,9 +385,7 @@ fn check_chain_order(
             ));
         }
         // Ok, or an algorithm x509-parser cannot verify (names matched): go on.
-        if let Err(X509Error::SignatureVerificationError) =
-            prev.verify_signature(Some(next.public_key()))
-        {
+        if let Err(X509Error::SignatureVerificationError) = prev.verify_signature(Some(next.public_key())) {
             return Err(PkiError::new(
                 FIELD_CHAIN,
                 format!(
@@ -506,15 +446,9 @@ impl DerivedKey {
     fn equals_spki(&self, spki: &[u8]) -> bool {
         match self {
             DerivedKey::Rsa(k) => rsa::PublicKey::from_public_key_der(spki).is_ok_and(|c| c == **k),
-            DerivedKey::P256(k) => {
-                p256::PublicKey::from_public_key_der(spki).is_ok_and(|c| c == *k)
-            }
-            DerivedKey::P384(k) => {
-                p384::PublicKey::from_public_key_der(spki).is_ok_and(|c| c == *k)
-            }
-            DerivedKey::Ed25519(k) => {
-                ed25519_dalek::VerifyingKey::from_public_key_der(spki).is_ok_and(|c| c == *k)
-            }
+            DerivedKey::P256(k) => p256::PublicKey::from_public_key_der(spki).is_ok_and(|c| c == *k),
+            DerivedKey::P384(k) => p384::PublicKey::from_public_key_der(spki).is_ok_and(|c| c == *k),
+            DerivedKey::Ed25519(k) => ed25519_dalek::VerifyingKey::from_public_key_der(spki).is_ok_and(|c| c == *k),
         }
     }
 }
@@ -544,10 +478,7 @@ const SUPPORTED: &str = "supported: RSA, ECDSA P-256, ECDSA P-384, Ed25519";
 
 fn parse_private_key(text: &str) -> Result<DerivedKey, PkiError> {
     let blocks = parse_pem(FIELD_KEY, text)?;
-    let keys: Vec<&PemBlock> = blocks
-        .iter()
-        .filter(|b| b.label != "EC PARAMETERS")
-        .collect();
+    let keys: Vec<&PemBlock> = blocks.iter().filter(|b| b.label != "EC PARAMETERS").collect();
     let block = match keys.as_slice() {
         [] => return Err(key_err("contains no private key block")),
         [one] => *one,
@@ -555,25 +486,20 @@ fn parse_private_key(text: &str) -> Result<DerivedKey, PkiError> {
             return Err(key_err(format!(
                 "contains {} PEM blocks ({}); exactly one private key is expected",
                 many.len(),
-                many.iter()
-                    .map(|b| b.label.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                many.iter().map(|b| b.label.as_str()).collect::<Vec<_>>().join(", ")
             )));
         }
     };
-    let encrypted_msg = "is encrypted; provide the private key unencrypted (passphrase-protected keys are not supported)";
+    let encrypted_msg =
+        "is encrypted; provide the private key unencrypted (passphrase-protected keys are not supported)";
     match block.label.as_str() {
         "PRIVATE KEY" => parse_pkcs8(&block.der),
         "RSA PRIVATE KEY" => {
             if block.legacy_encrypted {
                 return Err(key_err(encrypted_msg));
             }
-            let key =
-                <rsa::PrivateKey as rsa::pkcs1::DecodeRsaPrivateKey>::from_pkcs1_der(&block.der)
-                    .map_err(|_| {
-                        key_err("RSA PRIVATE KEY block is not a valid PKCS#1 RSA private key")
-                    })?;
+            let key = <rsa::PrivateKey as rsa::pkcs1::DecodeRsaPrivateKey>::from_pkcs1_der(&block.der)
+                .map_err(|_| key_err("RSA PRIVATE KEY block is not a valid PKCS#1 RSA private key"))?;
             rsa_public(&key)
         }
         "EC PRIVATE KEY" => {
@@ -583,16 +509,15 @@ fn parse_private_key(text: &str) -> Result<DerivedKey, PkiError> {
             parse_sec1(&block.der)
         }
         "ENCRYPTED PRIVATE KEY" => Err(key_err(encrypted_msg)),
-        "OPENSSH PRIVATE KEY" => Err(key_err(
-            "OpenSSH-format private keys are not supported; convert it to PKCS#8 (BEGIN PRIVATE KEY)",
-        )),
+        "OPENSSH PRIVATE KEY" => {
+            Err(key_err("OpenSSH-format private keys are not supported; convert it to PKCS#8 (BEGIN PRIVATE KEY)"))
+        }
         "CERTIFICATE" => Err(key_err(
             "holds a CERTIFICATE block, expected a private key (the certificate belongs in certificate_pem)",
         )),
-        "PUBLIC KEY" | "RSA PUBLIC KEY" => Err(key_err(format!(
-            "holds a {} block; the private key is required",
-            block.label
-        ))),
+        "PUBLIC KEY" | "RSA PUBLIC KEY" => {
+            Err(key_err(format!("holds a {} block; the private key is required", block.label)))
+        }
         other => Err(key_err(format!(
             "unsupported PEM block type {other}; expected PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY"
         ))),
@@ -600,14 +525,13 @@ fn parse_private_key(text: &str) -> Result<DerivedKey, PkiError> {
 }
 
 fn rsa_public(key: &rsa::PrivateKey) -> Result<DerivedKey, PkiError> {
-    key.validate()
-        .map_err(|_| key_err("RSA private key is inconsistent (failed validation)"))?;
+    key.validate().map_err(|_| key_err("RSA private key is inconsistent (failed validation)"))?;
     Ok(DerivedKey::Rsa(Box::new(key.to_public_key())))
 }
 
 fn parse_pkcs8(der: &[u8]) -> Result<DerivedKey, PkiError> {
-    let info = PrivateKeyInfoRef::try_from(der)
-        .map_err(|_| key_err("PRIVATE KEY block is not a valid PKCS#8 private key"))?;
+    let info =
+        PrivateKeyInfoRef::try_from(der).map_err(|_| key_err("PRIVATE KEY block is not a valid PKCS#8 private key"))?;
     let alg = info.algorithm.oid;
     let invalid = |kind: &str| key_err(format!("PKCS#8 {kind} private key is invalid"));
     if alg == OID_RSA {
@@ -616,31 +540,19 @@ fn parse_pkcs8(der: &[u8]) -> Result<DerivedKey, PkiError> {
     } else if alg == OID_EC_PUBLIC_KEY {
         match info.algorithm.parameters_oid().ok() {
             Some(c) if c == OID_P256 => Ok(DerivedKey::P256(
-                p256::SecretKey::from_pkcs8_der(der)
-                    .map_err(|_| invalid("ECDSA P-256"))?
-                    .public_key(),
+                p256::SecretKey::from_pkcs8_der(der).map_err(|_| invalid("ECDSA P-256"))?.public_key(),
             )),
             Some(c) if c == OID_P384 => Ok(DerivedKey::P384(
-                p384::SecretKey::from_pkcs8_der(der)
-                    .map_err(|_| invalid("ECDSA P-384"))?
-                    .public_key(),
+                p384::SecretKey::from_pkcs8_der(der).map_err(|_| invalid("ECDSA P-384"))?.public_key(),
             )),
-            Some(c) => Err(key_err(format!(
-                "unsupported elliptic curve {} ({SUPPORTED})",
-                curve_name(c)
-            ))),
-            None => Err(key_err(
-                "PKCS#8 EC private key does not name its curve (named curves only)",
-            )),
+            Some(c) => Err(key_err(format!("unsupported elliptic curve {} ({SUPPORTED})", curve_name(c)))),
+            None => Err(key_err("PKCS#8 EC private key does not name its curve (named curves only)")),
         }
     } else if alg == OID_ED25519 {
         let key = ed25519_dalek::SigningKey::from_pkcs8_der(der).map_err(|_| invalid("Ed25519"))?;
         Ok(DerivedKey::Ed25519(key.verifying_key()))
     } else {
-        Err(key_err(format!(
-            "unsupported key algorithm {} ({SUPPORTED})",
-            algorithm_name(alg)
-        )))
+        Err(key_err(format!("unsupported key algorithm {} ({SUPPORTED})", algorithm_name(alg))))
     }
 }
 
@@ -658,31 +570,16 @@ fn parse_sec1(der: &[u8]) -> Result<DerivedKey, PkiError> {
     };
     let invalid = |kind: &str| key_err(format!("SEC1 {kind} private key is invalid"));
     if curve == OID_P256 {
-        Ok(DerivedKey::P256(
-            p256::SecretKey::from_sec1_der(der)
-                .map_err(|_| invalid("ECDSA P-256"))?
-                .public_key(),
-        ))
+        Ok(DerivedKey::P256(p256::SecretKey::from_sec1_der(der).map_err(|_| invalid("ECDSA P-256"))?.public_key()))
     } else if curve == OID_P384 {
-        Ok(DerivedKey::P384(
-            p384::SecretKey::from_sec1_der(der)
-                .map_err(|_| invalid("ECDSA P-384"))?
-                .public_key(),
-        ))
+        Ok(DerivedKey::P384(p384::SecretKey::from_sec1_der(der).map_err(|_| invalid("ECDSA P-384"))?.public_key()))
     } else {
-        Err(key_err(format!(
-            "unsupported elliptic curve {} ({SUPPORTED})",
-            curve_name(curve)
-        )))
+        Err(key_err(format!("unsupported elliptic curve {} ({SUPPORTED})", curve_name(curve))))
     }
 }
 
 fn curve_name(oid: ObjectIdentifier) -> String {
-    if oid == OID_P521 {
-        "P-521".into()
-    } else {
-        oid.to_string()
-    }
+    if oid == OID_P521 { "P-521".into() } else { oid.to_string() }
 }
 
 fn algorithm_name(oid: ObjectIdentifier) -> String {
@@ -726,10 +623,7 @@ fn check_size(field: &'static str, s: &str) -> Result<(), PkiError> {
     if s.len() > MAX_FIELD_BYTES {
         Err(PkiError::new(
             field,
-            format!(
-                "is {} bytes, larger than the 1 MiB limit ({MAX_FIELD_BYTES} bytes)",
-                s.len()
-            ),
+            format!("is {} bytes, larger than the 1 MiB limit ({MAX_FIELD_BYTES} bytes)", s.len()),
         ))
     } else {
         Ok(())
@@ -757,13 +651,7 @@ fn rfc3339(ts: i64) -> String {
             let d = doy - (153 * mp + 2) / 5 + 1;
             let m = if mp < 10 { mp + 3 } else { mp - 9 };
             let y = yoe + era * 400 + i64::from(m <= 2);
-            write!(
-                f,
-                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-                secs / 3600,
-                secs % 3600 / 60,
-                secs % 60
-            )
+            write!(f, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
         }
     }
     Ts(ts).to_string()
@@ -785,19 +673,13 @@ mod unit {
     #[test]
     fn labels_are_sanitized() {
         assert_eq!(sanitize_label("EC PRIVATE KEY"), "EC PRIVATE KEY");
-        assert_eq!(
-            sanitize_label("MIIEvAIBADANBgkqhkiG9w0"),
-            "<unrecognized label>"
-        );
+        assert_eq!(sanitize_label("MIIEvAIBADANBgkqhkiG9w0"), "<unrecognized label>");
         assert_eq!(sanitize_label(""), "<unrecognized label>");
     }
 
     #[test]
     fn pem_marker_parses() {
-        assert_eq!(
-            pem_marker("-----BEGIN CERTIFICATE-----", "BEGIN"),
-            Some("CERTIFICATE")
-        );
+        assert_eq!(pem_marker("-----BEGIN CERTIFICATE-----", "BEGIN"), Some("CERTIFICATE"));
         assert_eq!(pem_marker("-----END X-----", "BEGIN"), None);
         assert_eq!(pem_marker("-----BEGIN X----", "BEGIN"), None);
     }

@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 use base64ct::Encoding as _;
 use certdeploy_pki::{CertFacts, MAX_FIELD_BYTES, PkiError, cert_facts, validate_bundle};
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, IsCa, Issuer,
-    KeyPair, SignatureAlgorithm,
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    SignatureAlgorithm,
 };
 use sha2::{Digest, Sha256};
 
@@ -33,10 +33,7 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 }
 
 fn pem_body(pem: &str) -> Vec<&str> {
-    pem.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("-----"))
-        .collect()
+    pem.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("-----")).collect()
 }
 
 /// RSA-2048 key pair as PKCS#8 PEM (generated once: slow in debug builds).
@@ -79,9 +76,7 @@ enum Alg {
 
 fn keypair(alg: Alg) -> KeyPair {
     match alg {
-        Alg::Rsa => {
-            KeyPair::from_pkcs8_pem_and_sign_algo(rsa_pkcs8_pem(), &rcgen::PKCS_RSA_SHA256).unwrap()
-        }
+        Alg::Rsa => KeyPair::from_pkcs8_pem_and_sign_algo(rsa_pkcs8_pem(), &rcgen::PKCS_RSA_SHA256).unwrap(),
         Alg::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
         Alg::P384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
         Alg::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
@@ -177,10 +172,7 @@ fn valid_rsa_pkcs8_and_pkcs1_with_chain() {
     assert_eq!(facts.subject, "CN=Leaf");
     let pkcs1 = rsa_pkcs1_pem();
     assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
-    assert_eq!(
-        validate(&p.leaf.pem(), &pkcs1, Some(&chain)).unwrap(),
-        facts
-    );
+    assert_eq!(validate(&p.leaf.pem(), &pkcs1, Some(&chain)).unwrap(), facts);
 }
 
 #[test]
@@ -192,13 +184,8 @@ fn valid_p256_pkcs8_sec1_and_ec_parameters_block() {
     assert!(sec1.starts_with("-----BEGIN EC PRIVATE KEY-----"));
     assert_eq!(validate(&p.leaf.pem(), &sec1, Some(&chain)).unwrap(), facts);
     // `openssl ecparam -genkey` output: EC PARAMETERS (prime256v1 OID) + key.
-    let with_params = format!(
-        "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n{sec1}"
-    );
-    assert_eq!(
-        validate(&p.leaf.pem(), &with_params, Some(&chain)).unwrap(),
-        facts
-    );
+    let with_params = format!("-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n{sec1}");
+    assert_eq!(validate(&p.leaf.pem(), &with_params, Some(&chain)).unwrap(), facts);
 }
 
 #[test]
@@ -251,10 +238,7 @@ fn crlf_and_surrounding_whitespace_are_accepted() {
 fn wrong_key_same_algorithm() {
     let p = pki(Alg::P256);
     let other = keypair(Alg::P256).serialize_pem();
-    assert_eq!(
-        err(&p.leaf.pem(), &other, None),
-        "private_key_pem: does not match the certificate's public key"
-    );
+    assert_eq!(err(&p.leaf.pem(), &other, None), "private_key_pem: does not match the certificate's public key");
     // SEC1 form of the wrong key: same verdict.
     assert_eq!(
         err(&p.leaf.pem(), &p256_sec1_pem(&other), None),
@@ -287,10 +271,7 @@ fn expired_certificate() {
     let root = Node::root("Root", Alg::P256);
     // notAfter 2027-01-01T00:00:00Z, before NOW.
     let leaf = root.issue("Leaf", Alg::P256, NOW - 400 * DAY, 1_798_761_600, false);
-    assert_eq!(
-        err(&leaf.pem(), &leaf.key_pem(), None),
-        "certificate_pem: expired at 2027-01-01T00:00:00Z"
-    );
+    assert_eq!(err(&leaf.pem(), &leaf.key_pem(), None), "certificate_pem: expired at 2027-01-01T00:00:00Z");
 }
 
 #[test]
@@ -348,9 +329,7 @@ fn chain_link_out_of_order_after_first() {
 fn chain_with_same_name_but_wrong_key_fails_signature() {
     let p = pki(Alg::P256);
     // Another "CN=Intermediate" with a different key.
-    let impostor = p
-        .root
-        .issue("Intermediate", Alg::P256, NOW - DAY, NOW + 900 * DAY, true);
+    let impostor = p.root.issue("Intermediate", Alg::P256, NOW - DAY, NOW + 900 * DAY, true);
     assert_eq!(
         err(&p.leaf.pem(), &p.leaf.key_pem(), Some(&impostor.pem())),
         "chain_pem: the signature of the certificate (CN=Leaf) does not verify with the \
@@ -386,10 +365,7 @@ fn truncated_pem() {
     let lines: Vec<&str> = pem.lines().collect();
     let short = format!("{}\n{}\n{}\n", lines[0], lines[1], lines[lines.len() - 1]);
     let e = err(&short, &p.leaf.key_pem(), None);
-    assert!(
-        e.starts_with("certificate_pem: the certificate is not a valid X.509 certificate"),
-        "{e}"
-    );
+    assert!(e.starts_with("certificate_pem: the certificate is not a valid X.509 certificate"), "{e}");
 }
 
 #[test]
@@ -399,10 +375,7 @@ fn trailing_garbage_rejected_whitespace_accepted() {
     let n = pem.lines().count();
     assert_eq!(
         err(&format!("{pem}garbage\n"), &p.leaf.key_pem(), None),
-        format!(
-            "certificate_pem: unexpected text after the END CERTIFICATE line (line {})",
-            n + 1
-        )
+        format!("certificate_pem: unexpected text after the END CERTIFICATE line (line {})", n + 1)
     );
     assert_eq!(
         err(&format!("hello\n{pem}"), &p.leaf.key_pem(), None),
@@ -433,10 +406,7 @@ fn garbage_base64() {
     // Valid base64, not DER.
     let notder = "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n";
     let e = err(notder, &p.leaf.key_pem(), None);
-    assert!(
-        e.starts_with("certificate_pem: the certificate is not a valid X.509 certificate"),
-        "{e}"
-    );
+    assert!(e.starts_with("certificate_pem: the certificate is not a valid X.509 certificate"), "{e}");
     let key_pem = p.leaf.key_pem();
     let first = pem_body(&key_pem)[0].to_string();
     let key = key_pem.replace(&first, &first.replace('A', "*"));
@@ -453,20 +423,14 @@ fn mismatched_and_stray_markers() {
     let n = pem.lines().count();
     assert_eq!(
         err(&pem, &p.leaf.key_pem(), None),
-        format!(
-            "certificate_pem: BEGIN CERTIFICATE block (line 1) is closed by END X509 CRL (line {n})"
-        )
+        format!("certificate_pem: BEGIN CERTIFICATE block (line 1) is closed by END X509 CRL (line {n})")
     );
     assert_eq!(
         err("-----END CERTIFICATE-----\n", &p.leaf.key_pem(), None),
         "certificate_pem: END line without a matching BEGIN line (line 1)"
     );
     assert_eq!(
-        err(
-            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
-            &p.leaf.key_pem(),
-            None
-        ),
+        err("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n", &p.leaf.key_pem(), None),
         "certificate_pem: CERTIFICATE block (line 1) has no content"
     );
 }
@@ -474,19 +438,10 @@ fn mismatched_and_stray_markers() {
 #[test]
 fn empty_fields() {
     let p = pki(Alg::P256);
-    assert_eq!(
-        err("", &p.leaf.key_pem(), None),
-        "certificate_pem: is empty"
-    );
-    assert_eq!(
-        err(" \n", &p.leaf.key_pem(), None),
-        "certificate_pem: is empty"
-    );
+    assert_eq!(err("", &p.leaf.key_pem(), None), "certificate_pem: is empty");
+    assert_eq!(err(" \n", &p.leaf.key_pem(), None), "certificate_pem: is empty");
     assert_eq!(err(&p.leaf.pem(), "", None), "private_key_pem: is empty");
-    assert_eq!(
-        err(&p.leaf.pem(), &p.leaf.key_pem(), Some("")),
-        "chain_pem: is empty"
-    );
+    assert_eq!(err(&p.leaf.pem(), &p.leaf.key_pem(), Some("")), "chain_pem: is empty");
 }
 
 #[test]
@@ -562,9 +517,7 @@ fn encrypted_keys_rejected() {
 fn unsupported_key_algorithm() {
     let p = pki(Alg::P256);
     // PKCS#8 Ed448 key: SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.113 }, OCTET STRING { OCTET STRING (57 bytes) } }
-    let mut der = vec![
-        0x30, 0x47, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x71,
-    ];
+    let mut der = vec![0x30, 0x47, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x71];
     der.extend_from_slice(&[0x04, 0x3b, 0x04, 0x39]);
     der.extend_from_slice(&[7u8; 57]);
     let ed448 = pem_encode("PRIVATE KEY", &der);
@@ -594,12 +547,12 @@ fn errors_never_contain_key_material() {
         assert!(body.len() >= 2);
         let middle = body.len() / 2;
         let mut variants = vec![
-            key.clone(),                            // wrong key (for all but RSA)
-            format!("{key}trailing secret junk\n"), // trailing garbage
-            key.replace(body[middle], "@@@@"),      // corrupted base64
+            key.clone(),                                                 // wrong key (for all but RSA)
+            format!("{key}trailing secret junk\n"),                      // trailing garbage
+            key.replace(body[middle], "@@@@"),                           // corrupted base64
             key.lines().take(body.len()).collect::<Vec<_>>().join("\n"), // truncated
-            format!("{key}{key}"),                  // two keys
-            key.replacen(body[0], &body[0][..body[0].len() - 4], 1), // bad length
+            format!("{key}{key}"),                                       // two keys
+            key.replacen(body[0], &body[0][..body[0].len() - 4], 1),     // bad length
         ];
         variants.push(key.replace("PRIVATE KEY", "SECRET BLOB"));
         // Key body framed as a certificate (reaches the X.509 parser's errors).
@@ -649,10 +602,7 @@ fn cert_facts_reads_the_leaf_of_a_cert_file_with_chain() {
     let digest: [u8; 32] = Sha256::digest(p.leaf.cert.der().as_ref()).into();
     assert_eq!(facts.leaf_sha256, digest);
     // Same facts as validation returns.
-    assert_eq!(
-        validate(&p.leaf.pem(), &p.leaf.key_pem(), Some(&p.chain())).unwrap(),
-        facts
-    );
+    assert_eq!(validate(&p.leaf.pem(), &p.leaf.key_pem(), Some(&p.chain())).unwrap(), facts);
     // Lenient about text around the blocks (files found on hosts).
     let annotated = format!("subject=CN = Leaf\r\n{}", file.replace('\n', "\r\n"));
     assert_eq!(cert_facts(annotated.as_bytes()), Some(facts));

@@ -45,6 +45,8 @@ pub struct SshdFixture {
     addrs: Vec<String>,
     port: u16,
     child: Child,
+    /// Further listeners when there are more than 16 addresses.
+    extra: Vec<Child>,
     known_hosts: PathBuf,
     identity: PathBuf,
     log: PathBuf,
@@ -145,45 +147,60 @@ impl SshdFixture {
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let mut c = String::new();
-            c.push_str(&format!("Port {port}\n"));
-            for a in addrs {
-                c.push_str(&format!("ListenAddress {a}:{port}\n"));
-            }
-            c.push_str(&format!(
-                "HostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\nStrictModes no\n\
-                 PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 UsePAM no\nPermitRootLogin no\nAllowUsers {TEST_USER}\nMaxSessions 64\nMaxStartups 100\n\
-                 LogLevel VERBOSE\nSubsystem sftp internal-sftp\n",
-                hk = host_key.display(),
-                pid = root.join("sshd.pid").display(),
-                ak = authorized.display(),
-            ));
-            fs::write(&cfg, c).expect("write sshd_config");
             let _ = fs::remove_file(&log);
-            let mut child = Command::new(SSHD)
-                .arg("-D")
-                .arg("-f")
-                .arg(&cfg)
-                .arg("-E")
-                .arg(&log)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("testbed: cannot start {SSHD}: {e}"));
-            match wait_listening(&mut child, addrs, port) {
-                Ok(()) => {
+            // sshd listens on at most 16 sockets: one process per 16 addresses,
+            // sharing port, keys and log.
+            let mut children: Vec<Child> = Vec::new();
+            let mut failed = None;
+            for (n, group) in addrs.chunks(16).enumerate() {
+                let mut c = String::new();
+                c.push_str(&format!("Port {port}\n"));
+                for a in group {
+                    c.push_str(&format!("ListenAddress {a}:{port}\n"));
+                }
+                c.push_str(&format!(
+                    "HostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\nStrictModes no\n\
+                     PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                     UsePAM no\nPermitRootLogin no\nAllowUsers {TEST_USER}\nMaxSessions 64\nMaxStartups 100\n\
+                     LogLevel VERBOSE\nSubsystem sftp internal-sftp\n",
+                    hk = host_key.display(),
+                    pid = root.join(if n == 0 { "sshd.pid".to_string() } else { format!("sshd.{n}.pid") }).display(),
+                    ak = authorized.display(),
+                ));
+                let cfg_n = if n == 0 { cfg.clone() } else { root.join(format!("sshd_config.{n}")) };
+                fs::write(&cfg_n, c).expect("write sshd_config");
+                let mut child = Command::new(SSHD)
+                    .arg("-D")
+                    .arg("-f")
+                    .arg(&cfg_n)
+                    .arg("-E")
+                    .arg(&log)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("testbed: cannot start {SSHD}: {e}"));
+                let r = wait_listening(&mut child, group, port);
+                children.push(child);
+                if let Err(e) = r {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            match failed {
+                None => {
                     let known_hosts = root.join("known_hosts");
                     let mut kh = String::new();
                     for a in addrs {
                         kh.push_str(&format!("[{a}]:{port} {host_pub}\n"));
                     }
                     fs::write(&known_hosts, kh).expect("write known_hosts");
+                    let child = children.remove(0);
                     return SshdFixture {
                         addrs: addrs.iter().map(|s| s.to_string()).collect(),
                         port,
                         child,
+                        extra: children,
                         known_hosts,
                         identity,
                         log,
@@ -192,9 +209,11 @@ impl SshdFixture {
                         dir,
                     };
                 }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                Some(e) => {
+                    for mut child in children {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
                     last_err = format!("{e}\nsshd log:\n{}", fs::read_to_string(&log).unwrap_or_default());
                 }
             }
@@ -268,7 +287,7 @@ impl SshdFixture {
     /// Kill every sshd per-connection process (all descendants of the
     /// listener), keeping the listener: clients see their connection drop.
     pub fn kill_connections(&self) -> usize {
-        let pids = descendants(self.child.id());
+        let pids: Vec<u32> = self.listener_pids().into_iter().flat_map(descendants).collect();
         for p in &pids {
             let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
         }
@@ -277,7 +296,11 @@ impl SshdFixture {
 
     /// Number of live per-connection sshd processes.
     pub fn connection_count(&self) -> usize {
-        children_of(self.child.id()).len()
+        self.listener_pids().into_iter().map(|p| children_of(p).len()).sum()
+    }
+
+    fn listener_pids(&self) -> Vec<u32> {
+        std::iter::once(self.child.id()).chain(self.extra.iter().map(Child::id)).collect()
     }
 
     // ---- files as they are on disk -------------------------------------
@@ -408,12 +431,18 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 impl Drop for SshdFixture {
     fn drop(&mut self) {
-        let pids = descendants(self.child.id());
+        let pids: Vec<u32> = self.listener_pids().into_iter().flat_map(descendants).collect();
         let _ = self.child.kill();
+        for c in self.extra.iter_mut() {
+            let _ = c.kill();
+        }
         for p in pids {
             let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
         }
         let _ = self.child.wait();
+        for c in self.extra.iter_mut() {
+            let _ = c.wait();
+        }
         // Leave the log behind when a test failed, for post-mortems.
         if std::thread::panicking() {
             let _ = std::io::stderr().write_all(format!("sshd log:\n{}\n", self.log()).as_bytes());

@@ -9,10 +9,7 @@ use std::time::Duration;
 use certdeploy_amqp::BrokerConfig;
 
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
+    let out = Command::new("rabbitmqctl").args(args).output().expect("run rabbitmqctl");
     assert!(
         out.status.success(),
         "rabbitmqctl {args:?} failed: {}{}",
@@ -38,10 +35,7 @@ impl Vhost {
     }
 
     pub fn url(&self) -> String {
-        format!(
-            "amqp://guest:guest@127.0.0.1:5672/{}",
-            urlencode(&self.name)
-        )
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", urlencode(&self.name))
     }
 
     pub fn config(&self, name: &str) -> BrokerConfig {
@@ -56,24 +50,13 @@ impl Vhost {
     }
 
     pub fn list_queues(&self) -> String {
-        rabbitmqctl(&[
-            "list_queues",
-            "-q",
-            "-p",
-            &self.name,
-            "name",
-            "type",
-            "arguments",
-            "messages",
-        ])
+        rabbitmqctl(&["list_queues", "-q", "-p", &self.name, "name", "type", "arguments", "messages"])
     }
 }
 
 impl Drop for Vhost {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.name])
-            .output();
+        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output();
     }
 }
 
@@ -91,7 +74,5 @@ fn urlencode(s: &str) -> String {
 
 /// Bound a test body so a broken confirm/ack can never hang the suite.
 pub async fn within<T>(secs: u64, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test step timed out")
+    tokio::time::timeout(Duration::from_secs(secs), f).await.expect("test step timed out")
 }

@@ -3,7 +3,7 @@
 //! `certdeploy` binary as a child process.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -49,6 +49,8 @@ pub struct Opts {
     pub worker_extra: String,
     /// Extra lines in every `[targets.*]` table.
     pub target_extra: String,
+    /// Per-target reload command, by target name (wins over `reload_command`).
+    pub reload_overrides: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -103,8 +105,13 @@ impl Fleet {
             self.tmp.path().join("ssh").display()
         ));
         for t in &self.targets {
-            let reload =
-                opts.reload_command.clone().unwrap_or_else(|| format!("echo reload >> {}", t.reload_log.display()));
+            let reload = opts
+                .reload_overrides
+                .iter()
+                .find(|(name, _)| *name == t.name)
+                .map(|(_, cmd)| cmd.clone())
+                .or_else(|| opts.reload_command.clone())
+                .unwrap_or_else(|| format!("echo reload >> {}", t.reload_log.display()));
             c.push_str(&format!(
                 "[targets.{}]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n\
                  chain_path = \"{}\"\nreload_command = \"{}\"\n",
@@ -134,7 +141,7 @@ impl Fleet {
     }
 
     /// The files a target holds now (cert, key, chain).
-    pub fn files(&self, t: &Target) -> (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>) {
+    pub fn files(&self, t: &Target) -> Files {
         (fs::read(&t.cert).ok(), fs::read(&t.key).ok(), fs::read(&t.chain).ok())
     }
 
@@ -156,6 +163,9 @@ impl Fleet {
         c
     }
 }
+
+/// What a target holds: (cert, key, chain), `None` where missing.
+pub type Files = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// The real binary as a child process, logs to a file.
 pub struct Proc {
@@ -286,4 +296,306 @@ pub fn all_ids(ids: &[String]) -> impl FnMut(&BTreeMap<String, Vec<ResultEvent>>
 pub fn write_file(path: &Path, text: &str) {
     let mut f = fs::File::create(path).expect("create");
     f.write_all(text.as_bytes()).expect("write");
+}
+
+// ---------------------------------------------------------------------------
+// Batches, host checks, queues: the helpers of the "must be true" tests
+// ---------------------------------------------------------------------------
+
+/// One request of a [`Batch`].
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub id: String,
+    /// Index into `fleet.targets`.
+    pub target: usize,
+    pub bundle: Bundle,
+    pub body: Vec<u8>,
+}
+
+/// A batch of valid requests spread round-robin over a fleet's targets.
+/// Per target, notBefore strictly increases in publish order (one second
+/// apart), so the last request for a target is also its newest certificate.
+pub struct Batch {
+    pub ca: TestCa,
+    pub items: Vec<Item>,
+}
+
+impl Batch {
+    pub fn new(fleet: &Fleet, prefix: &str, n: usize) -> Batch {
+        let ca = TestCa::new();
+        let base =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+                - 86_400;
+        let items = (0..n)
+            .map(|i| {
+                let target = i % fleet.targets.len();
+                let nb = base + i as i64;
+                let bundle = ca.leaf_at(&format!("{prefix}-{i}.example"), nb, nb + 365 * 86_400);
+                let id = format!("{prefix}-{i:04}");
+                let body = request(&id, &fleet.targets[target].name, &bundle, true);
+                Item { id, target, bundle, body }
+            })
+            .collect();
+        Batch { ca, items }
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.items.iter().map(|i| i.id.clone()).collect()
+    }
+
+    pub fn item(&self, id: &str) -> Option<&Item> {
+        self.items.iter().find(|i| i.id == id)
+    }
+
+    /// The last (and newest) request for target `t`.
+    pub fn last_for(&self, t: usize) -> Option<&Item> {
+        self.items.iter().rev().find(|i| i.target == t)
+    }
+
+    /// certificate PEM -> the request that carried it.
+    pub fn by_cert(&self) -> HashMap<&str, &Item> {
+        self.items.iter().map(|i| (i.bundle.cert_pem.as_str(), i)).collect()
+    }
+}
+
+/// What a target holds, checked for consistency against a batch: no
+/// temp files; either no files at all, or a certificate from the batch with
+/// exactly its own key and chain. Returns the id whose files are on disk.
+pub fn host_state(fleet: &Fleet, batch: &Batch, t: usize) -> Result<Option<String>, String> {
+    let target = &fleet.targets[t];
+    let leftovers = fleet.leftovers(target);
+    if !leftovers.is_empty() {
+        return Err(format!("{}: temp files left: {leftovers:?}", target.name));
+    }
+    let by_cert = batch.by_cert();
+    match fleet.files(target) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), Some(chain)) => {
+            let cert = String::from_utf8(cert).map_err(|_| format!("{}: cert is not UTF-8", target.name))?;
+            let Some(item) = by_cert.get(cert.as_str()) else {
+                return Err(format!(
+                    "{}: certificate on disk is torn or not from this batch ({} bytes)",
+                    target.name,
+                    cert.len()
+                ));
+            };
+            if item.target != t {
+                return Err(format!("{}: holds {} which was meant for t{}", target.name, item.id, item.target));
+            }
+            if key != item.bundle.key_pem.as_bytes() {
+                return Err(format!("{}: key on disk does not belong to the certificate of {}", target.name, item.id));
+            }
+            if chain != item.bundle.chain_pem.as_bytes() {
+                return Err(format!("{}: chain on disk does not match {}", target.name, item.id));
+            }
+            Ok(Some(item.id.clone()))
+        }
+        (c, k, ch) => Err(format!(
+            "{}: partial set of files: cert {} key {} chain {}",
+            target.name,
+            c.is_some(),
+            k.is_some(),
+            ch.is_some()
+        )),
+    }
+}
+
+/// Name of the durable queue the [`ResultTap`] reads.
+pub const RESULT_TAP_QUEUE: &str = "e2e.results";
+
+/// Declare a durable classic queue bound to the events exchange with
+/// `result.#`. The broker API only has exclusive result subscriptions,
+/// which die with their connection; this one keeps collecting while a test
+/// closes every connection of the vhost. (`rabbitmqctl eval`: the
+/// management plugin is not enabled on the test broker.)
+pub fn declare_result_queue(vhost: &Vhost, exchange: &str, queue: &str) {
+    for s in [&vhost.name, exchange, queue] {
+        assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)), "unsafe name {s:?}");
+    }
+    let expr = format!(
+        "VH = <<\"{vh}\">>, X = rabbit_misc:r(VH, exchange, <<\"{x}\">>), Q = rabbit_misc:r(VH, queue, <<\"{q}\">>), \
+         R = rabbit_amqqueue:declare(Q, true, false, [], none, <<\"guest\">>), \
+         B = rabbit_binding:add({{binding, X, <<\"result.#\">>, Q, []}}, <<\"guest\">>), {{element(1, R), B}}.",
+        vh = vhost.name,
+        x = exchange,
+        q = queue
+    );
+    let out = certdeploy_testbed::rabbit::rabbitmqctl(&["eval", &expr]);
+    assert!(out.contains("ok"), "declaring {queue}: {out}");
+}
+
+/// Reads result events from a durable queue ([`declare_result_queue`]),
+/// reconnecting when the broker drops the connection, so nothing published
+/// during a test's connection loss is missed. Also publishes requests.
+pub struct ResultTap {
+    cfg: BrokerConfig,
+    conn: Option<(Broker, certdeploy_amqp::Consumer)>,
+    /// Every result received, per deployment id, in arrival order.
+    pub seen: BTreeMap<String, Vec<ResultEvent>>,
+    /// Result events received, in total.
+    pub received: usize,
+    /// Redelivered events dropped because an identical one was recorded.
+    pub duplicates_dropped: usize,
+    pub reconnects: usize,
+}
+
+impl ResultTap {
+    pub async fn connect(fleet: &Fleet) -> ResultTap {
+        let vhost = fleet.vhost.as_ref().expect("a fleet with a broker");
+        let cfg = fleet.broker_config("e2e-tap");
+        // Connecting declares the topology, so the events exchange exists.
+        let broker = certdeploy_amqp::connect(&cfg).await.expect("connect");
+        declare_result_queue(vhost, &cfg.topology.events_exchange, RESULT_TAP_QUEUE);
+        let consumer = broker.consume_queue(RESULT_TAP_QUEUE, "e2e-tap").await.expect("consume results");
+        ResultTap {
+            cfg,
+            conn: Some((broker, consumer)),
+            seen: BTreeMap::new(),
+            received: 0,
+            duplicates_dropped: 0,
+            reconnects: 0,
+        }
+    }
+
+    async fn ensure(&mut self, deadline: tokio::time::Instant) -> bool {
+        while self.conn.is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            match certdeploy_amqp::connect(&self.cfg).await {
+                Ok(b) => match b.consume_queue(RESULT_TAP_QUEUE, "e2e-tap").await {
+                    Ok(c) => {
+                        self.reconnects += 1;
+                        self.conn = Some((b, c));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                },
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        true
+    }
+
+    /// Publish a request (confirmed), reconnecting if needed.
+    pub async fn publish(&mut self, body: &[u8]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(self.ensure(deadline).await, "could not reach the broker to publish");
+            let (broker, _) = self.conn.as_ref().expect("connected");
+            match broker.publish_request(body).await {
+                Ok(()) => return,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "publish request: {e}");
+                    self.conn = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Receive results into `seen` until `until` holds or `timeout` passes;
+    /// returns whether `until` holds.
+    pub async fn collect(
+        &mut self,
+        timeout: Duration,
+        mut until: impl FnMut(&BTreeMap<String, Vec<ResultEvent>>) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !until(&self.seen) {
+            if !self.ensure(deadline).await {
+                break;
+            }
+            let (_, consumer) = self.conn.as_mut().expect("connected");
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Err(_) => break,
+                Ok(Some(Ok(d))) => {
+                    let r: ResultEvent = serde_json::from_slice(&d.body).expect("result event parses");
+                    assert_eq!(format!("result.{}", r.outcome.as_str()), d.routing_key, "routing key of {r:?}");
+                    // If the ack is lost with the connection the event comes
+                    // again, flagged redelivered: count it once.
+                    let _ = d.ack().await;
+                    let list = self.seen.entry(r.deployment_id.clone()).or_default();
+                    if d.redelivered && list.contains(&r) {
+                        self.duplicates_dropped += 1;
+                        continue;
+                    }
+                    self.received += 1;
+                    list.push(r);
+                }
+                Ok(Some(Err(_))) | Ok(None) => self.conn = None,
+            }
+        }
+        until(&self.seen)
+    }
+
+    /// Drain a queue with `basic.get`: (body, `x-certdeploy-reason`) per message.
+    pub async fn drain(&mut self, queue: &str) -> Vec<(Vec<u8>, Option<String>)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        assert!(self.ensure(deadline).await, "broker");
+        let (broker, _) = self.conn.as_ref().expect("connected");
+        let mut out = Vec::new();
+        while let Some(d) = broker.get(queue).await.expect("basic.get") {
+            d.ack().await.expect("ack");
+            out.push((d.body.clone(), d.reason()));
+        }
+        out
+    }
+
+    pub async fn close(self) {
+        if let Some((b, _)) = &self.conn {
+            b.close().await;
+        }
+    }
+}
+
+/// `(ready, unacked)` of a queue, or `None` if it does not exist.
+pub fn queue_state(vhost: &Vhost, queue: &str) -> Option<(u64, u64)> {
+    vhost.queue_counts().into_iter().find(|(n, _, _)| n == queue).map(|(_, r, u)| (r, u))
+}
+
+/// RabbitMQ refreshes quorum-queue counts on a tick (5 s by default), so
+/// one reading can be stale (it can even read 0/0 while messages wait).
+pub const QUEUE_STATS_TICK: Duration = Duration::from_millis(5500);
+
+/// Poll until `pred` holds for the queue's `(ready, unacked)` and keeps
+/// holding for a whole stats tick; returns the last reading.
+pub fn wait_queue_state(
+    vhost: &Vhost,
+    queue: &str,
+    timeout: Duration,
+    pred: impl Fn((u64, u64)) -> bool,
+) -> Option<(u64, u64)> {
+    let start = Instant::now();
+    let mut since: Option<Instant> = None;
+    loop {
+        let s = queue_state(vhost, queue);
+        match s {
+            Some(v) if pred(v) => {
+                let t = *since.get_or_insert_with(Instant::now);
+                if t.elapsed() >= QUEUE_STATS_TICK {
+                    return s;
+                }
+            }
+            _ => since = None,
+        }
+        if start.elapsed() > timeout {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// [`wait_queue_state`] for "nothing ready, nothing unacked".
+pub fn wait_queue_empty(vhost: &Vhost, queue: &str, timeout: Duration) -> Option<(u64, u64)> {
+    wait_queue_state(vhost, queue, timeout, |s| s == (0, 0))
+}
+
+/// All ids have at least `n` results.
+pub fn each_at_least(ids: &[String], n: usize) -> impl FnMut(&BTreeMap<String, Vec<ResultEvent>>) -> bool + '_ {
+    move |seen| ids.iter().all(|id| seen.get(id).is_some_and(|v| v.len() >= n))
+}
+
+/// Number of ids with at least one result.
+pub fn count_done(seen: &BTreeMap<String, Vec<ResultEvent>>, ids: &[String]) -> usize {
+    ids.iter().filter(|id| seen.contains_key(*id)).count()
 }
