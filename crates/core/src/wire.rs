@@ -260,6 +260,11 @@ fn describe_decode_error(text: &str, e: &serde_json::Error) -> RequestError {
             }
         }
         Ok(v) => return RequestError::new("body", format!("must be a JSON object, found {}", json_kind(&v))),
+        // The typed parse may fail on a field before it reaches a syntax
+        // error that the generic parse sees: it is not JSON at all.
+        Err(g) if matches!(g.classify(), Category::Syntax | Category::Eof) => {
+            return RequestError::new("body", format!("not valid JSON: {g}"));
+        }
         Err(_) => {}
     }
     // What the generic parse cannot see: duplicate keys (a generic map keeps
@@ -379,6 +384,20 @@ impl Report {
             attempts: 1,
             started_at: at,
             finished_at: at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_json_is_reported_as_such_even_after_an_unknown_key() {
+        for body in [&br#"{"this is": not json"#[..], b"{\"schema\": ", b"not json at all"] {
+            let e = decode_request(body).unwrap_err();
+            assert_eq!(e.field, "body", "{e}");
+            assert!(e.problem.starts_with("not valid JSON"), "{e}");
         }
     }
 }
