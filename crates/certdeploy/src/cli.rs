@@ -247,8 +247,19 @@ fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
         }
         JournalCommand::Gc { retention_days } => {
             let days = retention_days.unwrap_or(cfg.worker.journal_retention_days);
-            let stats = j.gc(Duration::from_secs(days * 86400), now())?;
-            println!("{stats:?}");
+            let retention = Duration::from_secs(days * 86400);
+            // A late redelivery must still find its result: keep dedupe
+            // entries 10x the retention, and never less than 30 days.
+            let policy = certdeploy_journal::GcPolicy {
+                retention,
+                dedupe_retention: retention.saturating_mul(10).max(Duration::from_secs(30 * 86400)),
+            };
+            let stats = j.gc_with(&policy, now())?;
+            println!(
+                "pruned {} finished deployment(s) ({} records; their results are kept for redelivery); \
+                 dropped {} expired result(s)",
+                stats.deployments_pruned, stats.records_removed, stats.dedupe_entries_removed
+            );
         }
     }
     Ok(EXIT_OK)

@@ -221,3 +221,47 @@ async fn metrics_and_readiness() {
     assert!(body.contains("certdeploy_result_publish_duration_seconds_bucket"), "{body}");
     assert_eq!(sample(&body, "certdeploy_ready"), Some(1.0));
 }
+
+/// The journal and check commands of the README, on a real fleet.
+#[test]
+fn journal_and_check_commands() {
+    let fleet = Fleet::new(1, false);
+    let cfg = fleet.write_config(&Opts::default());
+    let ca = TestCa::new();
+    let b = ca.leaf("j.example", 1);
+    let d = fleet.tmp.path();
+    write_file(&d.join("c.pem"), &b.cert_pem);
+    write_file(&d.join("k.pem"), &b.key_pem);
+    let (c, k) = (d.join("c.pem"), d.join("k.pem"));
+    let (code, out, err) = run(
+        &cfg,
+        &["deploy", "--target", "t0", "--id", "j-1", "--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (code, out, _) = run(&cfg, &["journal", "list"]);
+    assert_eq!(code, 0);
+    let row = out.lines().find(|l| l.starts_with("j-1 ")).unwrap_or_else(|| panic!("no row for j-1:\n{out}"));
+    assert!(row.contains(" deployed ") && row.contains(" yes "), "{row}");
+    let (code, out, _) = run(&cfg, &["journal", "show", "j-1"]);
+    assert_eq!(code, 0);
+    for event in ["started", "snapshotted", "begun", "written", "executed", "pruned", "finished"] {
+        assert!(out.lines().any(|l| l.split_whitespace().nth(1) == Some(event)), "no {event} in:\n{out}");
+    }
+    assert!(!out.contains(b.key_pem.lines().nth(1).unwrap()), "journal show must not print key bytes");
+    let (code, _, err) = run(&cfg, &["journal", "show", "nope"]);
+    assert_eq!(code, 1, "{err}");
+    // A zero-day retention prunes the finished records but keeps the result.
+    let (code, out, _) = run(&cfg, &["journal", "gc", "--retention-days", "0"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("pruned 1 finished deployment(s)") && out.contains("dropped 0 expired"), "{out}");
+    let (code, out, _) = run(&cfg, &["journal", "show", "j-1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("result kept for redelivery") && out.contains("deployed"), "{out}");
+
+    let (code, out, _) = run(&cfg, &["check", "--target", "t0"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("[ok]") && !out.contains("[FAIL]"), "{out}");
+    let (code, _, err) = run(&cfg, &["check", "--target", "nope"]);
+    assert_eq!(code, 2, "{err}");
+}

@@ -1,0 +1,25 @@
+//! The benchmark command stays runnable: a tiny run through RabbitMQ and
+//! without it, which also verifies every host's final files.
+
+use std::process::Command;
+
+#[test]
+fn bench_runs_and_prints_its_table() {
+    let bench = env!("CARGO_BIN_EXE_certdeploy-bench");
+    let worker = std::path::Path::new(bench).with_file_name("certdeploy");
+    assert!(
+        worker.exists(),
+        "{} is missing: build the worker too (`cargo build -p certdeploy`; the workspace test run does)",
+        worker.display()
+    );
+    let out = Command::new(bench)
+        .args(["--n", "24", "--hosts", "3", "--runs", "broker-fsync,direct-fsync"])
+        .output()
+        .expect("run certdeploy-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| broker, journal fsync |"), "{stdout}");
+    assert!(stdout.contains("| direct (no broker), journal fsync |"), "{stdout}");
+    assert!(stdout.contains("every run verified every host's final cert, key and chain"), "{stdout}");
+    assert!(stdout.contains("{\"deployed\": 24}"), "all 24 deployed in each run:\n{stdout}");
+}
