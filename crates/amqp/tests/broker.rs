@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certdeploy_amqp::{AmqpError, REASON_HEADER, Topology, connect, connect_with_backoff};
-use common::{Vhost, within};
+use common::{Vhost, VhostExt, within};
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
