@@ -45,6 +45,10 @@ struct Args {
     /// with a full queue).
     #[arg(long)]
     queued_first: bool,
+    /// Publish at this many requests per second (0: as fast as possible,
+    /// which saturates the worker and measures queueing, not latency).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
 }
 
 struct Fleet {
@@ -64,6 +68,7 @@ struct Figures {
     cpu_s: f64,
     rss_mib: f64,
     flushes: f64,
+    flush_ms: f64,
     masters: f64,
     outcomes: BTreeMap<String, usize>,
 }
@@ -173,8 +178,28 @@ fn latencies(sent: &BTreeMap<String, Instant>, got: &BTreeMap<String, (Instant, 
 async fn publish_all(
     broker: Arc<certdeploy_amqp::Broker>,
     bundles: Vec<(String, usize, Bundle)>,
+    rate: f64,
 ) -> anyhow::Result<BTreeMap<String, Instant>> {
     let mut times = BTreeMap::new();
+    if rate > 0.0 {
+        // Open loop at a fixed rate: each request is sent at its slot.
+        let t0 = tokio::time::Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, (id, h, b)) in bundles.into_iter().enumerate() {
+            tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate)).await;
+            let body = request(&id, &format!("h{h}"), &b, true);
+            let broker = broker.clone();
+            set.spawn(async move {
+                let t = Instant::now();
+                broker.publish_request(&body).await.map(|_| (id, t))
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            let (id, t) = r??;
+            times.insert(id, t);
+        }
+        return Ok(times);
+    }
     for chunk in bundles.chunks(100) {
         let mut set = tokio::task::JoinSet::new();
         for (id, h, b) in chunk {
@@ -212,7 +237,7 @@ async fn broker_run(
     let mut results = broker.subscribe_results().await?;
     let mut sent = BTreeMap::new();
     if args.queued_first {
-        sent = publish_all(broker.clone(), bundles.to_vec()).await?;
+        sent = publish_all(broker.clone(), bundles.to_vec(), 0.0).await?;
     }
     let log = std::fs::File::create(f.tmp.path().join(format!("worker-{durability}.log")))?;
     let mut child: Child = Command::new(&bin)
@@ -235,8 +260,11 @@ async fn broker_run(
     }
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
-    let publisher =
-        if args.queued_first { None } else { Some(tokio::spawn(publish_all(broker.clone(), bundles.to_vec()))) };
+    let publisher = if args.queued_first {
+        None
+    } else {
+        Some(tokio::spawn(publish_all(broker.clone(), bundles.to_vec(), args.rate)))
+    };
     let mut got: BTreeMap<String, (Instant, ResultEvent)> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     while got.len() < bundles.len() {
@@ -257,6 +285,15 @@ async fn broker_run(
     tokio::time::sleep(Duration::from_millis(1200)).await; // metrics tick
     let body = http_get(&metrics, "/metrics").map(|r| r.1).unwrap_or_default();
     let rss = peak_rss_mib(pid);
+    if std::env::var_os("BENCH_STEPS").is_some() {
+        // Mean time per step (and publish), from the worker's histograms.
+        for l in body.lines().filter(|l| {
+            (l.starts_with("certdeploy_step_duration_seconds_") || l.starts_with("certdeploy_result_publish"))
+                && (l.contains("_sum") || l.contains("_count"))
+        }) {
+            eprintln!("  {l}");
+        }
+    }
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = child.wait();
     broker.close().await;
@@ -287,6 +324,8 @@ async fn broker_run(
         cpu_s: cpu,
         rss_mib: rss,
         flushes: metric(&body, "certdeploy_journal_flushes_total"),
+        flush_ms: metric(&body, "certdeploy_journal_flush_seconds_total") * 1000.0
+            / metric(&body, "certdeploy_journal_flushes_total").max(1.0),
         masters: metric(&body, "certdeploy_ssh_masters_opened_total"),
         outcomes,
     })
@@ -347,6 +386,8 @@ async fn direct_run(
     }
     verify_hosts(f, &last)?;
     let flushes = rt.journal.flushes() as f64;
+    let stats = rt.journal.stats();
+    let flush_ms = stats.flush_latency.sum_us as f64 / 1000.0 / (stats.flush_latency.count.max(1) as f64);
     let masters = rt.pool.masters_opened() as f64;
     rt.pool.close_all().await;
     let n = bundles.len() as f64;
@@ -360,6 +401,7 @@ async fn direct_run(
         cpu_s: cpu,
         rss_mib: peak_rss_mib(pid),
         flushes,
+        flush_ms,
         masters,
         outcomes,
     })
@@ -396,21 +438,22 @@ async fn main() -> anyhow::Result<()> {
     }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
-        "\ncertdeploy-bench: N={} hosts={} reload=`{}` concurrency={} cpus={cpus}{}",
+        "\ncertdeploy-bench: N={} hosts={} reload=`{}` concurrency={} cpus={cpus} rate={}{}",
         args.n,
         args.hosts,
         args.reload,
         args.concurrency,
+        if args.rate > 0.0 { format!("{}/s", args.rate) } else { "max".into() },
         if args.queued_first { " (queue filled before the worker started)" } else { "" }
     );
     println!(
-        "| run | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ssh masters | outcomes |"
+        "| run | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | outcomes |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &table {
         let n = f.outcomes.values().sum::<usize>().max(1) as f64;
         println!(
-            "| {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.0} | {:?} |",
+            "| {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {:?} |",
             f.run,
             f.wall_s,
             f.per_s,
@@ -420,6 +463,7 @@ async fn main() -> anyhow::Result<()> {
             f.cpu_s * 1000.0 / n,
             f.rss_mib,
             f.flushes / n,
+            f.flush_ms,
             f.masters,
             f.outcomes
         );

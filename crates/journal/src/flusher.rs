@@ -14,11 +14,13 @@
 //! to that value, and publishes it as `durable` when it completed. `sync(seq)`
 //! raises `requested` to `seq` and waits until `durable >= seq`: the flush
 //! that satisfies it started after the append. Appends arriving while a flush
-//! runs are all covered by the next one: that is the coalescing.
+//! runs are all covered by the next one: that is the coalescing. Before
+//! flushing, the flusher also waits `group_window` for more requests: with
+//! many deployments in flight, one fsync then serves many of them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -43,6 +45,7 @@ pub(crate) struct Requests {
 pub(crate) struct Shared {
     pub db: sled::Db,
     pub durability: Durability,
+    pub group_window: Duration,
     pub counters: Counters,
     /// Highest seq whose insert has completed.
     pub appended: AtomicU64,
@@ -108,6 +111,15 @@ impl Shared {
                         return;
                     }
                     r = self.wake.wait(r).unwrap_or_else(|e| e.into_inner());
+                }
+                // Gather: syncs requested within the window share this flush.
+                let deadline = Instant::now() + self.group_window;
+                while !r.shutdown {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    r = self.wake.wait_timeout(r, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
                 }
             }
             if self.flush_all().is_err() {

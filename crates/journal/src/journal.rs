@@ -52,11 +52,26 @@ pub struct JournalOptions {
     pub durability: Durability,
     /// sled's page cache, bytes (sled's own default is 1 GiB).
     pub cache_capacity: u64,
+    /// Group commit: once a sync is requested, the flusher waits this long
+    /// for more before flushing, so that concurrent deployments share one
+    /// flush. Adds up to this much to every sync. Zero (the default) flushes
+    /// at once; syncs arriving during a flush still share the next one, so
+    /// a slow disk coalesces by itself. Measured with 20 hosts in parallel
+    /// (fsync ~0.7 ms): 2 ms cut flushes/deploy from 3.5 to 1.6 but cost
+    /// throughput, and did not lower worker CPU.
+    pub group_window: Duration,
 }
+
+/// See [`JournalOptions::group_window`].
+pub const DEFAULT_GROUP_WINDOW: Duration = Duration::ZERO;
 
 impl Default for JournalOptions {
     fn default() -> Self {
-        JournalOptions { durability: Durability::Fsync, cache_capacity: 64 * 1024 * 1024 }
+        JournalOptions {
+            durability: Durability::Fsync,
+            cache_capacity: 64 * 1024 * 1024,
+            group_window: DEFAULT_GROUP_WINDOW,
+        }
     }
 }
 
@@ -307,6 +322,7 @@ impl SledJournal {
         let shared = Arc::new(Shared {
             db,
             durability: opts.durability,
+            group_window: opts.group_window,
             counters: Counters::default(),
             appended: last_seq.into(),
             requests: Mutex::new(Requests { requested: last_seq, shutdown: false }),

@@ -87,7 +87,8 @@ mod stats;
 
 pub use error::{Error, JournalOpenError};
 pub use journal::{
-    DeploymentState, DeploymentStatus, Durability, GcPolicy, GcStats, JournalOptions, SledJournal, Summary,
+    DEFAULT_GROUP_WINDOW, DeploymentState, DeploymentStatus, Durability, GcPolicy, GcStats, JournalOptions,
+    SledJournal, Summary,
 };
 pub use stats::{FLUSH_LATENCY_BUCKETS_US, JournalStats, LatencyHistogram};
 

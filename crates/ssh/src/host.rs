@@ -18,7 +18,7 @@ use openssh_sftp_client::error::SftpErrorKind;
 use openssh_sftp_client::metadata::{MetaData, MetaDataBuilder, Permissions};
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{is_no_such_file, sftp_kind, shell_quote};
+use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind, shell_quote};
 use crate::pool::{ExecFailure, HostAddr, Lease, SshPool};
 
 /// Bound on one SFTP step (snapshot, write, restore, ...): a stalled
@@ -33,6 +33,13 @@ const AUX_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SshHost<'a> {
     pool: &'a SshPool,
     addr: HostAddr,
+    /// Directories whose renames (by [`Host::write`]) are not yet fsynced.
+    /// The sync runs in front of the next command (validate or reload) in
+    /// the same remote shell, saving a round trip and a session per
+    /// deployment; prune (the commit) and restore run it too if no command
+    /// came first. A crash before it is covered by the journal: the
+    /// deployment is not committed yet, and recovery rolls it back.
+    pending_sync: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 fn p(s: &str) -> &Path {
@@ -51,6 +58,17 @@ fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
+/// A file's owner (uid, gid) as far as known; `None`: keep the default.
+type Owner = Option<(Option<u32>, Option<u32>)>;
+
+/// The staging directory of a temp file and the file's name inside it.
+fn stage_paths(temp: &str) -> (String, String) {
+    let dir = parent_of(temp);
+    let stage = format!("{}/.certdeploy-stage.{}", if dir == "/" { "" } else { &dir }, file_name(temp));
+    let staged = format!("{stage}/t");
+    (stage, staged)
+}
+
 fn mode_of(m: &MetaData) -> u32 {
     m.permissions().map(|p| p.as_raw().bits()).unwrap_or(0) & 0o7777
 }
@@ -65,7 +83,77 @@ struct Read {
 
 impl<'a> SshHost<'a> {
     pub fn new(pool: &'a SshPool, addr: HostAddr) -> SshHost<'a> {
-        SshHost { pool, addr }
+        SshHost { pool, addr, pending_sync: Default::default() }
+    }
+
+    fn take_pending_sync(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.pending_sync.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Run a deferred directory sync now (see `pending_sync`).
+    async fn flush_pending_sync(&self, lease: &Lease) {
+        let dirs = self.take_pending_sync();
+        self.sync_dirs(lease, dirs).await;
+    }
+
+    /// Create `temp` empty and private to its owner, without a shell: the
+    /// file is created (`O_EXCL`) inside a fresh directory made with mode
+    /// 0700 (chmod'ed again in case the server ignored the attributes), so
+    /// nobody else can ever open it there; the caller sets owner and mode,
+    /// then renames it to `temp` before writing content. `Ok(None)` when
+    /// this does not work here (the caller then uses the shell).
+    async fn open_private(
+        &self,
+        lease: &Lease,
+        temp: &str,
+    ) -> Result<Option<openssh_sftp_client::file::File>, StepError> {
+        let (stage, staged) = stage_paths(temp);
+        let private = || MetaDataBuilder::new().permissions(Permissions::from(0o700u16)).create();
+        let mut fs = lease.sftp().fs();
+        let mut made = fs.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)).await;
+        if let Err(e) = &made {
+            if sftp_is_connection_loss(e) {
+                return Err(lease.sftp_err("create staging directory", &stage, e));
+            }
+            // A leftover of an interrupted attempt.
+            self.discard_stage(lease, temp).await;
+            made = fs.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)).await;
+        }
+        let r = match made {
+            Ok(()) => match fs.set_metadata(p(&stage), private()).await {
+                Ok(()) => lease.sftp().options().write(true).create_new(true).open(p(&staged)).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if sftp_is_connection_loss(&e) => Err(lease.sftp_err("create temp file", &staged, &e)),
+            Err(e) => {
+                tracing::debug!(host = %self.addr, temp, error = %e, "private staging refused; creating by shell");
+                self.discard_stage(lease, temp).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Remove what [`Self::open_private`] may have left for `temp`.
+    async fn discard_stage(&self, lease: &Lease, temp: &str) {
+        let (stage, staged) = stage_paths(temp);
+        let mut fs = lease.sftp().fs();
+        let _ = fs.remove_file(p(&staged)).await;
+        let _ = fs.remove_dir(p(&stage)).await;
+    }
+
+    /// Remove `temp` and any staging leftovers of it.
+    async fn discard_temp(&self, lease: &Lease, temp: &str) -> Result<(), StepError> {
+        let r = match lease.sftp().fs().remove_file(p(temp)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_file(&e) => Ok(()),
+            Err(e) => Err(lease.sftp_err("remove temp file", temp, &e)),
+        };
+        self.discard_stage(lease, temp).await;
+        r
     }
 
     pub fn addr(&self) -> &HostAddr {
@@ -93,17 +181,23 @@ impl<'a> SshHost<'a> {
     /// The configured path with symlinks resolved (the path actually
     /// written). A symlink is resolved with the server's realpath.
     async fn resolve(&self, lease: &Lease, path: &str) -> Result<String, StepError> {
+        self.resolve_stat(lease, path).await.map(|(live, _)| live)
+    }
+
+    /// [`Self::resolve`], with the path's metadata when it is not a link
+    /// (saves the snapshot a second stat).
+    async fn resolve_stat(&self, lease: &Lease, path: &str) -> Result<(String, Option<MetaData>), StepError> {
         let mut fs = lease.sftp().fs();
         match fs.symlink_metadata(p(path)).await {
             Ok(m) if m.file_type().is_some_and(|t| t.is_symlink()) => match fs.canonicalize(p(path)).await {
                 Ok(c) => c
                     .to_str()
-                    .map(str::to_string)
+                    .map(|c| (c.to_string(), None))
                     .ok_or_else(|| StepError::permanent(format!("{}: {path}: link target is not UTF-8", self.addr))),
                 Err(e) => Err(lease.sftp_err("resolve symlink", path, &e)),
             },
-            Ok(_) => Ok(path.to_string()),
-            Err(e) if is_no_such_file(&e) => Ok(path.to_string()),
+            Ok(m) => Ok((path.to_string(), Some(m))),
+            Err(e) if is_no_such_file(&e) => Ok((path.to_string(), None)),
             Err(e) => Err(lease.sftp_err("stat", path, &e)),
         }
     }
@@ -126,9 +220,19 @@ impl<'a> SshHost<'a> {
         }
     }
 
-    async fn read_file(&self, lease: &Lease, path: &str, keep: bool) -> Result<Read, openssh_sftp_client::Error> {
+    /// `known`: the file's metadata if the caller has it (saves an fstat).
+    async fn read_file(
+        &self,
+        lease: &Lease,
+        path: &str,
+        keep: bool,
+        known: Option<MetaData>,
+    ) -> Result<Read, openssh_sftp_client::Error> {
         let mut f = lease.sftp().open(p(path)).await?;
-        let meta = f.metadata().await?;
+        let meta = match known {
+            Some(m) => m,
+            None => f.metadata().await?,
+        };
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut content = keep.then(Vec::new);
@@ -147,9 +251,13 @@ impl<'a> SshHost<'a> {
     }
 
     async fn snapshot_one(&self, lease: &Lease, id: &str, req: &SnapshotRequest) -> Result<Snapped, StepError> {
-        let live = self.resolve(lease, &req.path).await?;
+        let (live, known) = self.resolve_stat(lease, &req.path).await?;
         let mut fs = lease.sftp().fs();
-        let meta = match fs.metadata(p(&live)).await {
+        let stat = match known {
+            Some(m) => Ok(m),
+            None => fs.metadata(p(&live)).await,
+        };
+        let meta = match stat {
             Ok(m) => m,
             Err(e) if is_no_such_file(&e) => return self.missing(lease, live).await,
             Err(e) => return Err(lease.sftp_err("stat", &live, &e)),
@@ -158,12 +266,25 @@ impl<'a> SshHost<'a> {
             return Err(StepError::permanent(format!("{}: {live} is not a regular file", self.addr)));
         }
         let backup = backup_path(&live, id);
-        match fs.remove_file(p(&backup)).await {
-            Ok(()) => {}
-            Err(e) if is_no_such_file(&e) => {}
-            Err(e) => return Err(lease.sftp_err("remove stale backup", &backup, &e)),
+        let support_hardlink = lease.sftp().support_hardlink();
+        // Link first: a stale backup of the same name (an interrupted
+        // attempt) only exists after a crash; then remove it and link again.
+        let first = if support_hardlink { Some(fs.hard_link(p(&live), p(&backup)).await) } else { None };
+        if !matches!(first, Some(Ok(()))) {
+            if let Some(Err(e)) = &first
+                && sftp_is_connection_loss(e)
+            {
+                return Err(lease.sftp_err("hard-link backup", &backup, e));
+            }
+            match fs.remove_file(p(&backup)).await {
+                Ok(()) => {}
+                Err(e) if is_no_such_file(&e) => {}
+                Err(e) => return Err(lease.sftp_err("remove stale backup", &backup, &e)),
+            }
         }
-        let linked = if lease.sftp().support_hardlink() {
+        let linked = if matches!(first, Some(Ok(()))) {
+            true
+        } else if support_hardlink {
             match fs.hard_link(p(&live), p(&backup)).await {
                 Ok(()) => true,
                 // Not supported by the file system, or forbidden by
@@ -186,7 +307,8 @@ impl<'a> SshHost<'a> {
         if !linked {
             self.copy_file(lease, id, &live, &backup, &meta).await?;
         }
-        let r = match self.read_file(lease, &backup, req.role == Role::Cert).await {
+        // A link shares the live file's inode: its metadata is known.
+        let r = match self.read_file(lease, &backup, req.role == Role::Cert, linked.then_some(meta)).await {
             Ok(r) => r,
             Err(e) => return Err(lease.sftp_err("read backup", &backup, &e)),
         };
@@ -218,17 +340,16 @@ impl<'a> SshHost<'a> {
         meta: &MetaData,
     ) -> Result<(), StepError> {
         let temp = temp_path(backup, id);
-        let created = self.create_private(lease, std::slice::from_ref(&temp)).await?;
-        let mut src = match self.read_file(lease, live, true).await {
+        let mut src = match self.read_file(lease, live, true, Some(*meta)).await {
             Ok(r) => r,
             Err(e) => return Err(lease.sftp_err("read", live, &e)),
         };
         let bytes = src.content.take().unwrap_or_default();
-        let r = self.fill_temp(lease, &temp, mode_of(meta), Some((meta.uid(), meta.gid())), &bytes, &created).await;
+        let r = self.write_temp(lease, &temp, mode_of(meta), Ok(Some((meta.uid(), meta.gid()))), &bytes).await;
         drop(Secret::new(bytes));
         if r.is_err() {
             // Never leave a partial copy of the original (maybe a key) behind.
-            let _ = lease.sftp().fs().remove_file(p(&temp)).await;
+            let _ = self.discard_temp(lease, &temp).await;
         }
         r?;
         if let Err(e) = lease.sftp().fs().rename(p(&temp), p(backup)).await {
@@ -238,7 +359,8 @@ impl<'a> SshHost<'a> {
         Ok(())
     }
 
-    /// Create empty files that only their owner can read (umask 077,
+    /// The fallback of [`Self::open_private`] (one remote command): create
+    /// empty files that only their owner can read (umask 077,
     /// O_EXCL after removing leftovers). SFTP would create them 0644 and
     /// a reader that opens a file during that moment keeps its access after
     /// a chmod; a shell creates them private from the start. Returns the
@@ -260,21 +382,33 @@ impl<'a> SshHost<'a> {
         }
     }
 
-    /// Fill a temp file made by [`Self::create_private`]: owner (best
-    /// effort), mode, content, fsync.
-    async fn fill_temp(
+    /// Write `temp` from nothing: created private (staged, or by the
+    /// shell), then owner (best effort), mode, content, fsync.
+    /// `owner`: known, or `Err(path)` to keep the owner of `path` if it
+    /// exists (looked up while the temp is created).
+    async fn write_temp(
         &self,
         lease: &Lease,
         temp: &str,
         mode: u32,
-        owner: Option<(Option<u32>, Option<u32>)>,
+        owner: Result<Owner, &str>,
         bytes: &[u8],
-        create_output: &str,
     ) -> Result<(), StepError> {
-        let mut f = match lease.sftp().options().write(true).truncate(true).open(p(temp)).await {
+        let lookup = async {
+            match owner {
+                Ok(o) => o,
+                Err(path) => lease.sftp().fs().metadata(p(path)).await.ok().map(|m| (m.uid(), m.gid())),
+            }
+        };
+        let (owner, opened) = tokio::join!(lookup, self.open_private(lease, temp));
+        if let Some(f) = opened? {
+            return self.fill_temp(lease, temp, f, true, mode, owner, bytes).await;
+        }
+        let created = self.create_private(lease, &[temp.to_string()]).await?;
+        let f = match lease.sftp().options().write(true).truncate(true).open(p(temp)).await {
             Ok(f) => f,
             Err(e) if is_no_such_file(&e) => {
-                let why = create_output
+                let why = created
                     .lines()
                     .find(|l| l.contains(temp))
                     .map(|l| l.trim().to_string())
@@ -283,18 +417,64 @@ impl<'a> SshHost<'a> {
             }
             Err(e) => return Err(lease.sftp_err("open temp file", temp, &e)),
         };
-        // Owner first (a group change must not widen access to content),
-        // best effort: an unprivileged user may not give files away.
-        if let Some((Some(uid), Some(gid))) = owner
-            && let Err(e) = f.set_metadata(MetaDataBuilder::new().id((uid, gid)).create()).await
-            && !matches!(sftp_kind(&e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure))
+        self.fill_temp(lease, temp, f, false, mode, owner, bytes).await
+    }
+
+    /// Fill a private temp file: owner (best effort), mode, (if `staged`,
+    /// move it from its staging directory to `temp`), content, fsync.
+    #[allow(clippy::too_many_arguments)]
+    async fn fill_temp(
+        &self,
+        lease: &Lease,
+        temp: &str,
+        mut f: openssh_sftp_client::file::File,
+        staged: bool,
+        mode: u32,
+        owner: Owner,
+        bytes: &[u8],
+    ) -> Result<(), StepError> {
+        let perm = Permissions::from((mode & 0o7777) as u16);
+        let owner = match owner {
+            Some((Some(uid), Some(gid))) => Some((uid, gid)),
+            _ => None,
+        };
+        // In the private staging directory nobody else can reach the file,
+        // so owner and mode can go in one request (the server applies the
+        // mode first) unless set-id bits (cleared by a chown) are asked for.
+        let mut done = false;
+        if staged
+            && mode & 0o7000 == 0
+            && let Some(id) = owner
         {
-            return Err(lease.sftp_err("chown temp file", temp, &e));
+            done = f.set_metadata(MetaDataBuilder::new().id(id).permissions(perm).create()).await.is_ok();
         }
-        if let Err(e) = f.set_permissions(Permissions::from((mode & 0o7777) as u16)).await {
-            return Err(lease.sftp_err("chmod temp file", temp, &e));
+        if !done {
+            // Owner first (a group change must not widen access to content),
+            // best effort: an unprivileged user may not give files away.
+            if let Some(id) = owner
+                && let Err(e) = f.set_metadata(MetaDataBuilder::new().id(id).create()).await
+                && !matches!(sftp_kind(&e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure))
+            {
+                return Err(lease.sftp_err("chown temp file", temp, &e));
+            }
+            if let Err(e) = f.set_permissions(perm).await {
+                return Err(lease.sftp_err("chmod temp file", temp, &e));
+            }
         }
-        if let Err(e) = f.write_all(bytes).await {
+        let wrote = if staged {
+            // Owner and mode are final: it may leave the private directory.
+            let (stage, inside) = stage_paths(temp);
+            let mut fs = lease.sftp().fs();
+            if let Err(e) = fs.rename(p(&inside), p(temp)).await {
+                return Err(lease.sftp_err("move temp file to", temp, &e));
+            }
+            let mut fs2 = lease.sftp().fs();
+            let (w, _) = tokio::join!(f.write_all(bytes), fs2.remove_dir(p(&stage)));
+            w
+        } else {
+            f.write_all(bytes).await
+        };
+        if let Err(e) = wrote {
             return Err(lease.sftp_err("write temp file", temp, &e));
         }
         if let Err(e) = f.sync_all().await {
@@ -308,8 +488,7 @@ impl<'a> SshHost<'a> {
 
     /// Make renames in these directories durable (`sync DIR...`, coreutils
     /// fsyncs each named directory). Best effort: the renames are done.
-    async fn sync_dirs(&self, lease: &Lease, paths: impl IntoIterator<Item = String>) {
-        let dirs: BTreeSet<String> = paths.into_iter().map(|p| parent_of(&p)).collect();
+    async fn sync_dirs(&self, lease: &Lease, dirs: BTreeSet<String>) {
         if dirs.is_empty() {
             return;
         }
@@ -354,11 +533,7 @@ impl<'a> SshHost<'a> {
             temps.push(temp_path(backup_path, id));
         }
         for temp in &temps {
-            match fs.remove_file(p(temp)).await {
-                Ok(()) => {}
-                Err(e) if is_no_such_file(&e) => {}
-                Err(e) => return Err(lease.sftp_err("remove temp file", temp, &e)),
-            }
+            self.discard_temp(lease, temp).await?;
         }
         match &req.pre {
             PreState::Missing => match fs.remove_file(p(live)).await {
@@ -374,7 +549,7 @@ impl<'a> SshHost<'a> {
                     let _ = fs.remove_file(p(backup_path)).await;
                     Ok(RestoreStatus::Restored)
                 }
-                Err(e) if is_no_such_file(&e) => match self.read_file(lease, live, false).await {
+                Err(e) if is_no_such_file(&e) => match self.read_file(lease, live, false, None).await {
                     // Restored before a crash.
                     Ok(r) if r.sha256 == *sha256 => Ok(RestoreStatus::Restored),
                     Ok(_) => Err(StepError::permanent(format!(
@@ -416,7 +591,7 @@ impl<'a> SshHost<'a> {
                 Err(e) => return Err(lease.sftp_err("list", dir, &e)),
             }
         }
-        let mut first_err = None;
+        let mut doomed = Vec::new();
         for live in lives {
             let base = file_name(live);
             let prefix = format!("{base}.certdeploy-bak.");
@@ -426,17 +601,19 @@ impl<'a> SshHost<'a> {
             // Newest first; this attempt's own backup counts as one kept.
             others.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
             for (name, _) in others.into_iter().skip(keep.saturating_sub(1) as usize) {
-                let path = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
-                match fs.remove_file(p(&path)).await {
-                    Ok(()) => {}
-                    Err(e) if is_no_such_file(&e) => {}
-                    Err(e) => {
-                        first_err.get_or_insert(lease.sftp_err("remove old backup", &path, &e));
-                    }
-                }
+                doomed.push(if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") });
             }
         }
-        first_err.map_or(Ok(()), Err)
+        // All at once: the requests pipeline on the SFTP channel.
+        let results = join_all(doomed.iter().map(|path| async move {
+            match lease.sftp().fs().remove_file(p(path)).await {
+                Ok(()) => Ok(()),
+                Err(e) if is_no_such_file(&e) => Ok(()),
+                Err(e) => Err(lease.sftp_err("remove old backup", path, &e)),
+            }
+        }))
+        .await;
+        results.into_iter().collect::<Result<Vec<()>, StepError>>().map(|_| ())
     }
 
     fn step_timeout(&self, lease: &Lease, what: &str) -> StepError {
@@ -473,19 +650,11 @@ impl Host for SshHost<'_> {
         };
         let temps: Vec<String> = files.iter().map(|(f, _)| temp_path(&f.live_path, deployment_id)).collect();
         let work = async {
-            let created = match self.create_private(&lease, &temps).await {
-                Ok(s) => s,
-                Err(e) => return vec![Err(e)],
-            };
             // Temps concurrently...
             let filled = join_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
-                let created = &created;
                 let lease = &lease;
-                async move {
-                    // Keep the original owner where there was one.
-                    let owner = lease.sftp().fs().metadata(p(&f.live_path)).await.ok().map(|m| (m.uid(), m.gid()));
-                    self.fill_temp(lease, temp, f.mode, owner, bytes, created).await
-                }
+                // Keep the original owner where there was one.
+                async move { self.write_temp(lease, temp, f.mode, Err(&f.live_path), bytes).await }
             }))
             .await;
             // ...renames in order, stopping at the first failure.
@@ -507,11 +676,14 @@ impl Host for SshHost<'_> {
             // Temps not renamed (their content may be a key) go away.
             let renamed = out.iter().filter(|r| r.is_ok()).count();
             for temp in &temps[renamed..] {
-                let _ = lease.sftp().fs().remove_file(p(temp)).await;
+                let _ = self.discard_temp(&lease, temp).await;
             }
-            if renamed > 0 {
-                self.sync_dirs(&lease, files[..renamed].iter().map(|(f, _)| f.live_path.clone())).await;
-            }
+            // Made durable in front of the next command (or by prune or
+            // restore): see `pending_sync`.
+            self.pending_sync
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(files[..renamed].iter().map(|(f, _)| parent_of(&f.live_path)));
             out
         };
         match tokio::time::timeout(STEP_TIMEOUT, work).await {
@@ -523,13 +695,33 @@ impl Host for SshHost<'_> {
     async fn exec(&self, command: &str, timeout_ms: u64) -> Result<ExecResult, StepError> {
         let lease = self.pool.lease(&self.addr).await?;
         let timeout = Duration::from_millis(timeout_ms);
-        match lease.exec(command, timeout).await {
+        // The deferred directory sync of the last write, in the same shell,
+        // silent (best effort, like `sync_dirs`), on its own line so that
+        // the command is parsed exactly as given.
+        let dirs = self.take_pending_sync();
+        let script = if dirs.is_empty() {
+            None
+        } else {
+            let mut s = String::from("sync --");
+            for d in &dirs {
+                s.push(' ');
+                s.push_str(&shell_quote(d));
+            }
+            s.push_str(" >/dev/null 2>&1\n");
+            s.push_str(command);
+            Some(s)
+        };
+        match lease.exec(script.as_deref().unwrap_or(command), timeout).await {
             Ok((exit_code, out, err)) => {
                 let mut s = String::from_utf8_lossy(&out).into_owned();
                 s.push_str(&String::from_utf8_lossy(&err));
                 Ok(ExecResult { exit_code, output: truncate_output(&s) })
             }
-            Err(f) => Err(self.exec_failure(f, &format!("command `{command}`"), timeout)),
+            Err(f) => {
+                // The sync may not have run: keep it for the next step.
+                self.pending_sync.lock().unwrap_or_else(|e| e.into_inner()).extend(dirs);
+                Err(self.exec_failure(f, &format!("command `{command}`"), timeout))
+            }
         }
     }
 
@@ -540,8 +732,9 @@ impl Host for SshHost<'_> {
         };
         let work = async {
             let out = join_all(files.iter().map(|f| self.restore_one(&lease, deployment_id, f))).await;
-            let touched = files.iter().zip(&out).filter(|(_, r)| r.is_ok()).map(|(f, _)| f.live_path.clone());
-            self.sync_dirs(&lease, touched.collect::<Vec<_>>()).await;
+            let mut dirs = self.take_pending_sync();
+            dirs.extend(files.iter().zip(&out).filter(|(_, r)| r.is_ok()).map(|(f, _)| parent_of(&f.live_path)));
+            self.sync_dirs(&lease, dirs).await;
             out
         };
         match tokio::time::timeout(STEP_TIMEOUT, work).await {
@@ -562,12 +755,16 @@ impl Host for SshHost<'_> {
                 // The backup, the write temp, and a backup copy's temp.
                 let backup = backup_path(&live, deployment_id);
                 let copy_temp = temp_path(&backup, deployment_id);
-                for name in [backup, temp_path(&live, deployment_id), copy_temp] {
-                    match fs.remove_file(p(&name)).await {
+                let temps = [temp_path(&live, deployment_id), copy_temp];
+                for name in std::iter::once(&backup).chain(&temps) {
+                    match fs.remove_file(p(name)).await {
                         Ok(()) => {}
                         Err(e) if is_no_such_file(&e) => {}
-                        Err(e) => return Err(lease.sftp_err("remove", &name, &e)),
+                        Err(e) => return Err(lease.sftp_err("remove", name, &e)),
                     }
+                }
+                for temp in &temps {
+                    self.discard_stage(&lease, temp).await;
                 }
                 Ok(())
             }))
@@ -582,6 +779,8 @@ impl Host for SshHost<'_> {
 
     async fn prune(&self, deployment_id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {
         let lease = self.pool.lease(&self.addr).await?;
+        // Normally done in front of the reload already.
+        self.flush_pending_sync(&lease).await;
         let dirs: BTreeSet<String> = live_paths.iter().map(|l| parent_of(l)).collect();
         let work = async {
             let results = join_all(dirs.iter().map(|dir| {

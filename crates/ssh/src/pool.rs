@@ -232,20 +232,26 @@ impl SshPool {
             }
         };
         let session = Arc::new(Session::new_native_mux(dir));
-        let sftp =
-            match tokio::time::timeout(limit, Sftp::from_clonable_session(session.clone(), SftpOptions::default()))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    let e = sftp_error(&host, "open", "SFTP session", &e);
-                    return Err(if e.is_transient() { e } else { StepError::permanent(e.message) });
-                }
-                Err(_) => return Err(StepError::transient(format!("{host}: SFTP session: timed out"))),
-            };
+        let sftp = match tokio::time::timeout(limit, Sftp::from_clonable_session(session.clone(), sftp_options())).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let e = sftp_error(&host, "open", "SFTP session", &e);
+                return Err(if e.is_transient() { e } else { StepError::permanent(e.message) });
+            }
+            Err(_) => return Err(StepError::transient(format!("{host}: SFTP session: timed out"))),
+        };
         tracing::debug!(host = %host, ms = started.elapsed().as_millis() as u64, "ssh master opened");
         Ok(Conn { session, sftp, dead: AtomicBool::new(false) })
     }
+}
+
+/// Requests go out as soon as the flush task runs: requests issued
+/// together (a step's files) still leave in one write, and the crate's
+/// default 0.5 ms batching delay only added latency to every round trip of
+/// a deployment (measured: ~5% fewer deploys/s and more CPU with it).
+fn sftp_options() -> SftpOptions {
+    SftpOptions::default().flush_interval(Duration::ZERO)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
