@@ -77,7 +77,7 @@ fn config(f: &Fleet, args: &Args, amqp_url: &str, durability: &str, metrics: &st
     let mut c = format!(
         "[worker]\namqp_url = \"{amqp_url}\"\njournal_path = \"{}\"\nconcurrency = {}\nper_host_concurrency = 4\n\
          metrics_listen = \"{metrics}\"\njournal_durability = \"{durability}\"\nshutdown_grace_s = 30\n\n\
-         [ssh]\nknown_hosts = \"{}\"\nidentity_file = \"{}\"\nconnect_timeout_s = 10\ncontrol_dir = \"{}\"\n\n",
+         [ssh]\nknown_hosts = \"{}\"\nidentity_file = \"{}\"\nconnect_timeout_s = 10\nwarm_masters = true\ncontrol_dir = \"{}\"\n\n",
         journal.display(),
         args.concurrency,
         f.sshd.known_hosts_path().display(),

@@ -187,6 +187,32 @@ impl Runtime {
         Ok(t)
     }
 
+    /// Open an SSH master to every configured target, in parallel, bounded
+    /// by the connect timeout. Failures are only logged: the deployment
+    /// itself reports them.
+    pub async fn warm_masters(&self) {
+        let limit = Duration::from_secs(self.cfg.ssh.connect_timeout_s.max(1) + 2);
+        let mut set = tokio::task::JoinSet::new();
+        for (name, t) in &self.cfg.targets {
+            let pool = self.pool.clone();
+            let addr = HostAddr {
+                host: t.host.clone(),
+                port: t.port,
+                user: t.user.clone(),
+                accept_new_host_key: t.accept_new_host_key(),
+            };
+            let name = name.clone();
+            set.spawn(async move {
+                match tokio::time::timeout(limit, pool.warm(&addr)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(target = %name, "ssh master not opened at start: {e}"),
+                    Err(_) => tracing::warn!(target = %name, "ssh master not opened at start: timed out"),
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
     /// Resume every unfinished deployment (targets in parallel, each
     /// target in order). Returns how many were resumed.
     pub async fn recover_all(self: &Arc<Self>) -> anyhow::Result<usize> {

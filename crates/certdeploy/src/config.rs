@@ -93,6 +93,9 @@ pub struct SshSection {
     pub control_dir: Option<PathBuf>,
     /// Idle masters are closed after this many seconds.
     pub idle_timeout_s: u64,
+    /// Open a master to every configured target before consuming (for
+    /// fleets small enough to keep one ssh process per host; off by default).
+    pub warm_masters: bool,
 }
 
 impl Default for SshSection {
@@ -103,6 +106,7 @@ impl Default for SshSection {
             connect_timeout_s: 10,
             control_dir: None,
             idle_timeout_s: 300,
+            warm_masters: false,
         }
     }
 }

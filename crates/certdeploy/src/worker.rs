@@ -56,6 +56,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
 
     // Finish every interrupted deployment before taking new work.
     let n = rt.recover_all().await?;
+    // Masters up front (opt-in): the first batch does not queue behind handshakes.
+    if cfg.ssh.warm_masters {
+        rt.warm_masters().await;
+    }
     health.recovered.store(true, Ordering::Relaxed);
     tracing::info!(recovered = n, worker = %rt.worker_name, "recovery done");
 

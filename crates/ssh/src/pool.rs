@@ -170,6 +170,12 @@ impl SshPool {
     }
 
     /// The host's connection, opened (or reopened, if found dead) as needed.
+    /// Open (or check) the master for `addr` ahead of the first deployment,
+    /// so that a batch arriving at start does not wait for handshakes.
+    pub async fn warm(&self, addr: &HostAddr) -> Result<(), StepError> {
+        self.lease(addr).await.map(drop)
+    }
+
     pub(crate) async fn lease(&self, addr: &HostAddr) -> Result<Lease, StepError> {
         let slot = self.slot(addr);
         slot.active.fetch_add(1, Ordering::SeqCst);
