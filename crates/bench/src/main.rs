@@ -173,36 +173,25 @@ fn latencies(sent: &BTreeMap<String, Instant>, got: &BTreeMap<String, (Instant, 
     v
 }
 
-/// Publish every request with confirms, 100 in flight at a time; returns
-/// when each was sent.
+/// Publish every request with confirms; returns when each was sent. With
+/// `rate > 0` an open loop sends each request at its slot; otherwise 100
+/// are in flight at a time.
 async fn publish_all(
     broker: Arc<certdeploy_amqp::Broker>,
     bundles: Vec<(String, usize, Bundle)>,
     rate: f64,
 ) -> anyhow::Result<BTreeMap<String, Instant>> {
     let mut times = BTreeMap::new();
-    if rate > 0.0 {
-        // Open loop at a fixed rate: each request is sent at its slot.
-        let t0 = tokio::time::Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for (i, (id, h, b)) in bundles.into_iter().enumerate() {
-            tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate)).await;
-            let body = request(&id, &format!("h{h}"), &b, true);
-            let broker = broker.clone();
-            set.spawn(async move {
-                let t = Instant::now();
-                broker.publish_request(&body).await.map(|_| (id, t))
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            let (id, t) = r??;
-            times.insert(id, t);
-        }
-        return Ok(times);
-    }
-    for chunk in bundles.chunks(100) {
+    let t0 = tokio::time::Instant::now();
+    let per_chunk = if rate > 0.0 { bundles.len().max(1) } else { 100 };
+    let mut i = 0usize;
+    for chunk in bundles.chunks(per_chunk) {
         let mut set = tokio::task::JoinSet::new();
         for (id, h, b) in chunk {
+            if rate > 0.0 {
+                tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate)).await;
+            }
+            i += 1;
             let body = request(id, &format!("h{h}"), b, true);
             let broker = broker.clone();
             let id = id.clone();
