@@ -55,7 +55,11 @@ pub enum Command {
         if any deployment did not succeed.")]
     Submit(cli::SubmitArgs),
     /// Inspect and clean the journal.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  certdeploy journal list\n  \
+        certdeploy journal show renew-2026-11-27-web1-0001\n  certdeploy journal gc --retention-days 7"
+    )]
     Journal(cli::JournalCommand),
     /// Check targets without changing anything: host key, auth, SFTP extensions,
     /// writable directories, reload/validate programs.
