@@ -279,6 +279,15 @@ fn order_key(body: &[u8], cfg: &Config) -> Option<String> {
 
 async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Option<Arc<Broker>>>, turn: &mut Turn) {
     let now = crate::verify::now();
+    // A redelivery of a finished deployment re-publishes the recorded
+    // result before anything else is checked: its certificate may have
+    // expired since, but the answer for this id was given.
+    if let (Some(id), _) = certdeploy_core::wire::salvage_ids(&delivery.body)
+        && let Ok(Some(certdeploy_journal::DeploymentStatus::Finished { report, .. })) = rt.journal.status(&id)
+    {
+        tracing::info!(deployment_id = %id, outcome = %report.outcome, "already finished: re-publishing its result");
+        return finish(rt, delivery, brx, report).await;
+    }
     let validated = match intake::validate_body(&delivery.body, &rt.cfg, now) {
         Ok(v) => v,
         Err(rej) => {
@@ -319,6 +328,11 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
             return;
         }
     };
+    finish(rt, delivery, brx, report).await;
+}
+
+/// Publish the result (confirmed), then ack, then record the ack.
+async fn finish(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Option<Arc<Broker>>>, report: Report) {
     let Some(broker) = current_broker(&mut brx).await else { return };
     if let Err(e) = publish(&broker, &report, &rt.worker_name).await {
         tracing::warn!(deployment_id = %report.deployment_id, "result publish failed: {e}; will re-publish on redelivery");

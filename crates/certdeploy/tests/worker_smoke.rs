@@ -68,3 +68,29 @@ async fn worker_deploys_requests_from_rabbitmq() {
         assert_eq!(r.outcome, certdeploy_core::Outcome::Deployed, "{}", r.message);
     }
 }
+
+/// A redelivered id whose deployment finished gets the recorded result
+/// again, even when its content would now be rejected (here: the same id
+/// carrying an expired certificate); the host is not touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_id_is_answered_from_the_journal_before_validation() {
+    let fleet = Fleet::new(1, true);
+    let cfg = fleet.write_config(&Opts::default());
+    let mut client = Client::connect(&fleet).await;
+    let _w = Proc::worker(&fleet, &cfg, &[], "worker");
+    let ca = TestCa::new();
+    let t = &fleet.targets[0];
+    let good = ca.leaf("web.example", 1);
+    client.publish(&request("dedupe-1", &t.name, &good, true)).await;
+    let ids = vec!["dedupe-1".to_string()];
+    let first = client.collect(Duration::from_secs(60), all_ids(&ids)).await;
+    assert_eq!(first["dedupe-1"][0].outcome, certdeploy_core::Outcome::Deployed);
+
+    client.publish(&request("dedupe-1", &t.name, &ca.expired_leaf("web.example", 3), true)).await;
+    let again = client.collect(Duration::from_secs(60), |s| s.get("dedupe-1").is_some_and(|v| !v.is_empty())).await;
+    let r = &again["dedupe-1"][0];
+    assert_eq!(r.outcome, certdeploy_core::Outcome::Deployed, "{}", r.message);
+    assert_eq!(r.started_at, first["dedupe-1"][0].started_at, "the recorded result, not a new one");
+    assert_eq!(std::fs::read_to_string(&t.cert).unwrap(), good.cert_pem);
+    assert_eq!(fleet.reloads(t), 1);
+}
