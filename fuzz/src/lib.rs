@@ -23,6 +23,7 @@ journal_path = "/tmp/certdeploy-fuzz-unused"
 allow_inline_targets = true
 inline_host_allowlist = ["*.internal", "10.0.0.?"]
 inline_command_allowlist = ["systemctl reload nginx", "nginx -t"]
+inline_path_allowlist = ["/etc/ssl/*"]
 
 [targets.web1]
 host = "web1.internal"

@@ -38,6 +38,9 @@ pub struct WorkerConfig {
     pub allow_inline_targets: bool,
     pub inline_host_allowlist: Vec<String>,
     pub inline_command_allowlist: Vec<String>,
+    /// Globs every inline target path must match (case-sensitive); with
+    /// none, inline targets are refused.
+    pub inline_path_allowlist: Vec<String>,
     /// Name in result events; default `<hostname>-<pid>`.
     pub worker_name: Option<String>,
     /// Per-deployment deadline (SPEC §3: default 10 min).
@@ -68,6 +71,7 @@ impl Default for WorkerConfig {
             allow_inline_targets: false,
             inline_host_allowlist: vec![],
             inline_command_allowlist: vec![],
+            inline_path_allowlist: vec![],
             worker_name: None,
             deadline_s: 600,
             shutdown_grace_s: 30,
@@ -264,6 +268,7 @@ impl Config {
                 "allow_inline_targets" => w.allow_inline_targets = boolean()?,
                 "inline_host_allowlist" => w.inline_host_allowlist = list(),
                 "inline_command_allowlist" => w.inline_command_allowlist = list(),
+                "inline_path_allowlist" => w.inline_path_allowlist = list(),
                 "worker_name" => w.worker_name = Some(v.clone()),
                 "deadline_s" => w.deadline_s = v.parse().map_err(|_| bad("a number"))?,
                 "shutdown_grace_s" => w.shutdown_grace_s = v.parse().map_err(|_| bad("a number"))?,
@@ -374,12 +379,24 @@ pub fn check_endpoint(ep: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Glob match with `*` (any run, including dots) and `?` (one char).
+/// Glob match of host names with `*` (any run, including dots) and `?`
+/// (one char), ignoring ASCII case.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
+    glob(pattern, text, true)
+}
+
+/// Glob match of paths: like [`glob_match`] but case-sensitive (`*` also
+/// crosses `/`: `/etc/ssl/*` allows everything below `/etc/ssl/`).
+pub fn path_glob_match(pattern: &str, text: &str) -> bool {
+    glob(pattern, text, false)
+}
+
+fn glob(pattern: &str, text: &str, fold_case: bool) -> bool {
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let same = |a: char, b: char| if fold_case { a.eq_ignore_ascii_case(&b) } else { a == b };
     let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi].eq_ignore_ascii_case(&t[ti])) {
+        if pi < p.len() && (p[pi] == '?' || same(p[pi], t[ti])) {
             pi += 1;
             ti += 1;
         } else if pi < p.len() && p[pi] == '*' {
@@ -482,5 +499,8 @@ reload_command = "systemctl reload nginx"
         assert!(glob_match("web?.lab", "web7.lab"));
         assert!(!glob_match("web?.lab", "web10.lab"));
         assert!(glob_match("127.0.0.*", "127.0.0.9"));
+        assert!(path_glob_match("/etc/ssl/*", "/etc/ssl/private/site.key"));
+        assert!(!path_glob_match("/etc/ssl/*", "/ETC/ssl/site.key"), "paths are case-sensitive");
+        assert!(!path_glob_match("/etc/ssl/*", "/root/.ssh/authorized_keys"));
     }
 }

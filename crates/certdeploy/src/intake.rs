@@ -7,7 +7,7 @@ use certdeploy_core::{
     parse_mode,
 };
 
-use crate::config::{Config, TargetConfig, check_endpoint, check_host, glob_match};
+use crate::config::{Config, TargetConfig, check_endpoint, check_host, glob_match, path_glob_match};
 
 /// Clock skew tolerated on a certificate's notBefore.
 pub const NOT_BEFORE_SKEW_S: i64 = 300;
@@ -131,6 +131,11 @@ fn check_inline(spec: &TargetSpec, cfg: &Config) -> Result<(), RequestError> {
         if let Some(p) = p {
             check_remote_path(p)
                 .map_err(|problem| RequestError::new(field(k), format!("`{}` {problem}", printable(p))))?;
+            // Otherwise a publisher could overwrite any file the SSH user may
+            // write (e.g. ~/.ssh/authorized_keys) with PEM content.
+            if !w.inline_path_allowlist.iter().any(|g| path_glob_match(g, p)) {
+                return Err(RequestError::new(field(k), format!("`{}` is not in inline_path_allowlist", printable(p))));
+            }
         }
     }
     if spec.port == 0 {

@@ -28,7 +28,8 @@ reload_command = "systemctl reload nginx"
 fn config(inline: bool) -> Config {
     let extra = if inline {
         "allow_inline_targets = true\ninline_host_allowlist = [\"*.internal\"]\n\
-         inline_command_allowlist = [\"systemctl reload nginx\", \"nginx -t\"]\n"
+         inline_command_allowlist = [\"systemctl reload nginx\", \"nginx -t\"]\n\
+         inline_path_allowlist = [\"/etc/ssl/*\"]\n"
     } else {
         ""
     };
@@ -342,6 +343,18 @@ fn cases(ca: &TestCa, b: &Bundle) -> Vec<Case> {
             body(&with_spec(b, "chain_path", json!("/etc/ssl/chain.pem\n/etc/passwd"))),
             "target_spec.chain_path",
             "contains a control character",
+        ),
+        inline_case(
+            "inline: key path outside inline_path_allowlist",
+            body(&with_spec(b, "key_path", json!("/home/deploy/.ssh/authorized_keys"))),
+            "target_spec.key_path",
+            "`/home/deploy/.ssh/authorized_keys` is not in inline_path_allowlist",
+        ),
+        inline_case(
+            "inline: path allowlist is case-sensitive",
+            body(&with_spec(b, "cert_path", json!("/ETC/SSL/inline.pem"))),
+            "target_spec.cert_path",
+            "is not in inline_path_allowlist",
         ),
         inline_case(
             "inline: `;` in reload command",
