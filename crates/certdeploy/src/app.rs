@@ -13,7 +13,7 @@ use certdeploy_core::{
     Terminal, WriteRequest,
 };
 use certdeploy_journal::{DeploymentStatus, Durability, JournalOptions, SledJournal};
-use certdeploy_ssh::{HostAddr, SshConfig, SshHost, SshPool};
+use certdeploy_ssh::{HostAddr, SshHost, SshPool};
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -86,15 +86,8 @@ impl Runtime {
             // Unix socket paths are short: keep the default under /tmp.
             std::env::temp_dir().join(format!("certdeploy-ssh-{}", std::process::id()))
         });
-        let pool = SshPool::new(SshConfig {
-            known_hosts: cfg.ssh.known_hosts.clone(),
-            identity_file: cfg.ssh.identity_file.clone(),
-            connect_timeout: Duration::from_secs(cfg.ssh.connect_timeout_s.max(1)),
-            control_dir,
-            idle_timeout: Duration::from_secs(cfg.ssh.idle_timeout_s.max(1)),
-            per_host_concurrency: cfg.worker.per_host_concurrency,
-        })
-        .context("ssh pool")?;
+        let idle = Duration::from_secs(cfg.ssh.idle_timeout_s.max(1));
+        let pool = SshPool::new(cfg.ssh_config(control_dir, idle)).context("ssh pool")?;
         Ok(Runtime {
             worker_name: cfg.worker_name(),
             cfg,
@@ -195,12 +188,7 @@ impl Runtime {
         let mut set = tokio::task::JoinSet::new();
         for (name, t) in &self.cfg.targets {
             let pool = self.pool.clone();
-            let addr = HostAddr {
-                host: t.host.clone(),
-                port: t.port,
-                user: t.user.clone(),
-                accept_new_host_key: t.accept_new_host_key(),
-            };
+            let addr = t.host_addr();
             let name = name.clone();
             set.spawn(async move {
                 match tokio::time::timeout(limit, pool.warm(&addr)).await {

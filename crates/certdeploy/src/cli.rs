@@ -275,23 +275,11 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
         None => cfg.targets.keys().cloned().collect(),
     };
     let control_dir = std::env::temp_dir().join(format!("certdeploy-check-{}", std::process::id()));
-    let pool = certdeploy_ssh::SshPool::new(certdeploy_ssh::SshConfig {
-        known_hosts: cfg.ssh.known_hosts.clone(),
-        identity_file: cfg.ssh.identity_file.clone(),
-        connect_timeout: Duration::from_secs(cfg.ssh.connect_timeout_s.max(1)),
-        control_dir,
-        idle_timeout: Duration::from_secs(30),
-        per_host_concurrency: cfg.worker.per_host_concurrency,
-    })?;
+    let pool = certdeploy_ssh::SshPool::new(cfg.ssh_config(control_dir, Duration::from_secs(30)))?;
     let mut ok = true;
     for name in names {
         let t = &cfg.targets[&name];
-        let addr = certdeploy_ssh::HostAddr {
-            host: t.host.clone(),
-            port: t.port,
-            user: t.user.clone(),
-            accept_new_host_key: t.accept_new_host_key(),
-        };
+        let addr = t.host_addr();
         println!("target {name} ({}@{}:{})", t.user, t.host, t.port);
         for line in certdeploy_ssh::check(&pool, &addr, &t.spec()).await {
             ok &= line.ok;

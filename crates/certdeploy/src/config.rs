@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use certdeploy_core::{Policy, TargetSpec, check_remote_path, parse_mode};
 use serde::Deserialize;
@@ -120,16 +121,16 @@ impl Default for SshSection {
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub host: String,
-    #[serde(default = "default_port")]
+    #[serde(default = "certdeploy_core::model::default_port")]
     pub port: u16,
     pub user: String,
     pub cert_path: String,
     pub key_path: String,
     #[serde(default)]
     pub chain_path: Option<String>,
-    #[serde(default = "default_cert_mode")]
+    #[serde(default = "certdeploy_core::model::default_cert_mode")]
     pub cert_mode: String,
-    #[serde(default = "default_key_mode")]
+    #[serde(default = "certdeploy_core::model::default_key_mode")]
     pub key_mode: String,
     #[serde(default)]
     pub validate_command: Option<String>,
@@ -152,15 +153,6 @@ pub struct TargetConfig {
     pub keep_backups: u32,
 }
 
-fn default_port() -> u16 {
-    22
-}
-fn default_cert_mode() -> String {
-    "0644".into()
-}
-fn default_key_mode() -> String {
-    "0600".into()
-}
 fn default_exec_timeout() -> u64 {
     60
 }
@@ -192,6 +184,16 @@ impl TargetConfig {
     pub fn accept_new_host_key(&self) -> bool {
         self.host_key_policy == "accept-new"
     }
+
+    /// The SSH account of this target.
+    pub fn host_addr(&self) -> certdeploy_ssh::HostAddr {
+        certdeploy_ssh::HostAddr {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            accept_new_host_key: self.accept_new_host_key(),
+        }
+    }
 }
 
 impl Config {
@@ -205,6 +207,18 @@ impl Config {
             keep_backups: t.map_or(1, |t| t.keep_backups.max(1)),
             allow_downgrade: t.is_some_and(|t| t.allow_downgrade),
             ..Policy::default()
+        }
+    }
+
+    /// SSH pool settings from `[ssh]` and `[worker]`.
+    pub fn ssh_config(&self, control_dir: PathBuf, idle_timeout: Duration) -> certdeploy_ssh::SshConfig {
+        certdeploy_ssh::SshConfig {
+            known_hosts: self.ssh.known_hosts.clone(),
+            identity_file: self.ssh.identity_file.clone(),
+            connect_timeout: Duration::from_secs(self.ssh.connect_timeout_s.max(1)),
+            control_dir,
+            idle_timeout,
+            per_host_concurrency: self.worker.per_host_concurrency,
         }
     }
 

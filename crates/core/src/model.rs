@@ -153,13 +153,14 @@ pub struct TargetSpec {
     pub verify_sni: Option<String>,
 }
 
-fn default_port() -> u16 {
+/// Defaults of [`TargetSpec`] fields, shared with the worker configuration.
+pub fn default_port() -> u16 {
     22
 }
-fn default_cert_mode() -> String {
+pub fn default_cert_mode() -> String {
     "0644".into()
 }
-fn default_key_mode() -> String {
+pub fn default_key_mode() -> String {
     "0600".into()
 }
 
