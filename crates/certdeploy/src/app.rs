@@ -64,6 +64,12 @@ pub struct Runtime {
     ids: KeyedLocks,
 }
 
+/// What deployments are serialized on: one host account's certificate
+/// path. The worker orders deliveries by the same key.
+pub fn target_key(host: &str, port: u16, cert_path: &str) -> String {
+    format!("{host}:{port}:{cert_path}")
+}
+
 pub fn cert_facts(pem: &[u8]) -> Option<CertFacts> {
     certdeploy_pki::cert_facts(pem).map(|f| CertFacts { not_before: f.not_before, leaf_sha256: Digest(f.leaf_sha256) })
 }
@@ -112,7 +118,7 @@ impl Runtime {
 
     fn target_key(plan: &Plan) -> String {
         let cert = plan.files.first().map(|f| f.path.as_str()).unwrap_or("");
-        format!("{}:{}:{}", plan.remote.host, plan.remote.port, cert)
+        target_key(&plan.remote.host, plan.remote.port, cert)
     }
 
     /// Run one validated request to a result: re-publishable report for a

@@ -270,9 +270,9 @@ fn order_key(body: &[u8], cfg: &Config) -> Option<String> {
     match (keys.target, keys.target_spec) {
         (Some(name), None) => {
             let t = cfg.targets.get(&name)?;
-            Some(format!("{}:{}:{}", t.host, t.port, t.cert_path))
+            Some(crate::app::target_key(&t.host, t.port, &t.cert_path))
         }
-        (None, Some(s)) => Some(format!("{}:{}:{}", s.host, s.port.unwrap_or(22), s.cert_path)),
+        (None, Some(s)) => Some(crate::app::target_key(&s.host, s.port.unwrap_or(22), &s.cert_path)),
         _ => None,
     }
 }
