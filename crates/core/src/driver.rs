@@ -181,6 +181,7 @@ pub fn event_name(e: &Event) -> &'static str {
     match e {
         Event::Started { .. } => "started",
         Event::Recovering => "recovering",
+        Event::TakenOver { .. } => "taken_over",
         Event::Begun { .. } => "begun",
         Event::Snapshotted { .. } => "snapshotted",
         Event::Written { .. } => "written",

@@ -256,6 +256,16 @@ pub enum Event {
     },
     /// A process resumed this attempt from the journal after a crash.
     Recovering,
+    /// Right after `Started`: this attempt is another worker's interrupted
+    /// deployment, found through an expired target lock (issue 10). Its
+    /// snapshots come from that lock; writes and a reload may have happened,
+    /// so the fold goes straight to the rollback (restore, retry-reload) and
+    /// then ends `Abandoned` like a recovered attempt.
+    TakenOver {
+        /// Who held the lock (worker name, lock token).
+        from: String,
+        snapshots: Vec<(Role, Snapshot)>,
+    },
     /// About to perform a step whose side effects recovery must know of.
     /// Always durable before the step's first side effect.
     Begun {

@@ -589,6 +589,27 @@ impl Deployment {
         match &record.event {
             Event::Started { .. } => return Err(self.unexpected(&record.event)),
             Event::Recovering => self.mark_recovering(at),
+            Event::TakenOver { from, snapshots } => {
+                let roles_match = snapshots.len() == self.plan.files.len()
+                    && self.plan.roles().all(|r| snapshots.iter().any(|(s, _)| *s == r));
+                if self.phase != Phase::Snapshot || !self.snaps.is_empty() || !roles_match {
+                    return Err(self.unexpected(&record.event));
+                }
+                self.snaps = snapshots.iter().cloned().collect();
+                // Unknown how far it got: assume the new files were written
+                // and a reload started (a retry-reload of the originals is
+                // harmless; a missing one could leave the daemon on the new
+                // files).
+                self.begun.insert(Step::Write);
+                self.begun.insert(Step::Reload);
+                self.fail(
+                    Step::Write,
+                    format!("a worker ({from}) stopped during this deployment and its target lock expired"),
+                    "taken over by another worker, which rolled the host back",
+                );
+                self.abandon_after_rollback = true;
+                self.start_rollback();
+            }
             Event::Begun { step } => {
                 let ok = matches!(
                     (step, &self.phase),

@@ -280,6 +280,12 @@ pub struct Plan {
     /// notBefore (unix s) of the incoming leaf, for supersede protection.
     pub new_not_before: Option<i64>,
     pub policy: Policy,
+    /// The token of the target lock this attempt holds on the host (issue
+    /// 10): journaled with `Started` so that a restarted worker knows
+    /// whether the lock is still its own. `None` for journals written
+    /// before host locks existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
 }
 
 impl Plan {
@@ -422,6 +428,7 @@ pub fn build_plan(
         verify,
         new_not_before: facts.not_before,
         policy,
+        lock: None,
     };
     Ok((plan, payload))
 }

@@ -369,16 +369,35 @@ impl ResultEvent {
 impl Report {
     /// The report of a request refused before any remote contact.
     pub fn rejected(deployment_id: &str, target: &str, host: &str, message: String, at: Timestamp) -> Report {
+        Report::before_any_step(Outcome::Rejected, "validate_request", deployment_id, target, host, message, at)
+    }
+
+    /// `failed` before the deployment's first step: its target lock could
+    /// not be taken (unreachable host, deferred too often). The host was
+    /// not touched.
+    pub fn lock_failed(deployment_id: &str, target: &str, host: &str, message: String, at: Timestamp) -> Report {
+        Report::before_any_step(Outcome::Failed, "lock", deployment_id, target, host, message, at)
+    }
+
+    fn before_any_step(
+        outcome: Outcome,
+        step: &str,
+        deployment_id: &str,
+        target: &str,
+        host: &str,
+        message: String,
+        at: Timestamp,
+    ) -> Report {
         let mut metadata = BTreeMap::new();
         for role in ["cert", "key", "chain"] {
             metadata.insert(format!("backup_status_{role}"), "n/a".to_string());
         }
-        metadata.insert("failed_step".into(), "validate_request".into());
+        metadata.insert("failed_step".into(), step.into());
         Report {
             deployment_id: deployment_id.to_string(),
             target: target.to_string(),
             host: host.to_string(),
-            outcome: Outcome::Rejected,
+            outcome,
             message,
             metadata,
             attempts: 1,

@@ -422,3 +422,57 @@ impl ClockNow for Rig {
         self.sim.world().now
     }
 }
+
+/// Issue 10: another worker takes over a dead worker's deployment from the
+/// snapshots its target lock carries (`TakenOver`), without the dead
+/// worker's journal: restore, retry-reload, abandon. Whether the dead
+/// worker got as far as the reload or only to the snapshots, the host ends
+/// on its originals (a file that did not exist is removed again) and the
+/// daemon serves the original certificate.
+#[test]
+fn taken_over_deployment_is_rolled_back_from_the_lock_snapshots() {
+    for crash_op in [OpKind::Exec(RELOAD.into()), OpKind::Write(Role::Key)] {
+        let rig = rig();
+        rig.sim.put(CERT, OLD_CERT, 0o644);
+        rig.sim.put(KEY, OLD_KEY, 0o600);
+        rig.sim.world().served = Some(leaf_of(OLD_CERT));
+        rig.sim.fail(crash_op.clone(), 1, Fault::CrashAfter);
+        let (p, payload) = plan("d-dead");
+        assert!(rig.deploy(p.clone(), &payload).is_err(), "the first worker died");
+        let snapshots: Vec<(Role, Snapshot)> = rig
+            .sim
+            .durable_records("d-dead")
+            .into_iter()
+            .filter_map(|r| match r.event {
+                Event::Snapshotted { role, snapshot } => Some((role, snapshot)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(snapshots.len(), 3);
+        // The taker's journal has only what the lock told it.
+        let at = Timestamp(rig.clock_now());
+        let records = vec![
+            Record { at, event: Event::Started { plan: p } },
+            Record { at, event: Event::TakenOver { from: "worker w1".into(), snapshots } },
+        ];
+        let t = run_until_crash(|| block_on(driver::resume(&rig.env(), &records))).unwrap().unwrap();
+        assert!(matches!(&t, Terminal::Abandoned(why) if why.contains("rolled back")), "{crash_op:?}: {t:?}");
+        assert_eq!(rig.sim.get(CERT), Some((OLD_CERT.to_vec(), 0o644)), "{crash_op:?}");
+        assert_eq!(rig.sim.get(KEY), Some((OLD_KEY.to_vec(), 0o600)), "{crash_op:?}");
+        assert!(!rig.sim.exists(CHAIN), "{crash_op:?}: the chain did not exist before");
+        assert_eq!(rig.sim.world().served, Some(leaf_of(OLD_CERT)), "{crash_op:?}: retry-reload ran");
+        no_leftovers(&rig);
+    }
+}
+
+/// A `TakenOver` record anywhere but right after `Started` is refused.
+#[test]
+fn taken_over_only_opens_an_attempt() {
+    let (p, _) = plan("d-x");
+    let at = Timestamp(1);
+    let records = vec![
+        Record { at, event: Event::Started { plan: p } },
+        Record { at, event: Event::TakenOver { from: "w".into(), snapshots: vec![] } },
+    ];
+    assert!(Deployment::replay(&records).is_err(), "snapshots must cover the plan's files");
+}
