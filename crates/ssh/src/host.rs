@@ -42,7 +42,7 @@ pub struct SshHost<'a> {
     pending_sync: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
-fn p(s: &str) -> &Path {
+pub(crate) fn p(s: &str) -> &Path {
     Path::new(s)
 }
 
@@ -161,7 +161,7 @@ impl<'a> SshHost<'a> {
     }
 
     /// A connection that can deploy: posix-rename and fsync are required.
-    async fn lease(&self) -> Result<Lease, StepError> {
+    pub(crate) async fn lease(&self) -> Result<Lease, StepError> {
         let lease = self.pool.lease(&self.addr).await?;
         let sftp = lease.sftp();
         for (ok, ext, why) in [

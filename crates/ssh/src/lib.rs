@@ -14,9 +14,11 @@
 mod check;
 mod error;
 mod host;
+mod lock;
 mod pool;
 
 pub use check::{CheckLine, check};
 pub use error::shell_quote;
 pub use host::SshHost;
+pub use lock::{Created, LockFile};
 pub use pool::{HostAddr, SshConfig, SshPool};

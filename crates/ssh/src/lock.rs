@@ -1,0 +1,211 @@
+//! The file primitives of the cross-worker target lock (issue 10). The
+//! protocol itself (lease, claims, takeover) lives in the `certdeploy`
+//! crate; these only move whole small files atomically and report the
+//! host's own clock, so that no two workers' clocks are ever compared.
+//!
+//! - [`SshHost::lock_create`]: exclusive creation with the full content in
+//!   place from the first instant (private temp file, then
+//!   `hardlink@openssh.com` to the name, which fails if the name exists).
+//! - [`SshHost::lock_replace`]: temp file, then `posix-rename` over the name.
+//! - [`SshHost::lock_read`]: content and mtime (whole seconds, host clock).
+//! - [`SshHost::lock_remove`]: remove, a missing file is fine.
+//!
+//! Every call is bounded by a timeout: a lease is only as good as the time
+//! its renewals take.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use certdeploy_core::StepError;
+use openssh_sftp_client::metadata::Permissions;
+
+use crate::error::{is_no_such_file, sftp_is_connection_loss};
+use crate::host::{SshHost, p};
+use crate::pool::Lease;
+
+/// Bound on one lock operation (a few SFTP round trips).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest lock file accepted (a lock holds paths and digests, not data).
+const MAX_LOCK_BYTES: usize = 256 * 1024;
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A lock file as read: its content and its mtime in host seconds.
+#[derive(Clone, Debug)]
+pub struct LockFile {
+    pub bytes: Vec<u8>,
+    pub mtime: u64,
+}
+
+/// Result of [`SshHost::lock_create`]; when the lock exists, `host_now` is
+/// the mtime of the file this call just wrote (the host's clock, whole
+/// seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Created {
+    pub created: bool,
+    pub host_now: u64,
+}
+
+fn temp_name(path: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{path}.tmp.{}.{n}.{nanos:x}", std::process::id())
+}
+
+impl SshHost<'_> {
+    async fn bounded<T>(
+        &self,
+        lease: &Lease,
+        what: &str,
+        f: impl Future<Output = Result<T, StepError>>,
+    ) -> Result<T, StepError> {
+        match tokio::time::timeout(LOCK_TIMEOUT, f).await {
+            Ok(r) => r,
+            Err(_) => {
+                lease.mark_dead();
+                Err(StepError::transient(format!("{}: {what}: timed out; outcome unknown", self.addr())))
+            }
+        }
+    }
+
+    /// Write `bytes` to a fresh temp file next to `path`, mode 0600 before
+    /// any byte (fsynced if `durable`). Returns its name.
+    async fn lock_temp(&self, lease: &Lease, path: &str, bytes: &[u8], durable: bool) -> Result<String, StepError> {
+        let temp = temp_name(path);
+        let mut f = match lease.sftp().options().write(true).create_new(true).open(p(&temp)).await {
+            Ok(f) => f,
+            Err(e) => return Err(lease.sftp_err("create lock temp file", &temp, &e)),
+        };
+        let r = async {
+            f.set_permissions(Permissions::from(0o600u16)).await?;
+            f.write_all(bytes).await?;
+            if durable {
+                f.sync_all().await?;
+            }
+            f.close().await
+        }
+        .await;
+        match r {
+            Ok(()) => Ok(temp),
+            Err(e) => {
+                let _ = lease.sftp().fs().remove_file(p(&temp)).await;
+                Err(lease.sftp_err("write lock temp file", &temp, &e))
+            }
+        }
+    }
+
+    /// Create `path` with `bytes` unless it exists (then nothing changes).
+    pub async fn lock_create(&self, path: &str, bytes: &[u8]) -> Result<Created, StepError> {
+        let lease = self.lease().await?;
+        if !lease.sftp().support_hardlink() {
+            return Err(StepError::permanent(format!(
+                "{}: the SFTP server lacks the hardlink@openssh.com extension; the target lock cannot be taken",
+                self.addr()
+            )));
+        }
+        let work = async {
+            let temp = self.lock_temp(&lease, path, bytes, false).await?;
+            let mut fs = lease.sftp().fs();
+            // A failed link with no file at `path` afterwards: the lock was
+            // released between the two requests; link again.
+            let mut outcome = Err(None);
+            for _ in 0..3 {
+                match fs.hard_link(p(&temp), p(path)).await {
+                    Ok(()) => {
+                        outcome = Ok(Created { created: true, host_now: 0 });
+                        break;
+                    }
+                    Err(e) if sftp_is_connection_loss(&e) => {
+                        outcome = Err(Some(lease.sftp_err("create lock", path, &e)));
+                        break;
+                    }
+                    Err(e) => match fs.symlink_metadata(p(path)).await {
+                        Ok(_) => {
+                            // Taken: the caller needs the host's clock.
+                            let now = fs.metadata(p(&temp)).await.ok().and_then(|m| m.modified());
+                            outcome = match now {
+                                Some(t) => Ok(Created { created: false, host_now: t.as_duration().as_secs() }),
+                                None => Err(Some(StepError::transient(format!(
+                                    "{}: {path}: could not read the host's clock",
+                                    self.addr()
+                                )))),
+                            };
+                            break;
+                        }
+                        Err(_) => outcome = Err(Some(lease.sftp_err("create lock", path, &e))),
+                    },
+                }
+            }
+            let _ = fs.remove_file(p(&temp)).await;
+            outcome.map_err(|e| {
+                e.unwrap_or_else(|| StepError::transient(format!("{}: create lock {path}: failed", self.addr())))
+            })
+        };
+        self.bounded(&lease, "create lock", work).await
+    }
+
+    /// Replace `path` (present or not) with `bytes`, atomically; the new
+    /// content is fsynced first if `durable`.
+    pub async fn lock_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<(), StepError> {
+        let lease = self.lease().await?;
+        let work = async {
+            let temp = self.lock_temp(&lease, path, bytes, durable).await?;
+            let mut fs = lease.sftp().fs();
+            match fs.rename(p(&temp), p(path)).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = fs.remove_file(p(&temp)).await;
+                    Err(lease.sftp_err("replace lock", path, &e))
+                }
+            }
+        };
+        self.bounded(&lease, "replace lock", work).await
+    }
+
+    /// The lock file's content and mtime, `None` when there is none.
+    pub async fn lock_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {
+        let lease = self.lease().await?;
+        let work = async {
+            let mut f = match lease.sftp().open(p(path)).await {
+                Ok(f) => f,
+                Err(e) if is_no_such_file(&e) => return Ok(None),
+                Err(e) => return Err(lease.sftp_err("open lock", path, &e)),
+            };
+            let r = async {
+                let meta = f.metadata().await?;
+                let mut bytes = Vec::new();
+                while let Some(chunk) = f.read(64 * 1024, Default::default()).await? {
+                    bytes.extend_from_slice(&chunk);
+                    if bytes.len() > MAX_LOCK_BYTES {
+                        break;
+                    }
+                }
+                f.close().await?;
+                Ok::<_, openssh_sftp_client::Error>((meta, bytes))
+            }
+            .await;
+            match r {
+                Ok((meta, bytes)) => {
+                    Ok(Some(LockFile { bytes, mtime: meta.modified().map(|t| t.as_duration().as_secs()).unwrap_or(0) }))
+                }
+                Err(e) => Err(lease.sftp_err("read lock", path, &e)),
+            }
+        };
+        self.bounded(&lease, "read lock", work).await
+    }
+
+    /// Remove `path`; a missing file is not an error.
+    pub async fn lock_remove(&self, path: &str) -> Result<(), StepError> {
+        let lease = self.lease().await?;
+        let work = async {
+            match lease.sftp().fs().remove_file(p(path)).await {
+                Ok(()) => Ok(()),
+                Err(e) if is_no_such_file(&e) => Ok(()),
+                Err(e) => Err(lease.sftp_err("remove lock", path, &e)),
+            }
+        };
+        self.bounded(&lease, "remove lock", work).await
+    }
+}
