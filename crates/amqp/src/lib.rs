@@ -75,6 +75,8 @@ use tokio::task::JoinHandle;
 
 /// Header carrying the reason on messages published by [`Broker::dead_letter`].
 pub const REASON_HEADER: &str = "x-certdeploy-reason";
+/// Header counting how often [`Broker::defer`] sent a request to wait.
+pub const DEFERRALS_HEADER: &str = "x-certdeploy-deferrals";
 /// Content type of requests and results.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Routing-key prefix of result events (`result.<outcome>`).
@@ -228,6 +230,9 @@ pub struct Topology {
     pub events_exchange: String,
     /// `x-delivery-limit` of the requests queue.
     pub delivery_limit: u32,
+    /// Durable classic queue of deferred requests: each message carries its
+    /// own TTL and dead-letters back to `requests_queue` when it expires.
+    pub retry_queue: String,
 }
 
 impl Default for Topology {
@@ -238,6 +243,7 @@ impl Default for Topology {
             dead_queue: "certdeploy.dead".into(),
             events_exchange: "certdeploy.events".into(),
             delivery_limit: 20,
+            retry_queue: "certdeploy.retry".into(),
         }
     }
 }
@@ -521,6 +527,19 @@ impl Broker {
                 ch.queue_declare(t.requests_queue.as_str().into(), durable_q, args),
             )
             .await?;
+            // Deferred requests wait here; expired ones go back to the
+            // requests queue through the default exchange. A classic queue:
+            // it dead-letters each message at its own expiry at the head,
+            // and every message of one worker config has the same TTL.
+            let mut retry = FieldTable::default();
+            retry.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            retry.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(t.requests_queue.as_str().into()));
+            check_decl(
+                format!("queue {:?}", t.retry_queue),
+                to,
+                ch.queue_declare(t.retry_queue.as_str().into(), durable_q, retry),
+            )
+            .await?;
             Ok::<(), AmqpError>(())
         };
         let res = declare.await;
@@ -594,6 +613,27 @@ impl Broker {
             delivery.routing_key.clone()
         };
         self.publish_confirmed(&self.topology.dead_exchange, &rk, true, &delivery.body, props).await?;
+        delivery.ack().await
+    }
+
+    /// Defer a request: publish a copy (body, properties, headers) to the
+    /// retry queue with a per-message TTL of `delay` and header
+    /// [`DEFERRALS_HEADER`] = `deferrals`, wait for the confirm, then ack
+    /// the original. When the TTL expires the broker dead-letters the copy
+    /// back to the requests queue as a new message: its delivery count
+    /// starts again, so waiting never burns the delivery limit. Returns the
+    /// ack result (`Ok(false)`: the original comes back too; deployments
+    /// are idempotent by id).
+    pub async fn defer(&self, delivery: &Delivery, delay: Duration, deferrals: u32) -> Result<bool, AmqpError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongLongInt(i64::from(deferrals)));
+        let props = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+            .with_expiration(delay.as_millis().max(1).to_string().into());
+        self.publish_confirmed("", &self.topology.retry_queue, true, &delivery.body, props).await?;
         delivery.ack().await
     }
 
@@ -821,6 +861,17 @@ impl Delivery {
             _channel: channel,
             rpc_timeout,
         }
+    }
+
+    /// How often this request was deferred before ([`DEFERRALS_HEADER`]).
+    #[must_use]
+    pub fn deferrals(&self) -> u32 {
+        self.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(DEFERRALS_HEADER))
+            .and_then(amqp_int)
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// A header as text (long/short string or integer), if present.
