@@ -346,7 +346,7 @@ async fn direct_run(
         let rt = rt.clone();
         let permit = sem.clone().acquire_owned().await?;
         set.spawn(async move {
-            let r = rt.execute(&v).await;
+            let r = rt.execute_waiting(&v).await;
             drop(permit);
             r.map(|rep| (v.deployment_id.clone(), Instant::now(), rep))
         });

@@ -191,7 +191,7 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
     };
     let rt = Arc::new(Runtime::open(cfg)?);
     rt.recover_all().await?;
-    let report = rt.execute(&v).await?;
+    let report = rt.execute_waiting(&v).await?;
     print_report(&report, &rt.worker_name, a.json);
     let _ = rt.journal.mark_acked(&report.deployment_id);
     rt.pool.close_all().await;

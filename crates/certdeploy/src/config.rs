@@ -59,6 +59,16 @@ pub struct WorkerConfig {
     pub delivery_limit: u32,
     /// Verify: total time to wait for the new certificate to be served.
     pub verify_budget_ms: u64,
+    /// Target lock on the host (issue 10): a holder that has not renewed
+    /// it for this long is presumed dead and is taken over.
+    pub lock_lease_s: u64,
+    /// A request whose target is locked by a live lease waits this long in
+    /// the retry queue before it comes back.
+    pub defer_delay_ms: u64,
+    /// After this many deferrals the request ends `failed`.
+    pub max_deferrals: u32,
+    /// The retry queue (per-message TTL, dead-letters back to the requests queue).
+    pub retry_queue: String,
 }
 
 impl Default for WorkerConfig {
@@ -84,6 +94,10 @@ impl Default for WorkerConfig {
             dead_queue: "certdeploy.dead".into(),
             delivery_limit: 20,
             verify_budget_ms: 10_000,
+            lock_lease_s: 30,
+            defer_delay_ms: 2_000,
+            max_deferrals: 300,
+            retry_queue: "certdeploy.retry".into(),
         }
     }
 }
@@ -294,6 +308,10 @@ impl Config {
                 "dead_queue" => w.dead_queue = v.clone(),
                 "delivery_limit" => w.delivery_limit = v.parse().map_err(|_| bad("a number"))?,
                 "verify_budget_ms" => w.verify_budget_ms = v.parse().map_err(|_| bad("a number"))?,
+                "lock_lease_s" => w.lock_lease_s = v.parse().map_err(|_| bad("a number"))?,
+                "defer_delay_ms" => w.defer_delay_ms = v.parse().map_err(|_| bad("a number"))?,
+                "max_deferrals" => w.max_deferrals = v.parse().map_err(|_| bad("a number"))?,
+                "retry_queue" => w.retry_queue = v.clone(),
                 // Not [worker] keys (e.g. CERTDEPLOY_CONFIG, CERTDEPLOY_LOG_FORMAT).
                 _ => {}
             }
@@ -321,6 +339,15 @@ impl Config {
         }
         if w.delivery_limit == 0 {
             return e("worker.delivery_limit", "must be at least 1");
+        }
+        if w.lock_lease_s < 2 {
+            return e("worker.lock_lease_s", "must be at least 2 (the host clock counts whole seconds)");
+        }
+        if w.defer_delay_ms == 0 {
+            return e("worker.defer_delay_ms", "must be at least 1");
+        }
+        if w.retry_queue.is_empty() || w.retry_queue == w.requests_queue {
+            return e("worker.retry_queue", "must be set and differ from requests_queue");
         }
         if w.metrics_listen.parse::<std::net::SocketAddr>().is_err() && !w.metrics_listen.is_empty() {
             return e("worker.metrics_listen", "must be host:port (an IP address), or empty to disable");

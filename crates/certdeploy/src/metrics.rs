@@ -19,6 +19,12 @@ pub const AMQP_RECONNECTS: &str = "certdeploy_amqp_reconnects_total";
 pub const PUBLISH_SECONDS: &str = "certdeploy_result_publish_duration_seconds";
 pub const SSH_MASTERS_OPENED: &str = "certdeploy_ssh_masters_opened_total";
 pub const READY: &str = "certdeploy_ready";
+/// Expired target locks of dead workers taken over (issue 10).
+pub const TAKEOVERS: &str = "certdeploy_lock_takeovers_total";
+/// Attempts stopped because their target lock was lost.
+pub const LOCKS_LOST: &str = "certdeploy_locks_lost_total";
+/// Requests sent to the retry queue because their target was locked.
+pub const DEFERRALS: &str = "certdeploy_deferrals_total";
 
 /// Every metric name the worker exports (the Grafana dashboard test checks
 /// its queries against this list).
@@ -33,6 +39,9 @@ pub const ALL: &[&str] = &[
     PUBLISH_SECONDS,
     SSH_MASTERS_OPENED,
     READY,
+    TAKEOVERS,
+    LOCKS_LOST,
+    DEFERRALS,
 ];
 
 /// Readiness parts, flipped by the worker.

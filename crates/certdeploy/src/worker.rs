@@ -32,6 +32,7 @@ pub fn broker_config(cfg: &Config, name: &str) -> BrokerConfig {
         dead_queue: w.dead_queue.clone(),
         events_exchange: w.events_exchange.clone(),
         delivery_limit: w.delivery_limit,
+        retry_queue: w.retry_queue.clone(),
     };
     b.prefetch = w.concurrency.min(u16::MAX as usize) as u16;
     b.rpc_timeout = Duration::from_secs(30);
@@ -318,7 +319,8 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
     // renewal redelivered after a newer one ends `superseded`.
     turn.wait().await;
     let report = match rt.execute(&validated).await {
-        Ok(r) => r,
+        Ok(crate::app::Executed::Report(r)) => r,
+        Ok(crate::app::Executed::Deferred { holder }) => return defer(rt, delivery, brx, &validated, &holder).await,
         Err(e) => {
             // The journal (or the runtime) failed: nothing is lost, the
             // deployment stays unfinished and is resumed on redelivery.
@@ -329,6 +331,42 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
         }
     };
     finish(rt, delivery, brx, report).await;
+}
+
+/// The target is locked by another worker's live deployment: send the
+/// request to wait in the retry queue (it comes back to the requests queue
+/// after `defer_delay_ms`), or give up with `failed` after `max_deferrals`.
+async fn defer(
+    rt: &Runtime,
+    delivery: Delivery,
+    mut brx: watch::Receiver<Option<Arc<Broker>>>,
+    v: &intake::Validated,
+    holder: &str,
+) {
+    let n = delivery.deferrals();
+    if n >= rt.cfg.worker.max_deferrals {
+        let msg = format!(
+            "target locked by {holder}; gave up after {n} deferrals of {} ms; the host was not changed by this request",
+            rt.cfg.worker.defer_delay_ms
+        );
+        tracing::warn!(deployment_id = %v.deployment_id, "{msg}");
+        let report = Report::lock_failed(&v.deployment_id, &v.target_name, "", msg, crate::verify::now());
+        metrics::counter!(m::DEPLOYMENTS, "outcome" => "failed").increment(1);
+        return finish(rt, delivery, brx, report).await;
+    }
+    let Some(broker) = current_broker(&mut brx).await else { return };
+    metrics::counter!(m::DEFERRALS).increment(1);
+    let delay = Duration::from_millis(rt.cfg.worker.defer_delay_ms);
+    match broker.defer(&delivery, delay, n + 1).await {
+        Ok(_) => {
+            tracing::info!(deployment_id = %v.deployment_id, deferrals = n + 1, "target locked by {holder}: retrying in {delay:?}")
+        }
+        Err(e) => {
+            tracing::warn!(deployment_id = %v.deployment_id, "deferring failed: {e}; returning the message");
+            tokio::time::sleep(delay).await;
+            let _ = delivery.reject_requeue().await;
+        }
+    }
 }
 
 /// Publish the result (confirmed), then ack, then record the ack.
