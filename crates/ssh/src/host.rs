@@ -394,15 +394,50 @@ impl<'a> SshHost<'a> {
         owner: Result<Owner, &str>,
         bytes: &[u8],
     ) -> Result<(), StepError> {
+        self.write_temp_as(lease, temp, mode, owner, bytes, true).await
+    }
+
+    /// [`Self::write_temp`]; `private = false` for public content (a
+    /// certificate or chain): the temp is opened directly, without the
+    /// private staging directory, because a reader who opens it before its
+    /// mode is set can only ever read public bytes. Four requests fewer.
+    async fn write_temp_as(
+        &self,
+        lease: &Lease,
+        temp: &str,
+        mode: u32,
+        owner: Result<Owner, &str>,
+        bytes: &[u8],
+        private: bool,
+    ) -> Result<(), StepError> {
         let lookup = async {
             match owner {
                 Ok(o) => o,
                 Err(path) => lease.sftp().fs().metadata(p(path)).await.ok().map(|m| (m.uid(), m.gid())),
             }
         };
+        if !private {
+            let open = async {
+                let first = lease.sftp().options().write(true).create_new(true).open(p(temp)).await;
+                match first {
+                    Ok(f) => Ok(f),
+                    Err(e) if sftp_is_connection_loss(&e) => Err(e),
+                    Err(_) => {
+                        // A leftover of an interrupted attempt.
+                        let _ = lease.sftp().fs().remove_file(p(temp)).await;
+                        lease.sftp().options().write(true).create_new(true).open(p(temp)).await
+                    }
+                }
+            };
+            let (owner, opened) = tokio::join!(lookup, open);
+            return match opened {
+                Ok(f) => self.fill_temp(lease, temp, f, false, true, mode, owner, bytes).await,
+                Err(e) => Err(lease.sftp_err("create temp file", temp, &e)),
+            };
+        }
         let (owner, opened) = tokio::join!(lookup, self.open_private(lease, temp));
         if let Some(f) = opened? {
-            return self.fill_temp(lease, temp, f, true, mode, owner, bytes).await;
+            return self.fill_temp(lease, temp, f, true, true, mode, owner, bytes).await;
         }
         let created = self.create_private(lease, &[temp.to_string()]).await?;
         let f = match lease.sftp().options().write(true).truncate(true).open(p(temp)).await {
@@ -417,7 +452,7 @@ impl<'a> SshHost<'a> {
             }
             Err(e) => return Err(lease.sftp_err("open temp file", temp, &e)),
         };
-        self.fill_temp(lease, temp, f, false, mode, owner, bytes).await
+        self.fill_temp(lease, temp, f, false, false, mode, owner, bytes).await
     }
 
     /// Fill a private temp file: owner (best effort), mode, (if `staged`,
@@ -429,6 +464,9 @@ impl<'a> SshHost<'a> {
         temp: &str,
         mut f: openssh_sftp_client::file::File,
         staged: bool,
+        // Owner and mode in one request: nobody else can reach the file
+        // (staged), or its content is public.
+        combine: bool,
         mode: u32,
         owner: Owner,
         bytes: &[u8],
@@ -442,7 +480,7 @@ impl<'a> SshHost<'a> {
         // so owner and mode can go in one request (the server applies the
         // mode first) unless set-id bits (cleared by a chown) are asked for.
         let mut done = false;
-        if staged
+        if combine
             && mode & 0o7000 == 0
             && let Some(id) = owner
         {
@@ -654,7 +692,9 @@ impl Host for SshHost<'_> {
             let filled = join_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
                 let lease = &lease;
                 // Keep the original owner where there was one.
-                async move { self.write_temp(lease, temp, f.mode, Err(&f.live_path), bytes).await }
+                // Only a key's temp needs the private staging directory.
+                let private = f.role == Role::Key;
+                async move { self.write_temp_as(lease, temp, f.mode, Err(&f.live_path), bytes, private).await }
             }))
             .await;
             // ...renames in order, stopping at the first failure.
