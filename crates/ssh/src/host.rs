@@ -40,6 +40,9 @@ pub struct SshHost<'a> {
     /// came first. A crash before it is covered by the journal: the
     /// deployment is not committed yet, and recovery rolls it back.
     pending_sync: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// Owner of each live path as the snapshot saw it (`None`: no file), so
+    /// the write keeps it without another stat.
+    owners: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Owner>>>,
 }
 
 pub(crate) fn p(s: &str) -> &Path {
@@ -83,7 +86,7 @@ struct Read {
 
 impl<'a> SshHost<'a> {
     pub fn new(pool: &'a SshPool, addr: HostAddr) -> SshHost<'a> {
-        SshHost { pool, addr, pending_sync: Default::default() }
+        SshHost { pool, addr, pending_sync: Default::default(), owners: Default::default() }
     }
 
     fn take_pending_sync(&self) -> BTreeSet<String> {
@@ -208,6 +211,7 @@ impl<'a> SshHost<'a> {
         let dir = parent_of(&live);
         match lease.sftp().fs().metadata(p(&dir)).await {
             Ok(m) if m.file_type().is_some_and(|t| t.is_dir()) => {
+                self.remember_owner(&live, None);
                 Ok(Snapped { snapshot: Snapshot { live_path: live, pre: PreState::Missing }, content: None })
             }
             Ok(_) => {
@@ -218,6 +222,15 @@ impl<'a> SshHost<'a> {
             }
             Err(e) => Err(lease.sftp_err("stat directory", &dir, &e)),
         }
+    }
+
+    fn remember_owner(&self, live: &str, owner: Owner) {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner()).insert(live.to_string(), owner);
+    }
+
+    /// The owner the snapshot saw, or `Err(live)` to look it up.
+    fn known_owner<'p>(&self, live: &'p str) -> Result<Owner, &'p str> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner()).get(live).copied().ok_or(live)
     }
 
     /// `known`: the file's metadata if the caller has it (saves an fstat).
@@ -243,8 +256,15 @@ impl<'a> SshHost<'a> {
             if let Some(c) = content.as_mut() {
                 c.extend_from_slice(&chunk);
             }
+            let short = chunk.len() < n as usize;
             // Key bytes do not linger in freed buffers.
             chunk.iter_mut().for_each(|b| *b = 0);
+            // sftp-server answers a read of a regular file with one read(2)
+            // of the asked length: a short one is the end of the file. Saves
+            // the round trip that would only return EOF.
+            if short {
+                break;
+            }
         }
         f.close().await?;
         Ok(Read { meta, sha256: Digest(hasher.finalize().into()), size, content })
@@ -312,6 +332,7 @@ impl<'a> SshHost<'a> {
             Ok(r) => r,
             Err(e) => return Err(lease.sftp_err("read backup", &backup, &e)),
         };
+        self.remember_owner(&live, Some((r.meta.uid(), r.meta.gid())));
         Ok(Snapped {
             snapshot: Snapshot {
                 live_path: live,
@@ -689,14 +710,17 @@ impl Host for SshHost<'_> {
         let temps: Vec<String> = files.iter().map(|(f, _)| temp_path(&f.live_path, deployment_id)).collect();
         let work = async {
             // Temps concurrently...
-            let filled = join_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
-                let lease = &lease;
-                // Keep the original owner where there was one.
-                // Only a key's temp needs the private staging directory.
-                let private = f.role == Role::Key;
-                async move { self.write_temp_as(lease, temp, f.mode, Err(&f.live_path), bytes, private).await }
-            }))
-            .await;
+            let filled =
+                join_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
+                    let lease = &lease;
+                    // Keep the original owner where there was one.
+                    // Only a key's temp needs the private staging directory.
+                    let private = f.role == Role::Key;
+                    async move {
+                        self.write_temp_as(lease, temp, f.mode, self.known_owner(&f.live_path), bytes, private).await
+                    }
+                }))
+                .await;
             // ...renames in order, stopping at the first failure.
             let mut out = Vec::with_capacity(files.len());
             for (((f, _), temp), r) in files.iter().zip(&temps).zip(filled) {
