@@ -19,9 +19,10 @@ use std::time::Duration;
 use certdeploy_core::StepError;
 use openssh_sftp_client::metadata::Permissions;
 
-use crate::error::{is_no_such_file, sftp_is_connection_loss};
+use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind};
 use crate::host::{SshHost, p};
 use crate::pool::Lease;
+use openssh_sftp_client::error::SftpErrorKind;
 
 /// Bound on one lock operation (a few SFTP round trips).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -134,7 +135,19 @@ impl SshHost<'_> {
                             };
                             break;
                         }
-                        Err(_) => outcome = Err(Some(lease.sftp_err("create lock", path, &e))),
+                        // A generic failure and no lock afterwards: it was
+                        // released in between. Transient (retried).
+                        Err(_) if !matches!(sftp_kind(&e), Some(SftpErrorKind::Failure)) => {
+                            outcome = Err(Some(lease.sftp_err("create lock", path, &e)));
+                            break;
+                        }
+                        Err(_) => {
+                            outcome = Err(Some(StepError::transient(format!(
+                                "{}: create lock {path}: {}; no lock there afterwards",
+                                self.addr(),
+                                crate::pool::error_chain(&e)
+                            ))))
+                        }
                     },
                 }
             }
