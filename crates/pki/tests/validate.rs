@@ -630,3 +630,38 @@ fn error_type_shape() {
     let algs: [&SignatureAlgorithm; 2] = [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P256_SHA256];
     assert_ne!(algs[0], algs[1]);
 }
+
+/// The fast P-256 path (ring) keeps the same verdicts: a key file whose
+/// embedded public key is not its secret's is invalid, and a key without
+/// an embedded public key still matches (or not) by its secret.
+#[test]
+fn p256_embedded_public_key_must_be_the_secrets() {
+    use p256::elliptic_curve::sec1::ToSec1Point as _;
+    use p256::pkcs8::DecodePrivateKey as _;
+    use sec1::der::Encode as _;
+    let p = pki(Alg::P256);
+    let own = p256::SecretKey::from_pkcs8_pem(&p.leaf.key_pem()).unwrap();
+    let other = p256::SecretKey::from_pkcs8_pem(&keypair(Alg::P256).serialize_pem()).unwrap();
+    let secret = own.to_bytes();
+    let foreign_point = other.public_key().to_sec1_point(false);
+    let own_point = own.public_key().to_sec1_point(false);
+    let sec1_with = |point: Option<&[u8]>| {
+        let ec = sec1::EcPrivateKey {
+            private_key: &secret[..],
+            parameters: Some(sec1::EcParameters::NamedCurve(sec1::der::oid::ObjectIdentifier::new_unwrap(
+                "1.2.840.10045.3.1.7",
+            ))),
+            public_key: point,
+        };
+        pem_encode("EC PRIVATE KEY", &ec.to_der().unwrap())
+    };
+    assert!(validate(&p.leaf.pem(), &sec1_with(Some(own_point.as_bytes())), None).is_ok());
+    assert!(validate(&p.leaf.pem(), &sec1_with(None), None).is_ok(), "no embedded point: matched by the secret");
+    assert_eq!(
+        err(&p.leaf.pem(), &sec1_with(Some(foreign_point.as_bytes())), None),
+        "private_key_pem: SEC1 ECDSA P-256 private key is invalid"
+    );
+    // Compressed embedded point (ring takes only uncompressed): derived instead.
+    let compressed = own.public_key().to_sec1_point(true);
+    assert!(validate(&p.leaf.pem(), &sec1_with(Some(compressed.as_bytes())), None).is_ok());
+}
