@@ -18,11 +18,12 @@
 //!   itself claimed by the next taker (a chain, followed to its end).
 //! - **Content**: the lock records the deployment whose state the host may
 //!   be in: its id, its phase (`locked` → nothing changed yet; `writing` →
-//!   snapshots taken, writes and a reload may have happened; `committing`
-//!   → deployed, pruning old backups) and its snapshots (paths, digests,
-//!   modes, backup names: never key bytes). A taker rolls a `writing`
-//!   deployment back from exactly that, with the core's restore and
-//!   retry-reload, and finishes a `committing` one's prune.
+//!   snapshots taken, writes and a reload may have happened) and its
+//!   snapshots (paths, digests, modes, backup names: never key bytes). A
+//!   taker rolls a `writing` deployment back from exactly that, with the
+//!   core's restore and retry-reload. A deployed attempt releases the lock
+//!   right after its commit's prune, before its result is journaled, so a
+//!   reported `deployed` is never rolled back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +58,9 @@ pub enum LockPhase {
     Locked,
     /// Snapshots taken; writes, a validate and a reload may have happened.
     Writing,
-    /// Deployed; old backups being pruned.
+    /// Deployed; old backups being pruned. (Written by earlier versions;
+    /// a taker still finishes such a prune. The lock is now released right
+    /// after the prune instead.)
     Committing,
 }
 
@@ -340,9 +343,13 @@ impl HeldLock {
         !self.lost.load(Ordering::SeqCst) && Instant::now() < self.until()
     }
 
-    /// Resolves once the lock is no longer valid (lost or not renewed in time).
+    /// Resolves once the lock is no longer valid (lost or not renewed in
+    /// time); never after it was released on purpose.
     pub async fn invalid(&self) {
         loop {
+            if self.is_released() {
+                std::future::pending::<()>().await;
+            }
             let notified = self.changed.notified();
             if !self.is_valid() {
                 return;
@@ -404,7 +411,10 @@ impl HeldLock {
     /// is not, the file is left alone (it is someone else's, or expires).
     pub async fn release<H: LockHost>(&self, host: &H) -> Result<(), StepError> {
         let _rec = self.record.lock().await;
-        self.released.store(true, Ordering::SeqCst);
+        if self.released.swap(true, Ordering::SeqCst) {
+            // Once only: the name may be another worker's lock by now.
+            return Ok(());
+        }
         if !self.is_valid() {
             return Ok(());
         }
@@ -439,8 +449,8 @@ pub async fn renew_loop<H: LockHost>(lock: Arc<HeldLock>, host: H) {
 }
 
 /// A [`Host`] behind a held lock: every operation passes the fence first;
-/// the first write rewrites the lock to `writing` with the snapshots, and
-/// the commit's prune to `committing`, before they act.
+/// the first write rewrites the lock to `writing` with the snapshots before
+/// it acts; the commit's prune releases the lock after it.
 pub struct Locked<'a, H, L> {
     pub inner: H,
     pub lock: &'a HeldLock,
@@ -504,11 +514,20 @@ impl<H: Host, L: LockHost> Host for Locked<'_, H, L> {
         self.lock.fence().await;
         self.inner.remove_backups(id, paths).await
     }
+    /// The commit's prune is a deployed attempt's last host operation: the
+    /// lock is released right after it, *before* the result is journaled
+    /// and published. A worker dying before the release leaves a `writing`
+    /// lock and an unreported deployment, which a taker rolls back; one
+    /// dying after it leaves the host deployed and no lock. So a reported
+    /// `deployed` is never rolled back by a taker, without a `committing`
+    /// rewrite of the lock.
     async fn prune(&self, id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {
         self.lock.fence().await;
-        self.set_phase(LockPhase::Committing, None).await?;
-        self.lock.fence().await;
-        self.inner.prune(id, live_paths, keep).await
+        let r = self.inner.prune(id, live_paths, keep).await;
+        if let Err(e) = self.lock.release(self.lock_host).await {
+            tracing::warn!(lock = %self.lock.path(), "releasing the target lock failed (it expires): {}", e.message);
+        }
+        r
     }
 }
 
