@@ -375,7 +375,11 @@ impl Runtime {
             LockPhase::Locked => Ok(()),
             LockPhase::Committing => {
                 let paths: Vec<String> = dead.snapshots.iter().map(|(_, s)| s.live_path.clone()).collect();
-                let host = Locked { inner: Metered(SshHost::new(&self.pool, self.addr(plan))), lock, lock_host: ssh };
+                // Not through `Locked`: its prune releases the lock.
+                if !lock.is_valid() {
+                    return Err(format!("target lock {} lost during a takeover", lock.path()));
+                }
+                let host = Metered(SshHost::new(&self.pool, self.addr(plan)));
                 if let Err(e) = host.prune(&dead.deployment_id, &paths, 1).await {
                     tracing::warn!("pruning the backups of taken-over {}: {}", dead.deployment_id, e.message);
                 }

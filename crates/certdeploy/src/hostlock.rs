@@ -373,7 +373,7 @@ impl HeldLock {
     /// the write started. Refused once the lock is invalid.
     pub async fn rewrite<H: LockHost>(&self, host: &H, edit: impl FnOnce(&mut LockRecord)) -> Result<(), StepError> {
         let mut rec = self.record.lock().await;
-        if !self.is_valid() {
+        if !self.is_valid() || self.is_released() {
             return Err(StepError::permanent(format!("target lock {} is no longer ours", self.path)));
         }
         let mut next = rec.clone();
