@@ -233,7 +233,7 @@ async fn broker_run(
         .arg("--config")
         .arg(&cfg_path)
         .arg("worker")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,certdeploy::app=info")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -286,6 +286,16 @@ async fn broker_run(
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = child.wait();
     broker.close().await;
+    // Anything the worker warned about (deferrals, retries) is part of the figure.
+    let text = std::fs::read_to_string(f.tmp.path().join(format!("worker-{durability}.log"))).unwrap_or_default();
+    let warnings: Vec<&str> =
+        text.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("deferring")).collect();
+    if !warnings.is_empty() {
+        eprintln!("  worker logged {} warning(s); the first ones:", warnings.len());
+        for l in warnings.iter().take(5) {
+            eprintln!("    {l}");
+        }
+    }
 
     let mut last: BTreeMap<usize, (String, Bundle)> = BTreeMap::new();
     let mut outcomes = BTreeMap::new();
