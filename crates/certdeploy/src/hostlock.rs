@@ -18,12 +18,12 @@
 //!   itself claimed by the next taker (a chain, followed to its end).
 //! - **Content**: the lock records the deployment whose state the host may
 //!   be in: its id, its phase (`locked` → nothing changed yet; `writing` →
-//!   snapshots taken, writes and a reload may have happened) and its
-//!   snapshots (paths, digests, modes, backup names: never key bytes). A
-//!   taker rolls a `writing` deployment back from exactly that, with the
-//!   core's restore and retry-reload. A deployed attempt releases the lock
-//!   right after its commit's prune, before its result is journaled, so a
-//!   reported `deployed` is never rolled back.
+//!   snapshots taken, writes and a reload may have happened; `committing`
+//!   → deployed, pruning old backups) and its snapshots (paths, digests,
+//!   modes, backup names: never key bytes). A taker rolls a `writing`
+//!   deployment back from exactly that, with the core's restore and
+//!   retry-reload, and finishes a `committing` one's prune: a deployment
+//!   whose `deployed` may already be journaled is never rolled back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,9 +58,8 @@ pub enum LockPhase {
     Locked,
     /// Snapshots taken; writes, a validate and a reload may have happened.
     Writing,
-    /// Deployed; old backups being pruned. (Written by earlier versions;
-    /// a taker still finishes such a prune. The lock is now released right
-    /// after the prune instead.)
+    /// Deployed; old backups being pruned. A taker finishes the prune
+    /// (never rolls back: the result may already be journaled).
     Committing,
 }
 
@@ -449,8 +448,8 @@ pub async fn renew_loop<H: LockHost>(lock: Arc<HeldLock>, host: H) {
 }
 
 /// A [`Host`] behind a held lock: every operation passes the fence first;
-/// the first write rewrites the lock to `writing` with the snapshots before
-/// it acts; the commit's prune releases the lock after it.
+/// the first write rewrites the lock to `writing` with the snapshots, and
+/// the commit's prune to `committing`, before they act.
 pub struct Locked<'a, H, L> {
     pub inner: H,
     pub lock: &'a HeldLock,
@@ -514,20 +513,11 @@ impl<H: Host, L: LockHost> Host for Locked<'_, H, L> {
         self.lock.fence().await;
         self.inner.remove_backups(id, paths).await
     }
-    /// The commit's prune is a deployed attempt's last host operation: the
-    /// lock is released right after it, *before* the result is journaled
-    /// and published. A worker dying before the release leaves a `writing`
-    /// lock and an unreported deployment, which a taker rolls back; one
-    /// dying after it leaves the host deployed and no lock. So a reported
-    /// `deployed` is never rolled back by a taker, without a `committing`
-    /// rewrite of the lock.
     async fn prune(&self, id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {
         self.lock.fence().await;
-        let r = self.inner.prune(id, live_paths, keep).await;
-        if let Err(e) = self.lock.release(self.lock_host).await {
-            tracing::warn!(lock = %self.lock.path(), "releasing the target lock failed (it expires): {}", e.message);
-        }
-        r
+        self.set_phase(LockPhase::Committing, None).await?;
+        self.lock.fence().await;
+        self.inner.prune(id, live_paths, keep).await
     }
 }
 
