@@ -79,20 +79,6 @@ fn journal_rows(cfg: &Path) -> Result<Vec<(String, String)>, String> {
     Ok(rows)
 }
 
-/// Names in `dir` containing `needle`.
-fn names_with(dir: &Path, needle: &str) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(needle))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 // ---------------------------------------------------------------------------
 // Failpoint crashes through `certdeploy deploy`.
 // ---------------------------------------------------------------------------

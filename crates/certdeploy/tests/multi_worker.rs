@@ -300,23 +300,6 @@ fn hook_lines(path: &Path) -> Vec<Hook> {
         .collect()
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c == '\u{1b}' {
-            for c in it.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
 }
@@ -342,20 +325,6 @@ fn sha256_many(dir: &Path, texts: &[(&str, &str)]) -> HashMap<String, String> {
     }
     let _ = fs::remove_dir_all(&d);
     texts.iter().enumerate().map(|(i, (key, _))| (key.to_string(), by_index[&format!("{i}")].clone())).collect()
-}
-
-/// Names in `dir` containing `needle`, sorted.
-fn names_with(dir: &Path, needle: &str) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(needle))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// Requests with one notBefore for all (no request supersedes another,
@@ -420,6 +389,40 @@ fn host_holds(mw: &Mw, work: &Work, t: usize) -> Result<String, String> {
         return Ok("orig".into());
     }
     host_state(&mw.fleet, &work.batch, t)?.ok_or_else(|| format!("{}: no files at all", target.name))
+}
+
+/// Fail with every problem found, after printing t0's hook log and the
+/// tail of every worker's log.
+fn assert_no_problems(mw: &Mw, problems: &[String]) {
+    if !problems.is_empty() {
+        eprintln!("t0 hook log:\n{}", fs::read_to_string(mw.hook_log(0)).unwrap_or_default());
+        eprintln!("{}", mw.all_logs_tail(60));
+    }
+    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+}
+
+/// After all workers stopped: target `t` holds the set of the deployment
+/// that reloaded last (`iv` from [`check_hook_log`]), no lock, claim or
+/// temp file is left, and at most one backup per path.
+fn check_final_state(mw: &Mw, work: &Work, t: usize, iv: &[(u128, u128, String, String)], problems: &mut Vec<String>) {
+    let target = &mw.fleet.targets[t];
+    match host_holds(mw, work, t) {
+        Err(e) => problems.push(e),
+        Ok(id) => {
+            let want = iv.last().map(|x| x.3.clone()).unwrap_or_default();
+            if id != want {
+                problems.push(format!("{}: holds {id}, but the last deployment to reload was {want}", target.name));
+            }
+        }
+    }
+    let left = lock_leftovers(&target.dir);
+    if !left.is_empty() {
+        problems.push(format!("{}: left after all workers stopped: {left:?}", target.name));
+    }
+    let backups = names_with(&target.dir, ".certdeploy-bak.");
+    if backups.len() > 3 {
+        problems.push(format!("{}: {} backups left (keep 1 per path): {backups:?}", target.name, backups.len()));
+    }
 }
 
 /// Lock, claim and temp names left in a target's directory.
@@ -626,24 +629,7 @@ async fn three_workers_never_overlap_on_a_target() {
                 }
             }
         }
-        // The files on the host are the set of the deployment that ran last.
-        match host_holds(&mw, &work, t) {
-            Err(e) => problems.push(e),
-            Ok(id) => {
-                let want = iv.last().map(|x| x.3.clone()).unwrap_or_default();
-                if id != want {
-                    problems.push(format!("{}: holds {id}, but the last deployment to reload was {want}", target.name));
-                }
-            }
-        }
-        let left = lock_leftovers(&target.dir);
-        if !left.is_empty() {
-            problems.push(format!("{}: left after all workers stopped: {left:?}", target.name));
-        }
-        let backups = names_with(&target.dir, ".certdeploy-bak.");
-        if backups.len() > 3 {
-            problems.push(format!("{}: {} backups left (keep 1 per path): {backups:?}", target.name, backups.len()));
-        }
+        check_final_state(&mw, &work, t, &iv, &mut problems);
     }
     eprintln!(
         "three workers: {} requests over {} targets, published in {published:?}, all results after {elapsed:?}; \
@@ -827,23 +813,7 @@ async fn kill_inside_a_deployment(prefix: &str, restart: Restart) {
     for (t, target) in mw.fleet.targets.iter().enumerate() {
         let lines = hook_lines(&mw.hook_log(t));
         let iv = check_hook_log(&target.name, &lines, &work, &mut problems);
-        match host_holds(&mw, &work, t) {
-            Err(e) => problems.push(e),
-            Ok(id) => {
-                let want = iv.last().map(|x| x.3.clone()).unwrap_or_default();
-                if id != want {
-                    problems.push(format!("{}: holds {id}, but the last deployment to reload was {want}", target.name));
-                }
-            }
-        }
-        let left = lock_leftovers(&target.dir);
-        if !left.is_empty() {
-            problems.push(format!("{}: left after all workers stopped: {left:?}", target.name));
-        }
-        let backups = names_with(&target.dir, ".certdeploy-bak.");
-        if backups.len() > 3 {
-            problems.push(format!("{}: {} backups left: {backups:?}", target.name, backups.len()));
-        }
+        check_final_state(&mw, &work, t, &iv, &mut problems);
     }
     // Workers' own account: how many times t0's lock was taken over.
     let t0_lock = format!("{}{LOCK_SUFFIX}", mw.fleet.targets[0].cert.display());
@@ -895,11 +865,7 @@ async fn kill_inside_a_deployment(prefix: &str, restart: Restart) {
         outcome_counts(&tap.seen),
         start.elapsed()
     );
-    if !problems.is_empty() {
-        eprintln!("t0 hook log:\n{}", fs::read_to_string(mw.hook_log(0)).unwrap_or_default());
-        eprintln!("{}", mw.all_logs_tail(60));
-    }
-    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+    assert_no_problems(&mw, &problems);
     tap.close().await;
 }
 
@@ -1078,11 +1044,7 @@ async fn slow_reload_is_not_taken_over() {
         iv.iter().map(|x| (x.3.clone(), (x.1 - x.0) / 1_000_000)).collect::<Vec<_>>(),
         start.elapsed()
     );
-    if !problems.is_empty() {
-        eprintln!("t0 hook log:\n{}", fs::read_to_string(mw.hook_log(0)).unwrap_or_default());
-        eprintln!("{}", mw.all_logs_tail(60));
-    }
-    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+    assert_no_problems(&mw, &problems);
     tap.close().await;
 }
 

@@ -16,23 +16,6 @@ use common::*;
 const REQUESTS: &str = "certdeploy.requests";
 const DEAD: &str = "certdeploy.dead";
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c == '\u{1b}' {
-            for c in it.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn vhost(fleet: &Fleet) -> &Vhost {
     fleet.vhost.as_ref().expect("fleet with a broker")
 }

@@ -366,7 +366,7 @@ impl<'a> SshHost<'a> {
             Err(e) => return Err(lease.sftp_err("read", live, &e)),
         };
         let bytes = src.content.take().unwrap_or_default();
-        let r = self.write_temp(lease, &temp, mode_of(meta), Ok(Some((meta.uid(), meta.gid()))), &bytes).await;
+        let r = self.write_temp(lease, &temp, mode_of(meta), Ok(Some((meta.uid(), meta.gid()))), &bytes, true).await;
         drop(Secret::new(bytes));
         if r.is_err() {
             // Never leave a partial copy of the original (maybe a key) behind.
@@ -406,23 +406,12 @@ impl<'a> SshHost<'a> {
     /// Write `temp` from nothing: created private (staged, or by the
     /// shell), then owner (best effort), mode, content, fsync.
     /// `owner`: known, or `Err(path)` to keep the owner of `path` if it
-    /// exists (looked up while the temp is created).
+    /// exists (looked up while the temp is created). `private = false` for
+    /// public content (a certificate or chain): the temp is opened
+    /// directly, without the private staging directory, because a reader
+    /// who opens it before its mode is set can only ever read public bytes.
+    /// Four requests fewer.
     async fn write_temp(
-        &self,
-        lease: &Lease,
-        temp: &str,
-        mode: u32,
-        owner: Result<Owner, &str>,
-        bytes: &[u8],
-    ) -> Result<(), StepError> {
-        self.write_temp_as(lease, temp, mode, owner, bytes, true).await
-    }
-
-    /// [`Self::write_temp`]; `private = false` for public content (a
-    /// certificate or chain): the temp is opened directly, without the
-    /// private staging directory, because a reader who opens it before its
-    /// mode is set can only ever read public bytes. Four requests fewer.
-    async fn write_temp_as(
         &self,
         lease: &Lease,
         temp: &str,
@@ -708,48 +697,49 @@ impl Host for SshHost<'_> {
             Err(e) => return vec![Err(e)],
         };
         let temps: Vec<String> = files.iter().map(|(f, _)| temp_path(&f.live_path, deployment_id)).collect();
-        let work = async {
-            // Temps concurrently...
-            let filled =
-                join_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
-                    let lease = &lease;
-                    // Keep the original owner where there was one.
-                    // Only a key's temp needs the private staging directory.
-                    let private = f.role == Role::Key;
-                    async move {
-                        self.write_temp_as(lease, temp, f.mode, self.known_owner(&f.live_path), bytes, private).await
+        let work =
+            async {
+                // Temps concurrently...
+                let filled =
+                    join_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
+                        let lease = &lease;
+                        // Keep the original owner where there was one.
+                        // Only a key's temp needs the private staging directory.
+                        let private = f.role == Role::Key;
+                        async move {
+                            self.write_temp(lease, temp, f.mode, self.known_owner(&f.live_path), bytes, private).await
+                        }
+                    }))
+                    .await;
+                // ...renames in order, stopping at the first failure.
+                let mut out = Vec::with_capacity(files.len());
+                for (((f, _), temp), r) in files.iter().zip(&temps).zip(filled) {
+                    let r = match r {
+                        Ok(()) => match lease.sftp().fs().rename(p(temp), p(&f.live_path)).await {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(lease.sftp_err(&format!("rename {temp} over"), &f.live_path, &e)),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    let failed = r.is_err();
+                    out.push(r);
+                    if failed {
+                        break;
                     }
-                }))
-                .await;
-            // ...renames in order, stopping at the first failure.
-            let mut out = Vec::with_capacity(files.len());
-            for (((f, _), temp), r) in files.iter().zip(&temps).zip(filled) {
-                let r = match r {
-                    Ok(()) => match lease.sftp().fs().rename(p(temp), p(&f.live_path)).await {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(lease.sftp_err(&format!("rename {temp} over"), &f.live_path, &e)),
-                    },
-                    Err(e) => Err(e),
-                };
-                let failed = r.is_err();
-                out.push(r);
-                if failed {
-                    break;
                 }
-            }
-            // Temps not renamed (their content may be a key) go away.
-            let renamed = out.iter().filter(|r| r.is_ok()).count();
-            for temp in &temps[renamed..] {
-                let _ = self.discard_temp(&lease, temp).await;
-            }
-            // Made durable in front of the next command (or by prune or
-            // restore): see `pending_sync`.
-            self.pending_sync
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(files[..renamed].iter().map(|(f, _)| parent_of(&f.live_path)));
-            out
-        };
+                // Temps not renamed (their content may be a key) go away.
+                let renamed = out.iter().filter(|r| r.is_ok()).count();
+                for temp in &temps[renamed..] {
+                    let _ = self.discard_temp(&lease, temp).await;
+                }
+                // Made durable in front of the next command (or by prune or
+                // restore): see `pending_sync`.
+                self.pending_sync
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(files[..renamed].iter().map(|(f, _)| parent_of(&f.live_path)));
+                out
+            };
         match tokio::time::timeout(STEP_TIMEOUT, work).await {
             Ok(v) => v,
             Err(_) => vec![Err(self.step_timeout(&lease, "write"))],

@@ -599,3 +599,35 @@ pub fn each_at_least(ids: &[String], n: usize) -> impl FnMut(&BTreeMap<String, V
 pub fn count_done(seen: &BTreeMap<String, Vec<ResultEvent>>, ids: &[String]) -> usize {
     ids.iter().filter(|id| seen.contains_key(*id)).count()
 }
+
+/// A log line without its ANSI colour codes.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for c in it.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Names in `dir` containing `needle`, sorted.
+pub fn names_with(dir: &Path, needle: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(needle))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
