@@ -123,7 +123,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         tracing::info!("shutting down: no new deliveries; waiting for {} in-flight", tasks.len());
-                        let _ = consumer.cancel().await;
+                        // Best effort and bounded: closing the connection stops deliveries too.
+                        let _ = tokio::time::timeout(Duration::from_secs(5), consumer.cancel()).await;
                         break 'outer;
                     }
                 }
@@ -155,7 +156,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         }
     }
     if let Some(b) = broker_rx.borrow().clone() {
-        b.close().await;
+        // Everything that could be acked is; a connection close that hangs
+        // (seen with lapin when a channel is mid-close) must not hold the
+        // exit: the socket closes with the process and the broker requeues
+        // anything unacked.
+        if tokio::time::timeout(Duration::from_secs(5), b.close()).await.is_err() {
+            tracing::warn!("closing the broker connection timed out; exiting anyway");
+        }
     }
     let _ = rt.journal.flush_now();
     rt.pool.close_all().await;
