@@ -420,9 +420,16 @@ async fn main() -> anyhow::Result<()> {
     for (k, run) in args.runs.iter().enumerate() {
         // Fresh certificates per run (same notBefore within a run: order
         // between requests of one host never makes one `superseded`).
-        let nb = 30 - k as i64;
+        // One instant for the whole run: generating takes seconds, and a
+        // notBefore one second later would make the earlier ones `superseded`.
+        let day = 86_400;
+        let nb = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64
+            - (30 - k as i64) * day;
         let bundles: Vec<(String, usize, Bundle)> = (0..args.n)
-            .map(|i| (format!("bench-{run}-{i}"), i % args.hosts, ca.leaf(&format!("h{}.bench", i % args.hosts), nb)))
+            .map(|i| {
+                let cn = format!("h{}.bench", i % args.hosts);
+                (format!("bench-{run}-{i}"), i % args.hosts, ca.leaf_at(&cn, nb, nb + 365 * day))
+            })
             .collect();
         eprintln!("run {run} ...");
         let fig = match run.as_str() {
