@@ -375,7 +375,8 @@ impl Runtime {
             LockPhase::Locked => Ok(()),
             LockPhase::Committing => {
                 let paths: Vec<String> = dead.snapshots.iter().map(|(_, s)| s.live_path.clone()).collect();
-                // Not through `Locked`: its prune releases the lock.
+                // Straight to the host: the lock already says `committing`
+                // (inherited), there is nothing to rewrite first.
                 if !lock.is_valid() {
                     return Err(format!("target lock {} lost during a takeover", lock.path()));
                 }

@@ -520,6 +520,14 @@ reload_command = "systemctl reload nginx"
                 MIN.replace("[targets.web1]", "[targets.web1]\nhost_key_policy = \"yolo\""),
                 "c.toml: targets.web1.host_key_policy: must be `strict` or `accept-new`",
             ),
+            (
+                MIN.replace("journal_path", "lock_lease_s = 1\njournal_path"),
+                "c.toml: worker.lock_lease_s: must be at least 2 (the host clock counts whole seconds)",
+            ),
+            (
+                MIN.replace("journal_path", "retry_queue = \"certdeploy.requests\"\njournal_path"),
+                "c.toml: worker.retry_queue: must be set and differ from requests_queue",
+            ),
         ];
         for (text, want) in cases {
             match Config::parse(&text, "c.toml", &[]) {
