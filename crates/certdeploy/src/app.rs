@@ -371,6 +371,9 @@ impl Runtime {
         lock: &Arc<HeldLock>,
         dead: &LockRecord,
     ) -> Result<(), String> {
+        if dead.phase != LockPhase::Locked {
+            self.check_instructions(ssh, plan, dead).await?;
+        }
         match dead.phase {
             LockPhase::Locked => Ok(()),
             LockPhase::Committing => {
@@ -422,6 +425,42 @@ impl Runtime {
                 }
             }
         }
+    }
+
+    /// The lock file is only as trustworthy as the directory it lives in:
+    /// before acting on a dead holder's instructions, check that they name
+    /// exactly this target's files (as configured, or where their symlinks
+    /// lead) and backups under the only name a deployment gives them.
+    /// Otherwise a crafted lock could make a rollback rename or remove files
+    /// elsewhere.
+    async fn check_instructions(&self, ssh: &SshHost<'_>, plan: &Plan, dead: &LockRecord) -> Result<(), String> {
+        let refuse = |why: String| {
+            Err(format!(
+                "the target lock {} holds rollback instructions this worker will not follow ({why}); check the host and remove the lock by hand",
+                hostlock::lock_path(Self::cert_path(plan))
+            ))
+        };
+        if !certdeploy_core::valid_deployment_id(&dead.deployment_id) {
+            return refuse(format!("deployment id {:?} is not a valid id", dead.deployment_id));
+        }
+        for (role, snap) in &dead.snapshots {
+            let Some(file) = plan.file(*role) else { return refuse(format!("no {role} file in this target")) };
+            if snap.live_path != file.path {
+                match ssh.resolve_path(&file.path).await {
+                    Ok(real) if real == snap.live_path => {}
+                    Ok(_) => {
+                        return refuse(format!("{role} path {} is not this target's {}", snap.live_path, file.path));
+                    }
+                    Err(e) => return Err(format!("resolving {}: {}", file.path, e.message)),
+                }
+            }
+            if let certdeploy_core::PreState::Existing { backup_path, .. } = &snap.pre
+                && *backup_path != certdeploy_core::backup_path(&snap.live_path, &dead.deployment_id)
+            {
+                return refuse(format!("backup {backup_path} is not named after {}", snap.live_path));
+            }
+        }
+        Ok(())
     }
 
     /// A previous process of this worker held this lock and no deployment

@@ -163,6 +163,13 @@ impl<'a> SshHost<'a> {
         &self.addr
     }
 
+    /// The path a deployment to `path` writes: `path` with symlinks
+    /// resolved by the server (unchanged when it is not a link).
+    pub async fn resolve_path(&self, path: &str) -> Result<String, StepError> {
+        let lease = self.lease().await?;
+        self.resolve(&lease, path).await
+    }
+
     /// A connection that can deploy: posix-rename and fsync are required.
     pub(crate) async fn lease(&self) -> Result<Lease, StepError> {
         let lease = self.pool.lease(&self.addr).await?;
