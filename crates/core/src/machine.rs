@@ -604,7 +604,7 @@ impl Deployment {
                 self.begun.insert(Step::Reload);
                 self.fail(
                     Step::Write,
-                    format!("a worker ({from}) stopped during this deployment and its target lock expired"),
+                    format!("{from} stopped during this deployment and its target lock expired"),
                     "taken over by another worker, which rolled the host back",
                 );
                 self.abandon_after_rollback = true;
