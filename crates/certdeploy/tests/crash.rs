@@ -690,12 +690,8 @@ fn journal_never_holds_key_bytes() {
     let mut keys = vec![old.key_pem.clone()];
     let mut outputs = String::new();
     let deploy = |cfg: &Path, b: &Bundle, id: &str, fp: Option<&str>| {
-        let (c, k) = (dir.join(format!("{id}.crt")), dir.join(format!("{id}.key")));
-        write_file(&c, &b.cert_pem);
-        write_file(&k, &b.key_pem);
-        let args =
-            ["deploy", "--target", "t0", "--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap(), "--id", id];
-        run_bin(cfg, &args, fp)
+        let args = deploy_args(dir, "t0", id, b, false, false);
+        run_bin(cfg, &strs(&args), fp)
     };
     // A plain deployment, then one that rolls back (reload fails on it).
     let cfg = config(&fleet, &Opts::default(), "good");
@@ -766,17 +762,10 @@ fn crash_during_a_backup_copy_leaves_no_temp() {
     fleet.sshd.write(&t.key, big_key.as_bytes(), 0o644);
     chown(&t.key, Some(0), Some(0)).expect("chown root");
     let dir = fleet.tmp.path();
-    let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
-    write_file(&c, &new.cert_pem);
-    write_file(&k, &new.key_pem);
     let cfg = config(&fleet, &Opts::default(), "copy");
-    let args = |id: &'static str| {
-        ["deploy", "--target", "t0", "--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap(), "--id", id]
-            .map(str::to_string)
-    };
+    let args = |id: &str| deploy_args(dir, "t0", id, &new, false, false);
     let a = args("copy-1");
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let mut p = Proc::spawn(&cfg, &a, &[], dir.join("copy-1.log"));
+    let mut p = Proc::spawn(&cfg, &strs(&a), &[], dir.join("copy-1.log"));
     let start = Instant::now();
     while names_with(&t.dir, ".certdeploy-bak.copy-1.certdeploy-tmp.").is_empty() {
         assert!(start.elapsed() < Duration::from_secs(20), "no backup copy seen\n{}", p.log_text());
@@ -785,10 +774,9 @@ fn crash_during_a_backup_copy_leaves_no_temp() {
     p.kill9();
     // Another request (the first is never retried) recovers the first...
     let b = args("copy-2");
-    let b: Vec<&str> = b.iter().map(String::as_str).collect();
     // ... and rolls back (a commit would prune the leftover as an old backup).
     let bad = config(&fleet, &Opts { reload_command: Some("false".into()), ..Opts::default() }, "copy-bad");
-    let (st, out, err) = run_bin(&bad, &b, None);
+    let (st, out, err) = run_bin(&bad, &strs(&b), None);
     assert_eq!(st.code(), Some(1), "{out}{err}");
     let (_, list, _) = run_bin(&cfg, &["journal", "list"], None);
     eprintln!("{list}\nhost dir: {:?}", names_with(&t.dir, ""));

@@ -56,14 +56,8 @@ fn crafted_lock_instructions_are_refused() {
         let st = Command::new("touch").args(["-d", "2000-01-01", &lock_path]).status().expect("touch");
         assert!(st.success());
         let b = ca.leaf("hostile.example", 2);
-        let (c, k) = (fleet.tmp.path().join(format!("{i}.crt")), fleet.tmp.path().join(format!("{i}.key")));
-        write_file(&c, &b.cert_pem);
-        write_file(&k, &b.key_pem);
-        let id = format!("hl-{i}");
-        let (code, out, err) = run(
-            &cfg,
-            &["deploy", "--target", "t0", "--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap(), "--id", &id],
-        );
+        let args = deploy_args(fleet.tmp.path(), "t0", &format!("hl-{i}"), &b, false, false);
+        let (code, out, err) = run(&cfg, &strs(&args));
         assert_ne!(code, 0, "{what}: deployed over a crafted lock\n{out}{err}");
         assert!(out.contains("will not follow"), "{what}: {out}{err}");
         assert_eq!(fleet.sshd.read(&victim), b"keep me\n", "{what}");

@@ -64,15 +64,8 @@ fn site(served: &Bundle, reload: Option<&str>) -> Site {
 /// `certdeploy deploy --target t0 ... --id <id> --json` with `env`:
 /// (exit code, stdout, stderr).
 fn deploy_raw(s: &Site, id: &str, b: &Bundle, env: &[(&str, &str)]) -> (i32, String, String) {
-    let d = s.fleet.tmp.path();
-    let (c, k, ch) =
-        (d.join(format!("{id}.cert.pem")), d.join(format!("{id}.key.pem")), d.join(format!("{id}.chain.pem")));
-    write_file(&c, &b.cert_pem);
-    write_file(&k, &b.key_pem);
-    write_file(&ch, &b.chain_pem);
     let mut cmd = Command::new(BIN);
-    cmd.arg("--config").arg(&s.cfg).args(["deploy", "--target", "t0", "--id", id, "--json", "--cert"]);
-    cmd.arg(&c).arg("--key").arg(&k).arg("--chain").arg(&ch);
+    cmd.arg("--config").arg(&s.cfg).args(deploy_args(s.fleet.tmp.path(), "t0", id, b, true, true));
     cmd.env("RUST_LOG", "info,certdeploy=debug");
     for (key, v) in env {
         cmd.env(key, v);
@@ -217,27 +210,9 @@ fn ineffective_reload_is_caught_by_verify() {
 /// pending".
 fn crash_in_verify(s: &Site, id: &str, b: &Bundle, ready: impl Fn() -> bool) {
     let d = s.fleet.tmp.path();
-    let (c, k, ch) =
-        (d.join(format!("{id}.cert.pem")), d.join(format!("{id}.key.pem")), d.join(format!("{id}.chain.pem")));
-    write_file(&c, &b.cert_pem);
-    write_file(&k, &b.key_pem);
-    write_file(&ch, &b.chain_pem);
-    let args = [
-        "deploy",
-        "--target",
-        "t0",
-        "--id",
-        id,
-        "--json",
-        "--cert",
-        c.to_str().unwrap(),
-        "--key",
-        k.to_str().unwrap(),
-        "--chain",
-        ch.to_str().unwrap(),
-    ];
+    let args = deploy_args(d, "t0", id, b, true, true);
     let mut p =
-        Proc::spawn(&s.cfg, &args, &[("FAILPOINTS", "before_verify=sleep(20000)")], d.join(format!("{id}.log")));
+        Proc::spawn(&s.cfg, &strs(&args), &[("FAILPOINTS", "before_verify=sleep(20000)")], d.join(format!("{id}.log")));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !ready() {
         assert!(p.child.try_wait().unwrap().is_none(), "certdeploy exited early:\n{}", p.log_text());

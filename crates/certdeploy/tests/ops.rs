@@ -229,14 +229,8 @@ fn journal_and_check_commands() {
     let cfg = fleet.write_config(&Opts::default());
     let ca = TestCa::new();
     let b = ca.leaf("j.example", 1);
-    let d = fleet.tmp.path();
-    write_file(&d.join("c.pem"), &b.cert_pem);
-    write_file(&d.join("k.pem"), &b.key_pem);
-    let (c, k) = (d.join("c.pem"), d.join("k.pem"));
-    let (code, out, err) = run(
-        &cfg,
-        &["deploy", "--target", "t0", "--id", "j-1", "--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()],
-    );
+    let args = deploy_args(fleet.tmp.path(), "t0", "j-1", &b, false, false);
+    let (code, out, err) = run(&cfg, &strs(&args));
     assert_eq!(code, 0, "{out}{err}");
 
     let (code, out, _) = run(&cfg, &["journal", "list"]);

@@ -13,18 +13,6 @@ use certdeploy_core::testkit::{OpKind, Rig, Sim, block_on};
 use certdeploy_core::{Outcome, Report, Terminal};
 use common::*;
 
-const CONFIG: &str = r#"
-[worker]
-journal_path = "/tmp/unused"
-[targets.web1]
-host = "web1.internal"
-user = "deploy"
-cert_path = "/etc/ssl/site.pem"
-key_path = "/etc/ssl/site.key"
-chain_path = "/etc/ssl/chain.pem"
-reload_command = "systemctl reload nginx"
-"#;
-
 /// validate → plan → driver, with the pki's `cert_facts` reading the host.
 fn deploy(rig: &Rig, cfg: &Config, id: &str, b: &Bundle) -> Report {
     let v = validate_body(&request(id, "web1", b, true), cfg, certdeploy::verify::now()).expect("valid request");
@@ -44,7 +32,7 @@ fn deploy(rig: &Rig, cfg: &Config, id: &str, b: &Bundle) -> Report {
 
 #[test]
 fn older_certificate_after_newer_is_superseded_in_memory() {
-    let cfg = Config::parse(CONFIG, "t.toml", &[]).unwrap();
+    let cfg = Config::parse(WEB1_CONFIG, "t.toml", &[]).unwrap();
     let ca = TestCa::new();
     let newer = ca.leaf("www.example.com", 1);
     let older = ca.leaf("www.example.com", 30);
@@ -86,25 +74,8 @@ fn older_certificate_after_newer_is_superseded_over_sshd() {
     let t = &fleet.targets[0];
     let dir = fleet.tmp.path();
     let run_deploy = |id: &str, b: &Bundle| {
-        let (c, k, ch) = (dir.join(format!("{id}.c")), dir.join(format!("{id}.k")), dir.join(format!("{id}.ch")));
-        write_file(&c, &b.cert_pem);
-        write_file(&k, &b.key_pem);
-        write_file(&ch, &b.chain_pem);
-        let args = [
-            "deploy",
-            "--target",
-            &t.name,
-            "--cert",
-            c.to_str().unwrap(),
-            "--key",
-            k.to_str().unwrap(),
-            "--chain",
-            ch.to_str().unwrap(),
-            "--id",
-            id,
-            "--json",
-        ];
-        let (code, out, err) = run(&cfg, &args);
+        let args = deploy_args(dir, &t.name, id, b, true, true);
+        let (code, out, err) = run(&cfg, &strs(&args));
         let ev: certdeploy_core::wire::ResultEvent =
             serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
         (code, ev)

@@ -6,24 +6,15 @@
 //! `intake::validate_body` → (only if accepted) plan → `Rig::deploy` on an
 //! in-memory host that logs every operation.
 
+mod common;
+
 use certdeploy::config::Config;
 use certdeploy::intake::{Rejection, validate_body};
 use certdeploy_core::testkit::{OpKind, Rig, Sim};
 use certdeploy_core::{Outcome, Terminal};
 use certdeploy_testbed::certs::{Bundle, TestCa, request};
+use common::WEB1_CONFIG;
 use serde_json::{Value, json};
-
-const CONFIG: &str = r#"
-[worker]
-journal_path = "/tmp/unused"
-[targets.web1]
-host = "web1.internal"
-user = "deploy"
-cert_path = "/etc/ssl/site.pem"
-key_path = "/etc/ssl/site.key"
-chain_path = "/etc/ssl/chain.pem"
-reload_command = "systemctl reload nginx"
-"#;
 
 fn config(inline: bool) -> Config {
     let extra = if inline {
@@ -33,7 +24,7 @@ fn config(inline: bool) -> Config {
     } else {
         ""
     };
-    let text = CONFIG.replace("[worker]\n", &format!("[worker]\n{extra}"));
+    let text = WEB1_CONFIG.replace("[worker]\n", &format!("[worker]\n{extra}"));
     Config::parse(&text, "trust.toml", &[]).expect("test config")
 }
 

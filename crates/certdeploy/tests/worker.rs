@@ -107,17 +107,33 @@ async fn publish_all(tap: &mut ResultTap, batch: &Batch) {
     }
 }
 
+/// The shared start of the batch tests: 5 targets, a result tap, a batch of
+/// 200 requests named `prefix-*`, a worker called `worker` (default
+/// config), and the batch published.
+struct BatchRun {
+    fleet: Fleet,
+    cfg: std::path::PathBuf,
+    tap: ResultTap,
+    batch: Batch,
+    ids: Vec<String>,
+}
+
+async fn start_batch(prefix: &str, worker: &str) -> (BatchRun, Proc) {
+    let fleet = Fleet::new(5, true);
+    let cfg = fleet.write_config(&Opts::default());
+    let mut tap = ResultTap::connect(&fleet).await;
+    let batch = Batch::new(&fleet, prefix, 200);
+    let ids = batch.ids();
+    let w = Proc::worker(&fleet, &cfg, &[], worker);
+    publish_all(&mut tap, &batch).await;
+    (BatchRun { fleet, cfg, tap, batch, ids }, w)
+}
+
 /// Must be true #1: A batch of 200 over 5 targets: all deployed, in order per target.
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_of_200_over_5_targets_all_deployed() {
     let start = Instant::now();
-    let fleet = Fleet::new(5, true);
-    let cfg = fleet.write_config(&Opts::default());
-    let mut tap = ResultTap::connect(&fleet).await;
-    let batch = Batch::new(&fleet, "batch", 200);
-    let ids = batch.ids();
-    let w = Proc::worker(&fleet, &cfg, &[], "worker");
-    publish_all(&mut tap, &batch).await;
+    let (BatchRun { fleet, mut tap, batch, ids, .. }, w) = start_batch("batch", "worker").await;
     let done = tap.collect(Duration::from_secs(60), each_at_least(&ids, 1)).await;
     assert!(done, "results for {}/{} requests", count_done(&tap.seen, &ids), ids.len());
     // Give any duplicate a moment to show up.
@@ -214,13 +230,7 @@ async fn same_deployment_id_twice_deploys_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_batch_then_restart_loses_nothing() {
     let start = Instant::now();
-    let fleet = Fleet::new(5, true);
-    let cfg = fleet.write_config(&Opts::default());
-    let mut tap = ResultTap::connect(&fleet).await;
-    let batch = Batch::new(&fleet, "kill", 200);
-    let ids = batch.ids();
-    let mut w = Proc::worker(&fleet, &cfg, &[], "worker-1");
-    publish_all(&mut tap, &batch).await;
+    let (BatchRun { fleet, cfg, mut tap, batch, ids }, mut w) = start_batch("kill", "worker-1").await;
     let mut kills = Vec::new();
     for (n, (at, next)) in [(40, "worker-2"), (110, "worker-3")].into_iter().enumerate() {
         let ok = tap.collect(Duration::from_secs(40), |s| count_done(s, &ids) >= at).await;
@@ -280,13 +290,7 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_connection_loss_twice_mid_batch() {
     let start = Instant::now();
-    let fleet = Fleet::new(5, true);
-    let cfg = fleet.write_config(&Opts::default());
-    let mut tap = ResultTap::connect(&fleet).await;
-    let batch = Batch::new(&fleet, "conn", 200);
-    let ids = batch.ids();
-    let w = Proc::worker(&fleet, &cfg, &[], "worker");
-    publish_all(&mut tap, &batch).await;
+    let (BatchRun { fleet, mut tap, batch, ids, .. }, w) = start_batch("conn", "worker").await;
     let mut cuts = Vec::new();
     for at in [40, 110] {
         let ok = tap.collect(Duration::from_secs(40), |s| count_done(s, &ids) >= at).await;
@@ -463,13 +467,7 @@ async fn malformed_messages_rejected_and_dead_lettered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_batch_exits_zero_and_restart_finishes() {
     let start = Instant::now();
-    let fleet = Fleet::new(5, true);
-    let cfg = fleet.write_config(&Opts::default()); // shutdown_grace_s = 20
-    let mut tap = ResultTap::connect(&fleet).await;
-    let batch = Batch::new(&fleet, "term", 200);
-    let ids = batch.ids();
-    let mut w = Proc::worker(&fleet, &cfg, &[], "worker-1");
-    publish_all(&mut tap, &batch).await;
+    let (BatchRun { fleet, cfg, mut tap, batch, ids }, mut w) = start_batch("term", "worker-1").await; // shutdown_grace_s = 20
     assert!(tap.collect(Duration::from_secs(40), |s| count_done(s, &ids) >= 50).await, "no progress");
     w.signal("TERM");
     let t = Instant::now();

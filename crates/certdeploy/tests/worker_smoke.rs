@@ -13,25 +13,8 @@ fn deploy_command_deploys_over_real_sshd() {
     let cfg = fleet.write_config(&Opts::default());
     let ca = TestCa::new();
     let b = ca.leaf("web1.example", 1);
-    let dir = fleet.tmp.path();
-    write_file(&dir.join("c.pem"), &b.cert_pem);
-    write_file(&dir.join("k.pem"), &b.key_pem);
-    write_file(&dir.join("ch.pem"), &b.chain_pem);
-    let (c, k, ch) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("ch.pem"));
-    let args = [
-        "deploy",
-        "--target",
-        "t0",
-        "--cert",
-        c.to_str().unwrap(),
-        "--key",
-        k.to_str().unwrap(),
-        "--chain",
-        ch.to_str().unwrap(),
-        "--id",
-        "smoke-1",
-        "--json",
-    ];
+    let args = deploy_args(fleet.tmp.path(), "t0", "smoke-1", &b, true, true);
+    let args = strs(&args);
     let (code, out, err) = run(&cfg, &args);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     let ev: certdeploy_core::wire::ResultEvent = serde_json::from_str(out.trim()).expect("json result");

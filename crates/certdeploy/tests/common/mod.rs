@@ -631,3 +631,42 @@ pub fn names_with(dir: &Path, needle: &str) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A config with one target, `web1`, for tests that never contact a host
+/// (validation and in-memory deployments).
+pub const WEB1_CONFIG: &str = r#"
+[worker]
+journal_path = "/tmp/unused"
+[targets.web1]
+host = "web1.internal"
+user = "deploy"
+cert_path = "/etc/ssl/site.pem"
+key_path = "/etc/ssl/site.key"
+chain_path = "/etc/ssl/chain.pem"
+reload_command = "systemctl reload nginx"
+"#;
+
+/// Write `b`'s certificate and key (and its chain, with `chain`) under
+/// `dir`, named after `id`, and return `certdeploy deploy` arguments for
+/// them and target `target` (`--json` with `json`).
+pub fn deploy_args(dir: &Path, target: &str, id: &str, b: &Bundle, chain: bool, json: bool) -> Vec<String> {
+    let path = |ext: &str| dir.join(format!("{id}.{ext}"));
+    let (c, k, ch) = (path("cert.pem"), path("key.pem"), path("chain.pem"));
+    write_file(&c, &b.cert_pem);
+    write_file(&k, &b.key_pem);
+    let mut args: Vec<String> = ["deploy", "--target", target, "--id", id, "--cert"].map(str::to_string).into();
+    args.extend([c.display().to_string(), "--key".into(), k.display().to_string()]);
+    if chain {
+        write_file(&ch, &b.chain_pem);
+        args.extend(["--chain".into(), ch.display().to_string()]);
+    }
+    if json {
+        args.push("--json".into());
+    }
+    args
+}
+
+/// `&str`s of owned arguments.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
