@@ -107,6 +107,23 @@ async fn publish_all(tap: &mut ResultTap, batch: &Batch) {
     }
 }
 
+/// After interruptions: every request's first result is `deployed` or
+/// `superseded`, repeated results agree, and each host holds its newest
+/// certificate.
+fn assert_batch_landed(fleet: &Fleet, batch: &Batch, ids: &[String], seen: &BTreeMap<String, Vec<ResultEvent>>) {
+    for id in ids {
+        let r = &seen[id];
+        assert!(
+            matches!(r[0].outcome, Outcome::Deployed | Outcome::Superseded),
+            "{id}: {} {}",
+            r[0].outcome,
+            r[0].message
+        );
+    }
+    assert_identical_results(seen);
+    assert_hosts_hold_newest(fleet, batch);
+}
+
 /// The shared start of the batch tests: 5 targets, a result tap, a batch of
 /// 200 requests named `prefix-*`, a worker called `worker` (default
 /// config), and the batch published.
@@ -248,17 +265,7 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
     tap.collect(Duration::from_millis(1000), |_| false).await;
 
     let counts = outcome_counts(&tap.seen);
-    for id in &ids {
-        let r = &tap.seen[id];
-        assert!(
-            matches!(r[0].outcome, Outcome::Deployed | Outcome::Superseded),
-            "{id}: {} {}",
-            r[0].outcome,
-            r[0].message
-        );
-    }
-    assert_identical_results(&tap.seen);
-    assert_hosts_hold_newest(&fleet, &batch);
+    assert_batch_landed(&fleet, &batch, &ids, &tap.seen);
     assert!(tap.drain(DEAD).await.is_empty(), "nothing dead-lettered");
     // Backups: the retention keeps one per path; a crashed attempt's links
     // are removed by recovery.
@@ -307,17 +314,7 @@ async fn broker_connection_loss_twice_mid_batch() {
     let log = w.log_text();
     assert!(log.matches("reconnected to the broker").count() >= 2, "worker reconnected twice");
     let counts = outcome_counts(&tap.seen);
-    for id in &ids {
-        let r = &tap.seen[id];
-        assert!(
-            matches!(r[0].outcome, Outcome::Deployed | Outcome::Superseded),
-            "{id}: {} {}",
-            r[0].outcome,
-            r[0].message
-        );
-    }
-    assert_identical_results(&tap.seen);
-    assert_hosts_hold_newest(&fleet, &batch);
+    assert_batch_landed(&fleet, &batch, &ids, &tap.seen);
     // Nothing deployed twice: one reload per deployed id.
     let deployed = deployed_per_target(&batch, &tap.seen);
     for (i, t) in fleet.targets.iter().enumerate() {
