@@ -215,11 +215,11 @@ impl Runtime {
             let ssh = SshHost::new(&self.pool, self.addr(&plan));
             let token = hostlock::new_token(&self.journal_id, &plan.deployment_id, plan.attempt);
             let _live = LiveToken::new(&self.live_tokens, &token);
-            let lock = match self.take_lock(&ssh, &plan, token).instrument(span.clone()).await? {
+            let lock = match self.take_lock(&ssh, &plan, token.clone()).instrument(span.clone()).await? {
                 Ok(lock) => lock,
                 Err(done) => return Ok(done),
             };
-            plan.lock = Some(lock.token().await);
+            plan.lock = Some(token);
             let renewal = self.spawn_renewal(&lock, &plan);
             let host =
                 Locked { inner: Metered(SshHost::new(&self.pool, self.addr(&plan))), lock: &lock, lock_host: &ssh };
@@ -414,7 +414,7 @@ impl Runtime {
                     seq = self.journal.append(&key, r).map_err(|e| e.to_string())?;
                 }
                 self.journal.sync_seq(seq).await.map_err(|e| e.to_string())?;
-                let t = self.run_recovery(&key, lock.clone(), ssh).await.map_err(|e| format!("{e:#}"))?;
+                let t = self.run_recovery(&key, lock, ssh).await.map_err(|e| format!("{e:#}"))?;
                 match t {
                     Terminal::Abandoned(_) => Ok(()),
                     Terminal::Finished(r) if r.outcome == Outcome::RolledBackDaemonUnknown => Ok(()),
@@ -555,11 +555,16 @@ impl Runtime {
                 Err(e) => anyhow::bail!("re-taking the target lock {path}: {}", e.message),
             }
         };
-        self.run_recovery_with(key, dep, held, &ssh).await
+        let renewal = self.spawn_renewal(&held, &plan);
+        let t = self.run_recovery_with(key, dep, &held, &ssh).await;
+        self.release(&ssh, &held).await;
+        renewal.abort();
+        t
     }
 
-    /// Replay `key` and drive it under the held `lock`.
-    async fn run_recovery(&self, key: &str, lock: Arc<HeldLock>, ssh: &SshHost<'_>) -> anyhow::Result<Terminal> {
+    /// Replay `key` and drive it under the held `lock` (renewed and, after,
+    /// kept or released by the caller).
+    async fn run_recovery(&self, key: &str, lock: &Arc<HeldLock>, ssh: &SshHost<'_>) -> anyhow::Result<Terminal> {
         let records: Vec<Record> = self.journal.records(key)?;
         let dep = Deployment::replay(&records)?;
         self.run_recovery_with(key, dep, lock, ssh).await
@@ -569,31 +574,18 @@ impl Runtime {
         &self,
         key: &str,
         dep: Deployment,
-        lock: Arc<HeldLock>,
+        lock: &Arc<HeldLock>,
         ssh: &SshHost<'_>,
     ) -> anyhow::Result<Terminal> {
         let plan = dep.plan().clone();
-        let renewal = self.spawn_renewal(&lock, &plan);
-        let host = Locked { inner: Metered(SshHost::new(&self.pool, self.addr(&plan))), lock: &lock, lock_host: ssh };
-        let r = tokio::select! {
-            r = self.drive_recovery(key, dep, &host) => Some(r),
-            _ = lock.invalid() => None,
-        };
-        let t = match r {
-            Some(r) => r,
-            None => {
-                renewal.abort();
-                self.lost_lock(key, &lock).await?;
-                return Ok(Terminal::Abandoned(format!("target lock {} lost during recovery", lock.path())));
+        let host = Locked { inner: Metered(SshHost::new(&self.pool, self.addr(&plan))), lock, lock_host: ssh };
+        tokio::select! {
+            r = self.drive_recovery(key, dep, &host) => r,
+            _ = lock.invalid() => {
+                self.lost_lock(key, lock).await?;
+                Ok(Terminal::Abandoned(format!("target lock {} lost during recovery", lock.path())))
             }
-        };
-        // A takeover's rollback keeps the lock: the caller deploys next
-        // (or, if the rollback failed, leaves it with its instructions).
-        if !key.contains(TAKEOVER_KEY) {
-            self.release(ssh, &lock).await;
         }
-        renewal.abort();
-        t
     }
 
     async fn drive_recovery<H: Host>(&self, key: &str, dep: Deployment, host: &H) -> anyhow::Result<Terminal> {
