@@ -300,7 +300,7 @@ impl Runtime {
             phase: LockPhase::Locked,
             lease_ms: self.cfg.worker.lock_lease_s * 1000,
             seq: 0,
-            acquired_at_ms: hostlock::unix_ms(),
+            acquired_at_ms: crate::verify::now().0,
             snapshots: vec![],
         };
         let deadline = Instant::now() + Duration::from_secs(self.cfg.worker.deadline_s);
@@ -390,7 +390,7 @@ impl Runtime {
                 Ok(())
             }
             LockPhase::Writing => {
-                let key = format!("{}{TAKEOVER_KEY}{}", dead.deployment_id, short_hash(&dead.token));
+                let key = format!("{}{TAKEOVER_KEY}{}", dead.deployment_id, hostlock::short_hash(&dead.token, 6));
                 let mut rb = plan.clone();
                 rb.deployment_id = dead.deployment_id.clone();
                 rb.attempt = dead.attempt;
@@ -654,11 +654,6 @@ impl Runtime {
         }
         Ok(n)
     }
-}
-
-fn short_hash(s: &str) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(s.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Times every host operation into the step histogram.

@@ -45,10 +45,14 @@ pub fn lock_path(cert_path: &str) -> String {
     format!("{cert_path}{LOCK_SUFFIX}")
 }
 
+/// The first `bytes` bytes of the sha256 of `s`, in hex: short names for
+/// tokens (claim files, journal keys).
+pub fn short_hash(s: &str, bytes: usize) -> String {
+    Sha256::digest(s.as_bytes())[..bytes].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn claim_path(lock: &str, token: &str) -> String {
-    let h = Sha256::digest(token.as_bytes());
-    let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{lock}.claim.{hex}")
+    format!("{lock}.claim.{}", short_hash(token, 8))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,15 +121,9 @@ impl LockRecord {
 /// A new token: unique per acquisition.
 pub fn new_token(journal: &str, deployment_id: &str, attempt: u32) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let h = Sha256::digest(format!("{journal}\0{deployment_id}\0{attempt}\0{nanos}\0{}", std::process::id()));
-    let hex: String = h[..12].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = short_hash(&format!("{journal}\0{deployment_id}\0{attempt}\0{nanos}\0{}", std::process::id()), 12);
     format!("{deployment_id}/{attempt}/{hex}")
 }
-
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// The lock file operations (implemented over SSH; in memory in tests).
 pub trait LockHost: Send + Sync {
     fn create(&self, path: &str, bytes: &[u8]) -> impl Future<Output = Result<Created, StepError>> + Send;
