@@ -13,8 +13,18 @@ use certdeploy_core::driver::{Host, Snapped};
 use certdeploy_core::event::truncate_output;
 use certdeploy_core::*;
 use futures_util::future::join_all;
+// Requests that leave together and are handled in order: each SFTP call
+// queues its request when it is first polled, and futures-util's `join`,
+// `join3` and `join_all` poll their futures in argument order, so the
+// requests go out in this order in one write. OpenSSH's sftp-server (the
+// server certdeploy requires: it needs its posix-rename, fsync and
+// hardlink extensions) handles the requests of a session one after the
+// other. One round trip for several requests.
+use futures_util::future::{join as in_order2, join_all as in_order_all, join3 as in_order3};
 use futures_util::stream::StreamExt as _;
 use openssh_sftp_client::error::SftpErrorKind;
+use openssh_sftp_client::file::File;
+use openssh_sftp_client::fs::Fs;
 use openssh_sftp_client::metadata::{MetaData, MetaDataBuilder, Permissions};
 use sha2::{Digest as _, Sha256};
 
@@ -33,12 +43,15 @@ const AUX_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SshHost<'a> {
     pool: &'a SshPool,
     addr: HostAddr,
-    /// Directories whose renames (by [`Host::write`]) are not yet fsynced.
-    /// The sync runs in front of the next command (validate or reload) in
-    /// the same remote shell, saving a round trip and a session per
-    /// deployment; prune (the commit) and restore run it too if no command
-    /// came first. A crash before it is covered by the journal: the
-    /// deployment is not committed yet, and recovery rolls it back.
+    /// Directories whose renames (by [`Host::write`]) are not yet durable.
+    /// Normally none: the write fsyncs every renamed file again through its
+    /// still open handle, which on Linux's journaling file systems (ext4,
+    /// XFS, btrfs) commits the rename with it; SFTP cannot fsync a
+    /// directory. Where that fsync fails, `sync DIR` runs in front of the
+    /// next command (validate or reload) in the same remote shell; prune
+    /// (the commit) and restore run it too if no command came first. A
+    /// crash before it is covered by the journal: the deployment is not
+    /// committed yet, and recovery rolls it back.
     pending_sync: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
     /// Owner of each live path as the snapshot saw it (`None`: no file), so
     /// the write keeps it without another stat.
@@ -76,12 +89,95 @@ fn mode_of(m: &MetaData) -> u32 {
     m.permissions().map(|p| p.as_raw().bits()).unwrap_or(0) & 0o7777
 }
 
+/// A temp file being written, and how it reaches the live path.
+struct Temp {
+    file: File,
+    /// The name renamed over the live path: the temp itself, or a key's
+    /// file inside its private staging directory.
+    from: String,
+    /// That staging directory, removed once `from` has left it.
+    stage: Option<String>,
+    /// Owner and mode may be set in one request: nobody else can open the
+    /// file (staged), or its content is public.
+    combine: bool,
+}
+
+impl Temp {
+    /// Remove the emptied staging directory, if any (best effort).
+    async fn remove_stage(&self, fs: &mut Fs) {
+        if let Some(stage) = &self.stage {
+            let _ = fs.remove_dir(p(stage)).await;
+        }
+    }
+}
+
 /// Content digest and facts of one remote file, read through one handle.
 struct Read {
     meta: MetaData,
     sha256: Digest,
     size: u64,
     content: Option<Vec<u8>>,
+}
+
+/// The snapshot of an existing file backed up at `backup`.
+fn existing(live: String, backup: String, r: &Read) -> Snapshot {
+    Snapshot {
+        live_path: live,
+        pre: PreState::Existing {
+            backup_path: backup,
+            sha256: r.sha256,
+            size: r.size,
+            mode: mode_of(&r.meta),
+            uid: r.meta.uid().unwrap_or(0),
+            gid: r.meta.gid().unwrap_or(0),
+            cert: None,
+        },
+    }
+}
+
+/// Read an open file to its end: digest, size, and the bytes if `keep`.
+/// `known`: its metadata if the caller has it; otherwise the fstat goes out
+/// with the first read. The handle is closed when dropped (the close request
+/// leaves with the next ones; nobody waits for its answer).
+async fn read_open(mut f: File, keep: bool, known: Option<MetaData>) -> Result<Read, openssh_sftp_client::Error> {
+    let n = 64 * 1024;
+    let mut first = None;
+    let meta = match known {
+        Some(m) => m,
+        None => {
+            let mut g = f.clone();
+            let (m, chunk) = in_order2(g.metadata(), f.read(n, Default::default())).await;
+            first = Some(chunk?);
+            m?
+        }
+    };
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut content = keep.then(Vec::new);
+    loop {
+        let chunk = match first.take() {
+            Some(c) => c,
+            None => f.read(n, Default::default()).await?,
+        };
+        let Some(mut chunk) = chunk else { break };
+        hasher.update(&chunk[..]);
+        size += chunk.len() as u64;
+        if let Some(c) = content.as_mut() {
+            c.extend_from_slice(&chunk);
+        }
+        let short = chunk.len() < n as usize;
+        // Key bytes do not linger in freed buffers.
+        chunk.iter_mut().for_each(|b| *b = 0);
+        // sftp-server answers a read of a regular file with one read(2) of
+        // the asked length: a short read that reached the file's size is
+        // the end of the file. Saves the round trip that would only return
+        // EOF. (A short read before that size: the connection's read limit
+        // is below `n`; read on.)
+        if short && size >= meta.len().unwrap_or(0) {
+            break;
+        }
+    }
+    Ok(Read { meta, sha256: Digest(hasher.finalize().into()), size, content })
 }
 
 impl<'a> SshHost<'a> {
@@ -102,27 +198,39 @@ impl<'a> SshHost<'a> {
     /// Create `temp` empty and private to its owner, without a shell: the
     /// file is created (`O_EXCL`) inside a fresh directory made with mode
     /// 0700 (chmod'ed again in case the server ignored the attributes), so
-    /// nobody else can ever open it there; the caller sets owner and mode,
-    /// then renames it to `temp` before writing content. `Ok(None)` when
-    /// this does not work here (the caller then uses the shell).
-    async fn open_private(
-        &self,
-        lease: &Lease,
-        temp: &str,
-    ) -> Result<Option<openssh_sftp_client::file::File>, StepError> {
+    /// nobody else can ever open it there. The caller sets owner and mode,
+    /// writes the content there, and renames the file over the live path.
+    /// `Ok(None)` when this does not work here (the caller then uses the
+    /// shell).
+    async fn open_private(&self, lease: &Lease, temp: &str) -> Result<Option<File>, StepError> {
         let (stage, staged) = stage_paths(temp);
         let private = || MetaDataBuilder::new().permissions(Permissions::from(0o700u16)).create();
-        let mut fs = lease.sftp().fs();
-        let mut made = fs.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)).await;
-        if let Err(e) = &made {
-            if sftp_is_connection_loss(e) {
-                return Err(lease.sftp_err("create staging directory", &stage, e));
-            }
-            // A leftover of an interrupted attempt.
-            self.discard_stage(lease, temp).await;
-            made = fs.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)).await;
+        // One round trip: the three requests are handled in this order (see
+        // `in_order`); the file is only used if all three succeeded.
+        let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
+        let (made, chmod, opened) = in_order3(
+            fs1.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)),
+            fs2.set_metadata(p(&stage), private()),
+            lease.sftp().options().write(true).create_new(true).open(p(&staged)),
+        )
+        .await;
+        let lost = [made.as_ref().err(), chmod.as_ref().err(), opened.as_ref().err()]
+            .into_iter()
+            .flatten()
+            .find(|e| sftp_is_connection_loss(e))
+            .map(|e| lease.sftp_err("create temp file", &staged, e));
+        if let Some(e) = lost {
+            return Err(e);
         }
-        let r = match made {
+        if let (Ok(()), Ok(()), Ok(_)) = (&made, &chmod, &opened) {
+            return Ok(opened.ok());
+        }
+        drop(opened);
+        // A leftover of an interrupted attempt, or a server that ignores
+        // the attributes: clear it and try once more, one step at a time.
+        self.discard_stage(lease, temp).await;
+        let mut fs = lease.sftp().fs();
+        let r = match fs.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)).await {
             Ok(()) => match fs.set_metadata(p(&stage), private()).await {
                 Ok(()) => lease.sftp().options().write(true).create_new(true).open(p(&staged)).await,
                 Err(e) => Err(e),
@@ -248,36 +356,71 @@ impl<'a> SshHost<'a> {
         keep: bool,
         known: Option<MetaData>,
     ) -> Result<Read, openssh_sftp_client::Error> {
-        let mut f = lease.sftp().open(p(path)).await?;
-        let meta = match known {
-            Some(m) => m,
-            None => f.metadata().await?,
-        };
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut content = keep.then(Vec::new);
-        let n = 64 * 1024;
-        while let Some(mut chunk) = f.read(n, Default::default()).await? {
-            hasher.update(&chunk[..]);
-            size += chunk.len() as u64;
-            if let Some(c) = content.as_mut() {
-                c.extend_from_slice(&chunk);
-            }
-            let short = chunk.len() < n as usize;
-            // Key bytes do not linger in freed buffers.
-            chunk.iter_mut().for_each(|b| *b = 0);
-            // sftp-server answers a read of a regular file with one read(2)
-            // of the asked length: a short one is the end of the file. Saves
-            // the round trip that would only return EOF.
-            if short {
-                break;
-            }
-        }
-        f.close().await?;
-        Ok(Read { meta, sha256: Digest(hasher.finalize().into()), size, content })
+        let f = lease.sftp().open(p(path)).await?;
+        read_open(f, keep, known).await
     }
 
     async fn snapshot_one(&self, lease: &Lease, id: &str, req: &SnapshotRequest) -> Result<Snapped, StepError> {
+        if lease.sftp().support_hardlink()
+            && let Some(s) = self.snapshot_linked(lease, id, req).await?
+        {
+            return Ok(s);
+        }
+        self.snapshot_careful(lease, id, req).await
+    }
+
+    /// The common case in two round trips: the configured path is a
+    /// regular file and no stale backup is in the way. `[lstat, hard link
+    /// to the backup name, open the backup]` go out together, then the
+    /// read; the file's metadata is the lstat's (a link shares the inode).
+    /// `Ok(None)`: not that case; what this did is undone and
+    /// [`Self::snapshot_careful`] decides.
+    async fn snapshot_linked(
+        &self,
+        lease: &Lease,
+        id: &str,
+        req: &SnapshotRequest,
+    ) -> Result<Option<Snapped>, StepError> {
+        let live = req.path.as_str();
+        let backup = backup_path(live, id);
+        let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
+        let (stat, linked, opened) =
+            in_order3(fs1.symlink_metadata(p(live)), fs2.hard_link(p(live), p(&backup)), lease.sftp().open(p(&backup)))
+                .await;
+        let lost = [stat.as_ref().err(), linked.as_ref().err(), opened.as_ref().err()]
+            .into_iter()
+            .flatten()
+            .find(|e| sftp_is_connection_loss(e))
+            .map(|e| lease.sftp_err("snapshot", live, e));
+        if let Some(e) = lost {
+            return Err(e);
+        }
+        match (stat, &linked, opened) {
+            (Ok(meta), Ok(()), Ok(f)) if meta.file_type().is_some_and(|t| t.is_file()) => {
+                let r = match read_open(f, req.role == Role::Cert, Some(meta)).await {
+                    Ok(r) => r,
+                    Err(e) => return Err(lease.sftp_err("read backup", &backup, &e)),
+                };
+                self.remember_owner(live, Some((r.meta.uid(), r.meta.gid())));
+                Ok(Some(Snapped { snapshot: existing(live.to_string(), backup, &r), content: r.content }))
+            }
+            _ => {
+                // A symlink (the link named the link itself), a stale
+                // backup, a missing file, or something else: undo the link.
+                if linked.is_ok()
+                    && let Err(e) = lease.sftp().fs().remove_file(p(&backup)).await
+                    && !is_no_such_file(&e)
+                {
+                    return Err(lease.sftp_err("remove backup link", &backup, &e));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Any case: symlinks resolved, stale backups replaced, a copy where a
+    /// hard link is refused, a missing file told from a missing directory.
+    async fn snapshot_careful(&self, lease: &Lease, id: &str, req: &SnapshotRequest) -> Result<Snapped, StepError> {
         let (live, known) = self.resolve_stat(lease, &req.path).await?;
         let mut fs = lease.sftp().fs();
         let stat = match known {
@@ -340,21 +483,7 @@ impl<'a> SshHost<'a> {
             Err(e) => return Err(lease.sftp_err("read backup", &backup, &e)),
         };
         self.remember_owner(&live, Some((r.meta.uid(), r.meta.gid())));
-        Ok(Snapped {
-            snapshot: Snapshot {
-                live_path: live,
-                pre: PreState::Existing {
-                    backup_path: backup,
-                    sha256: r.sha256,
-                    size: r.size,
-                    mode: mode_of(&r.meta),
-                    uid: r.meta.uid().unwrap_or(0),
-                    gid: r.meta.gid().unwrap_or(0),
-                    cert: None,
-                },
-            },
-            content: r.content,
-        })
+        Ok(Snapped { snapshot: existing(live, backup, &r), content: r.content })
     }
 
     /// Back up by copy: a private temp, same mode (and owner, where
@@ -375,13 +504,18 @@ impl<'a> SshHost<'a> {
         let bytes = src.content.take().unwrap_or_default();
         let r = self.write_temp(lease, &temp, mode_of(meta), Ok(Some((meta.uid(), meta.gid()))), &bytes, true).await;
         drop(Secret::new(bytes));
-        if r.is_err() {
-            // Never leave a partial copy of the original (maybe a key) behind.
+        let t = match r {
+            Ok(t) => t,
+            Err(e) => {
+                // Never leave a partial copy of the original (maybe a key) behind.
+                let _ = self.discard_temp(lease, &temp).await;
+                return Err(e);
+            }
+        };
+        let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
+        let (renamed, _) = in_order2(fs1.rename(p(&t.from), p(backup)), t.remove_stage(&mut fs2)).await;
+        if let Err(e) = renamed {
             let _ = self.discard_temp(lease, &temp).await;
-        }
-        r?;
-        if let Err(e) = lease.sftp().fs().rename(p(&temp), p(backup)).await {
-            let _ = lease.sftp().fs().remove_file(p(&temp)).await;
             return Err(lease.sftp_err("rename backup copy to", backup, &e));
         }
         Ok(())
@@ -410,14 +544,49 @@ impl<'a> SshHost<'a> {
         }
     }
 
-    /// Write `temp` from nothing: created private (staged, or by the
-    /// shell), then owner (best effort), mode, content, fsync.
-    /// `owner`: known, or `Err(path)` to keep the owner of `path` if it
-    /// exists (looked up while the temp is created). `private = false` for
-    /// public content (a certificate or chain): the temp is opened
-    /// directly, without the private staging directory, because a reader
-    /// who opens it before its mode is set can only ever read public bytes.
-    /// Four requests fewer.
+    /// Create the temp file for `temp`, empty. `private = false` for public
+    /// content (a certificate or chain): the temp is opened directly,
+    /// without the private staging directory, because a reader who opens it
+    /// before its mode is set can only ever read public bytes.
+    async fn open_temp(&self, lease: &Lease, temp: &str, private: bool) -> Result<Temp, StepError> {
+        if !private {
+            let first = lease.sftp().options().write(true).create_new(true).open(p(temp)).await;
+            let opened = match first {
+                Ok(f) => Ok(f),
+                Err(e) if sftp_is_connection_loss(&e) => Err(e),
+                Err(_) => {
+                    // A leftover of an interrupted attempt.
+                    let _ = lease.sftp().fs().remove_file(p(temp)).await;
+                    lease.sftp().options().write(true).create_new(true).open(p(temp)).await
+                }
+            };
+            return match opened {
+                Ok(file) => Ok(Temp { file, from: temp.to_string(), stage: None, combine: true }),
+                Err(e) => Err(lease.sftp_err("create temp file", temp, &e)),
+            };
+        }
+        if let Some(file) = self.open_private(lease, temp).await? {
+            let (stage, staged) = stage_paths(temp);
+            return Ok(Temp { file, from: staged, stage: Some(stage), combine: true });
+        }
+        let created = self.create_private(lease, &[temp.to_string()]).await?;
+        match lease.sftp().options().write(true).truncate(true).open(p(temp)).await {
+            Ok(file) => Ok(Temp { file, from: temp.to_string(), stage: None, combine: false }),
+            Err(e) if is_no_such_file(&e) => {
+                let why = created
+                    .lines()
+                    .find(|l| l.contains(temp))
+                    .map(|l| l.trim().to_string())
+                    .unwrap_or_else(|| "it was not created".into());
+                Err(StepError::permanent(format!("{}: cannot create temp file {temp}: {why}", self.addr)))
+            }
+            Err(e) => Err(lease.sftp_err("open temp file", temp, &e)),
+        }
+    }
+
+    /// Write a temp file from nothing ([`Self::open_temp`], then
+    /// [`Self::fill`]). `owner`: known, or `Err(path)` to keep the owner of
+    /// `path` if it exists (looked up while the temp is created).
     async fn write_temp(
         &self,
         lease: &Lease,
@@ -426,117 +595,95 @@ impl<'a> SshHost<'a> {
         owner: Result<Owner, &str>,
         bytes: &[u8],
         private: bool,
-    ) -> Result<(), StepError> {
+    ) -> Result<Temp, StepError> {
         let lookup = async {
             match owner {
                 Ok(o) => o,
                 Err(path) => lease.sftp().fs().metadata(p(path)).await.ok().map(|m| (m.uid(), m.gid())),
             }
         };
-        if !private {
-            let open = async {
-                let first = lease.sftp().options().write(true).create_new(true).open(p(temp)).await;
-                match first {
-                    Ok(f) => Ok(f),
-                    Err(e) if sftp_is_connection_loss(&e) => Err(e),
-                    Err(_) => {
-                        // A leftover of an interrupted attempt.
-                        let _ = lease.sftp().fs().remove_file(p(temp)).await;
-                        lease.sftp().options().write(true).create_new(true).open(p(temp)).await
-                    }
-                }
-            };
-            let (owner, opened) = tokio::join!(lookup, open);
-            return match opened {
-                Ok(f) => self.fill_temp(lease, temp, f, false, true, mode, owner, bytes).await,
-                Err(e) => Err(lease.sftp_err("create temp file", temp, &e)),
-            };
-        }
-        let (owner, opened) = tokio::join!(lookup, self.open_private(lease, temp));
-        if let Some(f) = opened? {
-            return self.fill_temp(lease, temp, f, true, true, mode, owner, bytes).await;
-        }
-        let created = self.create_private(lease, &[temp.to_string()]).await?;
-        let f = match lease.sftp().options().write(true).truncate(true).open(p(temp)).await {
-            Ok(f) => f,
-            Err(e) if is_no_such_file(&e) => {
-                let why = created
-                    .lines()
-                    .find(|l| l.contains(temp))
-                    .map(|l| l.trim().to_string())
-                    .unwrap_or_else(|| "it was not created".into());
-                return Err(StepError::permanent(format!("{}: cannot create temp file {temp}: {why}", self.addr)));
-            }
-            Err(e) => return Err(lease.sftp_err("open temp file", temp, &e)),
-        };
-        self.fill_temp(lease, temp, f, false, false, mode, owner, bytes).await
+        let (owner, opened) = tokio::join!(lookup, self.open_temp(lease, temp, private));
+        let t = opened?;
+        self.fill(lease, &t, mode, owner, bytes).await?;
+        Ok(t)
     }
 
-    /// Fill a private temp file: owner (best effort), mode, (if `staged`,
-    /// move it from its staging directory to `temp`), content, fsync.
-    #[allow(clippy::too_many_arguments)]
-    async fn fill_temp(
-        &self,
-        lease: &Lease,
-        temp: &str,
-        mut f: openssh_sftp_client::file::File,
-        staged: bool,
-        // Owner and mode in one request: nobody else can reach the file
-        // (staged), or its content is public.
-        combine: bool,
-        mode: u32,
-        owner: Owner,
-        bytes: &[u8],
-    ) -> Result<(), StepError> {
+    /// Owner (best effort), mode, content, fsync: in one round trip, in this
+    /// order (see `in_order2`). Where `t.combine` allows, owner and mode
+    /// are one request (the server applies the mode first) unless set-id
+    /// bits (cleared by a chown) are asked for; otherwise the owner goes
+    /// first, so that a group change never widens access to content.
+    async fn fill(&self, lease: &Lease, t: &Temp, mode: u32, owner: Owner, bytes: &[u8]) -> Result<(), StepError> {
         let perm = Permissions::from((mode & 0o7777) as u16);
         let owner = match owner {
             Some((Some(uid), Some(gid))) => Some((uid, gid)),
             _ => None,
         };
-        // In the private staging directory nobody else can reach the file,
-        // so owner and mode can go in one request (the server applies the
-        // mode first) unless set-id bits (cleared by a chown) are asked for.
-        let mut done = false;
-        if combine
-            && mode & 0o7000 == 0
-            && let Some(id) = owner
+        let name = t.from.as_str();
+        let combined = t.combine && mode & 0o7000 == 0 && owner.is_some();
+        let attrs = async {
+            let mut f = t.file.clone();
+            if combined && let Some(id) = owner {
+                return (f.set_metadata(MetaDataBuilder::new().id(id).permissions(perm).create()).await, None);
+            }
+            let own = owner.map(|id| f.set_metadata(MetaDataBuilder::new().id(id).create()));
+            let mut g = t.file.clone();
+            let (own, chmod) = in_order2(
+                async {
+                    match own {
+                        Some(fut) => Some(fut.await),
+                        None => None,
+                    }
+                },
+                g.set_permissions(perm),
+            )
+            .await;
+            (chmod, own)
+        };
+        // One write request carries up to the connection's write limit
+        // (its answer says how much): the rest, if any, follows with a
+        // second fsync.
+        let (mut w, mut s) = (t.file.clone(), t.file.clone());
+        let ((mode_set, owned), (wrote, synced)) = in_order2(attrs, in_order2(w.write(bytes), s.sync_all())).await;
+        if let Some(Err(e)) = &owned
+            && !matches!(sftp_kind(e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure))
         {
-            done = f.set_metadata(MetaDataBuilder::new().id(id).permissions(perm).create()).await.is_ok();
+            return Err(lease.sftp_err("chown temp file", name, e));
         }
-        if !done {
-            // Owner first (a group change must not widen access to content),
-            // best effort: an unprivileged user may not give files away.
+        let mut resync = false;
+        if let Err(e) = mode_set {
+            if !combined || sftp_is_connection_loss(&e) {
+                return Err(lease.sftp_err("chmod temp file", name, &e));
+            }
+            // Owner and mode one at a time, owner best effort: an
+            // unprivileged user may not give files away.
+            let mut f = t.file.clone();
             if let Some(id) = owner
                 && let Err(e) = f.set_metadata(MetaDataBuilder::new().id(id).create()).await
                 && !matches!(sftp_kind(&e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure))
             {
-                return Err(lease.sftp_err("chown temp file", temp, &e));
+                return Err(lease.sftp_err("chown temp file", name, &e));
             }
             if let Err(e) = f.set_permissions(perm).await {
-                return Err(lease.sftp_err("chmod temp file", temp, &e));
+                return Err(lease.sftp_err("chmod temp file", name, &e));
             }
+            resync = true;
         }
-        let wrote = if staged {
-            // Owner and mode are final: it may leave the private directory.
-            let (stage, inside) = stage_paths(temp);
-            let mut fs = lease.sftp().fs();
-            if let Err(e) = fs.rename(p(&inside), p(temp)).await {
-                return Err(lease.sftp_err("move temp file to", temp, &e));
-            }
-            let mut fs2 = lease.sftp().fs();
-            let (w, _) = tokio::join!(f.write_all(bytes), fs2.remove_dir(p(&stage)));
-            w
-        } else {
-            f.write_all(bytes).await
+        let written = match wrote {
+            Ok(n) => n,
+            Err(e) => return Err(lease.sftp_err("write temp file", name, &e)),
         };
-        if let Err(e) = wrote {
-            return Err(lease.sftp_err("write temp file", temp, &e));
+        if let Err(e) = synced {
+            return Err(lease.sftp_err("fsync temp file", name, &e));
         }
-        if let Err(e) = f.sync_all().await {
-            return Err(lease.sftp_err("fsync temp file", temp, &e));
+        if written < bytes.len() {
+            if let Err(e) = w.write_all(&bytes[written..]).await {
+                return Err(lease.sftp_err("write temp file", name, &e));
+            }
+            resync = true;
         }
-        if let Err(e) = f.close().await {
-            return Err(lease.sftp_err("close temp file", temp, &e));
+        if resync && let Err(e) = w.sync_all().await {
+            return Err(lease.sftp_err("fsync temp file", name, &e));
         }
         Ok(())
     }
@@ -704,49 +851,61 @@ impl Host for SshHost<'_> {
             Err(e) => return vec![Err(e)],
         };
         let temps: Vec<String> = files.iter().map(|(f, _)| temp_path(&f.live_path, deployment_id)).collect();
-        let work =
-            async {
-                // Temps concurrently...
-                let filled =
-                    join_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
-                        let lease = &lease;
-                        // Keep the original owner where there was one.
-                        // Only a key's temp needs the private staging directory.
-                        let private = f.role == Role::Key;
-                        async move {
-                            self.write_temp(lease, temp, f.mode, self.known_owner(&f.live_path), bytes, private).await
-                        }
-                    }))
-                    .await;
-                // ...renames in order, stopping at the first failure.
-                let mut out = Vec::with_capacity(files.len());
-                for (((f, _), temp), r) in files.iter().zip(&temps).zip(filled) {
-                    let r = match r {
-                        Ok(()) => match lease.sftp().fs().rename(p(temp), p(&f.live_path)).await {
-                            Ok(()) => Ok(()),
-                            Err(e) => Err(lease.sftp_err(&format!("rename {temp} over"), &f.live_path, &e)),
-                        },
-                        Err(e) => Err(e),
-                    };
-                    let failed = r.is_err();
-                    out.push(r);
-                    if failed {
-                        break;
+        let work = async {
+            // The temps, concurrently (keeping the original owner where there
+            // was one; only a key's needs the private staging directory).
+            let filled = in_order_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
+                let private = f.role == Role::Key;
+                self.write_temp(&lease, temp, f.mode, self.known_owner(&f.live_path), bytes, private)
+            }))
+            .await;
+            // The temps filled before the first failure are renamed over
+            // the live paths, in order; then the emptied staging directories
+            // are removed and each renamed file is fsynced again through its
+            // open handle, which makes its rename durable: one round trip.
+            let mut ready = Vec::with_capacity(files.len());
+            let mut failed = None;
+            for r in filled {
+                match r {
+                    Ok(t) if failed.is_none() => ready.push(t),
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed.get_or_insert(e);
                     }
                 }
-                // Temps not renamed (their content may be a key) go away.
-                let renamed = out.iter().filter(|r| r.is_ok()).count();
-                for temp in &temps[renamed..] {
-                    let _ = self.discard_temp(&lease, temp).await;
+            }
+            let lease = &lease;
+            let renames = in_order_all(
+                ready
+                    .iter()
+                    .zip(files)
+                    .map(|(t, (f, _))| async move { lease.sftp().fs().rename(p(&t.from), p(&f.live_path)).await }),
+            );
+            let unstage =
+                in_order_all(ready.iter().map(|t| async move { t.remove_stage(&mut lease.sftp().fs()).await }));
+            let resync = in_order_all(ready.iter().map(|t| async move { t.file.clone().sync_all().await.is_ok() }));
+            let (renamed, _, synced) = in_order3(renames, unstage, resync).await;
+            let mut out: Vec<Result<(), StepError>> = Vec::with_capacity(files.len());
+            let mut unsynced = BTreeSet::new();
+            for (((r, t), (f, _)), synced) in renamed.into_iter().zip(&ready).zip(files).zip(synced) {
+                if r.is_ok() && !synced {
+                    unsynced.insert(parent_of(&f.live_path));
                 }
-                // Made durable in front of the next command (or by prune or
-                // restore): see `pending_sync`.
-                self.pending_sync
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(files[..renamed].iter().map(|(f, _)| parent_of(&f.live_path)));
-                out
-            };
+                out.push(r.map_err(|e| lease.sftp_err(&format!("rename {} over", t.from), &f.live_path, &e)));
+            }
+            out.extend(failed.map(Err));
+            drop(ready);
+            // Temps not renamed (their content may be a key) go away.
+            for (i, temp) in temps.iter().enumerate() {
+                if !matches!(out.get(i), Some(Ok(()))) {
+                    let _ = self.discard_temp(lease, temp).await;
+                }
+            }
+            // A rename not made durable here is, by `sync DIR` in front of
+            // the next command (or by prune or restore): see `pending_sync`.
+            self.pending_sync.lock().unwrap_or_else(|e| e.into_inner()).extend(unsynced);
+            out
+        };
         match tokio::time::timeout(STEP_TIMEOUT, work).await {
             Ok(v) => v,
             Err(_) => vec![Err(self.step_timeout(&lease, "write"))],

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use certdeploy_core::StepError;
+use futures_util::future::join;
 use openssh_sftp_client::metadata::Permissions;
 
 use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind};
@@ -72,32 +73,55 @@ impl SshHost<'_> {
     }
 
     /// Write `bytes` to a fresh temp file next to `path`, mode 0600 before
-    /// any byte (fsynced if `durable`). Returns its name.
-    async fn lock_temp(&self, lease: &Lease, path: &str, bytes: &[u8], durable: bool) -> Result<String, StepError> {
+    /// any byte (fsynced if `durable`): the create, then `[chmod, write,
+    /// fsync, fstat]` in one round trip (handled in this order, see
+    /// `host.rs`). Returns its name and its mtime in host seconds (the
+    /// host's clock). The handle closes when dropped.
+    async fn lock_temp(
+        &self,
+        lease: &Lease,
+        path: &str,
+        bytes: &[u8],
+        durable: bool,
+    ) -> Result<(String, u64), StepError> {
         let temp = temp_name(path);
-        let mut f = match lease.sftp().options().write(true).create_new(true).open(p(&temp)).await {
+        let f = match lease.sftp().options().read(true).write(true).create_new(true).open(p(&temp)).await {
             Ok(f) => f,
             Err(e) => return Err(lease.sftp_err("create lock temp file", &temp, &e)),
         };
-        let r = async {
-            f.set_permissions(Permissions::from(0o600u16)).await?;
-            f.write_all(bytes).await?;
-            if durable {
-                f.sync_all().await?;
+        let (mut a, mut b, mut c, mut d) = (f.clone(), f.clone(), f.clone(), f);
+        let sync = async {
+            match durable {
+                true => c.sync_all().await,
+                false => Ok(()),
             }
-            f.close().await
-        }
-        .await;
+        };
+        let ((chmod, wrote), (synced, stat)) =
+            join(join(a.set_permissions(Permissions::from(0o600u16)), b.write(bytes)), join(sync, d.metadata())).await;
+        let r = match (chmod, wrote, synced, stat) {
+            (Ok(()), Ok(n), Ok(()), Ok(m)) if n == bytes.len() => {
+                Ok(m.modified().map(|t| t.as_duration().as_secs()).unwrap_or(0))
+            }
+            (Ok(()), Ok(_), Ok(()), Ok(_)) => Err(StepError::transient(format!(
+                "{}: write lock temp file {temp}: the lock did not fit in one write",
+                self.addr()
+            ))),
+            (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
+                Err(lease.sftp_err("write lock temp file", &temp, &e))
+            }
+        };
         match r {
-            Ok(()) => Ok(temp),
+            Ok(now) => Ok((temp, now)),
             Err(e) => {
                 let _ = lease.sftp().fs().remove_file(p(&temp)).await;
-                Err(lease.sftp_err("write lock temp file", &temp, &e))
+                Err(e)
             }
         }
     }
 
     /// Create `path` with `bytes` unless it exists (then nothing changes).
+    /// `[hard link to path, remove the temp]` go out together after the
+    /// temp is written; only a failed link needs a look at `path`.
     pub async fn lock_create(&self, path: &str, bytes: &[u8]) -> Result<Created, StepError> {
         let lease = self.lease().await?;
         if !lease.sftp().support_hardlink() {
@@ -107,54 +131,36 @@ impl SshHost<'_> {
             )));
         }
         let work = async {
-            let temp = self.lock_temp(&lease, path, bytes, false).await?;
-            let mut fs = lease.sftp().fs();
             // A failed link with no file at `path` afterwards: the lock was
-            // released between the two requests; link again.
-            let mut outcome = Err(None);
+            // released between the two requests; create again.
+            let mut last = None;
             for _ in 0..3 {
-                match fs.hard_link(p(&temp), p(path)).await {
-                    Ok(()) => {
-                        outcome = Ok(Created { created: true, host_now: 0 });
-                        break;
+                let (temp, host_now) = self.lock_temp(&lease, path, bytes, false).await?;
+                let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
+                let (linked, _) = join(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))).await;
+                let e = match linked {
+                    Ok(()) => return Ok(Created { created: true, host_now: 0 }),
+                    Err(e) if sftp_is_connection_loss(&e) => return Err(lease.sftp_err("create lock", path, &e)),
+                    Err(e) => e,
+                };
+                match lease.sftp().fs().symlink_metadata(p(path)).await {
+                    // Taken: the caller judges it by the host's clock.
+                    Ok(_) => return Ok(Created { created: false, host_now }),
+                    // A generic failure and no lock afterwards: it was
+                    // released in between. Anything else is an error.
+                    Err(_) if !matches!(sftp_kind(&e), Some(SftpErrorKind::Failure)) => {
+                        return Err(lease.sftp_err("create lock", path, &e));
                     }
-                    Err(e) if sftp_is_connection_loss(&e) => {
-                        outcome = Err(Some(lease.sftp_err("create lock", path, &e)));
-                        break;
+                    Err(_) => {
+                        last = Some(StepError::transient(format!(
+                            "{}: create lock {path}: {}; no lock there afterwards",
+                            self.addr(),
+                            crate::pool::error_chain(&e)
+                        )))
                     }
-                    Err(e) => match fs.symlink_metadata(p(path)).await {
-                        Ok(_) => {
-                            // Taken: the caller needs the host's clock.
-                            let now = fs.metadata(p(&temp)).await.ok().and_then(|m| m.modified());
-                            outcome = match now {
-                                Some(t) => Ok(Created { created: false, host_now: t.as_duration().as_secs() }),
-                                None => Err(Some(StepError::transient(format!(
-                                    "{}: {path}: could not read the host's clock",
-                                    self.addr()
-                                )))),
-                            };
-                            break;
-                        }
-                        // A generic failure and no lock afterwards: it was
-                        // released in between. Transient (retried).
-                        Err(_) if !matches!(sftp_kind(&e), Some(SftpErrorKind::Failure)) => {
-                            outcome = Err(Some(lease.sftp_err("create lock", path, &e)));
-                            break;
-                        }
-                        Err(_) => {
-                            outcome = Err(Some(StepError::transient(format!(
-                                "{}: create lock {path}: {}; no lock there afterwards",
-                                self.addr(),
-                                crate::pool::error_chain(&e)
-                            ))))
-                        }
-                    },
                 }
             }
-            let _ = fs.remove_file(p(&temp)).await;
-            outcome.map_err(|e| {
-                e.unwrap_or_else(|| StepError::transient(format!("{}: create lock {path}: failed", self.addr())))
-            })
+            Err(last.unwrap_or_else(|| StepError::transient(format!("{}: create lock {path}: failed", self.addr()))))
         };
         self.bounded(&lease, "create lock", work).await
     }
@@ -164,7 +170,7 @@ impl SshHost<'_> {
     pub async fn lock_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<(), StepError> {
         let lease = self.lease().await?;
         let work = async {
-            let temp = self.lock_temp(&lease, path, bytes, durable).await?;
+            let (temp, _) = self.lock_temp(&lease, path, bytes, durable).await?;
             let mut fs = lease.sftp().fs();
             match fs.rename(p(&temp), p(path)).await {
                 Ok(()) => Ok(()),
@@ -186,16 +192,21 @@ impl SshHost<'_> {
                 Err(e) if is_no_such_file(&e) => return Ok(None),
                 Err(e) => return Err(lease.sftp_err("open lock", path, &e)),
             };
+            // `[fstat, read]` in one round trip; the handle closes when
+            // dropped.
             let r = async {
-                let meta = f.metadata().await?;
+                let mut g = f.clone();
+                let (meta, first) = join(g.metadata(), f.read(64 * 1024, Default::default())).await;
+                let meta = meta?;
                 let mut bytes = Vec::new();
-                while let Some(chunk) = f.read(64 * 1024, Default::default()).await? {
-                    bytes.extend_from_slice(&chunk);
+                let mut chunk = first?;
+                while let Some(c) = chunk {
+                    bytes.extend_from_slice(&c);
                     if bytes.len() > MAX_LOCK_BYTES {
                         break;
                     }
+                    chunk = f.read(64 * 1024, Default::default()).await?;
                 }
-                f.close().await?;
                 Ok::<_, openssh_sftp_client::Error>((meta, bytes))
             }
             .await;
