@@ -48,3 +48,17 @@ pub(crate) fn record_key(id: &str, seq: u64) -> Vec<u8> {
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
+
+/// The deployment id and sequence number of a record key.
+pub(crate) fn record_seq(key: &[u8]) -> Result<(&[u8], u64), Error> {
+    match key.iter().position(|&b| b == 0) {
+        Some(i) if key.len() == i + 9 => {
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&key[i + 1..]);
+            Ok((&key[..i], u64::from_be_bytes(seq)))
+        }
+        _ => {
+            Err(Error::Corrupt { what: "record key", key: printable_key(key), problem: "not id ++ 0x00 ++ seq".into() })
+        }
+    }
+}

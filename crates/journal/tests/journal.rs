@@ -291,6 +291,64 @@ fn unfinished_lists_in_flight_deployments_after_reopen() {
     assert_eq!(j.records("a-1").unwrap().last(), Some(&begun(Step::Reload, 4)));
 }
 
+/// An append is two sled inserts (record, then index entry), not one
+/// transaction; a crash may keep any subset of the unflushed ones. Here
+/// the journal's trees are edited directly into each such state, and the
+/// next open must re-derive the index from the records.
+#[test]
+fn index_is_rederived_from_records_after_a_crash_between_the_two_inserts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let j = open(&path);
+        for id in ["x1", "x2", "x3", "x5"] {
+            append_sync(&j, id, &started(id, 1));
+        }
+        append_sync(&j, "x1", &begun(Step::Write, 2));
+        append_sync(&j, "x5", &begun(Step::Write, 2));
+        j.close().unwrap();
+    }
+    let raw = || sled::Config::new().path(&path).open().unwrap();
+    // x2's entry as it stood after `Started`.
+    let x2_started = raw().open_tree("deployments").unwrap().get("x2").unwrap().unwrap();
+    {
+        let j = open(&path);
+        append_sync(&j, "x2", &finished("x2", Outcome::Deployed, 3));
+        j.close().unwrap();
+    }
+    {
+        let db = raw();
+        let (records, index) = (db.open_tree("records").unwrap(), db.open_tree("deployments").unwrap());
+        // x1: its index entry lost entirely.
+        index.remove("x1").unwrap();
+        // x2: the `Finished` record kept, its index update lost.
+        index.insert("x2", x2_started).unwrap();
+        // x4: an index entry whose `Started` record was lost.
+        index.insert("x4", index.get("x3").unwrap().unwrap()).unwrap();
+        // x5: its last record lost, its index update kept.
+        let last = records.scan_prefix(b"x5\0").keys().last().unwrap().unwrap();
+        records.remove(last).unwrap();
+        db.flush().unwrap();
+    }
+    let j = open(&path);
+    assert_eq!(j.unfinished().unwrap(), vec!["x1".to_string(), "x3".to_string(), "x5".to_string()]);
+    assert!(
+        matches!(j.status("x1").unwrap(), Some(DeploymentStatus::InFlight { ref last_event, .. }) if last_event == "begun:write")
+    );
+    match j.status("x2").unwrap() {
+        Some(DeploymentStatus::Finished { report, acked: false }) => assert_eq!(report.outcome, Outcome::Deployed),
+        other => panic!("x2: {other:?}"),
+    }
+    assert_eq!(j.status("x4").unwrap(), None);
+    assert!(
+        matches!(j.status("x5").unwrap(), Some(DeploymentStatus::InFlight { ref last_event, .. }) if last_event == "started")
+    );
+    // The sequence goes on after the highest record, whatever the index said.
+    let seq = j.append("x1", &begun(Step::Reload, 4)).unwrap();
+    let highest = ["x1", "x2", "x3", "x5"].iter().map(|id| j.records(id).unwrap().len()).sum::<usize>();
+    assert!(seq as usize > highest, "seq {seq} after {highest} records");
+}
+
 #[test]
 fn gc_removes_records_but_keeps_dedupe_entries() {
     let dir = tempfile::tempdir().unwrap();
