@@ -229,7 +229,7 @@ async fn broker_run(
         sent = publish_all(broker.clone(), bundles.to_vec(), 0.0).await?;
     }
     let log = std::fs::File::create(f.tmp.path().join(format!("worker-{durability}.log")))?;
-    let mut child: Child = Command::new(&bin)
+    let child: Child = Command::new(&bin)
         .arg("--config")
         .arg(&cfg_path)
         .arg("worker")
@@ -239,10 +239,12 @@ async fn broker_run(
         .spawn()
         .with_context(|| format!("spawn {} (build it: cargo build --release -p certdeploy)", bin.display()))?;
     let pid = child.id();
+    // Killed however this function ends (a failed run must not leave a
+    // worker behind).
+    let mut child = KillOnDrop(child);
     let start_wait = Instant::now();
     while http_get(&metrics, "/readyz").map(|r| r.0) != Some(200) {
         if start_wait.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
             bail!("worker not ready after 60 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -284,7 +286,7 @@ async fn broker_run(
         }
     }
     let _ = Command::new("kill").arg(pid.to_string()).status();
-    let _ = child.wait();
+    let _ = child.0.wait();
     broker.close().await;
     // Anything the worker warned about (deferrals, retries) is part of the figure.
     let text = std::fs::read_to_string(f.tmp.path().join(format!("worker-{durability}.log"))).unwrap_or_default();
@@ -476,4 +478,17 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("every run verified every host's final cert, key and chain");
     Ok(())
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, unless it has
+/// exited already.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
