@@ -75,14 +75,16 @@ impl SshHost<'_> {
     /// Write `bytes` to a fresh temp file next to `path`, mode 0600 before
     /// any byte (fsynced if `durable`): the create, then `[chmod, write,
     /// fsync, fstat]` in one round trip (handled in this order, see
-    /// `host.rs`). Returns its name and its mtime in host seconds (the
-    /// host's clock). The handle closes when dropped.
+    /// `host.rs`; the fstat only with `clock`). Returns its name and, with
+    /// `clock`, its mtime in host seconds (the host's clock). The handle
+    /// closes when dropped.
     async fn lock_temp(
         &self,
         lease: &Lease,
         path: &str,
         bytes: &[u8],
         durable: bool,
+        clock: bool,
     ) -> Result<(String, u64), StepError> {
         let temp = temp_name(path);
         let f = match lease.sftp().options().read(true).write(true).create_new(true).open(p(&temp)).await {
@@ -96,25 +98,35 @@ impl SshHost<'_> {
                 false => Ok(()),
             }
         };
-        let ((chmod, wrote), (synced, stat)) =
-            join(join(a.set_permissions(Permissions::from(0o600u16)), b.write(bytes)), join(sync, d.metadata())).await;
-        let r = match (chmod, wrote, synced, stat) {
-            (Ok(()), Ok(n), Ok(()), Ok(m)) if n == bytes.len() => {
-                Ok(m.modified().map(|t| t.as_duration().as_secs()).unwrap_or(0))
-            }
-            (Ok(()), Ok(_), Ok(()), Ok(_)) => Err(StepError::transient(format!(
-                "{}: write lock temp file {temp}: the lock did not fit in one write",
-                self.addr()
-            ))),
-            (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
-                Err(lease.sftp_err("write lock temp file", &temp, &e))
+        let stat = async {
+            match clock {
+                true => d.metadata().await.map(|m| m.modified().map(|t| t.as_duration().as_secs()).unwrap_or(0)),
+                false => Ok(0),
             }
         };
+        let ((chmod, wrote), (synced, now)) =
+            join(join(a.set_permissions(Permissions::from(0o600u16)), b.write(bytes)), join(sync, stat)).await;
+        let r = async {
+            chmod?;
+            let n = wrote?;
+            synced?;
+            let now = now?;
+            // Longer than one write request can carry: the rest, then the
+            // fsync again.
+            if n < bytes.len() {
+                b.write_all(&bytes[n..]).await?;
+                if durable {
+                    b.sync_all().await?;
+                }
+            }
+            Ok::<_, openssh_sftp_client::Error>(now)
+        }
+        .await;
         match r {
             Ok(now) => Ok((temp, now)),
             Err(e) => {
                 let _ = lease.sftp().fs().remove_file(p(&temp)).await;
-                Err(e)
+                Err(lease.sftp_err("write lock temp file", &temp, &e))
             }
         }
     }
@@ -135,7 +147,7 @@ impl SshHost<'_> {
             // released between the two requests; create again.
             let mut last = None;
             for _ in 0..3 {
-                let (temp, host_now) = self.lock_temp(&lease, path, bytes, false).await?;
+                let (temp, host_now) = self.lock_temp(&lease, path, bytes, false, true).await?;
                 let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
                 let (linked, _) = join(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))).await;
                 let e = match linked {
@@ -170,7 +182,7 @@ impl SshHost<'_> {
     pub async fn lock_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<(), StepError> {
         let lease = self.lease().await?;
         let work = async {
-            let (temp, _) = self.lock_temp(&lease, path, bytes, durable).await?;
+            let (temp, _) = self.lock_temp(&lease, path, bytes, durable, false).await?;
             let mut fs = lease.sftp().fs();
             match fs.rename(p(&temp), p(path)).await {
                 Ok(()) => Ok(()),
