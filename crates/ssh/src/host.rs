@@ -16,10 +16,11 @@ use futures_util::future::join_all;
 // Requests that leave together and are handled in order: each SFTP call
 // queues its request when it is first polled, and futures-util's `join`,
 // `join3` and `join_all` poll their futures in argument order, so the
-// requests go out in this order in one write. OpenSSH's sftp-server (the
-// server certdeploy requires: it needs its posix-rename, fsync and
-// hardlink extensions) handles the requests of a session one after the
-// other. One round trip for several requests.
+// requests go out in this order in one write. The SFTP protocol requires
+// requests on the same file to be handled in the order received, and
+// OpenSSH's sftp-server (the server certdeploy requires: it needs its
+// posix-rename, fsync and hardlink extensions) handles all the requests of
+// a session one after the other. One round trip for several requests.
 use futures_util::future::{join as in_order2, join_all as in_order_all, join3 as in_order3};
 use futures_util::stream::StreamExt as _;
 use openssh_sftp_client::error::SftpErrorKind;
