@@ -207,7 +207,8 @@ impl<'a> SshHost<'a> {
         let (stage, staged) = stage_paths(temp);
         let private = || MetaDataBuilder::new().permissions(Permissions::from(0o700u16)).create();
         // One round trip: the three requests are handled in this order (see
-        // `in_order`); the file is only used if all three succeeded.
+        // the note on `in_order2`); the file is only used if all three
+        // succeeded.
         let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
         let (made, chmod, opened) = in_order3(
             fs1.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)),
