@@ -68,6 +68,9 @@ pub struct Runtime {
     live_tokens: Mutex<std::collections::HashSet<String>>,
     targets: KeyedLocks,
     ids: KeyedLocks,
+    /// The per-process control directory made when `[ssh] control_dir` is
+    /// not set: removed by [`Runtime::close_ssh`].
+    own_control_dir: Option<std::path::PathBuf>,
 }
 
 /// What [`Runtime::execute`] ended with.
@@ -148,10 +151,12 @@ impl Runtime {
             &cfg.worker.journal_path,
             JournalOptions { durability: durability(&cfg.worker.journal_durability), ..JournalOptions::default() },
         )?;
-        let control_dir = cfg.ssh.control_dir.clone().unwrap_or_else(|| {
-            // Unix socket paths are short: keep the default under /tmp.
-            std::env::temp_dir().join(format!("certdeploy-ssh-{}", std::process::id()))
-        });
+        // Unix socket paths are short: keep the default under /tmp.
+        let own_control_dir = match cfg.ssh.control_dir {
+            Some(_) => None,
+            None => Some(std::env::temp_dir().join(format!("certdeploy-ssh-{}", std::process::id()))),
+        };
+        let control_dir = cfg.ssh.control_dir.clone().or_else(|| own_control_dir.clone()).unwrap_or_default();
         let idle = Duration::from_secs(cfg.ssh.idle_timeout_s.max(1));
         let pool = SshPool::new(cfg.ssh_config(control_dir, idle)).context("ssh pool")?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -168,7 +173,16 @@ impl Runtime {
             verifier: TlsVerifier::new(Duration::from_secs(5)),
             targets: KeyedLocks::default(),
             ids: KeyedLocks::default(),
+            own_control_dir,
         })
+    }
+
+    /// Close every ssh master; a per-process control directory goes too.
+    pub async fn close_ssh(&self) {
+        self.pool.close_all().await;
+        if let Some(dir) = &self.own_control_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     fn addr(&self, plan: &Plan) -> HostAddr {

@@ -194,7 +194,7 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
     let report = rt.execute_waiting(&v).await?;
     print_report(&report, &rt.worker_name, a.json);
     let _ = rt.journal.mark_acked(&report.deployment_id);
-    rt.pool.close_all().await;
+    rt.close_ssh().await;
     Ok(if report.outcome.success() { EXIT_OK } else { EXIT_FAILED })
 }
 
@@ -287,6 +287,8 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
         }
     }
     pool.close_all().await;
+    // Its own control directory (sockets, ssh_config): nothing to keep.
+    let _ = std::fs::remove_dir_all(pool.config().control_dir.as_path());
     Ok(if ok { EXIT_OK } else { EXIT_FAILED })
 }
 

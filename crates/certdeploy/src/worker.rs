@@ -165,7 +165,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         }
     }
     let _ = rt.journal.flush_now();
-    rt.pool.close_all().await;
+    rt.close_ssh().await;
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -253,9 +253,32 @@ fn journal_and_check_commands() {
     assert_eq!(code, 0);
     assert!(out.contains("result kept for redelivery") && out.contains("deployed"), "{out}");
 
-    let (code, out, _) = run(&cfg, &["check", "--target", "t0"]);
-    assert_eq!(code, 0, "{out}");
+    // Without `[ssh] control_dir`, `check` and `deploy` make their own
+    // under TMPDIR and leave nothing there when they are done.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let own_dir = cfg.with_file_name("no-control-dir.toml");
+    std::fs::write(&own_dir, text.lines().filter(|l| !l.starts_with("control_dir")).collect::<Vec<_>>().join("\n"))
+        .unwrap();
+    let in_tmp = |args: &[&str]| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = Command::new(BIN)
+            .env("TMPDIR", tmp.path())
+            .arg("--config")
+            .arg(&own_dir)
+            .args(args)
+            .output()
+            .expect("run certdeploy");
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), left)
+    };
+    let (code, out, left) = in_tmp(&["check", "--target", "t0"]);
+    assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("[ok]") && !out.contains("[FAIL]"), "{out}");
+    assert!(left.is_empty(), "check left {left:?} in TMPDIR");
+    let b2 = ca.leaf("j.example", 0);
+    let (code, out, left) = in_tmp(&strs(&deploy_args(fleet.tmp.path(), "t0", "j-2", &b2, false, false)));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(left.is_empty(), "deploy left {left:?} in TMPDIR");
     let (code, _, err) = run(&cfg, &["check", "--target", "nope"]);
     assert_eq!(code, 2, "{err}");
 }
