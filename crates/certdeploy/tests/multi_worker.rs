@@ -143,19 +143,8 @@ impl Mw {
         ));
         for t in &f.targets {
             let hook = |k: &str| format!("{} {k} {}", self.hook.display(), t.dir.display());
-            c.push_str(&format!(
-                "[targets.{}]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n\
-                 chain_path = \"{}\"\nvalidate_command = \"{}\"\nreload_command = \"{}\"\n\n",
-                t.name,
-                t.addr,
-                f.sshd.port(),
-                TEST_USER,
-                t.cert.display(),
-                t.key.display(),
-                t.chain.display(),
-                hook("V"),
-                hook("R"),
-            ));
+            c.push_str(&f.target_section(t, &hook("R"), Some(&hook("V"))));
+            c.push('\n');
         }
         let path = tmp.join(format!("{name}.toml"));
         fs::write(&path, c).expect("write config");
@@ -515,6 +504,22 @@ fn outcome_counts(seen: &BTreeMap<String, Vec<ResultEvent>>) -> BTreeMap<&'stati
     m
 }
 
+/// Wait up to `timeout` for a result for every id; otherwise fail with how
+/// many came, their outcomes and the last `tail` lines of every worker log.
+async fn expect_every_result(tap: &mut ResultTap, ids: &[String], timeout: Duration, mw: &Mw, tail: usize) {
+    let t = Instant::now();
+    let done = tap.collect(timeout, each_at_least(ids, 1)).await;
+    assert!(
+        done,
+        "results for {}/{} requests after {:?}, outcomes {:?}\n{}",
+        count_done(&tap.seen, ids),
+        ids.len(),
+        t.elapsed(),
+        outcome_counts(&tap.seen),
+        mw.all_logs_tail(tail)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 1. Three workers, ten targets, 500 requests
 // ---------------------------------------------------------------------------
@@ -537,16 +542,8 @@ async fn three_workers_never_overlap_on_a_target() {
         tap.publish(&item.body).await;
     }
     let published = start.elapsed();
-    let done = tap.collect(Duration::from_secs(150), each_at_least(&ids, 1)).await;
+    expect_every_result(&mut tap, &ids, Duration::from_secs(150), &mw, 30).await;
     let elapsed = start.elapsed();
-    assert!(
-        done,
-        "results for {}/{} requests after {elapsed:?}, outcomes {:?}\n{}",
-        count_done(&tap.seen, &ids),
-        ids.len(),
-        outcome_counts(&tap.seen),
-        mw.all_logs_tail(30)
-    );
     tap.collect(Duration::from_millis(1500), |_| false).await;
     mw.stop_all();
 
@@ -732,15 +729,7 @@ async fn kill_inside_a_deployment(prefix: &str, restart: Restart) {
             restarted_label = Some(label);
         }
     }
-    let done = tap.collect(Duration::from_secs(120), each_at_least(&ids, 1)).await;
-    assert!(
-        done,
-        "results for {}/{} requests, outcomes {:?}\n{}",
-        count_done(&tap.seen, &ids),
-        ids.len(),
-        outcome_counts(&tap.seen),
-        mw.all_logs_tail(40)
-    );
+    expect_every_result(&mut tap, &ids, Duration::from_secs(120), &mw, 40).await;
     tap.collect(Duration::from_millis(1500), |_| false).await;
     let all_done = killed_at.elapsed();
     mw.stop_all();

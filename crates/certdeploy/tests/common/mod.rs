@@ -112,27 +112,35 @@ impl Fleet {
                 .map(|(_, cmd)| cmd.clone())
                 .or_else(|| opts.reload_command.clone())
                 .unwrap_or_else(|| format!("echo reload >> {}", t.reload_log.display()));
-            c.push_str(&format!(
-                "[targets.{}]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n\
-                 chain_path = \"{}\"\nreload_command = \"{}\"\n",
-                t.name,
-                t.addr,
-                self.sshd.port(),
-                TEST_USER,
-                t.cert.display(),
-                t.key.display(),
-                t.chain.display(),
-                reload.replace('\\', "\\\\").replace('"', "\\\"")
-            ));
-            if let Some(v) = &opts.validate_command {
-                c.push_str(&format!("validate_command = \"{}\"\n", v.replace('"', "\\\"")));
-            }
+            c.push_str(&self.target_section(t, &reload, opts.validate_command.as_deref()));
             c.push_str(&opts.target_extra);
             c.push('\n');
         }
         let path = self.tmp.path().join("certdeploy.toml");
         fs::write(&path, c).expect("write config");
         path
+    }
+
+    /// The `[targets.<name>]` section for `t` (host, port, user, paths),
+    /// with its reload and, if given, validate command.
+    pub fn target_section(&self, t: &Target, reload: &str, validate: Option<&str>) -> String {
+        let quote = |cmd: &str| cmd.replace('\\', "\\\\").replace('"', "\\\"");
+        let mut c = format!(
+            "[targets.{}]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n\
+             chain_path = \"{}\"\nreload_command = \"{}\"\n",
+            t.name,
+            t.addr,
+            self.sshd.port(),
+            TEST_USER,
+            t.cert.display(),
+            t.key.display(),
+            t.chain.display(),
+            quote(reload)
+        );
+        if let Some(v) = validate {
+            c.push_str(&format!("validate_command = \"{}\"\n", quote(v)));
+        }
+        c
     }
 
     /// Reloads recorded by the default reload command.
