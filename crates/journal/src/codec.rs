@@ -26,19 +26,17 @@ pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, key: &[u8], bytes:
 
 /// `id` or `id#seq` for record keys.
 pub(crate) fn printable_key(key: &[u8]) -> String {
-    match key.iter().position(|&b| b == 0) {
-        Some(i) if key.len() == i + 9 => {
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(&key[i + 1..]);
-            format!("{}#{}", String::from_utf8_lossy(&key[..i]), u64::from_be_bytes(seq))
-        }
-        _ => String::from_utf8_lossy(key).into_owned(),
+    match split_record_key(key) {
+        Some((id, seq)) => format!("{}#{seq}", String::from_utf8_lossy(id)),
+        None => String::from_utf8_lossy(key).into_owned(),
     }
 }
 
-pub(crate) fn record_prefix(id: &str) -> Vec<u8> {
+/// `id ++ 0x00`: the prefix of every record key of `id`.
+pub(crate) fn record_prefix(id: impl AsRef<[u8]>) -> Vec<u8> {
+    let id = id.as_ref();
     let mut k = Vec::with_capacity(id.len() + 9);
-    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(id);
     k.push(0);
     k
 }
@@ -51,14 +49,16 @@ pub(crate) fn record_key(id: &str, seq: u64) -> Vec<u8> {
 
 /// The deployment id and sequence number of a record key.
 pub(crate) fn record_seq(key: &[u8]) -> Result<(&[u8], u64), Error> {
-    match key.iter().position(|&b| b == 0) {
-        Some(i) if key.len() == i + 9 => {
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(&key[i + 1..]);
-            Ok((&key[..i], u64::from_be_bytes(seq)))
-        }
-        _ => {
-            Err(Error::Corrupt { what: "record key", key: printable_key(key), problem: "not id ++ 0x00 ++ seq".into() })
-        }
-    }
+    split_record_key(key).ok_or_else(|| Error::Corrupt {
+        what: "record key",
+        key: printable_key(key),
+        problem: "not id ++ 0x00 ++ seq".into(),
+    })
+}
+
+/// `id ++ 0x00 ++ big-endian seq`, split; `None` for any other shape.
+fn split_record_key(key: &[u8]) -> Option<(&[u8], u64)> {
+    let i = key.iter().position(|&b| b == 0)?;
+    let seq: [u8; 8] = key.get(i + 1..)?.try_into().ok()?;
+    Some((&key[..i], u64::from_be_bytes(seq)))
 }

@@ -278,8 +278,9 @@ fn tx_err(e: TransactionError<Error>) -> Error {
 /// or missing is re-derived from them, and an entry with no records left
 /// that gc did not remove (its `Started` was lost: the deployment never
 /// reached a side effect, which waits for a flush) is removed. Returns how
-/// many entries were repaired.
-fn reconcile(records: &sled::Tree, index: &sled::Tree) -> Result<usize, Error> {
+/// many entries were repaired, and the highest sequence number the index
+/// then holds. An index entry that cannot be read is an error.
+fn reconcile(records: &sled::Tree, index: &sled::Tree) -> Result<(usize, u64), Error> {
     // Keys sort by id, then seq: the last key of each id has its last seq.
     let mut last: Vec<(Vec<u8>, u64)> = Vec::new();
     for k in records.iter().keys() {
@@ -305,20 +306,21 @@ fn reconcile(records: &sled::Tree, index: &sled::Tree) -> Result<usize, Error> {
         }
     }
     let mut orphans = Vec::new();
+    let mut last_seq = 0;
     for kv in index.iter() {
         let (k, v) = kv?;
-        if !with_records.contains(k.as_ref())
-            && let Ok(e) = decode::<Entry>("index entry", &k, &v)
-            && !e.records_pruned
-        {
+        let e: Entry = decode("index entry", &k, &v)?;
+        if !with_records.contains(k.as_ref()) && !e.records_pruned {
             orphans.push(k);
+        } else {
+            last_seq = last_seq.max(e.last_seq);
         }
     }
     for k in orphans {
         index.remove(k)?;
         repaired += 1;
     }
-    Ok(repaired)
+    Ok((repaired, last_seq))
 }
 
 /// [`reconcile`] for one deployment whose last record has `max_seq`;
@@ -340,9 +342,7 @@ fn repair(records: &sled::Tree, index: &sled::Tree, id_bytes: &[u8], max_seq: u6
         None => (Entry::empty(Timestamp(0)), 0),
     };
     let mut first = after == 0;
-    let mut prefix = id_bytes.to_vec();
-    prefix.push(0);
-    for kv in records.scan_prefix(prefix) {
+    for kv in records.scan_prefix(record_prefix(id_bytes)) {
         let (k, v) = kv?;
         let (_, seq) = record_seq(&k)?;
         if seq <= after {
@@ -399,17 +399,14 @@ impl SledJournal {
         }
         db.flush().map_err(sled_err(path))?;
 
-        let corrupt = |e: Error| JournalOpenError::Corrupt { path: path.to_path_buf(), problem: e.to_string() };
-        let repaired = reconcile(&records, &index).map_err(corrupt)?;
+        let corrupt = |e: Error| match e {
+            Error::Sled(source) => sled_err(path)(source),
+            e => JournalOpenError::Corrupt { path: path.to_path_buf(), problem: e.to_string() },
+        };
+        let (repaired, last_seq) = reconcile(&records, &index).map_err(corrupt)?;
         if repaired > 0 {
             tracing::info!(path = %path.display(), repaired, "journal index re-derived from the records after a crash");
             db.flush().map_err(sled_err(path))?;
-        }
-        let mut last_seq = 0;
-        for kv in index.iter() {
-            let (k, v) = kv.map_err(sled_err(path))?;
-            let e: Entry = decode("index entry", &k, &v).map_err(corrupt)?;
-            last_seq = last_seq.max(e.last_seq);
         }
 
         let files = SledFiles::open(path)?;
