@@ -151,12 +151,14 @@ impl Runtime {
             &cfg.worker.journal_path,
             JournalOptions { durability: durability(&cfg.worker.journal_durability), ..JournalOptions::default() },
         )?;
-        // Unix socket paths are short: keep the default under /tmp.
-        let own_control_dir = match cfg.ssh.control_dir {
-            Some(_) => None,
-            None => Some(std::env::temp_dir().join(format!("certdeploy-ssh-{}", std::process::id()))),
+        let (control_dir, own_control_dir) = match &cfg.ssh.control_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                // Unix socket paths are short: keep the default under /tmp.
+                let dir = std::env::temp_dir().join(format!("certdeploy-ssh-{}", std::process::id()));
+                (dir.clone(), Some(dir))
+            }
         };
-        let control_dir = cfg.ssh.control_dir.clone().or_else(|| own_control_dir.clone()).unwrap_or_default();
         let idle = Duration::from_secs(cfg.ssh.idle_timeout_s.max(1));
         let pool = SshPool::new(cfg.ssh_config(control_dir, idle)).context("ssh pool")?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -120,6 +120,16 @@ struct Read {
     content: Option<Vec<u8>>,
 }
 
+/// `sync -- DIR...`: coreutils fsyncs each named directory.
+fn sync_command(dirs: &BTreeSet<String>) -> String {
+    let mut cmd = String::from("sync --");
+    for d in dirs {
+        cmd.push(' ');
+        cmd.push_str(&shell_quote(d));
+    }
+    cmd
+}
+
 /// The snapshot of an existing file backed up at `backup`.
 fn existing(live: String, backup: String, r: &Read) -> Snapshot {
     Snapshot {
@@ -696,12 +706,7 @@ impl<'a> SshHost<'a> {
         if dirs.is_empty() {
             return;
         }
-        let mut cmd = String::from("sync --");
-        for d in &dirs {
-            cmd.push(' ');
-            cmd.push_str(&shell_quote(d));
-        }
-        match lease.exec(&cmd, AUX_TIMEOUT).await {
+        match lease.exec(&sync_command(&dirs), AUX_TIMEOUT).await {
             Ok((Some(0), _, _)) => {}
             Ok((code, out, err)) => tracing::warn!(
                 host = %self.addr, ?code,
@@ -924,11 +929,7 @@ impl Host for SshHost<'_> {
         let script = if dirs.is_empty() {
             None
         } else {
-            let mut s = String::from("sync --");
-            for d in &dirs {
-                s.push(' ');
-                s.push_str(&shell_quote(d));
-            }
+            let mut s = sync_command(&dirs);
             s.push_str(" >/dev/null 2>&1\n");
             s.push_str(command);
             Some(s)
