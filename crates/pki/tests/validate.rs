@@ -338,6 +338,32 @@ fn chain_with_same_name_but_wrong_key_fails_signature() {
 }
 
 #[test]
+fn a_verified_link_vouches_only_for_the_same_certificate_and_key() {
+    // Links verified once are remembered (a batch shares its intermediates);
+    // a certificate or an issuer key that differs in any byte is checked
+    // afresh.
+    let p = pki(Alg::P256);
+    for _ in 0..2 {
+        validate(&p.leaf.pem(), &p.leaf.key_pem(), Some(&p.chain())).expect("valid");
+    }
+    let impostor = p.root.issue("Intermediate", Alg::P256, NOW - DAY, NOW + 900 * DAY, true);
+    let chain = format!("{}{}", impostor.pem(), p.root.pem());
+    assert_eq!(
+        err(&p.leaf.pem(), &p.leaf.key_pem(), Some(&chain)),
+        "chain_pem: the signature of the certificate (CN=Leaf) does not verify with the \
+         public key of chain certificate 1 (CN=Intermediate)"
+    );
+    // The same intermediate, re-signed by another root of the same name.
+    let other_root = Node::root("Root", Alg::P256);
+    let chain = format!("{}{}", p.inter.pem(), other_root.pem());
+    assert_eq!(
+        err(&p.leaf.pem(), &p.leaf.key_pem(), Some(&chain)),
+        "chain_pem: the signature of certificate 1 (CN=Intermediate) does not verify with the \
+         public key of chain certificate 2 (CN=Root)"
+    );
+}
+
+#[test]
 fn chain_must_hold_only_certificates() {
     let p = pki(Alg::P256);
     let chain = format!("{}{}", p.inter.pem(), p.leaf.key_pem());
