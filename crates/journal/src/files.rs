@@ -7,6 +7,8 @@ use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use inotify::{Inotify, WatchMask};
+
 use crate::error::JournalOpenError;
 
 pub(crate) const DIR_MODE: u32 = 0o700;
@@ -89,16 +91,57 @@ pub(crate) struct SledFiles {
     db: File,
     /// Files already made 0600 and fsynced once (immutable afterwards).
     seen: BTreeSet<PathBuf>,
+    /// Reports every entry created, removed or renamed in the journal's
+    /// directories, so that a flush walks them only after a change (sled
+    /// adds a blob or a snapshot now and then; the walk cost ~40 µs of CPU
+    /// per flush). `None` where inotify is not available: every flush walks.
+    changes: Option<Inotify>,
 }
+
+const DIR_CHANGES: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF);
 
 impl SledFiles {
     /// After sled opened: every file 0600, every directory 0700, `conf` and
     /// every other file fsynced once, and the directories too.
     pub(crate) fn open(dir: &Path) -> Result<SledFiles, JournalOpenError> {
         let db = File::open(dir.join("db")).map_err(io_err(dir, "opening sled's db file for fsync"))?;
-        let mut files = SledFiles { dir: dir.to_path_buf(), db, seen: BTreeSet::new() };
+        let changes = Inotify::init()
+            .inspect_err(|e| tracing::debug!(error = %e, "no inotify: every journal flush lists sled's directories"))
+            .ok();
+        let mut files = SledFiles { dir: dir.to_path_buf(), db, seen: BTreeSet::new(), changes };
         files.sweep(true).map_err(io_err(dir, "securing and syncing sled's files"))?;
         Ok(files)
+    }
+
+    /// Whether an entry of a watched directory changed since the last call
+    /// (always true without inotify, and after any inotify error, which
+    /// also gives inotify up). An event is queued when the change happens,
+    /// so a file sled created before this call is always reported.
+    fn changed(&mut self) -> bool {
+        let Some(ino) = self.changes.as_mut() else { return true };
+        let mut buf = [0u8; 4096];
+        let mut any = false;
+        loop {
+            match ino.read_events(&mut buf) {
+                Ok(mut events) => any |= events.next().is_some(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return any,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inotify failed: every journal flush lists sled's directories");
+                    self.changes = None;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// [`SledFiles::sweep`] if a watched directory changed.
+    pub(crate) fn sweep_if_changed(&mut self, sync: bool) -> io::Result<()> {
+        if self.changed() { self.sweep(sync) } else { Ok(()) }
     }
 
     /// Fix modes of files not seen before (new blobs, snapshots); with
@@ -108,6 +151,14 @@ impl SledFiles {
         let mut dirty_dirs = BTreeSet::new();
         let mut stack = vec![self.dir.clone()];
         while let Some(d) = stack.pop() {
+            // Watched before it is listed: what appears after the listing
+            // is reported. Adding a watch again is harmless.
+            if let Some(ino) = &self.changes
+                && let Err(e) = ino.watches().add(&d, DIR_CHANGES)
+            {
+                tracing::warn!(dir = %d.display(), error = %e, "inotify watch failed: every journal flush lists sled's directories");
+                self.changes = None;
+            }
             for entry in fs::read_dir(&d)? {
                 let entry = entry?;
                 let p = entry.path();
@@ -154,6 +205,6 @@ impl SledFiles {
     /// The per-flush fsync: the log file, then any new file.
     pub(crate) fn fsync(&mut self) -> io::Result<()> {
         self.db.sync_all()?;
-        self.sweep(true)
+        self.sweep_if_changed(true)
     }
 }

@@ -72,7 +72,7 @@ impl Shared {
         let r = self.db.flush().map_err(|e| format!("sled flush: {e}")).and_then(|_| {
             match self.durability {
                 Durability::Fsync => files.fsync(),
-                Durability::Flush | Durability::Off => files.sweep(false),
+                Durability::Flush | Durability::Off => files.sweep_if_changed(false),
             }
             .map_err(|e| format!("fsync of the journal files: {e}"))
         });

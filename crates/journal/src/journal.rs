@@ -142,7 +142,12 @@ pub struct GcStats {
     pub dedupe_entries_removed: u64,
 }
 
-/// The index entry of one deployment (the `deployments` tree).
+/// The index entry of one deployment (the `deployments` tree). It is
+/// rewritten only by the records that change what it says of the
+/// deployment's fate ([`is_checkpoint`]) and by ack and gc; the records
+/// after `last_seq` (an in-flight deployment's steps) are applied when the
+/// entry is read ([`SledJournal::current`]). A step's append is then one
+/// sled insert instead of a read, a decode and two inserts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
     target: String,
@@ -159,6 +164,12 @@ struct Entry {
     reason: Option<String>,
     last_seq: u64,
     records_pruned: bool,
+}
+
+/// Records after which the index entry is rewritten: a new attempt and the
+/// two ends of one.
+fn is_checkpoint(event: &Event) -> bool {
+    matches!(event, Event::Started { .. } | Event::Finished { .. } | Event::Abandoned { .. })
 }
 
 impl Entry {
@@ -270,16 +281,18 @@ fn tx_err(e: TransactionError<Error>) -> Error {
     }
 }
 
-/// Make the index agree with the records. An append is two sled inserts
-/// (the record, then its index entry); every append a flush covered is
-/// intact in both, but of the appends after the last flush a crash may keep
-/// any subset. The records are the truth: an entry behind its records gets
-/// the missing ones applied, an entry ahead of them (its record was lost)
-/// or missing is re-derived from them, and an entry with no records left
-/// that gc did not remove (its `Started` was lost: the deployment never
-/// reached a side effect, which waits for a flush) is removed. Returns how
-/// many entries were repaired, and the highest sequence number the index
-/// then holds. An index entry that cannot be read is an error.
+/// Make the index agree with the records. A checkpoint append is two sled
+/// inserts (the record, then its index entry); every append a flush covered
+/// is intact in both, but of the appends after the last flush a crash may
+/// keep any subset. The records are the truth: an entry behind a checkpoint
+/// record gets the missing records applied (behind only other records is
+/// how an in-flight entry normally is), an entry ahead of them (its record
+/// was lost) or missing is re-derived from them, and an entry with no
+/// records left that gc did not remove (its `Started` was lost: the
+/// deployment never reached a side effect, which waits for a flush) is
+/// removed. Returns how many entries were repaired, and the highest
+/// sequence number of the records and the index. An index entry that
+/// cannot be read is an error.
 fn reconcile(records: &sled::Tree, index: &sled::Tree) -> Result<(usize, u64), Error> {
     // Keys sort by id, then seq: the last key of each id has its last seq.
     let mut last: Vec<(Vec<u8>, u64)> = Vec::new();
@@ -292,6 +305,10 @@ fn reconcile(records: &sled::Tree, index: &sled::Tree) -> Result<(usize, u64), E
         }
     }
     let mut repaired = 0;
+    // The sequence goes on after the highest record (an in-flight entry is
+    // behind its own records), even one that cannot be read: a deployment's
+    // records must stay in sequence order.
+    let mut last_seq = last.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
     let mut with_records = std::collections::HashSet::new();
     for (id_bytes, max_seq) in &last {
         with_records.insert(id_bytes.clone());
@@ -306,7 +323,6 @@ fn reconcile(records: &sled::Tree, index: &sled::Tree) -> Result<(usize, u64), E
         }
     }
     let mut orphans = Vec::new();
-    let mut last_seq = 0;
     for kv in index.iter() {
         let (k, v) = kv?;
         let e: Entry = decode("index entry", &k, &v)?;
@@ -331,6 +347,17 @@ fn repair(records: &sled::Tree, index: &sled::Tree, id_bytes: &[u8], max_seq: u6
         Some(e) if e.last_seq == max_seq => return Ok(false),
         Some(e) if e.last_seq < max_seq => {
             let after = e.last_seq;
+            let mut behind_checkpoint = false;
+            for kv in records.scan_prefix(record_prefix(id_bytes)) {
+                let (k, v) = kv?;
+                if record_seq(&k)?.1 > after && is_checkpoint(&decode::<Record>("record", &k, &v)?.event) {
+                    behind_checkpoint = true;
+                    break;
+                }
+            }
+            if !behind_checkpoint {
+                return Ok(false);
+            }
             (e, after)
         }
         Some(e) => {
@@ -404,6 +431,12 @@ impl SledJournal {
             e => JournalOpenError::Corrupt { path: path.to_path_buf(), problem: e.to_string() },
         };
         let (repaired, last_seq) = reconcile(&records, &index).map_err(corrupt)?;
+        if last_seq == u64::MAX {
+            return Err(JournalOpenError::Corrupt {
+                path: path.to_path_buf(),
+                problem: "a record holds the highest sequence number: no record can follow it".into(),
+            });
+        }
         if repaired > 0 {
             tracing::info!(path = %path.display(), repaired, "journal index re-derived from the records after a crash");
             db.flush().map_err(sled_err(path))?;
@@ -461,15 +494,25 @@ impl SledJournal {
         let mut next = lock(&self.next_seq);
         let seq = *next;
         let key = record_key(deployment_id, seq);
-        // Two plain inserts, the record first, under `next_seq` (the only
-        // writer of both). Not a sled transaction: one costs two log writes
+        // Plain inserts, the record first, under `next_seq` (the only writer
+        // of both trees). Not a sled transaction: one costs two log writes
         // and a dozen thread wake-ups per append (measured). A crash between
-        // the two is repaired at open, see `reconcile`.
-        let mut entry = self.entry(deployment_id)?.unwrap_or_else(|| Entry::empty(record.at));
-        entry.apply(record, seq);
-        let ev = encode("index entry", &entry)?;
+        // the two is repaired at open, see `reconcile`. Most records leave
+        // the index entry alone (see `Entry`).
+        let entry = if is_checkpoint(&record.event) || !self.index.contains_key(deployment_id)? {
+            // The skipped records since the last checkpoint changed only
+            // what this one overwrites (last event, last seq; `updated_at`
+            // unless the clock went back).
+            let mut entry = self.entry(deployment_id)?.unwrap_or_else(|| Entry::empty(record.at));
+            entry.apply(record, seq);
+            Some(encode("index entry", &entry)?)
+        } else {
+            None
+        };
         self.records.insert(key.as_slice(), value.as_slice())?;
-        self.index.insert(deployment_id.as_bytes(), ev)?;
+        if let Some(ev) = entry {
+            self.index.insert(deployment_id.as_bytes(), ev)?;
+        }
         *next = seq + 1;
         self.shared.appended.store(seq, Ordering::Release);
         drop(next);
@@ -535,6 +578,24 @@ impl SledJournal {
         self.index.get(deployment_id)?.map(|v| decode("index entry", deployment_id.as_bytes(), &v)).transpose()
     }
 
+    /// The entry with the records after its `last_seq` applied: what it
+    /// would hold if every append rewrote it. Only an in-flight entry can be
+    /// behind (every end of an attempt rewrites it).
+    fn current(&self, deployment_id: &str, entry: Option<Entry>) -> Result<Option<Entry>, Error> {
+        let Some(mut e) = entry else { return Ok(None) };
+        if e.state != DeploymentState::InFlight {
+            return Ok(Some(e));
+        }
+        for kv in self.records.scan_prefix(record_prefix(deployment_id)) {
+            let (k, v) = kv?;
+            let (_, seq) = record_seq(&k)?;
+            if seq > e.last_seq {
+                e.apply(&decode("record", &k, &v)?, seq);
+            }
+        }
+        Ok(Some(e))
+    }
+
     fn entries(&self) -> impl Iterator<Item = Result<(String, Entry), Error>> + '_ {
         self.index.iter().map(|kv| {
             let (k, v) = kv?;
@@ -546,7 +607,7 @@ impl SledJournal {
     /// Where deployment `id` stands; `None` if the journal never saw it (or
     /// its dedupe entry was pruned).
     pub fn status(&self, deployment_id: &str) -> Result<Option<DeploymentStatus>, Error> {
-        Ok(self.entry(deployment_id)?.map(|e| e.status()))
+        Ok(self.current(deployment_id, self.entry(deployment_id)?)?.map(|e| e.status()))
     }
 
     /// Ids whose latest attempt has no `Finished`/`Abandoned` record, in id
@@ -581,6 +642,7 @@ impl SledJournal {
         let mut out = Vec::new();
         for r in self.entries() {
             let (id, e) = r?;
+            let Some(e) = self.current(&id, Some(e))? else { continue };
             let phase = match e.state {
                 DeploymentState::InFlight => {
                     let replayed = self.records(&id).ok().and_then(|rs| Deployment::replay(&rs).ok());

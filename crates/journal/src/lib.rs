@@ -50,16 +50,21 @@
 //! - `deployments`: key = deployment id; value = a small index entry: state
 //!   (in flight / finished / abandoned), target, attempts, last event, times,
 //!   the acked flag, the terminal [`Report`](certdeploy_core::Report), and
-//!   whether gc removed the records. An append writes the record, then its
-//!   index update: two plain sled inserts under one mutex, not a sled
-//!   transaction (which costs two log writes and about ten thread
-//!   wake-ups per append; dropping it took the benchmark's worker CPU from
-//!   ~4.6 to ~2.9 ms per deployment). A flush makes both durable. Of the
-//!   appends after the last flush a crash may keep any subset, so each
-//!   open re-derives every index entry that disagrees with its records
-//!   (the records are the truth; an entry whose records were all lost,
-//!   and that gc did not empty, is dropped: its `Started` was never
-//!   flushed, so nothing acted on it).
+//!   whether gc removed the records. Only `Started`, `Finished` and
+//!   `Abandoned` (and ack and gc) rewrite the entry; a read applies the
+//!   records after the entry's last sequence number, so a query sees what
+//!   an entry rewritten by every append would hold, and a step's append is
+//!   one sled insert. A checkpoint append writes the record, then the
+//!   entry: two plain sled inserts under one mutex, not a sled transaction
+//!   (which costs two log writes and about ten thread wake-ups per append;
+//!   dropping it took the benchmark's worker CPU from ~4.6 to ~2.9 ms per
+//!   deployment). A flush makes both durable. Of the appends after the last
+//!   flush a crash may keep any subset, so each open re-derives every index
+//!   entry that is behind a checkpoint record, ahead of its records or
+//!   missing (the records are the truth; an entry whose records were all
+//!   lost, and that gc did not empty, is dropped: its `Started` was never
+//!   flushed, so nothing acted on it). The sequence goes on after the
+//!   highest record key.
 //! - `meta`: `format_version`. A journal written by a newer format is refused
 //!   at open ([`JournalOpenError::UnsupportedVersion`]); a value with an
 //!   unknown version byte is a typed error ([`Error::UnknownVersion`]), never

@@ -350,6 +350,77 @@ fn index_is_rederived_from_records_after_a_crash_between_the_two_inserts() {
 }
 
 #[test]
+fn only_checkpoints_rewrite_the_index_and_reads_apply_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let raw_entry = |path: &Path| -> Vec<u8> {
+        let db = sled::Config::new().path(path).open().unwrap();
+        db.open_tree("deployments").unwrap().get("d-c").unwrap().unwrap().to_vec()
+    };
+    {
+        let j = open(&path);
+        append_sync(&j, "d-c", &started("d-c", 10));
+        j.close().unwrap();
+    }
+    let after_started = raw_entry(&path);
+    {
+        let j = open(&path);
+        append_sync(&j, "d-c", &begun(Step::Write, 20));
+        append_sync(&j, "d-c", &begun(Step::Reload, 30));
+        // Read back as if each append had rewritten the entry.
+        let expect = DeploymentStatus::InFlight {
+            attempt: 1,
+            last_event: "begun:reload".into(),
+            started_at: Timestamp(10),
+            updated_at: Timestamp(30),
+        };
+        assert_eq!(j.status("d-c").unwrap(), Some(expect.clone()));
+        let listed = j.list().unwrap();
+        assert_eq!((listed[0].updated_at, listed[0].state), (Timestamp(30), DeploymentState::InFlight));
+        j.close().unwrap();
+        // The step records did not touch the entry, and reopening (which
+        // reconciles) leaves it so: being behind step records is normal.
+        assert_eq!(raw_entry(&path), after_started);
+        let j = open(&path);
+        assert_eq!(j.status("d-c").unwrap(), Some(expect));
+        j.close().unwrap();
+        assert_eq!(raw_entry(&path), after_started);
+    }
+    let j = open(&path);
+    append_sync(&j, "d-c", &finished("d-c", Outcome::Deployed, 40));
+    match j.status("d-c").unwrap() {
+        Some(DeploymentStatus::Finished { report, acked: false }) => assert_eq!(report.finished_at, Timestamp(40)),
+        other => panic!("{other:?}"),
+    }
+    j.close().unwrap();
+    assert_ne!(raw_entry(&path), after_started, "Finished rewrites the entry");
+}
+
+#[test]
+fn a_record_at_the_last_sequence_number_fails_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let j = open(&path);
+        append_sync(&j, "d-max", &started("d-max", 1));
+        j.close().unwrap();
+    }
+    {
+        let db = sled::open(&path).unwrap();
+        let mut key = b"d-max\0".to_vec();
+        key.extend_from_slice(&u64::MAX.to_be_bytes());
+        let mut v = vec![1u8];
+        v.extend_from_slice(br#"{"at":2,"event":{"type":"recovering"}}"#);
+        db.open_tree("records").unwrap().insert(key, v).unwrap();
+        db.flush().unwrap();
+    }
+    match SledJournal::open(&path, JournalOptions::default()) {
+        Err(e @ JournalOpenError::Corrupt { .. }) => assert!(e.to_string().contains("sequence"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn gc_removes_records_but_keeps_dedupe_entries() {
     let dir = tempfile::tempdir().unwrap();
     let j = open(&dir.path().join("j"));
@@ -419,7 +490,7 @@ fn record_with_unknown_version_is_a_typed_error() {
     {
         let db = sled::open(&path).unwrap();
         let mut key = b"d-v\0".to_vec();
-        key.extend_from_slice(&u64::MAX.to_be_bytes());
+        key.extend_from_slice(&1_000_000u64.to_be_bytes());
         let mut v = vec![7u8];
         v.extend_from_slice(br#"{"at":2,"event":{"type":"recovering"}}"#);
         db.open_tree("records").unwrap().insert(key, v).unwrap();
@@ -453,6 +524,27 @@ fn directory_is_0700_and_files_0600() {
     std::fs::set_permissions(path.join("conf"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let j = open(&path);
     check(&path);
+    j.close().unwrap();
+}
+
+#[test]
+fn a_blob_sled_adds_later_is_secured_by_the_next_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let j = open(&path);
+    append_sync(&j, "d-blob", &started("d-blob", 1));
+    let blobs = |path: &Path| all_files(&path.join("blobs"));
+    assert!(blobs(&path).is_empty());
+    // Over sled's inline limit (a quarter segment): stored as a blob file,
+    // created by sled with the process umask's mode.
+    let big = Record { at: Timestamp(2), event: Event::Pruned { error: Some("x".repeat(200_000)) } };
+    append_sync(&j, "d-blob", &big);
+    let found = blobs(&path);
+    assert!(!found.is_empty(), "no blob written");
+    for f in found {
+        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777, 0o600, "{}", f.display());
+    }
+    assert_eq!(j.records("d-blob").unwrap().len(), 2);
     j.close().unwrap();
 }
 
