@@ -68,11 +68,7 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        // certdeploy patch: one job needs one thread. Upstream's
-        // `notify_all` woke every idle thread (at least 7) for each job, and
-        // every journal flush is one job: measured, the seven-thread wake-up
-        // was ~0.5 ms of CPU per deployment. See ../../README.md.
-        self.cv.notify_one();
+        self.cv.notify_all();
 
         len
     }
