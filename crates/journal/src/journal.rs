@@ -172,6 +172,22 @@ fn is_checkpoint(event: &Event) -> bool {
     matches!(event, Event::Started { .. } | Event::Finished { .. } | Event::Abandoned { .. })
 }
 
+/// The records of `id` with a sequence number above `after`, in order,
+/// with their sequence numbers.
+fn records_after(records: &sled::Tree, id: &[u8], after: u64) -> impl Iterator<Item = Result<(u64, Record), Error>> {
+    records.scan_prefix(record_prefix(id)).filter_map(move |kv| {
+        let read = || {
+            let (k, v) = kv?;
+            let (_, seq) = record_seq(&k)?;
+            if seq <= after {
+                return Ok(None);
+            }
+            Ok(Some((seq, decode("record", &k, &v)?)))
+        };
+        read().transpose()
+    })
+}
+
 impl Entry {
     fn empty(at: Timestamp) -> Entry {
         Entry {
@@ -343,45 +359,33 @@ fn reconcile(records: &sled::Tree, index: &sled::Tree) -> Result<(usize, u64), E
 /// `Ok(true)` if its entry was rewritten.
 fn repair(records: &sled::Tree, index: &sled::Tree, id_bytes: &[u8], max_seq: u64) -> Result<bool, Error> {
     let old: Option<Entry> = index.get(id_bytes)?.map(|v| decode("index entry", id_bytes, &v)).transpose()?;
-    let (mut entry, after) = match old {
+    let (mut entry, after, behind) = match old {
         Some(e) if e.last_seq == max_seq => return Ok(false),
         Some(e) if e.last_seq < max_seq => {
             let after = e.last_seq;
-            let mut behind_checkpoint = false;
-            for kv in records.scan_prefix(record_prefix(id_bytes)) {
-                let (k, v) = kv?;
-                if record_seq(&k)?.1 > after && is_checkpoint(&decode::<Record>("record", &k, &v)?.event) {
-                    behind_checkpoint = true;
-                    break;
-                }
-            }
-            if !behind_checkpoint {
-                return Ok(false);
-            }
-            (e, after)
+            (e, after, true)
         }
         Some(e) => {
             // Ahead of its records: rebuilt, keeping what gc decided.
             let mut fresh = Entry::empty(e.started_at);
             fresh.records_pruned = e.records_pruned;
-            (fresh, 0)
+            (fresh, 0, false)
         }
-        None => (Entry::empty(Timestamp(0)), 0),
+        None => (Entry::empty(Timestamp(0)), 0, false),
     };
+    let tail = records_after(records, id_bytes, after).collect::<Result<Vec<_>, _>>()?;
+    // Behind step records only: how an in-flight entry normally is.
+    if behind && !tail.iter().any(|(_, rec)| is_checkpoint(&rec.event)) {
+        return Ok(false);
+    }
     let mut first = after == 0;
-    for kv in records.scan_prefix(record_prefix(id_bytes)) {
-        let (k, v) = kv?;
-        let (_, seq) = record_seq(&k)?;
-        if seq <= after {
-            continue;
-        }
-        let rec: Record = decode("record", &k, &v)?;
+    for (seq, rec) in &tail {
         if first {
             entry.started_at = rec.at;
             entry.updated_at = rec.at;
             first = false;
         }
-        entry.apply(&rec, seq);
+        entry.apply(rec, *seq);
     }
     index.insert(id_bytes, encode("index entry", &entry)?)?;
     Ok(true)
@@ -586,12 +590,9 @@ impl SledJournal {
         if e.state != DeploymentState::InFlight {
             return Ok(Some(e));
         }
-        for kv in self.records.scan_prefix(record_prefix(deployment_id)) {
-            let (k, v) = kv?;
-            let (_, seq) = record_seq(&k)?;
-            if seq > e.last_seq {
-                e.apply(&decode("record", &k, &v)?, seq);
-            }
+        for r in records_after(&self.records, deployment_id.as_bytes(), e.last_seq) {
+            let (seq, rec) = r?;
+            e.apply(&rec, seq);
         }
         Ok(Some(e))
     }
