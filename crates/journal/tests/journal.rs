@@ -60,6 +60,22 @@ fn append_sync(j: &SledJournal, id: &str, rec: &Record) -> u64 {
     seq
 }
 
+/// A journal at `path` holding `id`'s `Started`, then (written into sled
+/// directly, behind the journal's back) a `Recovering` record at `seq` whose
+/// value carries format `version`.
+fn with_raw_record(path: &Path, id: &str, seq: u64, version: u8) {
+    let j = open(path);
+    append_sync(&j, id, &started(id, 1));
+    j.close().unwrap();
+    let db = sled::open(path).unwrap();
+    let mut key = format!("{id}\0").into_bytes();
+    key.extend_from_slice(&seq.to_be_bytes());
+    let mut v = vec![version];
+    v.extend_from_slice(br#"{"at":2,"event":{"type":"recovering"}}"#);
+    db.open_tree("records").unwrap().insert(key, v).unwrap();
+    db.flush().unwrap();
+}
+
 fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -400,20 +416,7 @@ fn only_checkpoints_rewrite_the_index_and_reads_apply_the_rest() {
 fn a_record_at_the_last_sequence_number_fails_the_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
-    {
-        let j = open(&path);
-        append_sync(&j, "d-max", &started("d-max", 1));
-        j.close().unwrap();
-    }
-    {
-        let db = sled::open(&path).unwrap();
-        let mut key = b"d-max\0".to_vec();
-        key.extend_from_slice(&u64::MAX.to_be_bytes());
-        let mut v = vec![1u8];
-        v.extend_from_slice(br#"{"at":2,"event":{"type":"recovering"}}"#);
-        db.open_tree("records").unwrap().insert(key, v).unwrap();
-        db.flush().unwrap();
-    }
+    with_raw_record(&path, "d-max", u64::MAX, 1);
     match SledJournal::open(&path, JournalOptions::default()) {
         Err(e @ JournalOpenError::Corrupt { .. }) => assert!(e.to_string().contains("sequence"), "{e}"),
         other => panic!("{other:?}"),
@@ -482,20 +485,7 @@ fn future_format_version_is_refused() {
 fn record_with_unknown_version_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
-    {
-        let j = open(&path);
-        append_sync(&j, "d-v", &started("d-v", 1));
-        j.close().unwrap();
-    }
-    {
-        let db = sled::open(&path).unwrap();
-        let mut key = b"d-v\0".to_vec();
-        key.extend_from_slice(&1_000_000u64.to_be_bytes());
-        let mut v = vec![7u8];
-        v.extend_from_slice(br#"{"at":2,"event":{"type":"recovering"}}"#);
-        db.open_tree("records").unwrap().insert(key, v).unwrap();
-        db.flush().unwrap();
-    }
+    with_raw_record(&path, "d-v", 1_000_000, 7);
     let j = open(&path);
     let err = j.records("d-v").unwrap_err();
     assert!(matches!(err, Error::UnknownVersion { found: 7, supported: 1, .. }), "{err:?}");
