@@ -9,6 +9,14 @@ use openssh_sftp_client::error::SftpErrorKind;
 
 /// Is this SFTP error a lost channel or master (as opposed to an answer
 /// from the server)? Such errors mark the connection dead.
+/// The first of `errors` that is a connection loss: of requests sent
+/// together, that one decides before any other failure.
+pub(crate) fn first_connection_loss<'e>(
+    errors: impl IntoIterator<Item = Option<&'e SftpError>>,
+) -> Option<&'e SftpError> {
+    errors.into_iter().flatten().find(|e| sftp_is_connection_loss(e))
+}
+
 pub(crate) fn sftp_is_connection_loss(e: &SftpError) -> bool {
     match e {
         SftpError::SftpError(..)

@@ -21,7 +21,7 @@ use futures_util::future::join_all;
 // OpenSSH's sftp-server (the server certdeploy requires: it needs its
 // posix-rename, fsync and hardlink extensions) handles all the requests of
 // a session one after the other. One round trip for several requests.
-use futures_util::future::{join as in_order2, join_all as in_order_all, join3 as in_order3};
+pub(crate) use futures_util::future::{join as in_order2, join_all as in_order_all, join3 as in_order3};
 use futures_util::stream::StreamExt as _;
 use openssh_sftp_client::error::SftpErrorKind;
 use openssh_sftp_client::file::File;
@@ -29,7 +29,7 @@ use openssh_sftp_client::fs::Fs;
 use openssh_sftp_client::metadata::{MetaData, MetaDataBuilder, Permissions};
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind, shell_quote};
+use crate::error::{first_connection_loss, is_no_such_file, sftp_is_connection_loss, sftp_kind, shell_quote};
 use crate::pool::{ExecFailure, HostAddr, Lease, SshPool};
 
 /// Bound on one SFTP step (snapshot, write, restore, ...): a stalled
@@ -226,10 +226,7 @@ impl<'a> SshHost<'a> {
             lease.sftp().options().write(true).create_new(true).open(p(&staged)),
         )
         .await;
-        let lost = [made.as_ref().err(), chmod.as_ref().err(), opened.as_ref().err()]
-            .into_iter()
-            .flatten()
-            .find(|e| sftp_is_connection_loss(e))
+        let lost = first_connection_loss([made.as_ref().err(), chmod.as_ref().err(), opened.as_ref().err()])
             .map(|e| lease.sftp_err("create temp file", &staged, e));
         if let Some(e) = lost {
             return Err(e);
@@ -399,10 +396,7 @@ impl<'a> SshHost<'a> {
         let (stat, linked, opened) =
             in_order3(fs1.symlink_metadata(p(live)), fs2.hard_link(p(live), p(&backup)), lease.sftp().open(p(&backup)))
                 .await;
-        let lost = [stat.as_ref().err(), linked.as_ref().err(), opened.as_ref().err()]
-            .into_iter()
-            .flatten()
-            .find(|e| sftp_is_connection_loss(e))
+        let lost = first_connection_loss([stat.as_ref().err(), linked.as_ref().err(), opened.as_ref().err()])
             .map(|e| lease.sftp_err("snapshot", live, e));
         if let Some(e) = lost {
             return Err(e);

@@ -17,11 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use certdeploy_core::StepError;
-use futures_util::future::join;
 use openssh_sftp_client::metadata::Permissions;
 
 use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind};
-use crate::host::{SshHost, p};
+use crate::host::{SshHost, in_order2, p};
 use crate::pool::Lease;
 use openssh_sftp_client::error::SftpErrorKind;
 
@@ -75,7 +74,7 @@ impl SshHost<'_> {
     /// Write `bytes` to a fresh temp file next to `path`, mode 0600 before
     /// any byte (fsynced if `durable`): the create, then `[chmod, write,
     /// fsync, fstat]` in one round trip (handled in this order, see
-    /// `host.rs`; the fstat only with `clock`). Returns its name and, with
+    /// `in_order2`; the fstat only with `clock`). Returns its name and, with
     /// `clock`, its mtime in host seconds (the host's clock). The handle
     /// closes when dropped.
     async fn lock_temp(
@@ -105,7 +104,8 @@ impl SshHost<'_> {
             }
         };
         let ((chmod, wrote), (synced, now)) =
-            join(join(a.set_permissions(Permissions::from(0o600u16)), b.write(bytes)), join(sync, stat)).await;
+            in_order2(in_order2(a.set_permissions(Permissions::from(0o600u16)), b.write(bytes)), in_order2(sync, stat))
+                .await;
         let r = async {
             chmod?;
             let n = wrote?;
@@ -149,7 +149,7 @@ impl SshHost<'_> {
             for _ in 0..3 {
                 let (temp, host_now) = self.lock_temp(&lease, path, bytes, false, true).await?;
                 let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
-                let (linked, _) = join(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))).await;
+                let (linked, _) = in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))).await;
                 let e = match linked {
                     Ok(()) => return Ok(Created { created: true, host_now: 0 }),
                     Err(e) if sftp_is_connection_loss(&e) => return Err(lease.sftp_err("create lock", path, &e)),
@@ -208,7 +208,7 @@ impl SshHost<'_> {
             // dropped.
             let r = async {
                 let mut g = f.clone();
-                let (meta, first) = join(g.metadata(), f.read(64 * 1024, Default::default())).await;
+                let (meta, first) = in_order2(g.metadata(), f.read(64 * 1024, Default::default())).await;
                 let meta = meta?;
                 let mut bytes = Vec::new();
                 let mut chunk = first?;
