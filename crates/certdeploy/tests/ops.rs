@@ -261,23 +261,17 @@ fn journal_and_check_commands() {
         .unwrap();
     let in_tmp = |args: &[&str]| {
         let tmp = tempfile::tempdir().unwrap();
-        let out = Command::new(BIN)
-            .env("TMPDIR", tmp.path())
-            .arg("--config")
-            .arg(&own_dir)
-            .args(args)
-            .output()
-            .expect("run certdeploy");
+        let (code, out, _) = run_env(&own_dir, args, &[("TMPDIR", tmp.path())]);
         let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), left)
+        (code, out, left)
     };
     let (code, out, left) = in_tmp(&["check", "--target", "t0"]);
-    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(out.contains("[ok]") && !out.contains("[FAIL]"), "{out}");
     assert!(left.is_empty(), "check left {left:?} in TMPDIR");
     let b2 = ca.leaf("j.example", 0);
     let (code, out, left) = in_tmp(&strs(&deploy_args(fleet.tmp.path(), "t0", "j-2", &b2, false, false)));
-    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(left.is_empty(), "deploy left {left:?} in TMPDIR");
     let (code, _, err) = run(&cfg, &["check", "--target", "nope"]);
     assert_eq!(code, 2, "{err}");

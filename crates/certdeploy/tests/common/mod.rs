@@ -246,7 +246,18 @@ pub fn tail(s: &str, lines: usize) -> String {
 
 /// Run the binary to completion: (exit code, stdout, stderr).
 pub fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).arg("--config").arg(config).args(args).output().expect("run certdeploy");
+    run_env(config, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_env(config: &Path, args: &[&str], env: &[(&str, &Path)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .envs(env.iter().copied())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run certdeploy");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
