@@ -6,7 +6,6 @@
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod hostlock;
 pub mod intake;
 pub mod metrics;
 pub mod verify;

@@ -99,8 +99,14 @@ impl Verifier for TlsVerifier {
     }
 }
 
-/// Wall-clock time and tokio sleeps.
+/// Wall-clock time and tokio sleeps; the monotonic clock is `Instant`
+/// (CLOCK_MONOTONIC), counted from the first use in this process.
 pub struct SystemClock;
+
+fn mono_anchor() -> std::time::Instant {
+    static ANCHOR: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *ANCHOR.get_or_init(std::time::Instant::now)
+}
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
@@ -111,6 +117,12 @@ impl Clock for SystemClock {
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
+    }
+    fn mono_ms(&self) -> u64 {
+        mono_anchor().elapsed().as_millis() as u64
+    }
+    async fn sleep_mono_until(&self, ms: u64) {
+        tokio::time::sleep_until((mono_anchor() + Duration::from_millis(ms)).into()).await;
     }
 }
 

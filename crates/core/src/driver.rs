@@ -11,6 +11,7 @@
 use std::future::Future;
 
 use crate::event::*;
+use crate::lock::{Created, Held, LockFile};
 use crate::machine::*;
 use crate::model::*;
 
@@ -49,6 +50,43 @@ pub trait Host: Send + Sync {
         live_paths: &[String],
         keep: u32,
     ) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// `exec`, but in the same remote command first check that the lock
+    /// file at `guard.lock_path` still holds `guard.token`; if it does not,
+    /// run nothing and fail with [`ErrorKind::LockLost`].
+    fn exec_guarded(
+        &self,
+        command: &str,
+        timeout_ms: u64,
+        guard: &ExecGuard,
+    ) -> impl Future<Output = Result<ExecResult, StepError>> + Send;
+
+    // The target lock's file operations. They move whole small files
+    // atomically and report the host's own clock, so that no two workers'
+    // clocks are ever compared. Each is bounded by a timeout.
+
+    /// Create `path` with `bytes` (mode 0600, content complete from the
+    /// first instant) unless it exists; then nothing changes.
+    fn lock_create(&self, path: &str, bytes: &[u8]) -> impl Future<Output = Result<Created, StepError>> + Send;
+    /// Replace `path` (present or not) with `bytes`, atomically, fsyncing
+    /// the content first if `durable`. Returns the host's clock (whole
+    /// seconds) as the new file's mtime.
+    fn lock_replace(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        durable: bool,
+    ) -> impl Future<Output = Result<u64, StepError>> + Send;
+    /// Content and mtime, `None` when there is no such file.
+    fn lock_read(&self, path: &str) -> impl Future<Output = Result<Option<LockFile>, StepError>> + Send;
+    /// Remove `path`; a missing file is fine.
+    fn lock_remove(&self, path: &str) -> impl Future<Output = Result<(), StepError>> + Send;
+    /// Remove the temp files of lock writes next to `lock` (names for
+    /// which [`crate::lock::is_lock_temp`] holds) whose mtime is before
+    /// `before` (host seconds). Returns how many went.
+    fn lock_sweep(&self, lock: &str, before: u64) -> impl Future<Output = Result<u32, StepError>> + Send;
+    /// The path with every symlink resolved.
+    fn resolve_path(&self, path: &str) -> impl Future<Output = Result<String, StepError>> + Send;
 }
 
 /// What `Host::snapshot` found at one path.
@@ -85,8 +123,18 @@ pub trait Journal: Send + Sync {
 }
 
 pub trait Clock: Send + Sync {
+    /// Wall-clock time (journal records, deadlines).
     fn now(&self) -> Timestamp;
     fn sleep_until(&self, t: Timestamp) -> impl Future<Output = ()> + Send;
+    /// A monotonic clock in ms (the holder's side of a lock lease): never
+    /// steps, counts on while the process is paused. The default is the
+    /// wall clock, for clocks that never step (tests).
+    fn mono_ms(&self) -> u64 {
+        self.now().0
+    }
+    fn sleep_mono_until(&self, ms: u64) -> impl Future<Output = ()> + Send {
+        self.sleep_until(Timestamp(ms))
+    }
 }
 
 /// Everything a deployment runs against.
@@ -107,6 +155,8 @@ pub enum DriveError {
     Core(#[from] CoreError),
     #[error("no content for {0} in this process (a recovered attempt never writes)")]
     MissingPayload(Role),
+    #[error("target lock: {0}")]
+    Lock(StepError),
 }
 
 macro_rules! failpoint {
@@ -122,10 +172,21 @@ pub async fn start<H: Host, V: Verifier, J: Journal, C: Clock>(
     plan: Plan,
     payload: &Payload,
 ) -> Result<Terminal, DriveError> {
+    start_locked(env, plan, payload, None).await
+}
+
+/// [`start`] for an attempt holding the target lock `lock`.
+pub async fn start_locked<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    plan: Plan,
+    payload: &Payload,
+    lock: Option<&Held>,
+) -> Result<Terminal, DriveError> {
     let at = env.clock.now();
+    let key = plan.deployment_id.clone();
     let rec = Record { at, event: Event::Started { plan: plan.clone() } };
-    record(env, &plan.deployment_id, &rec).await?;
-    run(env, Deployment::start(plan, at), Some(payload)).await
+    record(env, &key, &rec).await?;
+    run_keyed(env, &key, Deployment::start(plan, at), Some(payload), lock).await
 }
 
 /// Resume an interrupted attempt from its journal records.
@@ -137,7 +198,11 @@ pub async fn resume<H: Host, V: Verifier, J: Journal, C: Clock>(
     run(env, dep, None).await
 }
 
-async fn record<H, V, J: Journal, C>(env: &Env<'_, H, V, J, C>, id: &str, rec: &Record) -> Result<(), DriveError> {
+pub(crate) async fn record<H, V, J: Journal, C>(
+    env: &Env<'_, H, V, J, C>,
+    id: &str,
+    rec: &Record,
+) -> Result<(), DriveError> {
     failpoint!("before_journal_append");
     let seq = env.journal.append(id, rec)?;
     failpoint!("after_journal_append");
@@ -149,26 +214,56 @@ async fn record<H, V, J: Journal, C>(env: &Env<'_, H, V, J, C>, id: &str, rec: &
 /// Drive a deployment until it reaches a terminal state.
 pub async fn run<H: Host, V: Verifier, J: Journal, C: Clock>(
     env: &Env<'_, H, V, J, C>,
-    mut dep: Deployment,
+    dep: Deployment,
     payload: Option<&Payload>,
 ) -> Result<Terminal, DriveError> {
-    let id = dep.plan().deployment_id.clone();
+    let key = dep.plan().deployment_id.clone();
+    run_keyed(env, &key, dep, payload, None).await
+}
+
+/// [`run`] with the journal key given (a takeover's rollback is journaled
+/// under its own key) and, for an attempt that holds the target lock,
+/// that lock: the machine's `LockPhase` actions rewrite it. The caller
+/// races this against the lock's [`Held::watch`].
+pub async fn run_keyed<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    key: &str,
+    mut dep: Deployment,
+    payload: Option<&Payload>,
+    lock: Option<&Held>,
+) -> Result<Terminal, DriveError> {
     loop {
         let now = env.clock.now();
         match dep.next(now) {
             Next::Done(t) => return Ok(t),
             Next::Wait(t) => env.clock.sleep_until(t).await,
             Next::Record(event) => {
-                tracing::debug!(deployment_id = %id, event = event_name(&event), "journal");
+                tracing::debug!(deployment_id = %key, event = event_name(&event), "journal");
+                #[cfg(feature = "testkit")]
+                if let Some(l) = lock
+                    && event.is_terminal()
+                    && l.planted() == crate::lock::Planted::ReleaseBeforeTerminalDurable
+                {
+                    let _ = l.release(env.host, env.clock).await;
+                }
                 let rec = Record { at: now, event };
-                record(env, &id, &rec).await?;
+                record(env, key, &rec).await?;
                 dep.apply(&rec)?;
             }
             Next::Perform(action) => {
-                let events = perform(env, &action, payload).await?;
+                // The fence: no host operation starts once the lease has
+                // run out by this worker's own clock.
+                let events = match lock {
+                    Some(l) if !l.valid(env.clock.mono_ms()) => vec![Event::StepFailed {
+                        step: Step::Lock,
+                        role: None,
+                        error: StepError::lock_lost(format!("target lock {} is no longer ours", l.path())),
+                    }],
+                    _ => perform(env, &action, payload, lock).await?,
+                };
                 for event in events {
                     let rec = Record { at: env.clock.now(), event };
-                    env.journal.append(&id, &rec)?;
+                    env.journal.append(key, &rec)?;
                     dep.apply(&rec)?;
                 }
             }
@@ -190,6 +285,7 @@ pub fn event_name(e: &Event) -> &'static str {
         Event::Restored { .. } => "restored",
         Event::BackupsRemoved { .. } => "backups_removed",
         Event::Pruned { .. } => "pruned",
+        Event::LockPhase { .. } => "lock_phase",
         Event::StepFailed { .. } => "step_failed",
         Event::GaveUp { .. } => "gave_up",
         Event::Finished { .. } => "finished",
@@ -201,6 +297,7 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
     env: &Env<'_, H, V, J, C>,
     action: &Action,
     payload: Option<&Payload>,
+    lock: Option<&Held>,
 ) -> Result<Vec<Event>, DriveError> {
     let events = match action {
         Action::Snapshot { deployment_id, files } => {
@@ -244,9 +341,12 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
                 .collect();
             successes_then_one_failure(events)
         }
-        Action::Exec { step, command, timeout_ms } => {
+        Action::Exec { step, command, timeout_ms, guard } => {
             failpoint!(exec_fp(*step, true));
-            let r = env.host.exec(command, *timeout_ms).await;
+            let r = match guard {
+                Some(g) => env.host.exec_guarded(command, *timeout_ms, g).await,
+                None => env.host.exec(command, *timeout_ms).await,
+            };
             failpoint!(exec_fp(*step, false));
             vec![match r {
                 Ok(result) => Event::Executed { step: *step, result },
@@ -287,6 +387,22 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
             let r = env.host.prune(deployment_id, live_paths, *keep).await;
             failpoint!("after_prune");
             vec![Event::Pruned { error: r.err().map(|e| e.message) }]
+        }
+        Action::LockPhase { phase, snapshots } => {
+            let r = match lock {
+                Some(l) => {
+                    l.rewrite(env.host, env.clock, |rec| {
+                        rec.phase = *phase;
+                        rec.snapshots = snapshots.clone();
+                    })
+                    .await
+                }
+                None => Err(StepError::lock_lost("this attempt holds no target lock")),
+            };
+            vec![match r {
+                Ok(()) => Event::LockPhase { phase: *phase },
+                Err(error) => Event::StepFailed { step: Step::Lock, role: None, error },
+            }]
         }
     };
     Ok(events)

@@ -29,6 +29,8 @@ pub enum Step {
     VerifyOriginal,
     Cleanup,
     Commit,
+    /// Taking or rewriting the target lock.
+    Lock,
 }
 
 impl Step {
@@ -44,6 +46,7 @@ impl Step {
             Step::VerifyOriginal => "verify_original",
             Step::Cleanup => "cleanup",
             Step::Commit => "commit",
+            Step::Lock => "lock",
         }
     }
 }
@@ -62,6 +65,9 @@ pub enum ErrorKind {
     Transient,
     /// Host key, auth, permission denied, missing extension, bad path.
     Permanent,
+    /// The target lock is no longer this attempt's (lease ran out, taken
+    /// over): the attempt stops touching the host at once.
+    LockLost,
 }
 
 /// A failed remote operation. The message must never hold key bytes.
@@ -78,8 +84,14 @@ impl StepError {
     pub fn permanent(message: impl Into<String>) -> Self {
         StepError { kind: ErrorKind::Permanent, message: message.into() }
     }
+    pub fn lock_lost(message: impl Into<String>) -> Self {
+        StepError { kind: ErrorKind::LockLost, message: message.into() }
+    }
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
+    }
+    pub fn is_lock_lost(&self) -> bool {
+        self.kind == ErrorKind::LockLost
     }
 }
 
@@ -257,7 +269,7 @@ pub enum Event {
     /// A process resumed this attempt from the journal after a crash.
     Recovering,
     /// Right after `Started`: this attempt is another worker's interrupted
-    /// deployment, found through an expired target lock (issue 10). Its
+    /// deployment, found through an expired target lock. Its
     /// snapshots come from that lock; writes and a reload may have happened,
     /// so the fold goes straight to the rollback (restore, retry-reload) and
     /// then ends `Abandoned` like a recovered attempt.
@@ -299,6 +311,10 @@ pub enum Event {
     BackupsRemoved {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+    },
+    /// The target lock now states `phase` (see `Action::LockPhase`).
+    LockPhase {
+        phase: crate::lock::LockPhase,
     },
     /// Old backups beyond retention pruned (errors are reported, not fatal).
     Pruned {

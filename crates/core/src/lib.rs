@@ -5,8 +5,10 @@
 //! runtime; hosts, journals, verifiers and clocks are passed in.
 #![forbid(unsafe_code)]
 
+pub mod attempt;
 pub mod driver;
 pub mod event;
+pub mod lock;
 pub mod machine;
 pub mod model;
 pub mod wire;

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::event::*;
+use crate::lock::LockPhase;
 use crate::model::*;
 
 /// What the driver must do next.
@@ -64,8 +65,10 @@ pub enum Action {
     /// Atomic writes (temp, mode, content, fsync, posix-rename). Results:
     /// `Written` or `StepFailed{Write}` per role.
     Write { deployment_id: String, files: Vec<WriteRequest> },
-    /// Run a configured command. Result: `Executed` or `StepFailed`.
-    Exec { step: Step, command: String, timeout_ms: u64 },
+    /// Run a configured command; with a `guard`, only if the target lock
+    /// still holds this attempt's token, checked in the same remote
+    /// command. Result: `Executed` or `StepFailed`.
+    Exec { step: Step, command: String, timeout_ms: u64, guard: Option<ExecGuard> },
     /// TLS handshake; compare the served leaf. Result: `Verified`.
     Verify { step: Step, endpoint: String, sni: Option<String>, expected: Digest },
     /// Put the pre-deploy state back. Results: `Restored` or `StepFailed{Restore}` per role.
@@ -76,6 +79,20 @@ pub enum Action {
     /// Remove backups of these live paths beyond `keep`, never this
     /// attempt's own. Result: `Pruned`.
     Prune { deployment_id: String, live_paths: Vec<String>, keep: u32 },
+    /// Rewrite the target lock this attempt holds with `phase` (and the
+    /// snapshots a taker would roll back from), durably, before the side
+    /// effects that phase announces: `writing` before the first write,
+    /// `committing` before the commit's prune. Result: `LockPhase` or
+    /// `StepFailed{Lock}`.
+    LockPhase { phase: LockPhase, snapshots: Vec<(Role, Snapshot)> },
+}
+
+/// What a guarded command checks first: the lock file at `lock_path`
+/// still holds `token`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecGuard {
+    pub lock_path: String,
+    pub token: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -152,6 +169,11 @@ pub struct Deployment {
     /// The rollback was started by recovery (not by a failure): when it
     /// succeeds, the attempt is abandoned instead of reported.
     abandon_after_rollback: bool,
+    /// The phase the target lock states (as far as this attempt wrote it).
+    lock_phase: LockPhase,
+    /// The target lock is no longer ours: journal `Abandoned`, touch
+    /// nothing more.
+    lock_lost: Option<String>,
     terminal: Option<Terminal>,
 }
 
@@ -198,6 +220,8 @@ impl Deployment {
             recovery_at: None,
             needs_mark: false,
             abandon_after_rollback: false,
+            lock_phase: LockPhase::Locked,
+            lock_lost: None,
             terminal: None,
         }
     }
@@ -275,6 +299,13 @@ impl Deployment {
         if self.needs_mark {
             return Next::Record(Event::Recovering);
         }
+        if let Some(why) = &self.lock_lost {
+            return Next::Record(Event::Abandoned {
+                reason: format!(
+                    "{why}; this worker stopped touching the host for this attempt, whose redelivery deploys afresh"
+                ),
+            });
+        }
         let id = &self.plan.deployment_id;
         let rollback = self.in_rollback();
         let limit = if rollback { self.rollback_deadline() } else { self.deadline() };
@@ -333,6 +364,9 @@ impl Deployment {
                     }
                     return Next::Record(Event::Begun { step: Step::Write });
                 }
+                if let Some(a) = self.lock_rewrite(LockPhase::Writing) {
+                    return Next::Perform(a);
+                }
                 let files = self
                     .plan
                     .files
@@ -346,6 +380,7 @@ impl Deployment {
                 step: Step::Validate,
                 command: self.plan.validate_command.clone().unwrap_or_default(),
                 timeout_ms: self.plan.policy.exec_timeout_ms,
+                guard: self.guard(),
             }),
             Phase::Reload => {
                 if !self.begun.contains(&Step::Reload) {
@@ -355,6 +390,7 @@ impl Deployment {
                     step: Step::Reload,
                     command: self.plan.reload_command.clone(),
                     timeout_ms: self.plan.policy.exec_timeout_ms,
+                    guard: self.guard(),
                 })
             }
             Phase::Verify | Phase::VerifyOriginal => {
@@ -409,6 +445,9 @@ impl Deployment {
                 if !self.begun.contains(&Step::Commit) {
                     return Next::Record(Event::Begun { step: Step::Commit });
                 }
+                if let Some(a) = self.lock_rewrite(LockPhase::Committing) {
+                    return Next::Perform(a);
+                }
                 Next::Perform(Action::Prune {
                     deployment_id: id.clone(),
                     live_paths: self.plan.files.iter().map(|f| self.live_path(f.role)).collect(),
@@ -442,6 +481,7 @@ impl Deployment {
                     step: Step::RetryReload,
                     command: self.plan.reload_command.clone(),
                     timeout_ms: self.plan.policy.exec_timeout_ms,
+                    guard: self.guard(),
                 })
             }
             Phase::Finishing(outcome) => {
@@ -457,6 +497,21 @@ impl Deployment {
             }
             Phase::Done => unreachable!("Done always has a terminal"),
         }
+    }
+
+    /// The lock rewrite to ask for before the side effects of `phase`, if
+    /// this attempt holds a target lock that does not state it yet.
+    fn lock_rewrite(&self, phase: LockPhase) -> Option<Action> {
+        if self.plan.lock.is_none() || self.lock_phase == phase {
+            return None;
+        }
+        let snapshots = self.snaps.iter().map(|(r, s)| (*r, s.clone())).collect();
+        Some(Action::LockPhase { phase, snapshots })
+    }
+
+    fn guard(&self) -> Option<ExecGuard> {
+        let token = self.plan.lock.clone()?;
+        Some(ExecGuard { lock_path: self.plan.lock_path()?, token })
     }
 
     fn current_step(&self) -> Step {
@@ -608,7 +663,20 @@ impl Deployment {
                     "taken over by another worker, which rolled the host back",
                 );
                 self.abandon_after_rollback = true;
+                // The taker's lock inherited the dead holder's `writing`.
+                self.lock_phase = LockPhase::Writing;
                 self.start_rollback();
+            }
+            Event::LockPhase { phase } => {
+                let ok = matches!(
+                    (phase, &self.phase),
+                    (LockPhase::Writing, Phase::Write) | (LockPhase::Committing, Phase::Commit)
+                );
+                if !ok || self.plan.lock.is_none() {
+                    return Err(self.unexpected(&record.event));
+                }
+                self.lock_phase = *phase;
+                self.wait_until = None;
             }
             Event::Begun { step } => {
                 let ok = matches!(
@@ -733,6 +801,10 @@ impl Deployment {
                 self.prune_error = error.clone();
                 self.phase = Phase::Finishing(Outcome::Deployed);
             }
+            Event::StepFailed { error, .. } if error.is_lock_lost() => {
+                self.wait_until = None;
+                self.lock_lost = Some(error.message.clone());
+            }
             Event::StepFailed { step, role, error } => self.apply_failure(*step, *role, error, &record.event)?,
             Event::GaveUp { step, reason } => self.apply_gave_up(*step, reason, &record.event)?,
             Event::Finished { report } => {
@@ -774,6 +846,14 @@ impl Deployment {
                 } else {
                     let w = where_(self);
                     self.fail(step, format!("{w} failed"), error.message.clone());
+                    self.start_rollback();
+                }
+            }
+            (Step::Lock, Phase::Write | Phase::Commit) => {
+                if error.is_transient() {
+                    self.transient(step, error);
+                } else {
+                    self.fail(step, "recording the deployment in the target lock failed", error.message.clone());
                     self.start_rollback();
                 }
             }
@@ -831,6 +911,11 @@ impl Deployment {
             }
             Phase::Write | Phase::Validate | Phase::Reload => {
                 self.fail(step, format!("{step} gave up"), reason);
+                self.start_rollback();
+            }
+            // Deployed, but the target lock cannot say so: not committed.
+            Phase::Commit => {
+                self.fail(step, "recording the commit in the target lock gave up", reason);
                 self.start_rollback();
             }
             Phase::Verify => {

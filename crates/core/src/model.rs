@@ -280,9 +280,9 @@ pub struct Plan {
     /// notBefore (unix s) of the incoming leaf, for supersede protection.
     pub new_not_before: Option<i64>,
     pub policy: Policy,
-    /// The token of the target lock this attempt holds on the host (issue
-    /// 10): journaled with `Started` so that a restarted worker knows
-    /// whether the lock is still its own. `None` for journals written
+    /// The token of the target lock this attempt holds on the host:
+    /// journaled with `Started` so that a restarted worker knows whether
+    /// the lock is still its own. `None` for journals written
     /// before host locks existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock: Option<String>,
@@ -294,6 +294,15 @@ impl Plan {
     }
     pub fn roles(&self) -> impl Iterator<Item = Role> + '_ {
         self.files.iter().map(|f| f.role)
+    }
+    /// The configured certificate path: what deployments are serialized
+    /// on, and where the target lock lives.
+    pub fn cert_path(&self) -> &str {
+        self.file(Role::Cert).or(self.files.first()).map(|f| f.path.as_str()).unwrap_or("")
+    }
+    /// The target lock's path, when this attempt holds one.
+    pub fn lock_path(&self) -> Option<String> {
+        self.lock.as_ref().map(|_| crate::lock::lock_path(self.cert_path()))
     }
 }
 

@@ -16,6 +16,7 @@ use std::task::{Context, Poll, Waker};
 
 use crate::driver::{Clock, Host, Journal, JournalError, Snapped, Verifier};
 use crate::event::*;
+use crate::lock::{Created, LockFile, LockRecord, Parsed};
 use crate::machine::*;
 use crate::model::*;
 
@@ -141,6 +142,8 @@ pub struct World {
     pub now: u64,
     /// Violations of the write-ahead rule seen by the host.
     pub violations: Vec<String>,
+    /// Lock (and claim) files: content and mtime in host seconds (`now / 1000`).
+    pub lock_files: BTreeMap<String, (Vec<u8>, u64)>,
 }
 
 /// Shared handle to a [`World`].
@@ -508,6 +511,54 @@ impl Host for MemHost {
         drop(w);
         finish(crash_after);
         Ok(())
+    }
+
+    async fn exec_guarded(&self, command: &str, timeout_ms: u64, guard: &ExecGuard) -> Result<ExecResult, StepError> {
+        let holds = {
+            let w = self.0.world();
+            w.lock_files.get(&guard.lock_path).is_some_and(|(b, _)| {
+                matches!(LockRecord::parse(&guard.lock_path, b), Ok(Parsed::Lock(r)) if r.token == guard.token)
+            })
+        };
+        if !holds {
+            return Err(StepError::lock_lost(format!("target lock {} no longer holds this token", guard.lock_path)));
+        }
+        self.exec(command, timeout_ms).await
+    }
+
+    async fn lock_create(&self, path: &str, bytes: &[u8]) -> Result<Created, StepError> {
+        let mut w = self.0.world();
+        let host_now = w.now / 1000;
+        let created = !w.lock_files.contains_key(path);
+        if created {
+            w.lock_files.insert(path.to_string(), (bytes.to_vec(), host_now));
+        }
+        Ok(Created { created, host_now })
+    }
+
+    async fn lock_replace(&self, path: &str, bytes: &[u8], _durable: bool) -> Result<u64, StepError> {
+        let mut w = self.0.world();
+        let host_now = w.now / 1000;
+        w.lock_files.insert(path.to_string(), (bytes.to_vec(), host_now));
+        Ok(host_now)
+    }
+
+    async fn lock_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {
+        Ok(self.0.world().lock_files.get(path).map(|(b, m)| LockFile { bytes: b.clone(), mtime: *m }))
+    }
+
+    async fn lock_remove(&self, path: &str) -> Result<(), StepError> {
+        self.0.world().lock_files.remove(path);
+        Ok(())
+    }
+
+    async fn lock_sweep(&self, _lock: &str, _before: u64) -> Result<u32, StepError> {
+        // Lock writes here are atomic: they leave no temp files.
+        Ok(0)
+    }
+
+    async fn resolve_path(&self, path: &str) -> Result<String, StepError> {
+        Ok(self.0.world().resolve(path))
     }
 
     async fn prune(&self, deployment_id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {

@@ -24,6 +24,8 @@ const RECORDS: &str = "records";
 const INDEX: &str = "deployments";
 const META: &str = "meta";
 const FORMAT_KEY: &str = "format_version";
+/// A random id created with the journal: names it in target locks.
+const ID_KEY: &str = "journal_id";
 
 /// What a completed `sync` guarantees; see the crate documentation.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -268,6 +270,7 @@ pub struct SledJournal {
     next_seq: Mutex<u64>,
     flusher: Mutex<Option<JoinHandle<()>>>,
     _lock: File,
+    id: String,
 }
 
 impl std::fmt::Debug for SledJournal {
@@ -428,6 +431,18 @@ impl SledJournal {
                 meta.insert(FORMAT_KEY, &[FORMAT_VERSION]).map_err(sled_err(path))?;
             }
         }
+        let id = match meta.get(ID_KEY).map_err(sled_err(path))? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => {
+                let id = random_id().map_err(|source| JournalOpenError::Io {
+                    path: path.to_path_buf(),
+                    action: "reading /dev/urandom for the journal id",
+                    source,
+                })?;
+                meta.insert(ID_KEY, id.as_bytes()).map_err(sled_err(path))?;
+                id
+            }
+        };
         db.flush().map_err(sled_err(path))?;
 
         let corrupt = |e: Error| match e {
@@ -478,7 +493,14 @@ impl SledJournal {
             next_seq: Mutex::new(last_seq + 1),
             flusher: Mutex::new(Some(flusher)),
             _lock: lock_file,
+            id,
         })
+    }
+
+    /// The journal's random id, created with it (128 bits, hex): unique
+    /// even for two workers with the same host name and journal path.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub fn path(&self) -> &Path {
@@ -776,4 +798,12 @@ impl Journal for SledJournal {
     async fn sync(&self, seq: u64) -> Result<(), JournalError> {
         self.sync_seq(seq).await.map_err(Into::into)
     }
+}
+
+/// 128 random bits from the kernel, in hex.
+fn random_id() -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }

@@ -829,7 +829,93 @@ impl<'a> SshHost<'a> {
     }
 }
 
+impl SshHost<'_> {
+    /// Run `command` (a shell script; `shown` names it in errors).
+    async fn exec_script(&self, command: &str, shown: &str, timeout_ms: u64) -> Result<ExecResult, StepError> {
+        let lease = self.pool.lease(&self.addr).await?;
+        let timeout = Duration::from_millis(timeout_ms);
+        // The deferred directory sync of the last write, in the same shell,
+        // silent (best effort, like `sync_dirs`), on its own line so that
+        // the command is parsed exactly as given.
+        let dirs = self.take_pending_sync();
+        let script = if dirs.is_empty() {
+            None
+        } else {
+            let mut s = sync_command(&dirs);
+            s.push_str(" >/dev/null 2>&1\n");
+            s.push_str(command);
+            Some(s)
+        };
+        match lease.exec(script.as_deref().unwrap_or(command), timeout).await {
+            Ok((exit_code, out, err)) => {
+                let mut s = String::from_utf8_lossy(&out).into_owned();
+                s.push_str(&String::from_utf8_lossy(&err));
+                Ok(ExecResult { exit_code, output: truncate_output(&s) })
+            }
+            Err(f) => {
+                // The sync may not have run: keep it for the next step.
+                self.pending_sync.lock().unwrap_or_else(|e| e.into_inner()).extend(dirs);
+                Err(self.exec_failure(f, &format!("command `{shown}`"), timeout))
+            }
+        }
+    }
+}
+
+/// Exit status and stderr marker of a guarded command whose lock check
+/// failed (nothing else ran).
+const LOCK_LOST_EXIT: i32 = 75;
+const LOCK_LOST_MARK: &str = "certdeploy: target lock lost";
+
+/// The shell prefix of a guarded command: run nothing unless the lock file
+/// still holds this token (the lock is compact JSON; tokens are made of
+/// deployment-id characters, `/` and hex).
+fn guard_prefix(guard: &ExecGuard) -> String {
+    let needle = format!("\"token\":\"{}\"", guard.token);
+    format!(
+        "grep -qF -e {} -- {} 2>/dev/null || {{ echo {} >&2; exit {LOCK_LOST_EXIT}; }}\n",
+        shell_quote(&needle),
+        shell_quote(&guard.lock_path),
+        shell_quote(LOCK_LOST_MARK)
+    )
+}
+
 impl Host for SshHost<'_> {
+    async fn exec_guarded(&self, command: &str, timeout_ms: u64, guard: &ExecGuard) -> Result<ExecResult, StepError> {
+        let script = format!("{}{command}", guard_prefix(guard));
+        let r = self.exec_script(&script, command, timeout_ms).await?;
+        if r.exit_code == Some(LOCK_LOST_EXIT) && r.output.trim() == LOCK_LOST_MARK {
+            return Err(StepError::lock_lost(format!(
+                "{}: the target lock {} no longer holds this deployment's token; `{command}` was not run",
+                self.addr, guard.lock_path
+            )));
+        }
+        Ok(r)
+    }
+
+    async fn lock_create(&self, path: &str, bytes: &[u8]) -> Result<certdeploy_core::lock::Created, StepError> {
+        self.lock_file_create(path, bytes).await
+    }
+
+    async fn lock_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<u64, StepError> {
+        self.lock_file_replace(path, bytes, durable).await
+    }
+
+    async fn lock_read(&self, path: &str) -> Result<Option<certdeploy_core::lock::LockFile>, StepError> {
+        self.lock_file_read(path).await
+    }
+
+    async fn lock_remove(&self, path: &str) -> Result<(), StepError> {
+        self.lock_file_remove(path).await
+    }
+
+    async fn lock_sweep(&self, lock: &str, before: u64) -> Result<u32, StepError> {
+        self.lock_file_sweep(lock, before).await
+    }
+
+    async fn resolve_path(&self, path: &str) -> Result<String, StepError> {
+        SshHost::resolve_path(self, path).await
+    }
+
     async fn snapshot(&self, deployment_id: &str, files: &[SnapshotRequest]) -> Vec<Result<Snapped, StepError>> {
         let lease = match self.lease().await {
             Ok(l) => l,
@@ -914,32 +1000,7 @@ impl Host for SshHost<'_> {
     }
 
     async fn exec(&self, command: &str, timeout_ms: u64) -> Result<ExecResult, StepError> {
-        let lease = self.pool.lease(&self.addr).await?;
-        let timeout = Duration::from_millis(timeout_ms);
-        // The deferred directory sync of the last write, in the same shell,
-        // silent (best effort, like `sync_dirs`), on its own line so that
-        // the command is parsed exactly as given.
-        let dirs = self.take_pending_sync();
-        let script = if dirs.is_empty() {
-            None
-        } else {
-            let mut s = sync_command(&dirs);
-            s.push_str(" >/dev/null 2>&1\n");
-            s.push_str(command);
-            Some(s)
-        };
-        match lease.exec(script.as_deref().unwrap_or(command), timeout).await {
-            Ok((exit_code, out, err)) => {
-                let mut s = String::from_utf8_lossy(&out).into_owned();
-                s.push_str(&String::from_utf8_lossy(&err));
-                Ok(ExecResult { exit_code, output: truncate_output(&s) })
-            }
-            Err(f) => {
-                // The sync may not have run: keep it for the next step.
-                self.pending_sync.lock().unwrap_or_else(|e| e.into_inner()).extend(dirs);
-                Err(self.exec_failure(f, &format!("command `{command}`"), timeout))
-            }
-        }
+        self.exec_script(command, command, timeout_ms).await
     }
 
     async fn restore(&self, deployment_id: &str, files: &[RestoreRequest]) -> Vec<Result<RestoreStatus, StepError>> {

@@ -20,5 +20,4 @@ mod pool;
 pub use check::{CheckLine, check};
 pub use error::shell_quote;
 pub use host::SshHost;
-pub use lock::{Created, LockFile};
 pub use pool::{HostAddr, SshConfig, SshPool};

@@ -1,14 +1,16 @@
-//! The file primitives of the cross-worker target lock (issue 10). The
-//! protocol itself (lease, claims, takeover) lives in the `certdeploy`
-//! crate; these only move whole small files atomically and report the
-//! host's own clock, so that no two workers' clocks are ever compared.
+//! The file primitives of the cross-worker target lock (the `Host`
+//! trait's `lock_*` operations). The protocol itself (lease, claims,
+//! takeover) lives in the core crate; these only move whole small files
+//! atomically and report the host's own clock, so that no two workers'
+//! clocks are ever compared.
 //!
-//! - [`SshHost::lock_create`]: exclusive creation with the full content in
-//!   place from the first instant (private temp file, then
-//!   `hardlink@openssh.com` to the name, which fails if the name exists).
-//! - [`SshHost::lock_replace`]: temp file, then `posix-rename` over the name.
-//! - [`SshHost::lock_read`]: content and mtime (whole seconds, host clock).
-//! - [`SshHost::lock_remove`]: remove, a missing file is fine.
+//! - create: exclusive creation with the full content in place from the
+//!   first instant (private temp file, then `hardlink@openssh.com` to the
+//!   name, which fails if the name exists).
+//! - replace: temp file, then `posix-rename` over the name.
+//! - read: content and mtime (whole seconds, host clock).
+//! - remove: remove, a missing file is fine.
+//! - sweep: remove the temp files a killed worker left, older than given.
 //!
 //! Every call is bounded by a timeout: a lease is only as good as the time
 //! its renewals take.
@@ -17,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use certdeploy_core::StepError;
+use certdeploy_core::lock::{Created, LockFile, is_lock_temp};
+use futures_util::stream::StreamExt as _;
 use openssh_sftp_client::metadata::Permissions;
 
 use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind};
@@ -32,27 +36,11 @@ const MAX_LOCK_BYTES: usize = 256 * 1024;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// A lock file as read: its content and its mtime in host seconds.
-#[derive(Clone, Debug)]
-pub struct LockFile {
-    pub bytes: Vec<u8>,
-    pub mtime: u64,
-}
-
-/// Result of [`SshHost::lock_create`]; when the lock exists, `host_now` is
-/// the mtime of the file this call just wrote (the host's clock, whole
-/// seconds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Created {
-    pub created: bool,
-    pub host_now: u64,
-}
-
 fn temp_name(path: &str) -> String {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    format!("{path}.tmp.{}.{n}.{nanos:x}", std::process::id())
+    format!("{path}{}{}.{n}.{nanos:x}", certdeploy_core::lock::LOCK_TEMP_MARK, std::process::id())
 }
 
 impl SshHost<'_> {
@@ -134,7 +122,7 @@ impl SshHost<'_> {
     /// Create `path` with `bytes` unless it exists (then nothing changes).
     /// `[hard link to path, remove the temp]` go out together after the
     /// temp is written; only a failed link needs a look at `path`.
-    pub async fn lock_create(&self, path: &str, bytes: &[u8]) -> Result<Created, StepError> {
+    pub(crate) async fn lock_file_create(&self, path: &str, bytes: &[u8]) -> Result<Created, StepError> {
         let lease = self.lease().await?;
         if !lease.sftp().support_hardlink() {
             return Err(StepError::permanent(format!(
@@ -151,7 +139,7 @@ impl SshHost<'_> {
                 let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
                 let (linked, _) = in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))).await;
                 let e = match linked {
-                    Ok(()) => return Ok(Created { created: true, host_now: 0 }),
+                    Ok(()) => return Ok(Created { created: true, host_now }),
                     Err(e) if sftp_is_connection_loss(&e) => return Err(lease.sftp_err("create lock", path, &e)),
                     Err(e) => e,
                 };
@@ -178,14 +166,15 @@ impl SshHost<'_> {
     }
 
     /// Replace `path` (present or not) with `bytes`, atomically; the new
-    /// content is fsynced first if `durable`.
-    pub async fn lock_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<(), StepError> {
+    /// content is fsynced first if `durable`. Returns the host's clock (the
+    /// temp file's mtime).
+    pub(crate) async fn lock_file_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<u64, StepError> {
         let lease = self.lease().await?;
         let work = async {
-            let (temp, _) = self.lock_temp(&lease, path, bytes, durable, false).await?;
+            let (temp, host_now) = self.lock_temp(&lease, path, bytes, durable, true).await?;
             let mut fs = lease.sftp().fs();
             match fs.rename(p(&temp), p(path)).await {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(host_now),
                 Err(e) => {
                     let _ = fs.remove_file(p(&temp)).await;
                     Err(lease.sftp_err("replace lock", path, &e))
@@ -196,7 +185,7 @@ impl SshHost<'_> {
     }
 
     /// The lock file's content and mtime, `None` when there is none.
-    pub async fn lock_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {
+    pub(crate) async fn lock_file_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {
         let lease = self.lease().await?;
         let work = async {
             let mut f = match lease.sftp().open(p(path)).await {
@@ -233,7 +222,7 @@ impl SshHost<'_> {
     }
 
     /// Remove `path`; a missing file is not an error.
-    pub async fn lock_remove(&self, path: &str) -> Result<(), StepError> {
+    pub(crate) async fn lock_file_remove(&self, path: &str) -> Result<(), StepError> {
         let lease = self.lease().await?;
         let work = async {
             match lease.sftp().fs().remove_file(p(path)).await {
@@ -243,5 +232,49 @@ impl SshHost<'_> {
             }
         };
         self.bounded(&lease, "remove lock", work).await
+    }
+}
+
+impl SshHost<'_> {
+    /// Remove the lock temp files next to `lock` whose mtime is before
+    /// `before` (host seconds): one directory listing, then the removals
+    /// pipelined.
+    pub(crate) async fn lock_file_sweep(&self, lock: &str, before: u64) -> Result<u32, StepError> {
+        let lease = self.lease().await?;
+        let dir = match lock.rfind('/') {
+            Some(0) => "/".to_string(),
+            Some(i) => lock[..i].to_string(),
+            None => ".".to_string(),
+        };
+        let work = async {
+            let d = match lease.sftp().fs().open_dir(p(&dir)).await {
+                Ok(d) => d,
+                Err(e) => return Err(lease.sftp_err("list", &dir, &e)),
+            };
+            let mut doomed = Vec::new();
+            let mut rd = Box::pin(d.read_dir());
+            while let Some(e) = rd.next().await {
+                let e = e.map_err(|e| lease.sftp_err("list", &dir, &e))?;
+                let name = e.filename().to_string_lossy().into_owned();
+                let full = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+                let meta = e.metadata();
+                let mtime = meta.modified().map(|t| t.as_duration().as_secs()).unwrap_or(u64::MAX);
+                let regular = meta.file_type().is_some_and(|t| t.is_file());
+                if regular && is_lock_temp(lock, &full) && mtime < before {
+                    doomed.push(full);
+                }
+            }
+            let results = futures_util::future::join_all(doomed.iter().map(|path| async {
+                match lease.sftp().fs().remove_file(p(path)).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_no_such_file(&e) => Ok(()),
+                    Err(e) => Err(lease.sftp_err("remove stale lock temp", path, &e)),
+                }
+            }))
+            .await;
+            results.into_iter().collect::<Result<Vec<()>, StepError>>()?;
+            Ok(doomed.len() as u32)
+        };
+        self.bounded(&lease, "sweep lock temps", work).await
     }
 }

@@ -1,0 +1,314 @@
+//! A lock this worker holds: its lease by the holder's own monotonic
+//! clock, its renewals and rewrites, and its release.
+//!
+//! The lease is judged by the host's clock alone (a lock not rewritten for
+//! `lease_ms`, by its mtime against the mtime of a file the checker has
+//! just written, is expired). The holder, for its part, stops touching the
+//! host once `lease − margin` has passed since the *start* of its last
+//! successful rewrite, by its own monotonic clock. A rewrite lands on the
+//! host after it started, so the holder has stopped before anyone may take
+//! over, whatever the workers' clocks say, as long as one lock operation
+//! takes less than the margin.
+
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use super::Planted;
+use super::record::{LockPhase, LockRecord, Parsed};
+use crate::driver::{Clock, Host};
+use crate::event::StepError;
+
+/// The part of the lease kept as margin: a quarter, at least 0.5 s.
+pub fn margin_ms(lease_ms: u64) -> u64 {
+    (lease_ms / 4).max(500)
+}
+
+#[derive(Debug)]
+struct State {
+    record: LockRecord,
+    /// Monotonic ms after which the holder no longer touches the host.
+    valid_until: u64,
+    /// The host's clock (whole seconds) at our last write of the lock.
+    host_now: u64,
+    lost: bool,
+    released: bool,
+    /// A rewrite (renewal or phase) is in flight: they never overlap, or
+    /// an older content could land after a newer one.
+    busy: bool,
+}
+
+/// A held target lock, shared by the deployment it protects and the
+/// renewal running beside it.
+#[derive(Debug)]
+pub struct Held {
+    path: String,
+    lease_ms: u64,
+    planted: Planted,
+    st: Mutex<State>,
+}
+
+/// Clears `busy` when dropped (also when the rewrite's future is dropped).
+struct Turn<'a>(&'a Held);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.st().busy = false;
+    }
+}
+
+/// Yields once to the executor.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Which of two futures finished first.
+pub enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+/// Poll `a` and `b` together; the first to finish wins, the other is
+/// dropped. Needs no runtime (both run in the caller's task).
+pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(x) = a.as_mut().poll(cx) {
+            return Poll::Ready(Either::Left(x));
+        }
+        if let Poll::Ready(y) = b.as_mut().poll(cx) {
+            return Poll::Ready(Either::Right(y));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+impl Held {
+    /// `since_mono`: when the write that made the lock ours started;
+    /// `host_now`: the host's clock at that write.
+    pub fn new(path: String, record: LockRecord, since_mono: u64, host_now: u64, planted: Planted) -> Held {
+        let lease_ms = record.lease_ms;
+        let valid_until = since_mono + lease_ms.saturating_sub(margin_ms(lease_ms));
+        Held {
+            path,
+            lease_ms,
+            planted,
+            st: Mutex::new(State { record, valid_until, host_now, lost: false, released: false, busy: false }),
+        }
+    }
+
+    fn st(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    pub fn token(&self) -> String {
+        self.st().record.token.clone()
+    }
+    pub fn record(&self) -> LockRecord {
+        self.st().record.clone()
+    }
+    pub fn planted(&self) -> Planted {
+        self.planted
+    }
+    /// May this worker still touch the host at `now_mono`?
+    pub fn valid(&self, now_mono: u64) -> bool {
+        let st = self.st();
+        !st.lost && !st.released && now_mono < st.valid_until
+    }
+    pub fn valid_until(&self) -> u64 {
+        self.st().valid_until
+    }
+    pub fn is_lost(&self) -> bool {
+        self.st().lost
+    }
+    pub fn is_released(&self) -> bool {
+        self.st().released
+    }
+    /// How often the renewal runs.
+    pub fn renew_every_ms(&self) -> u64 {
+        (self.lease_ms / 4).max(1)
+    }
+
+    fn try_turn(&self) -> Option<Turn<'_>> {
+        let mut st = self.st();
+        if st.busy {
+            return None;
+        }
+        st.busy = true;
+        Some(Turn(self))
+    }
+
+    async fn turn(&self) -> Turn<'_> {
+        loop {
+            if let Some(t) = self.try_turn() {
+                return t;
+            }
+            YieldNow(false).await;
+        }
+    }
+
+    /// Write the lock with `edit` applied, extending the lease from the
+    /// moment the write started. Refused once the lock is no longer valid
+    /// (the fence), unless `skip_fence` (a deliberately broken renewal).
+    async fn write<H: Host, C: Clock>(
+        &self,
+        host: &H,
+        clock: &C,
+        edit: impl FnOnce(&mut LockRecord),
+        skip_fence: bool,
+    ) -> Result<(), StepError> {
+        let started = clock.mono_ms();
+        let (next, durable) = {
+            let st = self.st();
+            let fenced = st.lost || st.released || started >= st.valid_until;
+            if fenced && !skip_fence {
+                return Err(StepError::lock_lost(format!("target lock {} is no longer ours", self.path)));
+            }
+            let mut next = st.record.clone();
+            edit(&mut next);
+            next.seq += 1;
+            // The instructions a taker rolls back from must survive a crash
+            // of the host.
+            let durable = next.phase == LockPhase::Writing && st.record.phase != LockPhase::Writing;
+            (next, durable)
+        };
+        let host_now = host.lock_replace(&self.path, &next.bytes(), durable).await?;
+        let mut st = self.st();
+        st.record = next;
+        st.host_now = host_now;
+        st.valid_until = started + self.lease_ms.saturating_sub(margin_ms(self.lease_ms));
+        Ok(())
+    }
+
+    /// Rewrite the lock (phase changes, a takeover handing over to the
+    /// taker's own request).
+    pub async fn rewrite<H: Host, C: Clock>(
+        &self,
+        host: &H,
+        clock: &C,
+        edit: impl FnOnce(&mut LockRecord),
+    ) -> Result<(), StepError> {
+        let _turn = self.turn().await;
+        self.write(host, clock, edit, false).await
+    }
+
+    /// Check the lock is still ours, then extend the lease. Skipped while
+    /// another rewrite is in flight (that one extends it).
+    pub async fn renew<H: Host, C: Clock>(&self, host: &H, clock: &C) -> Result<(), StepError> {
+        let Some(_turn) = self.try_turn() else { return Ok(()) };
+        if self.is_released() {
+            return Ok(());
+        }
+        let token = self.token();
+        let ours = match host.lock_read(&self.path).await? {
+            Some(f) => matches!(LockRecord::parse(&self.path, &f.bytes)?, Parsed::Lock(r) if r.token == token),
+            None => false,
+        };
+        if !ours {
+            self.st().lost = true;
+            return Err(StepError::lock_lost(format!("target lock {} was taken over by another worker", self.path)));
+        }
+        #[cfg(feature = "testkit")]
+        let skip_fence = self.planted == Planted::RenewSkipsFence;
+        #[cfg(not(feature = "testkit"))]
+        let skip_fence = false;
+        self.write(host, clock, |_| {}, skip_fence).await
+    }
+
+    /// Renew every quarter lease. Resolves only when the lock is lost
+    /// (never once it was released).
+    pub async fn renew_loop<H: Host, C: Clock>(&self, host: &H, clock: &C) {
+        loop {
+            let at = clock.mono_ms() + self.renew_every_ms();
+            clock.sleep_mono_until(at).await;
+            if self.is_released() {
+                std::future::pending::<()>().await;
+            }
+            match self.renew(host, clock).await {
+                Ok(()) => {}
+                Err(e) if self.is_lost() => {
+                    tracing::warn!(lock = %self.path, "{}", e.message);
+                    return;
+                }
+                Err(e) => tracing::warn!(lock = %self.path, "lock renewal failed: {}", e.message),
+            }
+        }
+    }
+
+    /// Resolves once the lease has run out by the holder's clock (or the
+    /// lock was found lost); never after a release.
+    pub async fn expired<C: Clock>(&self, clock: &C) {
+        loop {
+            let (lost, released, until) = {
+                let st = self.st();
+                (st.lost, st.released, st.valid_until)
+            };
+            if released {
+                std::future::pending::<()>().await;
+            }
+            if lost || clock.mono_ms() >= until {
+                return;
+            }
+            clock.sleep_mono_until(until).await;
+        }
+    }
+
+    /// The watch a holder runs beside its work: renewals, and the fence.
+    /// Resolves when the lock can no longer be relied on.
+    pub async fn watch<H: Host, C: Clock>(&self, host: &H, clock: &C) {
+        race(self.renew_loop(host, clock), self.expired(clock)).await;
+    }
+
+    /// Remove the lock if it is still ours, then remove the temp files of
+    /// lock writes that a killed worker left, older than a lease by the
+    /// host's clock (a younger one may be a live worker's). Once only:
+    /// afterwards the name may be another worker's lock. While the lease
+    /// is valid nobody else can have replaced it, so no read first; once
+    /// it is not, the file is left alone (it is someone else's, or expires).
+    pub async fn release<H: Host, C: Clock>(&self, host: &H, clock: &C) -> Result<(), StepError> {
+        let _turn = self.turn().await;
+        let now = clock.mono_ms();
+        let host_now = {
+            let mut st = self.st();
+            if st.released {
+                return Ok(());
+            }
+            let valid = !st.lost && now < st.valid_until;
+            st.released = true;
+            if !valid {
+                return Ok(());
+            }
+            st.host_now
+        };
+        host.lock_remove(&self.path).await?;
+        sweep(host, &self.path, host_now, self.lease_ms).await;
+        Ok(())
+    }
+}
+
+/// Remove lock temp files older than a lease (and a second of mtime
+/// granularity) before `host_now`. Best effort.
+pub async fn sweep<H: Host>(host: &H, lock: &str, host_now: u64, lease_ms: u64) {
+    let before = host_now.saturating_sub(lease_ms.div_ceil(1000) + 1);
+    match host.lock_sweep(lock, before).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(lock, "removed {n} stale lock temp file(s) left by a killed worker"),
+        Err(e) => tracing::warn!(lock, "removing stale lock temp files: {}", e.message),
+    }
+}
