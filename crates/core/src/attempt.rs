@@ -116,14 +116,13 @@ pub async fn execute<H: Host, V: Verifier, J: Journal, C: Clock>(
     if let Some(dead) = took_over {
         tracing::warn!(lock = %path, "took over the target lock of {}", dead.describe());
         (w.notice)(Notice::TookOver(dead.describe()));
-        let settled = match race(settle(env, w, &plan, &held, &dead), held.watch(env.host, env.clock)).await {
-            Either::Left(r) => r?,
-            Either::Right(()) => Err(format!("target lock {path} lost during a takeover")),
-        };
-        if let Err(msg) = settled {
+        match settle(env, w, &plan, &held, &dead).await? {
+            Settled::Done => {}
             // The lock stays, with the instructions, for the next taker or
             // a person.
-            return Ok(lock_failed(msg));
+            Settled::Refused(msg) => return Ok(lock_failed(msg)),
+            // Lost in the middle: whoever has it now deals with the host.
+            Settled::Lost(why) => return Ok(Executed::Abandoned(why)),
         }
         let (id, attempt) = (plan.deployment_id.clone(), plan.attempt);
         let own = held.rewrite(env.host, env.clock, |r| {
@@ -232,38 +231,50 @@ async fn release<H: Host, V, J, C: Clock>(env: &Env<'_, H, V, J, C>, held: &Held
     }
 }
 
+/// How a takeover's clean-up ended.
+enum Settled {
+    /// The host is in order: the taker's own request may go on.
+    Done,
+    /// The host is not in order (the message says why) and this request
+    /// must not deploy.
+    Refused(String),
+    /// The lock was lost in the middle.
+    Lost(String),
+}
+
 /// Put the host back in order after taking over `dead`'s lock: roll a
 /// `writing` deployment back (journaled under its own key), finish a
-/// `committing` one's prune. `Ok(Err(message))` when the host is not in
-/// order and this request must not deploy.
+/// `committing` one's prune.
 async fn settle<H: Host, V: Verifier, J: Journal, C: Clock>(
     env: &Env<'_, H, V, J, C>,
     w: &Worker<'_>,
     plan: &Plan,
     held: &Held,
     dead: &LockRecord,
-) -> Result<Result<(), String>, DriveError> {
+) -> Result<Settled, DriveError> {
     if dead.phase != LockPhase::Locked
         && let Err(why) = check_instructions(env.host, plan, dead).await
     {
-        return Ok(Err(why));
+        return Ok(Settled::Refused(why));
     }
     let roll_back = match dead.phase {
-        LockPhase::Locked => return Ok(Ok(())),
+        LockPhase::Locked => return Ok(Settled::Done),
         LockPhase::Writing => true,
         #[cfg(feature = "testkit")]
         LockPhase::Committing if w.planted == Planted::RollBackCommitting => true,
         LockPhase::Committing => false,
     };
-    let _ = w;
     if !roll_back {
         // Never rolled back: `deployed` may already be journaled. The lock
         // already says `committing` (inherited): nothing to rewrite first.
         let paths: Vec<String> = dead.snapshots.iter().map(|(_, s)| s.live_path.clone()).collect();
+        if !held.valid(env.clock.mono_ms()) {
+            return Ok(Settled::Lost(format!("target lock {} lost during a takeover", held.path())));
+        }
         if let Err(e) = env.host.prune(&dead.deployment_id, &paths, plan.policy.keep_backups.max(1)).await {
             tracing::warn!("pruning the backups of taken-over {}: {}", dead.deployment_id, e.message);
         }
-        return Ok(Ok(()));
+        return Ok(Settled::Done);
     }
     let key = format!("{}{TAKEOVER_KEY}{}", dead.deployment_id, short_hash(&dead.token, 6));
     let mut rb = plan.clone();
@@ -272,7 +283,7 @@ async fn settle<H: Host, V: Verifier, J: Journal, C: Clock>(
     rb.lock = Some(held.token());
     rb.files.retain(|f| dead.snapshots.iter().any(|(r, _)| *r == f.role));
     if rb.files.len() != dead.snapshots.len() {
-        return Ok(Err(format!(
+        return Ok(Settled::Refused(format!(
             "the interrupted deployment {} on this target wrote files this worker's target config does not have; roll it back by hand from {} (lock {})",
             dead.deployment_id,
             dead.snapshots.iter().map(|(_, s)| s.live_path.as_str()).collect::<Vec<_>>().join(", "),
@@ -287,10 +298,16 @@ async fn settle<H: Host, V: Verifier, J: Journal, C: Clock>(
     env.journal.append(&key, &records[0])?;
     driver::record(env, &key, &records[1]).await?;
     let dep = Deployment::replay(&records)?;
-    match driver::run_keyed(env, &key, dep, None, Some(held)).await? {
-        Terminal::Abandoned(_) => Ok(Ok(())),
-        Terminal::Finished(r) if r.outcome == Outcome::RolledBackDaemonUnknown => Ok(Ok(())),
-        Terminal::Finished(r) => Ok(Err(format!(
+    let run = driver::run_keyed(env, &key, dep, None, Some(held));
+    let t = match race(run, held.watch(env.host, env.clock)).await {
+        Either::Left(t) => t?,
+        Either::Right(()) => return Ok(Settled::Lost(lost(env, w, &key, held).await?)),
+    };
+    match t {
+        Terminal::Abandoned(why) if why.contains("target lock") => Ok(Settled::Lost(why)),
+        Terminal::Abandoned(_) => Ok(Settled::Done),
+        Terminal::Finished(r) if r.outcome == Outcome::RolledBackDaemonUnknown => Ok(Settled::Done),
+        Terminal::Finished(r) => Ok(Settled::Refused(format!(
             "rolling back the interrupted deployment {} of another worker failed ({}): {}",
             dead.deployment_id, r.outcome, r.message
         ))),

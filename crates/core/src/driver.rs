@@ -81,9 +81,9 @@ pub trait Host: Send + Sync {
     fn lock_read(&self, path: &str) -> impl Future<Output = Result<Option<LockFile>, StepError>> + Send;
     /// Remove `path`; a missing file is fine.
     fn lock_remove(&self, path: &str) -> impl Future<Output = Result<(), StepError>> + Send;
-    /// Remove the temp files of lock writes next to `lock` (names for
-    /// which [`crate::lock::is_lock_temp`] holds) whose mtime is before
-    /// `before` (host seconds). Returns how many went.
+    /// Remove the temp and claim files of the lock `lock` (names for which
+    /// [`crate::lock::is_lock_litter`] holds) whose mtime is before `before`
+    /// (host seconds). Returns how many went.
     fn lock_sweep(&self, lock: &str, before: u64) -> impl Future<Output = Result<u32, StepError>> + Send;
     /// The path with every symlink resolved.
     fn resolve_path(&self, path: &str) -> impl Future<Output = Result<String, StepError>> + Send;

@@ -14,6 +14,8 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+pub mod fleet;
+
 use crate::driver::{Clock, Host, Journal, JournalError, Snapped, Verifier};
 use crate::event::*;
 use crate::lock::{Created, LockFile, LockRecord, Parsed};

@@ -10,7 +10,8 @@
 //! - replace: temp file, then `posix-rename` over the name.
 //! - read: content and mtime (whole seconds, host clock).
 //! - remove: remove, a missing file is fine.
-//! - sweep: remove the temp files a killed worker left, older than given.
+//! - sweep: remove the temp and claim files killed workers left, older
+//!   than given.
 //!
 //! Every call is bounded by a timeout: a lease is only as good as the time
 //! its renewals take.
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use certdeploy_core::StepError;
-use certdeploy_core::lock::{Created, LockFile, is_lock_temp};
+use certdeploy_core::lock::{Created, LockFile, is_lock_litter};
 use futures_util::stream::StreamExt as _;
 use openssh_sftp_client::metadata::Permissions;
 
@@ -236,7 +237,7 @@ impl SshHost<'_> {
 }
 
 impl SshHost<'_> {
-    /// Remove the lock temp files next to `lock` whose mtime is before
+    /// Remove the lock's temp and claim files whose mtime is before
     /// `before` (host seconds): one directory listing, then the removals
     /// pipelined.
     pub(crate) async fn lock_file_sweep(&self, lock: &str, before: u64) -> Result<u32, StepError> {
@@ -260,7 +261,7 @@ impl SshHost<'_> {
                 let meta = e.metadata();
                 let mtime = meta.modified().map(|t| t.as_duration().as_secs()).unwrap_or(u64::MAX);
                 let regular = meta.file_type().is_some_and(|t| t.is_file());
-                if regular && is_lock_temp(lock, &full) && mtime < before {
+                if regular && is_lock_litter(lock, &full) && mtime < before {
                     doomed.push(full);
                 }
             }

@@ -275,9 +275,9 @@ impl Held {
         race(self.renew_loop(host, clock), self.expired(clock)).await;
     }
 
-    /// Remove the lock if it is still ours, then remove the temp files of
-    /// lock writes that a killed worker left, older than a lease by the
-    /// host's clock (a younger one may be a live worker's). Once only:
+    /// Remove the lock if it is still ours, then remove the temp and claim
+    /// files that killed workers left, older than a lease by the host's
+    /// clock (a younger one may be a live worker's). Once only:
     /// afterwards the name may be another worker's lock. While the lease
     /// is valid nobody else can have replaced it, so no read first; once
     /// it is not, the file is left alone (it is someone else's, or expires).
@@ -302,13 +302,14 @@ impl Held {
     }
 }
 
-/// Remove lock temp files older than a lease (and a second of mtime
-/// granularity) before `host_now`. Best effort.
+/// Remove lock temp and claim files older than a lease (and a second of
+/// mtime granularity) before `host_now`. Called by a holder whose lease is
+/// valid (see [`super::is_lock_litter`]). Best effort.
 pub async fn sweep<H: Host>(host: &H, lock: &str, host_now: u64, lease_ms: u64) {
     let before = host_now.saturating_sub(lease_ms.div_ceil(1000) + 1);
     match host.lock_sweep(lock, before).await {
         Ok(0) => {}
-        Ok(n) => tracing::info!(lock, "removed {n} stale lock temp file(s) left by a killed worker"),
-        Err(e) => tracing::warn!(lock, "removing stale lock temp files: {}", e.message),
+        Ok(n) => tracing::info!(lock, "removed {n} stale lock temp or claim file(s) left by killed workers"),
+        Err(e) => tracing::warn!(lock, "removing stale lock temp and claim files: {}", e.message),
     }
 }

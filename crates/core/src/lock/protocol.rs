@@ -106,9 +106,14 @@ pub async fn acquire<H: Host>(
             return Ok(Acquired::Held { holder: format!("a chain of {CHAIN} dead claims on {path}") });
         }
         // Only the winner of this claim may replace the lock, and only if it
-        // still is the expired one.
+        // still is the very version judged expired: same token *and* same
+        // rewrite count (a restarted holder re-takes its lock under the
+        // same token, through the same claim, which it then removes).
         let still = match host.lock_read(path).await? {
-            Some(f) => matches!(LockRecord::parse(path, &f.bytes)?, Parsed::Lock(r) if r.token == cur.token),
+            Some(f) => matches!(
+                LockRecord::parse(path, &f.bytes)?,
+                Parsed::Lock(r) if r.token == cur.token && r.seq == cur.seq
+            ),
             None => false,
         };
         if !still {

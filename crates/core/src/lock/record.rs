@@ -41,6 +41,21 @@ pub fn is_lock_temp(lock: &str, path: &str) -> bool {
     path.strip_prefix(lock).is_some_and(|rest| rest.contains(LOCK_TEMP_MARK))
 }
 
+/// Is `path` a claim file of the lock at `lock`? A taker that dies between
+/// replacing the lock and removing its claim leaves it behind.
+pub fn is_lock_claim(lock: &str, path: &str) -> bool {
+    path.strip_prefix(lock).is_some_and(|rest| rest.starts_with(".claim.") && !rest.contains(LOCK_TEMP_MARK))
+}
+
+/// What a lock holder sweeps when it is older than a lease: temp and claim
+/// files of the lock at `lock`. While a lease is valid nobody may take the
+/// lock over, so no claim on it is in use; a claim on an older token can
+/// no longer win (the lock no longer holds that token); an old temp was
+/// never linked or renamed into place.
+pub fn is_lock_litter(lock: &str, path: &str) -> bool {
+    is_lock_temp(lock, path) || is_lock_claim(lock, path)
+}
+
 /// A new token, unique per acquisition: `entropy` comes from the caller
 /// (random bytes, a clock), so that this stays pure.
 pub fn new_token(journal_id: &str, deployment_id: &str, attempt: u32, entropy: u64) -> String {
