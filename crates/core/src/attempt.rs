@@ -9,8 +9,7 @@
 use crate::driver::{self, Clock, DriveError, Env, Host, Journal, Verifier};
 use crate::event::*;
 use crate::lock::{
-    Acquired, Either, Held, LOCK_VERSION, LockPhase, LockRecord, Planted, acquire, lock_path, race, reacquire,
-    short_hash,
+    Acquired, Held, LOCK_VERSION, LockPhase, LockRecord, Planted, acquire, lock_path, reacquire, short_hash,
 };
 use crate::machine::{Deployment, Terminal};
 use crate::model::*;
@@ -138,9 +137,9 @@ pub async fn execute<H: Host, V: Verifier, J: Journal, C: Clock>(
     plan.lock = Some(token);
     let key = plan.deployment_id.clone();
     let run = driver::start_locked(env, plan, payload, Some(&held));
-    let t = match race(run, held.watch(env.host, env.clock)).await {
-        Either::Left(t) => t?,
-        Either::Right(()) => return lost(env, w, &key, &held).await.map(Executed::Abandoned),
+    let t = match held.guard(env.host, env.clock, run).await {
+        Some(t) => t?,
+        None => return lost(env, w, &key, &held).await.map(Executed::Abandoned),
     };
     // Only after the terminal record is durable (and never after a driver
     // error: the lock then keeps the instructions for whoever comes next).
@@ -190,9 +189,9 @@ pub async fn resume<H: Host, V: Verifier, J: Journal, C: Clock>(
         }
     };
     let run = driver::run_keyed(env, key, dep, None, Some(&held));
-    let t = match race(run, held.watch(env.host, env.clock)).await {
-        Either::Left(t) => t?,
-        Either::Right(()) => return lost(env, w, key, &held).await.map(Terminal::Abandoned),
+    let t = match held.guard(env.host, env.clock, run).await {
+        Some(t) => t?,
+        None => return lost(env, w, key, &held).await.map(Terminal::Abandoned),
     };
     release(env, &held).await;
     Ok(t)
@@ -299,9 +298,9 @@ async fn settle<H: Host, V: Verifier, J: Journal, C: Clock>(
     driver::record(env, &key, &records[1]).await?;
     let dep = Deployment::replay(&records)?;
     let run = driver::run_keyed(env, &key, dep, None, Some(held));
-    let t = match race(run, held.watch(env.host, env.clock)).await {
-        Either::Left(t) => t?,
-        Either::Right(()) => return Ok(Settled::Lost(lost(env, w, &key, held).await?)),
+    let t = match held.guard(env.host, env.clock, run).await {
+        Some(t) => t?,
+        None => return Ok(Settled::Lost(lost(env, w, &key, held).await?)),
     };
     match t {
         Terminal::Abandoned(why) if why.contains("target lock") => Ok(Settled::Lost(why)),

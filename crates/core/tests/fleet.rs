@@ -189,7 +189,7 @@ fn run_planted<const P: usize>(cases: u32) -> Result<(), String> {
     // Every failing case and every shrink step panics: keep them quiet.
     std::panic::set_hook(Box::new(|_| {}));
     let mut runner =
-        TestRunner::new(Config { cases, max_shrink_iters: 2_000, failure_persistence: None, ..Config::default() });
+        TestRunner::new(Config { cases, max_shrink_iters: 300, failure_persistence: None, ..Config::default() });
     let r = runner.run(&FleetModel::sequential_strategy(1..160), |(state, steps, seen)| {
         FleetTest::<P>::test_sequential(Config::default(), state, steps, seen);
         Ok(())

@@ -275,6 +275,36 @@ impl Held {
         race(self.renew_loop(host, clock), self.expired(clock)).await;
     }
 
+    /// Run `work` under this lock: renewed beside it, and dropped (wherever
+    /// it is) once the lock can no longer be relied on (`None`). When the
+    /// work ends first, a renewal in flight is finished before the watch is
+    /// dropped, so that no half-written lock temp file is left behind.
+    pub async fn guard<H: Host, C: Clock, T>(&self, host: &H, clock: &C, work: impl Future<Output = T>) -> Option<T> {
+        let mut work = pin!(work);
+        let mut watch = pin!(self.watch(host, clock));
+        let mut out = None;
+        std::future::poll_fn(|cx| {
+            if out.is_none() {
+                if let Poll::Ready(v) = work.as_mut().poll(cx) {
+                    out = Some(v);
+                } else {
+                    return match watch.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(()),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+            // The work is done: only a renewal can be writing the lock.
+            if !self.st().busy {
+                return Poll::Ready(());
+            }
+            let _ = watch.as_mut().poll(cx);
+            if self.st().busy { Poll::Pending } else { Poll::Ready(()) }
+        })
+        .await;
+        out
+    }
+
     /// Remove the lock if it is still ours, then remove the temp and claim
     /// files that killed workers left, older than a lease by the host's
     /// clock (a younger one may be a live worker's). Once only:

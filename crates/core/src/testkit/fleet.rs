@@ -70,7 +70,7 @@ impl Default for FleetConfig {
             workers: 3,
             targets: 2,
             lease_ms: 4_000,
-            reload_ms: 1_500,
+            reload_ms: 800,
             defer_delay_ms: 700,
             max_deferrals: 1_000,
             planted: Planted::None,
@@ -1106,7 +1106,7 @@ impl Fleet {
             for i in 0..self.workers.len() {
                 self.poll(i);
             }
-            self.tick(50);
+            self.tick(100);
         }
         Err(format!(
             "no progress: ready {:?}, delayed {:?}, tasks {:?}",
