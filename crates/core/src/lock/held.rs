@@ -30,6 +30,8 @@ struct State {
     record: LockRecord,
     /// Monotonic ms after which the holder no longer touches the host.
     valid_until: u64,
+    /// Monotonic ms at which the last successful write started.
+    written_at: u64,
     /// The host's clock (whole seconds) at our last write of the lock.
     host_now: u64,
     lost: bool,
@@ -106,7 +108,15 @@ impl Held {
             path,
             lease_ms,
             planted,
-            st: Mutex::new(State { record, valid_until, host_now, lost: false, released: false, busy: false }),
+            st: Mutex::new(State {
+                record,
+                valid_until,
+                written_at: since_mono,
+                host_now,
+                lost: false,
+                released: false,
+                busy: false,
+            }),
         }
     }
 
@@ -193,6 +203,7 @@ impl Held {
         st.record = next;
         st.host_now = host_now;
         st.valid_until = started + self.lease_ms.saturating_sub(margin_ms(self.lease_ms));
+        st.written_at = started;
         Ok(())
     }
 
@@ -231,22 +242,34 @@ impl Held {
         self.write(host, clock, |_| {}, skip_fence).await
     }
 
-    /// Renew every quarter lease. Resolves only when the lock is lost
+    /// Renew a quarter lease after the last write of the lock (whoever
+    /// made it), again and again. Resolves only when the lock is lost
     /// (never once it was released).
     pub async fn renew_loop<H: Host, C: Clock>(&self, host: &H, clock: &C) {
+        // Not before this (after a failed try, or while another rewrite is
+        // in flight), so that the loop never spins.
+        let mut not_before = 0;
+        let pause = (self.renew_every_ms() / 8).max(50);
         loop {
-            let at = clock.mono_ms() + self.renew_every_ms();
+            let at = (self.st().written_at + self.renew_every_ms()).max(not_before);
             clock.sleep_mono_until(at).await;
             if self.is_released() {
                 std::future::pending::<()>().await;
             }
+            if self.st().busy {
+                not_before = clock.mono_ms() + pause;
+                continue;
+            }
             match self.renew(host, clock).await {
-                Ok(()) => {}
+                Ok(()) => not_before = 0,
                 Err(e) if self.is_lost() => {
                     tracing::warn!(lock = %self.path, "{}", e.message);
                     return;
                 }
-                Err(e) => tracing::warn!(lock = %self.path, "lock renewal failed: {}", e.message),
+                Err(e) => {
+                    tracing::warn!(lock = %self.path, "lock renewal failed: {}", e.message);
+                    not_before = clock.mono_ms() + pause;
+                }
             }
         }
     }
