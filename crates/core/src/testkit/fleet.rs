@@ -127,6 +127,8 @@ pub struct HostWorld {
 }
 
 type Effect = Box<dyn FnOnce(&mut HostWorld) + Send>;
+/// A lock operation's effect, with its answer.
+type LockEffect<T> = Box<dyn FnOnce(&mut HostWorld) -> T + Send>;
 
 #[derive(Default)]
 struct InFlight(Vec<(u64, Effect)>);
@@ -348,7 +350,7 @@ struct LockOp<'w, T> {
     world: &'w Mutex<HostWorld>,
     worker: usize,
     what: &'static str,
-    effect: Option<Box<dyn FnOnce(&mut HostWorld) -> T + Send>>,
+    effect: Option<LockEffect<T>>,
     slot: Arc<Mutex<Option<T>>>,
 }
 
