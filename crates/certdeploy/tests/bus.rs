@@ -109,6 +109,14 @@ fn assert_no_key(what: &str, text: &str, keys: &[&str]) {
     }
 }
 
+/// The config file with `concurrency = 1` (a consumer prefetch of one).
+fn one_at_a_time(cfg: std::path::PathBuf) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    assert!(text.contains("concurrency = 64\n"), "{text}");
+    std::fs::write(&cfg, text.replace("concurrency = 64\n", "concurrency = 1\n")).expect("config");
+    cfg
+}
+
 async fn client(fleet: &Fleet) -> Broker {
     certdeploy_amqp::connect(&fleet.broker_config("bus-test")).await.expect("connect")
 }
@@ -247,13 +255,13 @@ async fn a_deferred_clear_request_waits_sealed_and_keeps_its_submitter() {
     let t0 = fleet.targets[0].clone();
     let opts = Opts {
         worker_extra: format!(
-            "key_identities = [\"{}\"]\nconcurrency = 1\ndefer_delay_ms = 1500\nlock_lease_s = 10\n",
+            "key_identities = [\"{}\"]\ndefer_delay_ms = 1500\nlock_lease_s = 10\n",
             ident.display()
         ),
         reload_command: Some(format!("sleep 4 && echo reload >> {}", t0.reload_log.display())),
         ..Opts::default()
     };
-    let cfg = fleet.write_config(&opts);
+    let cfg = one_at_a_time(fleet.write_config(&opts));
     // A second worker with its own journal, on the same target.
     let text = std::fs::read_to_string(&cfg).unwrap();
     let journal2 = dir.join("journal-2");
@@ -381,10 +389,8 @@ async fn results_wait_in_the_results_queue_and_reply_to_is_honoured() {
 async fn a_request_that_crashes_the_worker_ends_delivery_limit() {
     let fleet = Fleet::new(2, true);
     let limit = 3;
-    let cfg = fleet.write_config(&Opts {
-        worker_extra: format!("delivery_limit = {limit}\nconcurrency = 1\n"),
-        ..Opts::default()
-    });
+    let cfg =
+        one_at_a_time(fleet.write_config(&Opts { worker_extra: format!("delivery_limit = {limit}\n"), ..Opts::default() }));
     let broker = client_with_limit(&fleet, limit).await;
     let batch = Batch::new(&fleet, "loop", 8);
     let ids = batch.ids();
