@@ -490,7 +490,7 @@ pub async fn connect_with_backoff(cfg: &BrokerConfig, shutdown: impl Future<Outp
                 attempt = attempt.saturating_add(1);
                 let next = urls[attempt as usize % urls.len()];
                 // Another node to try at once, unless this round is over.
-                let delay = if attempt as usize % urls.len() == 0 {
+                let delay = if (attempt as usize).is_multiple_of(urls.len()) {
                     round = round.saturating_add(1);
                     backoff_delay(round - 1)
                 } else {

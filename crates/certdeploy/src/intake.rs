@@ -118,7 +118,10 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
             cfg.keyring.open(sealed).map_err(|e| RequestError::new(crate::sealed::AGE_FIELD, e.to_string()))?
         }
         _ => {
-            return Err(RequestError::new("private_key_pem", "give exactly one of `private_key_pem` and `private_key_age`"));
+            return Err(RequestError::new(
+                "private_key_pem",
+                "give exactly one of `private_key_pem` and `private_key_age`",
+            ));
         }
     };
     let key_text = std::str::from_utf8(key.expose())

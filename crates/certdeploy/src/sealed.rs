@@ -88,7 +88,8 @@ impl Keyring {
                 return Err(KeyringError::Permissions { path: path.clone(), mode });
             }
             let text = Secret::new(std::fs::read(path).map_err(read)?);
-            let text = std::str::from_utf8(text.expose()).map_err(|_| KeyringError::Parse { path: path.clone(), line: 1 })?;
+            let text =
+                std::str::from_utf8(text.expose()).map_err(|_| KeyringError::Parse { path: path.clone(), line: 1 })?;
             let before = identities.len();
             for (n, line) in text.lines().enumerate() {
                 let line = line.trim();
@@ -127,9 +128,8 @@ impl Keyring {
         }
         let reader = age::armor::ArmoredReader::new(armored.as_bytes());
         let decryptor = age::Decryptor::new_buffered(reader).map_err(|e| OpenError::Format(e.to_string()))?;
-        let mut stream = decryptor
-            .decrypt(self.identities.iter().map(|i| i as &dyn age::Identity))
-            .map_err(|e| match e {
+        let mut stream =
+            decryptor.decrypt(self.identities.iter().map(|i| i as &dyn age::Identity)).map_err(|e| match e {
                 age::DecryptError::NoMatchingKeys => OpenError::NoMatchingIdentity(self.identities.len()),
                 other => OpenError::Decrypt(other.to_string()),
             })?;
@@ -246,7 +246,8 @@ pub fn seal_body(body: &[u8], recipient: &x25519::Recipient) -> Option<Result<Ve
 mod tests {
     use super::*;
 
-    const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+    const KEY: &str =
+        "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
 
     #[test]
     fn seal_then_open_round_trips_and_a_stranger_cannot() {
@@ -270,8 +271,9 @@ mod tests {
         raw.extend_from_slice(&body);
         let r = String::from_utf8_lossy(&redact_body(&raw)).into_owned();
         assert!(!r.contains("MIGHAgEAMBMG") && r.contains("[redacted]") && r.contains("deployment_id"), "{r}");
-        let cut = String::from_utf8(cut_pem_keys(b"x -----BEGIN CERTIFICATE----- y -----BEGIN EC PRIVATE KEY-----\nabc"))
-            .unwrap();
+        let cut =
+            String::from_utf8(cut_pem_keys(b"x -----BEGIN CERTIFICATE----- y -----BEGIN EC PRIVATE KEY-----\nabc"))
+                .unwrap();
         assert_eq!(cut, "x -----BEGIN CERTIFICATE----- y [redacted]");
         let sealed_only = serde_json::to_vec(&serde_json::json!({"private_key_age": "x"})).unwrap();
         assert_eq!(redact_body(&sealed_only), sealed_only);

@@ -176,12 +176,16 @@ async fn sealed_keys_interoperate_with_the_age_cli_and_never_leak() {
     let w = Proc::worker(&fleet, &cfg, &[], "worker");
     let broker = client(&fleet).await;
     let ca = TestCa::new();
-    let (a, b, c, d) = (ca.leaf("a.example", 2), ca.leaf("b.example", 2), ca.leaf("c.example", 2), ca.leaf("d.example", 2));
+    let (a, b, c, d) =
+        (ca.leaf("a.example", 2), ca.leaf("b.example", 2), ca.leaf("c.example", 2), ca.leaf("d.example", 2));
     // a: sealed by the age CLI. c: sealed to a stranger. d: in clear. e: not age at all.
     broker.publish_request(&sealed_request("seal-a", "t0", &a, &age_seal(&recipient, &a.key_pem))).await.unwrap();
     broker.publish_request(&sealed_request("seal-c", "t2", &c, &age_seal(&stranger, &c.key_pem))).await.unwrap();
     broker.publish_request(&request("seal-d", "t2", &d, true)).await.unwrap();
-    broker.publish_request(&sealed_request("seal-e", "t2", &d, "-----BEGIN AGE ENCRYPTED FILE-----\nnope\n")).await.unwrap();
+    broker
+        .publish_request(&sealed_request("seal-e", "t2", &d, "-----BEGIN AGE ENCRYPTED FILE-----\nnope\n"))
+        .await
+        .unwrap();
     // b: `certdeploy submit --recipient` seals it.
     let (kb, cb, chb) = (dir.join("b.key"), dir.join("b.pem"), dir.join("b.chain"));
     write_file(&kb, &b.key_pem);
@@ -190,8 +194,19 @@ async fn sealed_keys_interoperate_with_the_age_cli_and_never_leak() {
     let (code, _, err) = run(
         &cfg,
         &[
-            "submit", "--target", "t1", "--id", "seal-b", "--cert", cb.to_str().unwrap(), "--key", kb.to_str().unwrap(),
-            "--chain", chb.to_str().unwrap(), "--recipient", &recipient,
+            "submit",
+            "--target",
+            "t1",
+            "--id",
+            "seal-b",
+            "--cert",
+            cb.to_str().unwrap(),
+            "--key",
+            kb.to_str().unwrap(),
+            "--chain",
+            chb.to_str().unwrap(),
+            "--recipient",
+            &recipient,
         ],
     );
     assert_eq!(code, 0, "{err}");
@@ -203,7 +218,11 @@ async fn sealed_keys_interoperate_with_the_age_cli_and_never_leak() {
         let r = &seen[id][0].event;
         assert_eq!(r.outcome, Outcome::Deployed, "{id}: {}", r.message);
         let target = &fleet.targets[t];
-        assert_eq!(std::fs::read_to_string(&target.key).unwrap(), bundle.key_pem, "{id}: the opened key is on the host");
+        assert_eq!(
+            std::fs::read_to_string(&target.key).unwrap(),
+            bundle.key_pem,
+            "{id}: the opened key is on the host"
+        );
         assert_eq!(std::fs::read_to_string(&target.cert).unwrap(), bundle.cert_pem);
     }
     for (id, field) in [("seal-c", "private_key_age"), ("seal-d", "private_key_pem"), ("seal-e", "private_key_age")] {
@@ -254,10 +273,7 @@ async fn a_deferred_clear_request_waits_sealed_and_keeps_its_submitter() {
     assert!(out.status.success());
     let t0 = fleet.targets[0].clone();
     let opts = Opts {
-        worker_extra: format!(
-            "key_identities = [\"{}\"]\ndefer_delay_ms = 1500\nlock_lease_s = 10\n",
-            ident.display()
-        ),
+        worker_extra: format!("key_identities = [\"{}\"]\ndefer_delay_ms = 1500\nlock_lease_s = 10\n", ident.display()),
         reload_command: Some(format!("sleep 4 && echo reload >> {}", t0.reload_log.display())),
         ..Opts::default()
     };
@@ -331,6 +347,20 @@ async fn results_wait_in_the_results_queue_and_reply_to_is_honoured() {
     );
     certdeploy_testbed::rabbit::rabbitmqctl(&["eval", &expr]);
 
+    // The worker declared it: quorum, bounded, oldest dropped first, bound
+    // to every result and group result.
+    let queues =
+        certdeploy_testbed::rabbit::rabbitmqctl(&["list_queues", "-q", "-p", &vhost.name, "name", "type", "arguments"]);
+    let line = queues.lines().find(|l| l.starts_with("certdeploy.results\t")).unwrap_or_else(|| panic!("{queues}"));
+    for want in ["\tquorum\t", "x-max-length", "1000000", "x-overflow", "drop-head"] {
+        assert!(line.contains(want), "{want}: {line}");
+    }
+    let bindings = certdeploy_testbed::rabbit::rabbitmqctl(&["list_bindings", "-q", "-p", &vhost.name]);
+    for key in ["result.#", "group.#"] {
+        let want = format!("certdeploy.events\texchange\tcertdeploy.results\tqueue\t{key}");
+        assert!(bindings.lines().any(|l| l.starts_with(&want)), "{want}: {bindings}");
+    }
+
     let batch = Batch::new(&fleet, "keep", 12);
     let ids = batch.ids();
     let with_reply: Vec<&str> = ids.iter().take(3).map(String::as_str).collect();
@@ -343,7 +373,10 @@ async fn results_wait_in_the_results_queue_and_reply_to_is_honoured() {
         } else {
             None
         };
-        broker.publish_request_with(&item.body, &RequestOptions { reply_to, ..RequestOptions::default() }).await.unwrap();
+        broker
+            .publish_request_with(&item.body, &RequestOptions { reply_to, ..RequestOptions::default() })
+            .await
+            .unwrap();
     }
     // Nobody reads results; the worker answers everything (the requests
     // queue drains), then restarts.
@@ -389,8 +422,9 @@ async fn results_wait_in_the_results_queue_and_reply_to_is_honoured() {
 async fn a_request_that_crashes_the_worker_ends_delivery_limit() {
     let fleet = Fleet::new(2, true);
     let limit = 3;
-    let cfg =
-        one_at_a_time(fleet.write_config(&Opts { worker_extra: format!("delivery_limit = {limit}\n"), ..Opts::default() }));
+    let cfg = one_at_a_time(
+        fleet.write_config(&Opts { worker_extra: format!("delivery_limit = {limit}\n"), ..Opts::default() }),
+    );
     let broker = client_with_limit(&fleet, limit).await;
     let batch = Batch::new(&fleet, "loop", 8);
     let ids = batch.ids();
@@ -466,7 +500,8 @@ async fn forged_headers_stale_requests_and_submitted_by() {
         v["requested_at"] = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().into();
         serde_json::to_vec(&v).unwrap()
     };
-    let (a, b, c) = (ca.leaf_at("a.example", now - 60, now + 90 * 86_400), ca.leaf("b.example", 2), ca.leaf("c.example", 2));
+    let (a, b, c) =
+        (ca.leaf_at("a.example", now - 60, now + 90 * 86_400), ca.leaf("b.example", 2), ca.leaf("c.example", 2));
     let forged = RequestOptions {
         user_id: Some("guest".into()),
         int_headers: vec![("x-delivery-count".into(), 99)],

@@ -101,7 +101,14 @@ fn testbed_and_submit_requests_validate() {
         Some(&b.chain_pem),
         Timestamp(1_790_000_000_000),
     ));
-    bodies.push(wire::encode_request("submit-2", "web1", &b.cert_pem, wire::KeyField::Pem(&b.key_pem), None, Timestamp(0)));
+    bodies.push(wire::encode_request(
+        "submit-2",
+        "web1",
+        &b.cert_pem,
+        wire::KeyField::Pem(&b.key_pem),
+        None,
+        Timestamp(0),
+    ));
     for body in bodies {
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(errors(&req, &v), Vec::<String>::new(), "{v}");
