@@ -401,8 +401,11 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
     // Subscribe before publishing: results published while nobody is
     // bound would be dropped.
     let mut results = if a.wait { Some(broker.subscribe_results().await?) } else { None };
+    // user_id: the broker checks it is our user, and the worker records
+    // it in the results as `submitted_by`.
+    let opts = certdeploy_amqp::RequestOptions { user_id: Some(broker.user().to_string()), ..Default::default() };
     for (id, body) in &requests {
-        broker.publish_request(body).await.with_context(|| format!("publishing {id}"))?;
+        broker.publish_request_with(body, &opts).await.with_context(|| format!("publishing {id}"))?;
         if !a.wait {
             println!("{id}");
         }

@@ -214,6 +214,7 @@ async fn sealed_keys_interoperate_with_the_age_cli_and_never_leak() {
     let ids = ["seal-a", "seal-b", "seal-c", "seal-d", "seal-e"];
     let seen = read_results(&broker, RESULTS, &ids, Duration::from_secs(60)).await;
     assert!(ids.iter().all(|id| seen.contains_key(*id)), "results: {:?}\n{}", seen.keys(), tail(&w.log_text(), 40));
+    assert_eq!(seen["seal-b"][0].event.submitted_by.as_deref(), Some("guest"), "submit sets its user_id");
     for (id, bundle, t) in [("seal-a", &a, 0), ("seal-b", &b, 1)] {
         let r = &seen[id][0].event;
         assert_eq!(r.outcome, Outcome::Deployed, "{id}: {}", r.message);
