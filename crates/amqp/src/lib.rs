@@ -77,6 +77,14 @@ use tokio::task::JoinHandle;
 pub const REASON_HEADER: &str = "x-certdeploy-reason";
 /// Header counting how often [`Broker::defer`] sent a request to wait.
 pub const DEFERRALS_HEADER: &str = "x-certdeploy-deferrals";
+/// Header of a deferred copy naming who submitted the original request
+/// (its broker-validated `user_id`): the copy itself carries the worker's
+/// `user_id`, which is what makes its [`DEFERRALS_HEADER`] trustworthy.
+pub const SUBMITTED_BY_HEADER: &str = "x-certdeploy-submitted-by";
+/// Quorum queues count failed deliveries in this header.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// Binding pattern matching every group result event.
+pub const GROUP_BINDING_ALL: &str = "group.#";
 /// Content type of requests and results.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Routing-key prefix of result events (`result.<outcome>`).
@@ -233,6 +241,11 @@ pub struct Topology {
     /// Durable classic queue of deferred requests: each message carries its
     /// own TTL and dead-letters back to `requests_queue` when it expires.
     pub retry_queue: String,
+    /// Durable quorum queue bound to `events_exchange` with `result.#` and
+    /// `group.#`, keeping results while no consumer listens (`""`: none).
+    pub results_queue: String,
+    /// `x-max-length` of `results_queue` (overflow drops the oldest).
+    pub results_max_length: u64,
 }
 
 impl Default for Topology {
@@ -244,8 +257,21 @@ impl Default for Topology {
             events_exchange: "certdeploy.events".into(),
             delivery_limit: 20,
             retry_queue: "certdeploy.retry".into(),
+            results_queue: "certdeploy.results".into(),
+            results_max_length: 1_000_000,
         }
     }
+}
+
+/// Properties of a request published with [`Broker::publish_request_with`].
+#[derive(Clone, Debug, Default)]
+pub struct RequestOptions {
+    /// Queue the result should also go to (through the default exchange).
+    pub reply_to: Option<String>,
+    /// `user_id` property (must be the connection's user).
+    pub user_id: Option<String>,
+    /// Integer headers.
+    pub int_headers: Vec<(String, i64)>,
 }
 
 /// How to reach the broker.
@@ -253,6 +279,9 @@ impl Default for Topology {
 pub struct BrokerConfig {
     /// `amqp://` or `amqps://` URL (vhost URL-encoded; `?heartbeat=N` accepted).
     pub url: String,
+    /// Other nodes of the same cluster, tried in order after `url` when a
+    /// connection attempt fails ([`connect_with_backoff`]).
+    pub failover_urls: Vec<String>,
     /// Shown in the management UI / `rabbitmqctl list_connections client_properties`.
     pub connection_name: String,
     /// Objects to declare.
@@ -268,6 +297,7 @@ impl BrokerConfig {
     pub fn new(url: impl Into<String>, connection_name: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            failover_urls: Vec::new(),
             connection_name: connection_name.into(),
             topology: Topology::default(),
             prefetch: 64,
@@ -280,6 +310,7 @@ impl fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerConfig")
             .field("url", &redact_url(&self.url))
+            .field("failover_urls", &self.failover_urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
             .field("connection_name", &self.connection_name)
             .field("topology", &self.topology)
             .field("prefetch", &self.prefetch)
@@ -305,6 +336,13 @@ pub fn redact_url(url: &str) -> String {
         }
         None => url.to_owned(),
     }
+}
+
+/// The user name an `amqp://` URL authenticates as (`guest` when it names
+/// none, as the client library does).
+#[must_use]
+pub fn url_user(url: &str) -> String {
+    url.parse::<lapin::uri::AMQPUri>().map(|u| u.authority.userinfo.username).unwrap_or_else(|_| "guest".to_string())
 }
 
 // ---------------------------------------------------------------------------
@@ -338,6 +376,9 @@ pub struct Broker {
     rpc_timeout: Duration,
     dead_tx: Arc<watch::Sender<bool>>,
     watcher: JoinHandle<()>,
+    /// The user this connection authenticated as (what the broker puts
+    /// in, and checks against, a published `user_id`).
+    user: String,
 }
 
 impl fmt::Debug for Broker {
@@ -401,6 +442,7 @@ pub async fn connect(cfg: &BrokerConfig) -> Result<Broker, AmqpError> {
             return Err(e);
         }
     };
+    let user = url_user(&cfg.url);
     let broker = Broker {
         conn,
         publish,
@@ -409,6 +451,7 @@ pub async fn connect(cfg: &BrokerConfig) -> Result<Broker, AmqpError> {
         rpc_timeout: cfg.rpc_timeout,
         dead_tx,
         watcher,
+        user,
     };
     bounded("confirm.select", broker.rpc_timeout, broker.publish.confirm_select(ConfirmSelectOptions::default()))
         .await?;
@@ -417,32 +460,46 @@ pub async fn connect(cfg: &BrokerConfig) -> Result<Broker, AmqpError> {
     Ok(broker)
 }
 
-/// [`connect`] until it succeeds, sleeping [`backoff_delay`] between attempts
-/// and logging each failure with `tracing::warn`. Returns
+/// [`connect`] until it succeeds, trying `url` then each of
+/// `failover_urls` in turn (the nodes of one cluster), sleeping
+/// [`backoff_delay`] after each round in which every node failed and
+/// logging each failure with `tracing::warn`. Returns
 /// [`AmqpError::Shutdown`] as soon as `shutdown` resolves. A
 /// [`AmqpError::TopologyMismatch`] is returned immediately (retrying cannot fix it).
 pub async fn connect_with_backoff(cfg: &BrokerConfig, shutdown: impl Future<Output = ()>) -> Result<Broker, AmqpError> {
     let mut shutdown = std::pin::pin!(shutdown);
+    let urls: Vec<&String> = std::iter::once(&cfg.url).chain(&cfg.failover_urls).collect();
     let mut attempt: u32 = 0;
+    let mut round: u32 = 0;
     loop {
+        let url = urls[attempt as usize % urls.len()];
+        let node = BrokerConfig { url: url.clone(), ..cfg.clone() };
         let result = tokio::select! {
-            r = connect(cfg) => r,
+            r = connect(&node) => r,
             () = &mut shutdown => return Err(AmqpError::Shutdown),
         };
         match result {
             Ok(b) => {
                 if attempt > 0 {
-                    tracing::info!(attempts = attempt + 1, "reconnected to AMQP broker");
+                    tracing::info!(attempts = attempt + 1, url = %redact_url(url), "reconnected to AMQP broker");
                 }
                 return Ok(b);
             }
             Err(e @ AmqpError::TopologyMismatch { .. }) => return Err(e),
             Err(e) => {
-                let delay = backoff_delay(attempt);
                 attempt = attempt.saturating_add(1);
+                let next = urls[attempt as usize % urls.len()];
+                // Another node to try at once, unless this round is over.
+                let delay = if (attempt as usize).is_multiple_of(urls.len()) {
+                    round = round.saturating_add(1);
+                    backoff_delay(round - 1)
+                } else {
+                    Duration::ZERO
+                };
                 tracing::warn!(
                     attempt,
-                    url = %redact_url(&cfg.url),
+                    url = %redact_url(url),
+                    next = %redact_url(next),
                     retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                     error = %e,
                     "AMQP connect failed; retrying"
@@ -540,6 +597,34 @@ impl Broker {
                 ch.queue_declare(t.retry_queue.as_str().into(), durable_q, retry),
             )
             .await?;
+            if !t.results_queue.is_empty() {
+                // Results wait here for whoever reads them; the journal
+                // keeps every result, so the bound drops the oldest.
+                let mut args = quorum_args();
+                let max = i64::try_from(t.results_max_length).unwrap_or(i64::MAX);
+                args.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+                args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+                check_decl(
+                    format!("queue {:?}", t.results_queue),
+                    to,
+                    ch.queue_declare(t.results_queue.as_str().into(), durable_q, args),
+                )
+                .await?;
+                for pattern in [RESULT_BINDING_ALL, GROUP_BINDING_ALL] {
+                    bounded(
+                        "queue.bind",
+                        to,
+                        ch.queue_bind(
+                            t.results_queue.as_str().into(),
+                            t.events_exchange.as_str().into(),
+                            pattern.into(),
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        ),
+                    )
+                    .await?;
+                }
+            }
             Ok::<(), AmqpError>(())
         };
         let res = declare.await;
@@ -585,6 +670,74 @@ impl Broker {
         self.publish_confirmed(&self.topology.events_exchange, &rk, false, body, json_props()).await
     }
 
+    /// Publish a result event `mandatory`, with `correlation_id`, and wait
+    /// for the confirm. [`AmqpError::Unroutable`] when no queue is bound
+    /// for it (the broker returned it): the caller decides what that means.
+    pub async fn publish_event(&self, outcome: &str, body: &[u8], correlation_id: &str) -> Result<(), AmqpError> {
+        let rk = result_routing_key(outcome)?;
+        let props = json_props().with_correlation_id(correlation_id.into());
+        self.publish_confirmed(&self.topology.events_exchange, &rk, true, body, props).await
+    }
+
+    /// Publish a result to a requester's `reply_to` queue through the
+    /// default exchange (`mandatory`, confirmed, with `correlation_id`).
+    /// [`AmqpError::Unroutable`] when that queue does not exist.
+    pub async fn publish_reply(&self, reply_to: &str, body: &[u8], correlation_id: &str) -> Result<(), AmqpError> {
+        let props = json_props().with_correlation_id(correlation_id.into());
+        self.publish_confirmed("", reply_to, true, body, props).await
+    }
+
+    /// The user this connection authenticated as.
+    #[must_use]
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// [`Broker::dead_letter`] with another body (e.g. one without secrets).
+    pub async fn dead_letter_body(&self, delivery: &Delivery, body: &[u8], reason: &str) -> Result<bool, AmqpError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(truncate_utf8(reason, MAX_REASON_BYTES).into()));
+        let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(DELIVERY_MODE_PERSISTENT);
+        let rk = if delivery.routing_key.is_empty() {
+            self.topology.requests_queue.clone()
+        } else {
+            delivery.routing_key.clone()
+        };
+        self.publish_confirmed(&self.topology.dead_exchange, &rk, true, body, props).await?;
+        delivery.ack().await
+    }
+
+    /// Defer a request as our own copy: like [`Broker::defer`], with `body`
+    /// (e.g. its key sealed), `user_id` = ours (so that the deferral count
+    /// can be trusted when it comes back), the submitter kept in
+    /// [`SUBMITTED_BY_HEADER`], and the broker's delivery count of the
+    /// original left behind.
+    pub async fn defer_copy(
+        &self,
+        delivery: &Delivery,
+        body: &[u8],
+        delay: Duration,
+        deferrals: u32,
+    ) -> Result<bool, AmqpError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut inner = headers.inner().clone();
+        inner.retain(|k, _| ![DELIVERY_COUNT_HEADER, SUBMITTED_BY_HEADER, REASON_HEADER].contains(&k.as_str()));
+        headers = FieldTable::from(inner);
+        headers.insert(DEFERRALS_HEADER.into(), AMQPValue::LongLongInt(i64::from(deferrals)));
+        if let Some(who) = delivery.submitted_by(&self.user) {
+            headers.insert(SUBMITTED_BY_HEADER.into(), AMQPValue::LongString(who.as_str().into()));
+        }
+        let props = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_user_id(self.user.as_str().into())
+            .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+            .with_expiration(delay.as_millis().max(1).to_string().into());
+        self.publish_confirmed("", &self.topology.retry_queue, true, body, props).await?;
+        delivery.ack().await
+    }
+
     /// Publish many results from one task: all are sent, then all confirms are
     /// awaited together. Returns one result per input, in order.
     pub async fn publish_results(&self, items: &[(&str, &[u8])]) -> Vec<Result<(), AmqpError>> {
@@ -595,6 +748,27 @@ impl Broker {
     /// = requests queue (persistent, JSON, `mandatory`), confirmed.
     pub async fn publish_request(&self, body: &[u8]) -> Result<(), AmqpError> {
         self.publish_confirmed("", &self.topology.requests_queue, true, body, json_props()).await
+    }
+
+    /// [`Broker::publish_request`] with properties a requester may set:
+    /// `reply_to`, `user_id` (the broker refuses one that is not the
+    /// connection's user) and integer headers.
+    pub async fn publish_request_with(&self, body: &[u8], opts: &RequestOptions) -> Result<(), AmqpError> {
+        let mut props = json_props();
+        if let Some(r) = &opts.reply_to {
+            props = props.with_reply_to(r.as_str().into());
+        }
+        if let Some(u) = &opts.user_id {
+            props = props.with_user_id(u.as_str().into());
+        }
+        if !opts.int_headers.is_empty() {
+            let mut h = FieldTable::default();
+            for (k, v) in &opts.int_headers {
+                h.insert(k.as_str().into(), AMQPValue::LongLongInt(*v));
+            }
+            props = props.with_headers(h);
+        }
+        self.publish_confirmed("", &self.topology.requests_queue, true, body, props).await
     }
 
     /// "Reject without requeue, dead-lettered with the reason": publish a copy
@@ -883,6 +1057,54 @@ impl Delivery {
             AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
             other => amqp_int(other).map(|n| n.to_string()),
         }
+    }
+
+    /// The `user_id` property: set by the publisher, validated by the
+    /// broker (it refuses a `user_id` other than the connection's user).
+    #[must_use]
+    pub fn user_id(&self) -> Option<&str> {
+        self.properties.user_id().as_ref().map(ShortString::as_str)
+    }
+
+    /// The `correlation_id` property, if any.
+    #[must_use]
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.properties.correlation_id().as_ref().map(ShortString::as_str)
+    }
+
+    /// The `reply_to` property, if any.
+    #[must_use]
+    pub fn reply_to(&self) -> Option<&str> {
+        self.properties.reply_to().as_ref().map(ShortString::as_str).filter(|s| !s.is_empty())
+    }
+
+    /// Whether this is a copy published by `our_user` (the worker's broker
+    /// user, see [`Broker::defer_copy`]): the broker validated its
+    /// `user_id`. Headers of anything else were set by some publisher and
+    /// prove nothing.
+    #[must_use]
+    pub fn published_by(&self, our_user: &str) -> bool {
+        self.user_id() == Some(our_user)
+    }
+
+    /// How often the request was deferred before: [`DEFERRALS_HEADER`] of
+    /// a copy published by `our_user`, 0 for anything else.
+    #[must_use]
+    pub fn trusted_deferrals(&self, our_user: &str) -> u32 {
+        if self.published_by(our_user) { self.deferrals() } else { 0 }
+    }
+
+    /// Who submitted the request: the broker-validated `user_id` of the
+    /// original publish (carried in [`SUBMITTED_BY_HEADER`] by the
+    /// worker's own deferred copies).
+    #[must_use]
+    pub fn submitted_by(&self, our_user: &str) -> Option<String> {
+        if self.published_by(our_user)
+            && let Some(original) = self.header_str(SUBMITTED_BY_HEADER)
+        {
+            return Some(original);
+        }
+        self.user_id().map(str::to_owned)
     }
 
     /// The message's content type, if any.

@@ -66,6 +66,17 @@ pub struct SubmitArgs {
     /// No progress bar (for logs and scripts).
     #[arg(long)]
     pub quiet: bool,
+    /// Seal private keys to this age recipient (`age1…`; repeatable);
+    /// default `[submit] key_recipients`.
+    #[arg(long = "recipient", value_name = "AGE_RECIPIENT")]
+    pub recipients: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Identity file to create (mode 0600; an existing file is never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,24 +101,48 @@ pub struct CheckArgs {
 }
 
 pub async fn dispatch(cli: Cli) -> u8 {
-    let cfg = match Config::load(&cli.config) {
+    if let Command::Keygen(a) = &cli.command {
+        return keygen(a);
+    }
+    let mut cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("certdeploy: config error: {e}");
             return EXIT_USAGE;
         }
     };
+    if matches!(cli.command, Command::Worker)
+        && let Err(e) = cfg.load_keys()
+    {
+        eprintln!("certdeploy: config error: {}: {}: {}", cli.config.display(), e.key, e.problem);
+        return EXIT_USAGE;
+    }
     let r = match cli.command {
         Command::Worker => run_worker(cfg).await,
         Command::Deploy(a) => deploy(cfg, a).await,
         Command::Submit(a) => submit(cfg, a).await,
         Command::Journal(c) => journal(cfg, c),
         Command::Check(a) => check(cfg, a).await,
+        Command::Keygen(_) => Ok(EXIT_USAGE),
     };
     match r {
         Ok(code) => code,
         Err(e) => {
             eprintln!("certdeploy: {e:#}");
+            EXIT_FAILED
+        }
+    }
+}
+
+fn keygen(a: &KeygenArgs) -> u8 {
+    match crate::sealed::keygen(&a.out) {
+        Ok(recipient) => {
+            println!("{recipient}");
+            eprintln!("certdeploy: identity written to {} (mode 0600)", a.out.display());
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("certdeploy: keygen --out {}: {e}", a.out.display());
             EXIT_FAILED
         }
     }
@@ -172,7 +207,8 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
         target: Some(a.target.clone()),
         target_spec: None,
         certificate_pem: read(&a.cert, "cert")?,
-        private_key_pem: SecretString::new(read(&a.key, "key")?),
+        private_key_pem: Some(SecretString::new(read(&a.key, "key")?)),
+        private_key_age: None,
         chain_pem: a.chain.as_ref().map(|c| read(c, "chain")).transpose()?,
         requested_at: None,
     };
@@ -292,12 +328,21 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
     Ok(if ok { EXIT_OK } else { EXIT_FAILED })
 }
 
-/// One line of a batch, re-serialized with an id and schema filled in.
-fn batch_line(line: &str, n: usize) -> anyhow::Result<(String, Vec<u8>)> {
+/// One line of a batch, re-serialized with an id and schema filled in, its
+/// key sealed when there are recipients.
+fn batch_line(line: &str, n: usize, recipients: &[age::x25519::Recipient]) -> anyhow::Result<(String, Vec<u8>)> {
     let mut v: serde_json::Value =
         serde_json::from_str(line).with_context(|| format!("--batch line {n}: not a JSON object"))?;
     let obj = v.as_object_mut().with_context(|| format!("--batch line {n}: not a JSON object"))?;
     obj.entry("schema").or_insert_with(|| wire::REQUEST_SCHEMA.into());
+    if !recipients.is_empty()
+        && let Some(serde_json::Value::String(pem)) = obj.remove(crate::sealed::PEM_FIELD)
+    {
+        let pem = certdeploy_core::Secret::new(pem.into_bytes());
+        let sealed =
+            crate::sealed::seal(recipients, pem.expose()).map_err(|e| anyhow::anyhow!("--batch line {n}: {e}"))?;
+        obj.insert(crate::sealed::AGE_FIELD.into(), sealed.into());
+    }
     let id = match obj.get("deployment_id").and_then(|i| i.as_str()) {
         Some(id) => id.to_string(),
         None => {
@@ -311,12 +356,23 @@ fn batch_line(line: &str, n: usize) -> anyhow::Result<(String, Vec<u8>)> {
 }
 
 async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
+    let given = if a.recipients.is_empty() { &cfg.submit.key_recipients } else { &a.recipients };
+    let mut recipients = Vec::new();
+    for r in given {
+        match crate::sealed::parse_recipient(r) {
+            Ok(r) => recipients.push(r),
+            Err(e) => {
+                eprintln!("certdeploy: --recipient: {e}");
+                return Ok(EXIT_USAGE);
+            }
+        }
+    }
     let mut requests: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(batch) = &a.batch {
         let text = std::fs::read_to_string(batch).with_context(|| format!("--batch {}", batch.display()))?;
         for (i, line) in text.lines().enumerate() {
             if !line.trim().is_empty() {
-                requests.push(batch_line(line, i + 1)?);
+                requests.push(batch_line(line, i + 1, &recipients)?);
             }
         }
     } else {
@@ -327,8 +383,17 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
         };
         let id = a.id.clone().unwrap_or_else(|| generate_id(&target));
         let chain = a.chain.as_ref().map(|c| read(c, "chain")).transpose()?;
-        let body =
-            wire::encode_request(&id, &target, &read(cert, "cert")?, &read(key, "key")?, chain.as_deref(), now());
+        let pem = certdeploy_core::Secret::new(read(key, "key")?.into_bytes());
+        let sealed = if recipients.is_empty() {
+            None
+        } else {
+            Some(crate::sealed::seal(&recipients, pem.expose()).map_err(|e| anyhow::anyhow!("--key: {e}"))?)
+        };
+        let key = match &sealed {
+            Some(s) => wire::KeyField::Age(s),
+            None => wire::KeyField::Pem(std::str::from_utf8(pem.expose()).unwrap_or_default()),
+        };
+        let body = wire::encode_request(&id, &target, &read(cert, "cert")?, key, chain.as_deref(), now());
         requests.push((id, body));
     }
     let bcfg = crate::worker::broker_config(&cfg, &format!("certdeploy-submit-{}", std::process::id()));
@@ -336,8 +401,11 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
     // Subscribe before publishing: results published while nobody is
     // bound would be dropped.
     let mut results = if a.wait { Some(broker.subscribe_results().await?) } else { None };
+    // user_id: the broker checks it is our user, and the worker records
+    // it in the results as `submitted_by`.
+    let opts = certdeploy_amqp::RequestOptions { user_id: Some(broker.user().to_string()), ..Default::default() };
     for (id, body) in &requests {
-        broker.publish_request(body).await.with_context(|| format!("publishing {id}"))?;
+        broker.publish_request_with(body, &opts).await.with_context(|| format!("publishing {id}"))?;
         if !a.wait {
             println!("{id}");
         }

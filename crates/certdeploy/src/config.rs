@@ -26,12 +26,28 @@ pub struct Config {
     pub ssh: SshSection,
     #[serde(default)]
     pub targets: BTreeMap<String, TargetConfig>,
+    #[serde(default)]
+    pub submit: SubmitSection,
+    /// The identities of `worker.key_identities`, once [`Config::load_keys`]
+    /// read them (empty before).
+    #[serde(skip)]
+    pub keyring: std::sync::Arc<crate::sealed::Keyring>,
+}
+
+/// `[submit]`: settings of `certdeploy submit`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmitSection {
+    /// age recipients (`age1…`) the private key is sealed to before publishing.
+    pub key_recipients: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     pub amqp_url: String,
+    /// The nodes of one RabbitMQ cluster; when set, wins over `amqp_url`.
+    pub amqp_urls: Vec<String>,
     pub journal_path: PathBuf,
     pub concurrency: usize,
     pub per_host_concurrency: usize,
@@ -69,12 +85,24 @@ pub struct WorkerConfig {
     pub max_deferrals: u32,
     /// The retry queue (per-message TTL, dead-letters back to the requests queue).
     pub retry_queue: String,
+    /// age identity files that open sealed keys (`private_key_age`); the
+    /// first one also seals the worker's own copies of a request.
+    pub key_identities: Vec<PathBuf>,
+    /// Refuse requests that carry the key in clear (`private_key_pem`).
+    pub require_sealed_keys: bool,
+    /// Durable queue keeping every result event (`""`: none).
+    pub results_queue: String,
+    /// Bound of `results_queue`; the oldest results are dropped first.
+    pub results_queue_max_length: u64,
+    /// Requests older than this (by `requested_at`) are rejected; 0 = off.
+    pub max_request_age_s: u64,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_urls: vec![],
             journal_path: "/var/lib/certdeploy/journal".into(),
             concurrency: 64,
             per_host_concurrency: 4,
@@ -98,7 +126,19 @@ impl Default for WorkerConfig {
             defer_delay_ms: 2_000,
             max_deferrals: 300,
             retry_queue: "certdeploy.retry".into(),
+            key_identities: vec![],
+            require_sealed_keys: false,
+            results_queue: "certdeploy.results".into(),
+            results_queue_max_length: 1_000_000,
+            max_request_age_s: 0,
         }
+    }
+}
+
+impl WorkerConfig {
+    /// The broker URLs to try, in order: `amqp_urls`, or `amqp_url` alone.
+    pub fn broker_urls(&self) -> Vec<String> {
+        if self.amqp_urls.is_empty() { vec![self.amqp_url.clone()] } else { self.amqp_urls.clone() }
     }
 }
 
@@ -245,6 +285,18 @@ impl Config {
         })
     }
 
+    /// Read `worker.key_identities` (checking their permissions) into
+    /// [`Config::keyring`].
+    pub fn load_keys(&mut self) -> Result<(), ConfigError> {
+        let ring = crate::sealed::Keyring::load(&self.worker.key_identities).map_err(|e| ConfigError {
+            file: "-".into(),
+            key: "worker.key_identities".into(),
+            problem: e.to_string(),
+        })?;
+        self.keyring = std::sync::Arc::new(ring);
+        Ok(())
+    }
+
     /// Load, apply `CERTDEPLOY_*` overrides, validate.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
@@ -289,6 +341,7 @@ impl Config {
             };
             match key.as_str() {
                 "amqp_url" => w.amqp_url = v.clone(),
+                "amqp_urls" => w.amqp_urls = list(),
                 "journal_path" => w.journal_path = v.into(),
                 "concurrency" => w.concurrency = v.parse().map_err(|_| bad("a number"))?,
                 "per_host_concurrency" => w.per_host_concurrency = v.parse().map_err(|_| bad("a number"))?,
@@ -312,6 +365,11 @@ impl Config {
                 "defer_delay_ms" => w.defer_delay_ms = v.parse().map_err(|_| bad("a number"))?,
                 "max_deferrals" => w.max_deferrals = v.parse().map_err(|_| bad("a number"))?,
                 "retry_queue" => w.retry_queue = v.clone(),
+                "key_identities" => w.key_identities = list().into_iter().map(PathBuf::from).collect(),
+                "require_sealed_keys" => w.require_sealed_keys = boolean()?,
+                "results_queue" => w.results_queue = v.clone(),
+                "results_queue_max_length" => w.results_queue_max_length = v.parse().map_err(|_| bad("a number"))?,
+                "max_request_age_s" => w.max_request_age_s = v.parse().map_err(|_| bad("a number"))?,
                 // Not [worker] keys (e.g. CERTDEPLOY_CONFIG, CERTDEPLOY_LOG_FORMAT).
                 _ => {}
             }
@@ -322,8 +380,30 @@ impl Config {
     fn validate(&self) -> Result<(), (String, String)> {
         let w = &self.worker;
         let e = |k: &str, p: &str| Err((k.to_string(), p.to_string()));
-        if !(w.amqp_url.starts_with("amqp://") || w.amqp_url.starts_with("amqps://")) {
+        let is_amqp = |u: &str| u.starts_with("amqp://") || u.starts_with("amqps://");
+        if !is_amqp(&w.amqp_url) {
             return e("worker.amqp_url", "must start with amqp:// or amqps://");
+        }
+        if !w.amqp_urls.iter().all(|u| is_amqp(u)) {
+            return e("worker.amqp_urls", "every URL must start with amqp:// or amqps://");
+        }
+        if w.require_sealed_keys && w.key_identities.is_empty() {
+            return e("worker.require_sealed_keys", "needs key_identities to open the sealed keys with");
+        }
+        if w.key_identities.iter().any(|p| !p.is_absolute()) {
+            return e("worker.key_identities", "paths must be absolute");
+        }
+        if !w.results_queue.is_empty() && [&w.requests_queue, &w.retry_queue, &w.dead_queue].contains(&&w.results_queue)
+        {
+            return e("worker.results_queue", "must differ from the requests, retry and dead-letter queues");
+        }
+        if w.results_queue_max_length == 0 {
+            return e("worker.results_queue_max_length", "must be at least 1");
+        }
+        for r in &self.submit.key_recipients {
+            if let Err(p) = crate::sealed::parse_recipient(r) {
+                return Err(("submit.key_recipients".into(), p));
+            }
         }
         if w.concurrency == 0 || w.concurrency > 65535 {
             return e("worker.concurrency", "must be between 1 and 65535");

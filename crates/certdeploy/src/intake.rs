@@ -46,7 +46,8 @@ impl Validated {
     }
 }
 
-/// Decode and check a message body.
+/// Decode and check a message body from the bus: the request checks plus
+/// the bus-only rules (sealed keys required, request age).
 pub fn validate_body(body: &[u8], cfg: &Config, now: Timestamp) -> Result<Validated, Rejection> {
     let req = decode_request(body).map_err(|error| {
         let (id, target) = certdeploy_core::wire::salvage_ids(body);
@@ -54,7 +55,43 @@ pub fn validate_body(body: &[u8], cfg: &Config, now: Timestamp) -> Result<Valida
     })?;
     let id = req.deployment_id.clone();
     let target = req.target.clone().or_else(|| req.target_spec.as_ref().map(|_| "inline".to_string()));
-    validate_request(req, cfg, now).map_err(|error| Rejection { deployment_id: Some(id), target, error })
+    let reject = |error| Rejection { deployment_id: Some(id.clone()), target: target.clone(), error };
+    if cfg.worker.require_sealed_keys && req.private_key_pem.is_some() {
+        return Err(reject(RequestError::new(
+            "private_key_pem",
+            "keys must be sealed for this worker (require_sealed_keys = true): send `private_key_age`",
+        )));
+    }
+    check_age(req.requested_at.as_deref(), cfg.worker.max_request_age_s, now).map_err(reject)?;
+    validate_request(req, cfg, now).map_err(reject)
+}
+
+/// `max_request_age_s`: a request older than that when it arrives is stale.
+fn check_age(requested_at: Option<&str>, max_age_s: u64, now: Timestamp) -> Result<(), RequestError> {
+    if max_age_s == 0 {
+        return Ok(());
+    }
+    let Some(at) = requested_at else {
+        return Err(RequestError::new(
+            "requested_at",
+            format!("missing: this worker rejects requests older than {max_age_s} s"),
+        ));
+    };
+    let t = humantime::parse_rfc3339_weak(at).map_err(|_| {
+        RequestError::new(
+            "requested_at",
+            format!("`{}` is not an RFC 3339 UTC time like 2026-11-27T21:00:00Z", printable(at)),
+        )
+    })?;
+    let at_ms = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let age_s = now.0.saturating_sub(at_ms) / 1000;
+    if age_s > max_age_s {
+        return Err(RequestError::new(
+            "requested_at",
+            format!("stale: requested {age_s} s ago, this worker accepts requests up to {max_age_s} s old"),
+        ));
+    }
+    Ok(())
 }
 
 /// Check a decoded request against the configuration and the PKI rules.
@@ -75,20 +112,37 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
         }
         _ => return Err(RequestError::new("target", "give exactly one of `target` and `target_spec`")),
     };
+    let key: Secret = match (&req.private_key_pem, &req.private_key_age) {
+        (Some(pem), None) => Secret::new(pem.expose_str().as_bytes().to_vec()),
+        (None, Some(sealed)) => {
+            cfg.keyring.open(sealed).map_err(|e| RequestError::new(crate::sealed::AGE_FIELD, e.to_string()))?
+        }
+        _ => {
+            return Err(RequestError::new(
+                "private_key_pem",
+                "give exactly one of `private_key_pem` and `private_key_age`",
+            ));
+        }
+    };
+    let key_text = std::str::from_utf8(key.expose())
+        .map_err(|_| RequestError::new(crate::sealed::AGE_FIELD, "its plaintext is not text (a PEM key is)"))?;
     let now_s = (now.0 / 1000) as i64;
     let facts = certdeploy_pki::validate_bundle(
         &req.certificate_pem,
-        req.private_key_pem.expose_str(),
+        key_text,
         req.chain_pem.as_deref(),
         now_s,
         NOT_BEFORE_SKEW_S,
     )
-    .map_err(|e| RequestError::new(e.field, e.problem))?;
-    let material = Material {
-        certificate_pem: req.certificate_pem,
-        private_key_pem: Secret::new(req.private_key_pem.expose_str().as_bytes().to_vec()),
-        chain_pem: req.chain_pem,
-    };
+    .map_err(|e| {
+        // A problem of a sealed key is reported under the field it came in.
+        let field = match e.field {
+            "private_key_pem" if req.private_key_age.is_some() => crate::sealed::AGE_FIELD,
+            f => f,
+        };
+        RequestError::new(field, e.problem)
+    })?;
+    let material = Material { certificate_pem: req.certificate_pem, private_key_pem: key, chain_pem: req.chain_pem };
     Ok(Validated {
         deployment_id: req.deployment_id,
         target_name,

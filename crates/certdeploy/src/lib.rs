@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod intake;
 pub mod metrics;
+pub mod sealed;
 pub mod verify;
 pub mod worker;
 
@@ -65,6 +66,12 @@ pub enum Command {
     /// writable directories, reload/validate programs.
     #[command(after_help = "Example:\n  certdeploy check --target web1")]
     Check(cli::CheckArgs),
+    /// Write a new age identity for `[worker] key_identities` and print its recipient.
+    #[command(after_help = "Example:\n  certdeploy keygen --out /etc/certdeploy/worker.agekey\n\n\
+        Writes a standard age identity file (mode 0600, never over an existing file) and prints\n\
+        only its recipient (age1...) on stdout: give that to submitters (submit --recipient,\n\
+        [submit] key_recipients, or `age -r`). Needs no configuration file.")]
+    Keygen(cli::KeygenArgs),
 }
 
 pub fn init_logging(format: &str) -> Result<(), String> {

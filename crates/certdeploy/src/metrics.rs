@@ -26,6 +26,11 @@ pub const LOCKS_LOST: &str = "certdeploy_locks_lost_total";
 /// Requests sent to the retry queue because their target was locked.
 pub const DEFERRALS: &str = "certdeploy_deferrals_total";
 
+/// Results the broker could not route: label `destination` = `events`
+/// (no queue bound, `results_queue` disabled) or `reply_to` (the
+/// requester's queue is missing).
+pub const RESULTS_UNROUTABLE: &str = "certdeploy_results_unroutable_total";
+
 /// Every metric name the worker exports (the Grafana dashboard test checks
 /// its queries against this list).
 pub const ALL: &[&str] = &[
@@ -42,6 +47,7 @@ pub const ALL: &[&str] = &[
     TAKEOVERS,
     LOCKS_LOST,
     DEFERRALS,
+    RESULTS_UNROUTABLE,
 ];
 
 /// Readiness parts, flipped by the worker.
@@ -80,6 +86,7 @@ fn describe() {
     describe_counter!(AMQP_RECONNECTS, "Broker reconnections");
     describe_histogram!(PUBLISH_SECONDS, "Result publish latency until confirmed");
     describe_counter!(SSH_MASTERS_OPENED, "SSH ControlMaster connections opened");
+    describe_counter!(RESULTS_UNROUTABLE, "Results the broker returned as unroutable, by destination");
     describe_gauge!(READY, "1 when broker, journal and recovery are ready");
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use certdeploy_amqp::{Broker, BrokerConfig, Delivery, Topology};
+use certdeploy_amqp::{AmqpError, Broker, BrokerConfig, Delivery, Topology};
 use certdeploy_core::Report;
 use certdeploy_core::wire::ResultEvent;
 use tokio::sync::{oneshot, watch};
@@ -25,7 +25,13 @@ use crate::metrics::{self as m, Health};
 
 pub fn broker_config(cfg: &Config, name: &str) -> BrokerConfig {
     let w = &cfg.worker;
-    let mut b = BrokerConfig::new(w.amqp_url.clone(), name.to_string());
+    // Round-robin at start: workers of one fleet spread over the nodes of
+    // the cluster; each then fails over to the next node.
+    let mut urls = w.broker_urls();
+    let start = std::process::id() as usize % urls.len();
+    urls.rotate_left(start);
+    let mut b = BrokerConfig::new(urls[0].clone(), name.to_string());
+    b.failover_urls = urls[1..].to_vec();
     b.topology = Topology {
         requests_queue: w.requests_queue.clone(),
         dead_exchange: w.dead_exchange.clone(),
@@ -33,6 +39,8 @@ pub fn broker_config(cfg: &Config, name: &str) -> BrokerConfig {
         events_exchange: w.events_exchange.clone(),
         delivery_limit: w.delivery_limit,
         retry_queue: w.retry_queue.clone(),
+        results_queue: w.results_queue.clone(),
+        results_max_length: w.results_queue_max_length,
     };
     b.prefetch = w.concurrency.min(u16::MAX as usize) as u16;
     b.rpc_timeout = Duration::from_secs(30);
@@ -64,7 +72,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     health.recovered.store(true, Ordering::Relaxed);
     tracing::info!(recovered = n, worker = %rt.worker_name, "recovery done");
 
-    let bcfg = broker_config(&cfg, &rt.worker_name);
+    let mut bcfg = broker_config(&cfg, &rt.worker_name);
     let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
     let mut tasks = tokio::task::JoinSet::new();
     // Kept across reconnects: a redelivered copy queues behind the
@@ -135,6 +143,15 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         let _ = broker_tx.send(None);
         drop(consumer);
         broker.close().await;
+        if !bcfg.failover_urls.is_empty() {
+            // The node just lost is tried last.
+            let lost = std::mem::replace(&mut bcfg.url, bcfg.failover_urls.remove(0));
+            bcfg.failover_urls.push(lost);
+            tracing::warn!(
+                next = %certdeploy_amqp::redact_url(&bcfg.url),
+                "failing over to the next node of the cluster"
+            );
+        }
         if *shutdown.borrow() {
             break;
         }
@@ -202,12 +219,38 @@ async fn current_broker(rx: &mut watch::Receiver<Option<Arc<Broker>>>) -> Option
     }
 }
 
-async fn publish(broker: &Broker, report: &Report, worker: &str) -> Result<(), certdeploy_amqp::AmqpError> {
+/// Publish a result `mandatory` with `correlation_id` = its deployment id,
+/// and to the request's `reply_to` queue when it named one. An unroutable
+/// result (nothing bound: only possible without `results_queue`) and any
+/// failure on `reply_to` are logged and counted, never a reason to hold
+/// the ack: the journal keeps the result.
+async fn publish(broker: &Broker, report: &Report, worker: &str, reply: &Reply) -> Result<(), AmqpError> {
     let t = Instant::now();
-    let body = ResultEvent::from_report(report, worker).to_json();
-    let r = broker.publish_result(report.outcome.as_str(), &body).await;
+    let id = report.deployment_id.as_str();
+    let body = ResultEvent::from_report(report, worker).submitted_by(reply.submitted_by.as_deref()).to_json();
+    match broker.publish_event(report.outcome.as_str(), &body, id).await {
+        Ok(()) => {}
+        Err(AmqpError::Unroutable { routing_key, .. }) => {
+            metrics::counter!(m::RESULTS_UNROUTABLE, "destination" => "events").increment(1);
+            tracing::warn!(deployment_id = %id, %routing_key, "result unroutable: no queue is bound for it (results_queue is disabled); the journal keeps it");
+        }
+        Err(e) => return Err(e),
+    }
     metrics::histogram!(m::PUBLISH_SECONDS).record(t.elapsed().as_secs_f64());
-    r
+    if let Some(queue) = &reply.reply_to {
+        match broker.publish_reply(queue, &body, id).await {
+            Ok(()) => {}
+            Err(AmqpError::Unroutable { .. }) => {
+                metrics::counter!(m::RESULTS_UNROUTABLE, "destination" => "reply_to").increment(1);
+                tracing::warn!(deployment_id = %id, reply_to = %queue, "reply_to queue does not exist: result not delivered there");
+            }
+            Err(e) => {
+                metrics::counter!(m::RESULTS_UNROUTABLE, "destination" => "reply_to").increment(1);
+                tracing::warn!(deployment_id = %id, reply_to = %queue, "publishing to reply_to failed: {e}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Deliveries for one target (host, port, certificate path) are deployed in
@@ -285,8 +328,42 @@ fn order_key(body: &[u8], cfg: &Config) -> Option<String> {
     }
 }
 
-async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Option<Arc<Broker>>>, turn: &mut Turn) {
+/// What the answer to a delivery carries besides the result: who asked
+/// (`submitted_by`), and where else it goes (`reply_to`).
+struct Reply {
+    submitted_by: Option<String>,
+    reply_to: Option<String>,
+}
+
+impl Reply {
+    fn of(delivery: &Delivery, cfg: &Config) -> Reply {
+        let ours = certdeploy_amqp::url_user(&cfg.worker.broker_urls()[0]);
+        let w = &cfg.worker;
+        // A reply into one of the worker's own queues would come back as
+        // a request (or a result nobody asked for): refused.
+        let reply_to = delivery.reply_to().map(str::to_string).filter(|q| {
+            let own = [&w.requests_queue, &w.retry_queue, &w.dead_queue, &w.results_queue].contains(&q);
+            if own {
+                tracing::warn!(reply_to = %q, "ignoring reply_to naming one of the worker's own queues");
+            }
+            !own
+        });
+        Reply { submitted_by: delivery.submitted_by(&ours), reply_to }
+    }
+}
+
+/// True on the last delivery the broker will make of a message: returned
+/// once more, it would be dead-lettered without an answer. The count is
+/// the broker's own (it overwrites the header on every redelivery); a
+/// first delivery carries only what its publisher wrote, so it is not
+/// believed there.
+fn last_delivery(delivery: &Delivery, limit: u32) -> bool {
+    delivery.redelivered && delivery.delivery_count.is_some_and(|n| n >= u64::from(limit))
+}
+
+async fn handle(rt: &Runtime, delivery: Delivery, brx: watch::Receiver<Option<Arc<Broker>>>, turn: &mut Turn) {
     let now = crate::verify::now();
+    let reply = Reply::of(&delivery, &rt.cfg);
     // A redelivery of a finished deployment re-publishes the recorded
     // result before anything else is checked: its certificate may have
     // expired since, but the answer for this id was given.
@@ -294,7 +371,26 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
         && let Ok(Some(certdeploy_journal::DeploymentStatus::Finished { report, .. })) = rt.journal.status(&id)
     {
         tracing::info!(deployment_id = %id, outcome = %report.outcome, "already finished: re-publishing its result");
-        return finish(rt, delivery, brx, report).await;
+        return finish(rt, delivery, brx, report, &reply).await;
+    }
+    // Every message is answered: on the broker's last delivery the worker
+    // answers `failed` itself rather than risk dying with it once more
+    // (recovery at start has already rolled back whatever an earlier
+    // attempt left half done).
+    if last_delivery(&delivery, rt.cfg.worker.delivery_limit) {
+        let (id, target) = certdeploy_core::wire::salvage_ids(&delivery.body);
+        let id = id.unwrap_or_else(|| "unknown".into());
+        let target = target.unwrap_or_else(|| "unknown".into());
+        let count = delivery.delivery_count.unwrap_or(0);
+        let msg = format!(
+            "delivery limit reached: delivered {} times without an answer (a worker stopped while holding it); \
+             not deployed by this request",
+            count + 1
+        );
+        tracing::error!(deployment_id = %id, target = %target, "{msg}");
+        metrics::counter!(m::DEPLOYMENTS, "outcome" => "failed").increment(1);
+        let report = Report::delivery_limit(&id, &target, msg.clone(), now);
+        return answer_and_dead_letter(rt, delivery, brx, report, &reply, &format!("delivery_limit: {msg}")).await;
     }
     let validated = match intake::validate_body(&delivery.body, &rt.cfg, now) {
         Ok(v) => v,
@@ -305,18 +401,16 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
             tracing::warn!(deployment_id = %id, target = %target, "rejected: {reason}");
             let report = Report::rejected(&id, &target, "", format!("request rejected: {reason}"), now);
             metrics::counter!(m::DEPLOYMENTS, "outcome" => "rejected").increment(1);
-            let Some(broker) = current_broker(&mut brx).await else { return };
-            if let Err(e) = publish(&broker, &report, &rt.worker_name).await {
-                tracing::warn!(deployment_id = %id, "publishing the rejected result failed: {e}; message will be redelivered");
-                let _ = delivery.reject_requeue().await;
-                return;
-            }
-            if let Err(e) = broker.dead_letter(&delivery, &reason).await {
-                tracing::warn!(deployment_id = %id, "dead-lettering failed: {e}");
-            }
-            return;
+            return answer_and_dead_letter(rt, delivery, brx, report, &reply, &reason).await;
         }
     };
+    #[cfg(feature = "failpoints")]
+    if let Some(Some(poison)) = fail::eval("worker_crash_on", |arg| arg)
+        && poison == validated.deployment_id
+    {
+        tracing::error!(deployment_id = %poison, "failpoint worker_crash_on: aborting");
+        std::process::abort();
+    }
     // Deploy after the earlier deliveries of this target. On SIGTERM the
     // deliveries already handed to tasks still run (bounded by the grace
     // period): they are in flight as far as the broker is concerned, and
@@ -327,7 +421,9 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
     turn.wait().await;
     let report = match rt.execute(&validated).await {
         Ok(crate::app::Executed::Report(r)) => r,
-        Ok(crate::app::Executed::Deferred { holder }) => return defer(rt, delivery, brx, &validated, &holder).await,
+        Ok(crate::app::Executed::Deferred { holder }) => {
+            return defer(rt, delivery, brx, &validated, &holder, &reply).await;
+        }
         Err(e) => {
             // The journal (or the runtime) failed: nothing is lost, the
             // deployment stays unfinished and is resumed on redelivery.
@@ -337,7 +433,31 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
             return;
         }
     };
-    finish(rt, delivery, brx, report).await;
+    finish(rt, delivery, brx, report, &reply).await;
+}
+
+/// Publish a result for a request that will not run (rejected, delivery
+/// limit), then dead-letter the worker's own copy of it without the key in
+/// clear, and ack the original.
+async fn answer_and_dead_letter(
+    rt: &Runtime,
+    delivery: Delivery,
+    mut brx: watch::Receiver<Option<Arc<Broker>>>,
+    report: Report,
+    reply: &Reply,
+    reason: &str,
+) {
+    let Some(broker) = current_broker(&mut brx).await else { return };
+    let id = &report.deployment_id;
+    if let Err(e) = publish(&broker, &report, &rt.worker_name, reply).await {
+        tracing::warn!(deployment_id = %id, "publishing the {} result failed: {e}; message will be redelivered", report.outcome);
+        let _ = delivery.reject_requeue().await;
+        return;
+    }
+    let body = crate::sealed::redact_body(&delivery.body);
+    if let Err(e) = broker.dead_letter_body(&delivery, &body, reason).await {
+        tracing::warn!(deployment_id = %id, "dead-lettering failed: {e}");
+    }
 }
 
 /// The target is locked by another worker's live deployment: send the
@@ -349,8 +469,10 @@ async fn defer(
     mut brx: watch::Receiver<Option<Arc<Broker>>>,
     v: &intake::Validated,
     holder: &str,
+    reply: &Reply,
 ) {
-    let n = delivery.deferrals();
+    // Only the worker's own copies carry a count it believes.
+    let n = delivery.trusted_deferrals(&certdeploy_amqp::url_user(&rt.cfg.worker.broker_urls()[0]));
     if n >= rt.cfg.worker.max_deferrals {
         let msg = format!(
             "target locked by {holder}; gave up after {n} deferrals of {} ms; the host was not changed by this request",
@@ -359,12 +481,24 @@ async fn defer(
         tracing::warn!(deployment_id = %v.deployment_id, "{msg}");
         let report = Report::lock_failed(&v.deployment_id, &v.target_name, "", msg, crate::verify::now());
         metrics::counter!(m::DEPLOYMENTS, "outcome" => "failed").increment(1);
-        return finish(rt, delivery, brx, report).await;
+        return finish(rt, delivery, brx, report, reply).await;
     }
     let Some(broker) = current_broker(&mut brx).await else { return };
     metrics::counter!(m::DEFERRALS).increment(1);
     let delay = Duration::from_millis(rt.cfg.worker.defer_delay_ms);
-    match broker.defer(&delivery, delay, n + 1).await {
+    // The copy that waits on the bus holds no key in clear when the worker
+    // can seal it (to its own first identity).
+    let body = match rt.cfg.keyring.first_recipient().and_then(|r| crate::sealed::seal_body(&delivery.body, &r)) {
+        Some(Ok(sealed)) => sealed,
+        Some(Err(e)) => {
+            tracing::warn!(deployment_id = %v.deployment_id, "sealing the deferred copy failed: {e}; returning the message");
+            tokio::time::sleep(delay).await;
+            let _ = delivery.reject_requeue().await;
+            return;
+        }
+        None => delivery.body.clone(),
+    };
+    match broker.defer_copy(&delivery, &body, delay, n + 1).await {
         Ok(_) => {
             tracing::info!(deployment_id = %v.deployment_id, deferrals = n + 1, "target locked by {holder}: retrying in {delay:?}")
         }
@@ -377,9 +511,15 @@ async fn defer(
 }
 
 /// Publish the result (confirmed), then ack, then record the ack.
-async fn finish(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Option<Arc<Broker>>>, report: Report) {
+async fn finish(
+    rt: &Runtime,
+    delivery: Delivery,
+    mut brx: watch::Receiver<Option<Arc<Broker>>>,
+    report: Report,
+    reply: &Reply,
+) {
     let Some(broker) = current_broker(&mut brx).await else { return };
-    if let Err(e) = publish(&broker, &report, &rt.worker_name).await {
+    if let Err(e) = publish(&broker, &report, &rt.worker_name, reply).await {
         tracing::warn!(deployment_id = %report.deployment_id, "result publish failed: {e}; will re-publish on redelivery");
         let _ = delivery.reject_requeue().await;
         return;

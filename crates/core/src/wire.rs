@@ -25,11 +25,25 @@ pub struct DeployRequest {
     #[serde(default)]
     pub target_spec: Option<TargetSpec>,
     pub certificate_pem: String,
-    pub private_key_pem: SecretString,
+    /// The key in clear (PEM). Exactly one of this and `private_key_age`.
+    #[serde(default)]
+    pub private_key_pem: Option<SecretString>,
+    /// The key sealed to the worker: an ASCII-armored age file whose
+    /// plaintext is the PEM key.
+    #[serde(default)]
+    pub private_key_age: Option<String>,
     #[serde(default)]
     pub chain_pem: Option<String>,
     #[serde(default)]
     pub requested_at: Option<String>,
+}
+
+/// The two ways a request carries its private key.
+pub enum KeyField<'a> {
+    /// PEM in clear.
+    Pem(&'a str),
+    /// ASCII-armored age file whose plaintext is the PEM.
+    Age(&'a str),
 }
 
 /// A string secret as it arrives in JSON.
@@ -145,6 +159,18 @@ pub fn decode_request(body: &[u8]) -> Result<DeployRequest, RequestError> {
         }
         _ => {}
     }
+    match (&req.private_key_pem, &req.private_key_age) {
+        (Some(_), Some(_)) => {
+            return Err(RequestError::new(
+                "private_key_age",
+                "give either `private_key_pem` or `private_key_age`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(RequestError::new("private_key_pem", "missing required field (or give `private_key_age`)"));
+        }
+        _ => {}
+    }
     Ok(req)
 }
 
@@ -155,7 +181,8 @@ const REQUEST_FIELDS: &[(&str, bool, Kind)] = &[
     ("target", false, Kind::Str),
     ("target_spec", false, Kind::Object),
     ("certificate_pem", true, Kind::Str),
-    ("private_key_pem", true, Kind::Str),
+    ("private_key_pem", false, Kind::Str),
+    ("private_key_age", false, Kind::Str),
     ("chain_pem", false, Kind::Str),
     ("requested_at", false, Kind::Str),
 ];
@@ -305,7 +332,7 @@ pub fn encode_request(
     deployment_id: &str,
     target: &str,
     certificate_pem: &str,
-    private_key_pem: &str,
+    key: KeyField<'_>,
     chain_pem: Option<&str>,
     requested_at: Timestamp,
 ) -> Vec<u8> {
@@ -314,18 +341,21 @@ pub fn encode_request(
         "deployment_id": deployment_id,
         "target": target,
         "certificate_pem": certificate_pem,
-        "private_key_pem": private_key_pem,
         "requested_at": requested_at.rfc3339(),
     });
+    match key {
+        KeyField::Pem(k) => v["private_key_pem"] = serde_json::Value::String(k.to_string()),
+        KeyField::Age(k) => v["private_key_age"] = serde_json::Value::String(k.to_string()),
+    }
     if let Some(c) = chain_pem {
         v["chain_pem"] = serde_json::Value::String(c.to_string());
     }
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
-/// The result event published for every request.
+/// The result event published for every request. Consumers ignore fields
+/// they do not know (later versions may add some).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ResultEvent {
     pub schema: String,
     pub deployment_id: String,
@@ -340,6 +370,9 @@ pub struct ResultEvent {
     pub finished_at: String,
     pub duration_ms: u64,
     pub worker: String,
+    /// The broker-validated AMQP `user_id` of the request, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
 }
 
 impl ResultEvent {
@@ -358,7 +391,14 @@ impl ResultEvent {
             finished_at: r.finished_at.rfc3339(),
             duration_ms: r.finished_at.since(r.started_at),
             worker: worker.to_string(),
+            submitted_by: None,
         }
+    }
+
+    /// The same event naming who submitted the request.
+    pub fn submitted_by(mut self, user: Option<&str>) -> ResultEvent {
+        self.submitted_by = user.map(str::to_string);
+        self
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -377,6 +417,14 @@ impl Report {
     /// not touched.
     pub fn lock_failed(deployment_id: &str, target: &str, host: &str, message: String, at: Timestamp) -> Report {
         Report::before_any_step(Outcome::Failed, "lock", deployment_id, target, host, message, at)
+    }
+
+    /// `failed` on the last delivery the broker will make of a request
+    /// (its delivery limit): earlier deliveries ended without an answer
+    /// (a worker died holding it). The host is in whatever state recovery
+    /// left it: never half-deployed.
+    pub fn delivery_limit(deployment_id: &str, target: &str, message: String, at: Timestamp) -> Report {
+        Report::before_any_step(Outcome::Failed, "delivery_limit", deployment_id, target, "", message, at)
     }
 
     fn before_any_step(
