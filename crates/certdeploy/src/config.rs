@@ -28,10 +28,17 @@ pub struct Config {
     pub targets: BTreeMap<String, TargetConfig>,
 }
 
+/// `CERTDEPLOY_*` variables that are not `[worker]` overrides.
+pub const NOT_WORKER_KEYS: &[&str] = &["CERTDEPLOY_CONFIG", "CERTDEPLOY_LOG_FORMAT"];
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     pub amqp_url: String,
+    /// A file whose content (trimmed) is `amqp_url`, e.g. a systemd
+    /// credential: the broker password stays out of the config file and the
+    /// environment. Wins over `amqp_url`.
+    pub amqp_url_file: Option<PathBuf>,
     pub journal_path: PathBuf,
     pub concurrency: usize,
     pub per_host_concurrency: usize,
@@ -75,6 +82,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_url_file: None,
             journal_path: "/var/lib/certdeploy/journal".into(),
             concurrency: 64,
             per_host_concurrency: 4,
@@ -271,6 +279,7 @@ impl Config {
             err(&key, msg)
         })?;
         cfg.apply_env(env).map_err(|(k, p)| err(&k, p))?;
+        cfg.read_secret_files().map_err(|(k, p)| err(&k, p))?;
         cfg.validate().map_err(|(k, p)| err(&k, p))?;
         Ok(cfg)
     }
@@ -289,6 +298,7 @@ impl Config {
             };
             match key.as_str() {
                 "amqp_url" => w.amqp_url = v.clone(),
+                "amqp_url_file" => w.amqp_url_file = Some(v.into()),
                 "journal_path" => w.journal_path = v.into(),
                 "concurrency" => w.concurrency = v.parse().map_err(|_| bad("a number"))?,
                 "per_host_concurrency" => w.per_host_concurrency = v.parse().map_err(|_| bad("a number"))?,
@@ -312,9 +322,27 @@ impl Config {
                 "defer_delay_ms" => w.defer_delay_ms = v.parse().map_err(|_| bad("a number"))?,
                 "max_deferrals" => w.max_deferrals = v.parse().map_err(|_| bad("a number"))?,
                 "retry_queue" => w.retry_queue = v.clone(),
-                // Not [worker] keys (e.g. CERTDEPLOY_CONFIG, CERTDEPLOY_LOG_FORMAT).
-                _ => {}
+                // Read by the command line, not [worker] keys.
+                _ if NOT_WORKER_KEYS.contains(&k.as_str()) => {}
+                _ => {
+                    return Err((
+                        k.clone(),
+                        "names no [worker] key: a typo would otherwise be ignored (CERTDEPLOY_* variables: \
+                         the [worker] keys in capitals, and CERTDEPLOY_CONFIG, CERTDEPLOY_LOG_FORMAT)"
+                            .into(),
+                    ));
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Secrets given as files (`*_file` keys) replace their inline key.
+    fn read_secret_files(&mut self) -> Result<(), (String, String)> {
+        if let Some(path) = &self.worker.amqp_url_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ("worker.amqp_url_file".to_string(), format!("cannot read {}: {e}", path.display())))?;
+            self.worker.amqp_url = text.trim().to_string();
         }
         Ok(())
     }
@@ -497,6 +525,31 @@ reload_command = "systemctl reload nginx"
         let bad = vec![("CERTDEPLOY_CONCURRENCY".to_string(), "many".to_string())];
         let e = Config::parse(MIN, "c.toml", &bad).unwrap_err().to_string();
         assert_eq!(e, "c.toml: CERTDEPLOY_CONCURRENCY: `many` is not a number");
+    }
+
+    #[test]
+    fn a_mistyped_variable_is_an_error_naming_it_and_the_cli_ones_pass() {
+        let typo = vec![("CERTDEPLOY_CONCURENCY".to_string(), "8".to_string())];
+        let e = Config::parse(MIN, "c.toml", &typo).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: CERTDEPLOY_CONCURENCY: names no [worker] key"), "{e}");
+        let cli = vec![
+            ("CERTDEPLOY_CONFIG".to_string(), "/etc/x.toml".to_string()),
+            ("CERTDEPLOY_LOG_FORMAT".to_string(), "json".to_string()),
+        ];
+        assert!(Config::parse(MIN, "c.toml", &cli).is_ok());
+    }
+
+    #[test]
+    fn the_broker_url_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("amqp_url");
+        std::fs::write(&f, "amqps://u:secret@broker:5671/v\n").unwrap();
+        let env = vec![("CERTDEPLOY_AMQP_URL_FILE".to_string(), f.display().to_string())];
+        let c = Config::parse(MIN, "c.toml", &env).unwrap();
+        assert_eq!(c.worker.amqp_url, "amqps://u:secret@broker:5671/v");
+        let missing = vec![("CERTDEPLOY_AMQP_URL_FILE".to_string(), "/nonexistent/amqp".to_string())];
+        let e = Config::parse(MIN, "c.toml", &missing).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: worker.amqp_url_file: cannot read /nonexistent/amqp"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod hostlock;
 pub mod intake;
 pub mod metrics;
+pub mod notify;
 pub mod verify;
 pub mod worker;
 
@@ -71,7 +72,10 @@ pub enum Command {
 pub fn init_logging(format: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: files, pipes and journald get
+    // plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         "json" => builder.json().with_current_span(true).with_span_list(true).init(),
         "human" => builder.init(),

@@ -53,10 +53,15 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     }
     let rt = Arc::new(Runtime::open(cfg.clone())?);
     health.journal.store(true, Ordering::Relaxed);
+    let _ = health.journal_handle.set(rt.journal.clone());
     tokio::spawn(journal_metrics(rt.clone()));
 
+    crate::notify::spawn_watchdog();
     // Finish every interrupted deployment before taking new work.
-    let n = rt.recover_all().await?;
+    let extending = crate::notify::extend_start_timeout_while_recovering();
+    let recovered = rt.recover_all().await;
+    extending.abort();
+    let n = recovered?;
     // Masters up front (opt-in): the first batch does not queue behind handshakes.
     if cfg.ssh.warm_masters {
         rt.warm_masters().await;
@@ -66,6 +71,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
 
     let bcfg = broker_config(&cfg, &rt.worker_name);
     let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
+    tokio::spawn(queue_metrics(bcfg.topology.clone(), broker_rx.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     // Kept across reconnects: a redelivered copy queues behind the
     // original that may still be running.
@@ -94,6 +100,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         health.broker.store(true, Ordering::Relaxed);
         let _ = broker_tx.send(Some(broker.clone()));
         tracing::info!(queue = %bcfg.topology.requests_queue, prefetch = bcfg.prefetch, "consuming");
+        crate::notify::ready();
         loop {
             tokio::select! {
                 d = consumer.next() => match d {
@@ -123,6 +130,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         tracing::info!("shutting down: no new deliveries; waiting for {} in-flight", tasks.len());
+                        crate::notify::stopping();
                         // Best effort and bounded: closing the connection stops deliveries too.
                         let _ = tokio::time::timeout(Duration::from_secs(5), consumer.cancel()).await;
                         break 'outer;
@@ -182,11 +190,36 @@ async fn journal_metrics(rt: Arc<Runtime>) {
     loop {
         let s = rt.journal.stats();
         metrics::counter!(m::JOURNAL_FLUSHES).absolute(s.flushes);
-        metrics::gauge!(m::JOURNAL_FLUSH_SECONDS).set(s.flush_latency.sum_us as f64 / 1e6);
         metrics::counter!(m::SSH_MASTERS_OPENED).absolute(rt.pool.masters_opened());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// The backlog of certdeploy's queues, from the current connection.
+async fn queue_metrics(t: Topology, rx: watch::Receiver<Option<Arc<Broker>>>) {
+    let queues = [t.requests_queue, t.retry_queue, t.dead_queue];
+    for q in &queues {
+        metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(0.0);
+    }
+    loop {
+        let broker = rx.borrow().clone();
+        let Some(b) = broker else {
+            // Not connected: look again soon, so the first reading follows the connect.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        for q in &queues {
+            match b.queue_depth(q).await {
+                Ok(n) => metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n)),
+                Err(e) => tracing::debug!(queue = %q, "queue depth: {e}"),
+            }
+        }
+        tokio::time::sleep(QUEUE_POLL).await;
+    }
+}
+
+/// How often the queue backlog is read from the broker.
+const QUEUE_POLL: Duration = Duration::from_secs(15);
 
 /// The broker to publish on: the current connection, waiting a bounded
 /// time for a reconnect.
