@@ -247,13 +247,7 @@ fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
         }
         JournalCommand::Gc { retention_days } => {
             let days = retention_days.unwrap_or(cfg.worker.journal_retention_days);
-            let retention = Duration::from_secs(days * 86400);
-            // A late redelivery must still find its result: keep dedupe
-            // entries 10x the retention, and never less than 30 days.
-            let policy = certdeploy_journal::GcPolicy {
-                retention,
-                dedupe_retention: retention.saturating_mul(10).max(Duration::from_secs(30 * 86400)),
-            };
+            let policy = cfg.worker.gc_policy(days);
             let stats = j.gc_with(&policy, now())?;
             println!(
                 "pruned {} finished deployment(s) ({} records; their results are kept for redelivery); \

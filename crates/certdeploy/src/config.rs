@@ -28,6 +28,21 @@ pub struct Config {
     pub targets: BTreeMap<String, TargetConfig>,
 }
 
+impl WorkerConfig {
+    /// What the worker's own gc and `certdeploy journal gc` keep: records
+    /// for `journal_retention_days`, each target's certificate in place for
+    /// ever, and results 10× the retention but at least 30 days, so a late
+    /// redelivery still re-publishes instead of redeploying.
+    pub fn gc_policy(&self, retention_days: u64) -> certdeploy_journal::GcPolicy {
+        let retention = std::time::Duration::from_secs(retention_days.saturating_mul(86_400));
+        certdeploy_journal::GcPolicy {
+            retention,
+            dedupe_retention: retention.saturating_mul(10).max(std::time::Duration::from_secs(30 * 86_400)),
+            keep_last_per_target: true,
+        }
+    }
+}
+
 /// `CERTDEPLOY_*` variables that are not `[worker]` overrides.
 pub const NOT_WORKER_KEYS: &[&str] = &["CERTDEPLOY_CONFIG", "CERTDEPLOY_LOG_FORMAT"];
 
@@ -55,8 +70,14 @@ pub struct WorkerConfig {
     pub deadline_s: u64,
     /// SIGTERM: how long in-flight deployments may take to finish.
     pub shutdown_grace_s: u64,
-    /// Terminal journal records are garbage-collected after this many days.
+    /// Terminal journal records are garbage-collected after this many days
+    /// (each target's last deployment that put a certificate in place is
+    /// kept however old; results for redelivery stay 10× longer, at least
+    /// 30 days).
     pub journal_retention_days: u64,
+    /// How often the worker collects its journal by itself (0: never; then
+    /// only `certdeploy journal gc` does).
+    pub journal_gc_interval_s: u64,
     /// `fsync` (default), `flush` (sled flush only) or `off` (benchmarks only).
     pub journal_durability: String,
     pub requests_queue: String,
@@ -95,6 +116,7 @@ impl Default for WorkerConfig {
             deadline_s: 600,
             shutdown_grace_s: 30,
             journal_retention_days: 7,
+            journal_gc_interval_s: 3600,
             journal_durability: "fsync".into(),
             requests_queue: "certdeploy.requests".into(),
             events_exchange: "certdeploy.events".into(),
@@ -311,6 +333,7 @@ impl Config {
                 "deadline_s" => w.deadline_s = v.parse().map_err(|_| bad("a number"))?,
                 "shutdown_grace_s" => w.shutdown_grace_s = v.parse().map_err(|_| bad("a number"))?,
                 "journal_retention_days" => w.journal_retention_days = v.parse().map_err(|_| bad("a number"))?,
+                "journal_gc_interval_s" => w.journal_gc_interval_s = v.parse().map_err(|_| bad("a number"))?,
                 "journal_durability" => w.journal_durability = v.clone(),
                 "requests_queue" => w.requests_queue = v.clone(),
                 "events_exchange" => w.events_exchange = v.clone(),

@@ -29,6 +29,13 @@ pub const DEFERRALS: &str = "certdeploy_deferrals_total";
 /// Messages ready in certdeploy's queues (requests, retry, dead letters),
 /// by queue, polled from the broker.
 pub const QUEUE_MESSAGES: &str = "certdeploy_queue_messages";
+/// The journal's bytes on disk, and the deployments its index holds.
+pub const JOURNAL_SIZE: &str = "certdeploy_journal_size_bytes";
+pub const JOURNAL_DEPLOYMENTS: &str = "certdeploy_journal_deployments";
+/// When the worker's own journal gc last completed (Unix seconds).
+pub const JOURNAL_GC_LAST: &str = "certdeploy_journal_last_gc_timestamp_seconds";
+/// Finished deployments whose records the worker's gc removed.
+pub const JOURNAL_GC_PRUNED: &str = "certdeploy_journal_gc_pruned_total";
 /// Always 1, labelled with the version: which build a worker runs.
 pub const BUILD_INFO: &str = "certdeploy_build_info";
 
@@ -49,6 +56,10 @@ pub const ALL: &[&str] = &[
     LOCKS_LOST,
     DEFERRALS,
     QUEUE_MESSAGES,
+    JOURNAL_SIZE,
+    JOURNAL_DEPLOYMENTS,
+    JOURNAL_GC_LAST,
+    JOURNAL_GC_PRUNED,
     BUILD_INFO,
 ];
 
@@ -113,10 +124,14 @@ fn register_at_zero() {
     let _ = metrics::histogram!(DEPLOY_SECONDS);
     let _ = metrics::histogram!(PUBLISH_SECONDS);
     metrics::gauge!(IN_FLIGHT).set(0.0);
-    for c in [JOURNAL_FLUSHES, AMQP_RECONNECTS, SSH_MASTERS_OPENED, TAKEOVERS, LOCKS_LOST, DEFERRALS] {
+    for c in [JOURNAL_FLUSHES, AMQP_RECONNECTS, SSH_MASTERS_OPENED, TAKEOVERS, LOCKS_LOST, DEFERRALS, JOURNAL_GC_PRUNED]
+    {
         metrics::counter!(c).increment(0);
     }
     metrics::gauge!(READY).set(0.0);
+    for g in [JOURNAL_SIZE, JOURNAL_DEPLOYMENTS, JOURNAL_GC_LAST] {
+        metrics::gauge!(g).set(0.0);
+    }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -157,6 +172,10 @@ fn describe() {
     describe_counter!(LOCKS_LOST, "Deployment attempts stopped because their target lock was lost");
     describe_counter!(DEFERRALS, "Requests sent to the retry queue because their target was locked");
     describe_gauge!(QUEUE_MESSAGES, "Messages ready in certdeploy's queues, by queue (polled every 15 s)");
+    describe_gauge!(JOURNAL_SIZE, "Bytes the journal's files take on disk");
+    describe_gauge!(JOURNAL_DEPLOYMENTS, "Deployments the journal's index holds (finished ones included)");
+    describe_gauge!(JOURNAL_GC_LAST, "Unix time of the worker's last completed journal gc (0: none yet)");
+    describe_counter!(JOURNAL_GC_PRUNED, "Finished deployments whose records the worker's journal gc removed");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build");
 }
 

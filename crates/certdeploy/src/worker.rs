@@ -55,6 +55,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     health.journal.store(true, Ordering::Relaxed);
     let _ = health.journal_handle.set(rt.journal.clone());
     tokio::spawn(journal_metrics(rt.clone()));
+    tokio::spawn(journal_housekeeping(rt.clone()));
 
     crate::notify::spawn_watchdog();
     // Finish every interrupted deployment before taking new work.
@@ -194,6 +195,52 @@ async fn journal_metrics(rt: Arc<Runtime>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// The journal looks after itself: gc every `journal_gc_interval_s` with
+/// the retention policy, and its size exported every minute. The gc runs on
+/// a blocking thread (it walks the index), beside deployments, which it
+/// never touches while they are in flight.
+async fn journal_housekeeping(rt: Arc<Runtime>) {
+    let w = &rt.cfg.worker;
+    let interval = (w.journal_gc_interval_s > 0).then(|| Duration::from_secs(w.journal_gc_interval_s));
+    let tick = interval.map_or(SIZE_EVERY, |i| i.min(SIZE_EVERY));
+    let mut next_gc = interval.map(|i| tokio::time::Instant::now() + i);
+    loop {
+        if next_gc.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            let j = rt.journal.clone();
+            let policy = w.gc_policy(w.journal_retention_days);
+            match tokio::task::spawn_blocking(move || j.gc_with(&policy, crate::verify::now())).await {
+                Ok(Ok(stats)) => {
+                    metrics::counter!(m::JOURNAL_GC_PRUNED).increment(stats.deployments_pruned);
+                    let unix_s = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64());
+                    metrics::gauge!(m::JOURNAL_GC_LAST).set(unix_s);
+                    tracing::info!(
+                        pruned = stats.deployments_pruned,
+                        records = stats.records_removed,
+                        results_dropped = stats.dedupe_entries_removed,
+                        "journal gc"
+                    );
+                }
+                Ok(Err(e)) => tracing::warn!("journal gc failed: {e}"),
+                Err(e) => tracing::warn!("journal gc task: {e}"),
+            }
+            next_gc = interval.map(|i| tokio::time::Instant::now() + i);
+        }
+        let j = rt.journal.clone();
+        if let Ok((size, n)) = tokio::task::spawn_blocking(move || (j.size_on_disk(), j.deployment_count())).await {
+            if let Ok(size) = size {
+                metrics::gauge!(m::JOURNAL_SIZE).set(size as f64);
+            }
+            metrics::gauge!(m::JOURNAL_DEPLOYMENTS).set(n as f64);
+        }
+        tokio::time::sleep(tick).await;
+    }
+}
+
+/// How often the journal's size is exported.
+const SIZE_EVERY: Duration = Duration::from_secs(60);
 
 /// The backlog of certdeploy's queues, from the current connection.
 async fn queue_metrics(t: Topology, rx: watch::Receiver<Option<Arc<Broker>>>) {

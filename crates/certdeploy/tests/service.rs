@@ -357,3 +357,43 @@ async fn as_pid1_of_a_namespace_closed_masters_are_reaped_only_with_an_init() {
     assert!(opened >= 50, "{opened}");
     assert!(zombies.is_empty(), "{} zombie ssh processes after {opened} masters: {zombies:?}", zombies.len());
 }
+
+/// A metric sample's value, e.g. `certdeploy_deployments_total{outcome="deployed"}`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_collects_its_journal_by_itself_and_keeps_what_is_in_place() {
+    let fleet = Fleet::new(1, true);
+    let opts =
+        Opts { worker_extra: "journal_gc_interval_s = 1\njournal_retention_days = 0\n".into(), ..Opts::default() };
+    let (cfg, metrics) = config_with_metrics(&fleet, &opts);
+    let mut client = Client::connect(&fleet).await;
+    let _w = Proc::worker(&fleet, &cfg, &[], "worker");
+    let ca = TestCa::new();
+    let t0 = &fleet.targets[0];
+    let ids: Vec<String> = (0..12).map(|i| format!("gc-{i:02}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        // Each a later certificate than the one before (no supersede).
+        client.publish(&request(id, &t0.name, &ca.leaf(&format!("gc{i}.example"), 12 - i as i64), false)).await;
+    }
+    let seen = client.collect(Duration::from_secs(120), all_ids(&ids)).await;
+    for id in &ids {
+        assert_eq!(
+            seen.get(id).and_then(|v| v.first()).map(|r| r.outcome),
+            Some(certdeploy_core::Outcome::Deployed),
+            "{id}"
+        );
+    }
+    // Retention 0: every finished deployment is collected but the last one,
+    // which says what t0 holds now.
+    let mut scrape = String::new();
+    wait_for("the worker's gc to prune 11 deployments", Duration::from_secs(60), || {
+        scrape = get(&metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        sample(&scrape, "certdeploy_journal_gc_pruned_total").unwrap_or(0.0) >= 11.0
+    });
+    assert_eq!(sample(&scrape, "certdeploy_journal_gc_pruned_total"), Some(11.0), "{scrape}");
+    assert!(sample(&scrape, "certdeploy_journal_last_gc_timestamp_seconds").unwrap_or(0.0) > 1.7e9, "{scrape}");
+    assert!(sample(&scrape, "certdeploy_journal_size_bytes").unwrap_or(0.0) > 0.0, "{scrape}");
+}
