@@ -64,10 +64,8 @@ fn families(scrape: &str) -> std::collections::BTreeMap<String, (String, bool)> 
             let mut w = rest.split_whitespace();
             let (Some(name), Some(ty)) = (w.next(), w.next()) else { continue };
             out.entry(name.to_string()).or_insert((String::new(), false)).0 = ty.to_string();
-        } else if let Some(rest) = l.strip_prefix("# HELP ") {
-            if let Some(name) = rest.split_whitespace().next() {
-                out.entry(name.to_string()).or_insert((String::new(), false)).1 = true;
-            }
+        } else if let Some(name) = l.strip_prefix("# HELP ").and_then(|rest| rest.split_whitespace().next()) {
+            out.entry(name.to_string()).or_insert((String::new(), false)).1 = true;
         }
     }
     out
@@ -260,10 +258,10 @@ fn namespace_processes(ns: &Path) -> Vec<(u32, String, char)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_deref() == Some(ns) {
-            if let Some((comm, state, _)) = proc_stat(pid) {
-                out.push((pid, comm, state));
-            }
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_deref() == Some(ns)
+            && let Some((comm, state, _)) = proc_stat(pid)
+        {
+            out.push((pid, comm, state));
         }
     }
     out
