@@ -67,6 +67,16 @@ pub enum Command {
     /// writable directories, reload/validate programs.
     #[command(after_help = "Example:\n  certdeploy check --target web1")]
     Check(cli::CheckArgs),
+    /// Print a shell completion script (needs no configuration).
+    #[command(after_help = "Examples:\n  certdeploy completions bash > /etc/bash_completion.d/certdeploy\n  \
+        certdeploy completions zsh > \"${fpath[1]}/_certdeploy\"")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, certdeploy(1), as roff (needs no configuration).
+    #[command(after_help = "Example:\n  certdeploy man > /usr/local/share/man/man1/certdeploy.1")]
+    Man,
 }
 
 pub fn init_logging(format: &str) -> Result<(), String> {
