@@ -654,6 +654,17 @@ impl Broker {
         Ok(Consumer { tag: inner.tag().to_string(), inner, channel: ch, rpc_timeout: to })
     }
 
+    /// Messages ready in `queue` (a passive declare on a throw-away
+    /// channel: it never creates the queue). For the backlog gauge.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, AmqpError> {
+        let to = self.rpc_timeout;
+        let ch = bounded("channel.open", to, self.conn.create_channel()).await?;
+        let opts = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let q = bounded("queue.declare", to, ch.queue_declare(queue.into(), opts, FieldTable::default())).await?;
+        let _ = tokio::time::timeout(to, ch.close(REPLY_SUCCESS, "OK".into())).await;
+        Ok(q.message_count())
+    }
+
     /// Fetch one message from `queue` (`basic.get`, manual ack); `None` when empty.
     pub async fn get(&self, queue: &str) -> Result<Option<Delivery>, AmqpError> {
         let to = self.rpc_timeout;

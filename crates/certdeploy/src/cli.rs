@@ -82,9 +82,18 @@ pub struct KeygenArgs {
 #[derive(Subcommand, Debug)]
 pub enum JournalCommand {
     /// A table of deployments in the journal.
-    List,
+    List {
+        /// One JSON array of objects instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every event of one deployment, with timestamps.
-    Show { id: String },
+    Show {
+        id: String,
+        /// One JSON object (`deployment_id`, `records`, `result`) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove terminal records older than the retention (dedupe keys are kept).
     Gc {
         /// Days to keep (default: worker.journal_retention_days).
@@ -98,11 +107,51 @@ pub struct CheckArgs {
     /// Only this target (default: all).
     #[arg(long)]
     pub target: Option<String>,
+    /// One JSON array (per target: `target`, `host`, `ok`, `checks`) instead of lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Completions and the man page describe the command line itself: no
+/// configuration is read.
+fn describe_cli(c: &Command) -> Option<u8> {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut cmd = Cli::command();
+    // Rendered into memory first: clap_complete panics on a write error
+    // (a closed pipe, as with `| head`), a buffer cannot fail.
+    let mut text = Vec::new();
+    let what = match c {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut cmd, "certdeploy", &mut text);
+            "completions"
+        }
+        Command::Man => {
+            if let Err(e) = clap_mangen::Man::new(cmd).render(&mut text) {
+                eprintln!("certdeploy: man: {e}");
+                return Some(EXIT_FAILED);
+            }
+            "man"
+        }
+        _ => return None,
+    };
+    let mut out = std::io::stdout().lock();
+    Some(match out.write_all(&text).and_then(|()| out.flush()) {
+        Ok(()) => EXIT_OK,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => EXIT_OK,
+        Err(e) => {
+            eprintln!("certdeploy: {what}: {e}");
+            EXIT_FAILED
+        }
+    })
 }
 
 pub async fn dispatch(cli: Cli) -> u8 {
     if let Command::Keygen(a) = &cli.command {
         return keygen(a);
+    }
+    if let Some(code) = describe_cli(&cli.command) {
+        return code;
     }
     let mut cfg = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -124,6 +173,7 @@ pub async fn dispatch(cli: Cli) -> u8 {
         Command::Journal(c) => journal(cfg, c),
         Command::Check(a) => check(cfg, a).await,
         Command::Keygen(_) => Ok(EXIT_USAGE),
+        Command::Completions { .. } | Command::Man => unreachable!("answered by describe_cli"),
     };
     match r {
         Ok(code) => code,
@@ -237,7 +287,29 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
 fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
     let j = SledJournal::open(&cfg.worker.journal_path, JournalOptions::default())?;
     match c {
-        JournalCommand::List => {
+        JournalCommand::List { json: true } => {
+            let rows: Vec<serde_json::Value> = j
+                .list()?
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "deployment_id": r.deployment_id,
+                        "target": r.target,
+                        "host": r.host,
+                        "state": format!("{:?}", r.state).to_lowercase(),
+                        "outcome": r.outcome.map(|o| o.as_str()),
+                        "phase": r.phase,
+                        "attempts": r.attempts,
+                        "acked": r.acked,
+                        "started_at": r.started_at.rfc3339(),
+                        "updated_at": r.updated_at.rfc3339(),
+                        "records_pruned": r.records_pruned,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(rows));
+        }
+        JournalCommand::List { json: false } => {
             let rows = j.list()?;
             println!(
                 "{:<40} {:<16} {:<28} {:>8} {:<5} {:<24}",
@@ -261,7 +333,29 @@ fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
             }
             println!("{} deployment(s)", rows.len());
         }
-        JournalCommand::Show { id } => {
+        JournalCommand::Show { id, json: true } => {
+            let records = j.records(&id)?;
+            let result = match j.status(&id)? {
+                Some(DeploymentStatus::Finished { report, .. }) => Some(report),
+                _ => None,
+            };
+            if records.is_empty() && result.is_none() {
+                eprintln!("certdeploy: no deployment `{id}` in {}", cfg.worker.journal_path.display());
+                return Ok(EXIT_FAILED);
+            }
+            let records: Vec<serde_json::Value> = records
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "at": r.at.rfc3339(),
+                        "event": certdeploy_core::driver::event_name(&r.event),
+                        "detail": r.event,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({ "deployment_id": id, "records": records, "result": result }));
+        }
+        JournalCommand::Show { id, json: false } => {
             let records = j.records(&id)?;
             if records.is_empty() {
                 match j.status(&id)? {
@@ -283,13 +377,7 @@ fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
         }
         JournalCommand::Gc { retention_days } => {
             let days = retention_days.unwrap_or(cfg.worker.journal_retention_days);
-            let retention = Duration::from_secs(days * 86400);
-            // A late redelivery must still find its result: keep dedupe
-            // entries 10x the retention, and never less than 30 days.
-            let policy = certdeploy_journal::GcPolicy {
-                retention,
-                dedupe_retention: retention.saturating_mul(10).max(Duration::from_secs(30 * 86400)),
-            };
+            let policy = cfg.worker.gc_policy(days);
             let stats = j.gc_with(&policy, now())?;
             println!(
                 "pruned {} finished deployment(s) ({} records; their results are kept for redelivery); \
@@ -313,14 +401,33 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
     let control_dir = std::env::temp_dir().join(format!("certdeploy-check-{}", std::process::id()));
     let pool = certdeploy_ssh::SshPool::new(cfg.ssh_config(control_dir, Duration::from_secs(30)))?;
     let mut ok = true;
+    let mut report = Vec::new();
     for name in names {
         let t = &cfg.targets[&name];
         let addr = t.host_addr();
-        println!("target {name} ({}@{}:{})", t.user, t.host, t.port);
-        for line in certdeploy_ssh::check(&pool, &addr, &t.spec()).await {
-            ok &= line.ok;
-            println!("  [{}] {}: {}", if line.ok { "ok" } else { "FAIL" }, line.name, line.detail);
+        if !a.json {
+            println!("target {name} ({}@{}:{})", t.user, t.host, t.port);
         }
+        let mut checks = Vec::new();
+        let mut target_ok = true;
+        for line in certdeploy_ssh::check(&pool, &addr, &t.spec()).await {
+            target_ok &= line.ok;
+            if a.json {
+                checks.push(serde_json::json!({ "name": line.name, "ok": line.ok, "detail": line.detail }));
+            } else {
+                println!("  [{}] {}: {}", if line.ok { "ok" } else { "FAIL" }, line.name, line.detail);
+            }
+        }
+        ok &= target_ok;
+        report.push(serde_json::json!({
+            "target": name,
+            "host": format!("{}@{}:{}", t.user, t.host, t.port),
+            "ok": target_ok,
+            "checks": checks,
+        }));
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Array(report));
     }
     pool.close_all().await;
     // Its own control directory (sockets, ssh_config): nothing to keep.

@@ -42,12 +42,34 @@ pub struct SubmitSection {
     pub key_recipients: Vec<String>,
 }
 
+impl WorkerConfig {
+    /// What the worker's own gc and `certdeploy journal gc` keep: records
+    /// for `journal_retention_days`, each target's certificate in place for
+    /// ever, and results 10× the retention but at least 30 days, so a late
+    /// redelivery still re-publishes instead of redeploying.
+    pub fn gc_policy(&self, retention_days: u64) -> certdeploy_journal::GcPolicy {
+        let retention = std::time::Duration::from_secs(retention_days.saturating_mul(86_400));
+        certdeploy_journal::GcPolicy {
+            retention,
+            dedupe_retention: retention.saturating_mul(10).max(std::time::Duration::from_secs(30 * 86_400)),
+            keep_last_per_target: true,
+        }
+    }
+}
+
+/// `CERTDEPLOY_*` variables that are not `[worker]` overrides.
+pub const NOT_WORKER_KEYS: &[&str] = &["CERTDEPLOY_CONFIG", "CERTDEPLOY_LOG_FORMAT"];
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     pub amqp_url: String,
     /// The nodes of one RabbitMQ cluster; when set, wins over `amqp_url`.
     pub amqp_urls: Vec<String>,
+    /// A file whose content (trimmed) is `amqp_url`, e.g. a systemd
+    /// credential: the broker password stays out of the config file and the
+    /// environment. Wins over `amqp_url`.
+    pub amqp_url_file: Option<PathBuf>,
     pub journal_path: PathBuf,
     pub concurrency: usize,
     pub per_host_concurrency: usize,
@@ -64,8 +86,14 @@ pub struct WorkerConfig {
     pub deadline_s: u64,
     /// SIGTERM: how long in-flight deployments may take to finish.
     pub shutdown_grace_s: u64,
-    /// Terminal journal records are garbage-collected after this many days.
+    /// Terminal journal records are garbage-collected after this many days
+    /// (each target's last deployment that put a certificate in place is
+    /// kept however old; results for redelivery stay 10× longer, at least
+    /// 30 days).
     pub journal_retention_days: u64,
+    /// How often the worker collects its journal by itself (0: never; then
+    /// only `certdeploy journal gc` does).
+    pub journal_gc_interval_s: u64,
     /// `fsync` (default), `flush` (sled flush only) or `off` (benchmarks only).
     pub journal_durability: String,
     pub requests_queue: String,
@@ -103,6 +131,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             amqp_urls: vec![],
+            amqp_url_file: None,
             journal_path: "/var/lib/certdeploy/journal".into(),
             concurrency: 64,
             per_host_concurrency: 4,
@@ -115,6 +144,7 @@ impl Default for WorkerConfig {
             deadline_s: 600,
             shutdown_grace_s: 30,
             journal_retention_days: 7,
+            journal_gc_interval_s: 3600,
             journal_durability: "fsync".into(),
             requests_queue: "certdeploy.requests".into(),
             events_exchange: "certdeploy.events".into(),
@@ -323,6 +353,7 @@ impl Config {
             err(&key, msg)
         })?;
         cfg.apply_env(env).map_err(|(k, p)| err(&k, p))?;
+        cfg.read_secret_files().map_err(|(k, p)| err(&k, p))?;
         cfg.validate().map_err(|(k, p)| err(&k, p))?;
         Ok(cfg)
     }
@@ -342,6 +373,7 @@ impl Config {
             match key.as_str() {
                 "amqp_url" => w.amqp_url = v.clone(),
                 "amqp_urls" => w.amqp_urls = list(),
+                "amqp_url_file" => w.amqp_url_file = Some(v.into()),
                 "journal_path" => w.journal_path = v.into(),
                 "concurrency" => w.concurrency = v.parse().map_err(|_| bad("a number"))?,
                 "per_host_concurrency" => w.per_host_concurrency = v.parse().map_err(|_| bad("a number"))?,
@@ -354,6 +386,7 @@ impl Config {
                 "deadline_s" => w.deadline_s = v.parse().map_err(|_| bad("a number"))?,
                 "shutdown_grace_s" => w.shutdown_grace_s = v.parse().map_err(|_| bad("a number"))?,
                 "journal_retention_days" => w.journal_retention_days = v.parse().map_err(|_| bad("a number"))?,
+                "journal_gc_interval_s" => w.journal_gc_interval_s = v.parse().map_err(|_| bad("a number"))?,
                 "journal_durability" => w.journal_durability = v.clone(),
                 "requests_queue" => w.requests_queue = v.clone(),
                 "events_exchange" => w.events_exchange = v.clone(),
@@ -370,9 +403,27 @@ impl Config {
                 "results_queue" => w.results_queue = v.clone(),
                 "results_queue_max_length" => w.results_queue_max_length = v.parse().map_err(|_| bad("a number"))?,
                 "max_request_age_s" => w.max_request_age_s = v.parse().map_err(|_| bad("a number"))?,
-                // Not [worker] keys (e.g. CERTDEPLOY_CONFIG, CERTDEPLOY_LOG_FORMAT).
-                _ => {}
+                // Read by the command line, not [worker] keys.
+                _ if NOT_WORKER_KEYS.contains(&k.as_str()) => {}
+                _ => {
+                    return Err((
+                        k.clone(),
+                        "names no [worker] key: a typo would otherwise be ignored (CERTDEPLOY_* variables: \
+                         the [worker] keys in capitals, and CERTDEPLOY_CONFIG, CERTDEPLOY_LOG_FORMAT)"
+                            .into(),
+                    ));
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Secrets given as files (`*_file` keys) replace their inline key.
+    fn read_secret_files(&mut self) -> Result<(), (String, String)> {
+        if let Some(path) = &self.worker.amqp_url_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ("worker.amqp_url_file".to_string(), format!("cannot read {}: {e}", path.display())))?;
+            self.worker.amqp_url = text.trim().to_string();
         }
         Ok(())
     }
@@ -577,6 +628,31 @@ reload_command = "systemctl reload nginx"
         let bad = vec![("CERTDEPLOY_CONCURRENCY".to_string(), "many".to_string())];
         let e = Config::parse(MIN, "c.toml", &bad).unwrap_err().to_string();
         assert_eq!(e, "c.toml: CERTDEPLOY_CONCURRENCY: `many` is not a number");
+    }
+
+    #[test]
+    fn a_mistyped_variable_is_an_error_naming_it_and_the_cli_ones_pass() {
+        let typo = vec![("CERTDEPLOY_CONCURENCY".to_string(), "8".to_string())];
+        let e = Config::parse(MIN, "c.toml", &typo).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: CERTDEPLOY_CONCURENCY: names no [worker] key"), "{e}");
+        let cli = vec![
+            ("CERTDEPLOY_CONFIG".to_string(), "/etc/x.toml".to_string()),
+            ("CERTDEPLOY_LOG_FORMAT".to_string(), "json".to_string()),
+        ];
+        assert!(Config::parse(MIN, "c.toml", &cli).is_ok());
+    }
+
+    #[test]
+    fn the_broker_url_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("amqp_url");
+        std::fs::write(&f, "amqps://u:secret@broker:5671/v\n").unwrap();
+        let env = vec![("CERTDEPLOY_AMQP_URL_FILE".to_string(), f.display().to_string())];
+        let c = Config::parse(MIN, "c.toml", &env).unwrap();
+        assert_eq!(c.worker.amqp_url, "amqps://u:secret@broker:5671/v");
+        let missing = vec![("CERTDEPLOY_AMQP_URL_FILE".to_string(), "/nonexistent/amqp".to_string())];
+        let e = Config::parse(MIN, "c.toml", &missing).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: worker.amqp_url_file: cannot read /nonexistent/amqp"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod intake;
 pub mod metrics;
+pub mod notify;
 pub mod sealed;
 pub mod verify;
 pub mod worker;
@@ -72,12 +73,25 @@ pub enum Command {
         only its recipient (age1...) on stdout: give that to submitters (submit --recipient,\n\
         [submit] key_recipients, or `age -r`). Needs no configuration file.")]
     Keygen(cli::KeygenArgs),
+    /// Print a shell completion script (needs no configuration).
+    #[command(after_help = "Examples:\n  certdeploy completions bash > /etc/bash_completion.d/certdeploy\n  \
+        certdeploy completions zsh > \"${fpath[1]}/_certdeploy\"")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, certdeploy(1), as roff (needs no configuration).
+    #[command(after_help = "Example:\n  certdeploy man > /usr/local/share/man/man1/certdeploy.1")]
+    Man,
 }
 
 pub fn init_logging(format: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: files, pipes and journald get
+    // plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         "json" => builder.json().with_current_span(true).with_span_list(true).init(),
         "human" => builder.init(),

@@ -13,18 +13,31 @@ pub const STEP_SECONDS: &str = "certdeploy_step_duration_seconds";
 pub const DEPLOY_SECONDS: &str = "certdeploy_deployment_duration_seconds";
 pub const IN_FLIGHT: &str = "certdeploy_deployments_in_flight";
 pub const JOURNAL_FLUSHES: &str = "certdeploy_journal_flushes_total";
-/// Total seconds spent flushing; with the flush counter, the mean latency.
-pub const JOURNAL_FLUSH_SECONDS: &str = "certdeploy_journal_flush_seconds_total";
+/// Latency of each journal flush (sled flush, plus fsync when durable): a
+/// histogram rendered from the journal's own buckets.
+pub const JOURNAL_FLUSH_SECONDS: &str = "certdeploy_journal_flush_duration_seconds";
 pub const AMQP_RECONNECTS: &str = "certdeploy_amqp_reconnects_total";
 pub const PUBLISH_SECONDS: &str = "certdeploy_result_publish_duration_seconds";
 pub const SSH_MASTERS_OPENED: &str = "certdeploy_ssh_masters_opened_total";
 pub const READY: &str = "certdeploy_ready";
-/// Expired target locks of dead workers taken over (issue 10).
+/// Expired target locks of dead workers taken over.
 pub const TAKEOVERS: &str = "certdeploy_lock_takeovers_total";
 /// Attempts stopped because their target lock was lost.
 pub const LOCKS_LOST: &str = "certdeploy_locks_lost_total";
 /// Requests sent to the retry queue because their target was locked.
 pub const DEFERRALS: &str = "certdeploy_deferrals_total";
+/// Messages ready in certdeploy's queues (requests, retry, dead letters, results),
+/// by queue, polled from the broker.
+pub const QUEUE_MESSAGES: &str = "certdeploy_queue_messages";
+/// The journal's bytes on disk, and the deployments its index holds.
+pub const JOURNAL_SIZE: &str = "certdeploy_journal_size_bytes";
+pub const JOURNAL_DEPLOYMENTS: &str = "certdeploy_journal_deployments";
+/// When the worker's own journal gc last completed (Unix seconds).
+pub const JOURNAL_GC_LAST: &str = "certdeploy_journal_last_gc_timestamp_seconds";
+/// Finished deployments whose records the worker's gc removed.
+pub const JOURNAL_GC_PRUNED: &str = "certdeploy_journal_gc_pruned_total";
+/// Always 1, labelled with the version: which build a worker runs.
+pub const BUILD_INFO: &str = "certdeploy_build_info";
 
 /// Results the broker could not route: label `destination` = `events`
 /// (no queue bound, `results_queue` disabled) or `reply_to` (the
@@ -48,7 +61,34 @@ pub const ALL: &[&str] = &[
     LOCKS_LOST,
     DEFERRALS,
     RESULTS_UNROUTABLE,
+    QUEUE_MESSAGES,
+    JOURNAL_SIZE,
+    JOURNAL_DEPLOYMENTS,
+    JOURNAL_GC_LAST,
+    JOURNAL_GC_PRUNED,
+    BUILD_INFO,
 ];
+
+/// The outcomes a deployment counter is labelled with (every one of them is
+/// exported from the start, at zero, so a rate over it has a series).
+pub const OUTCOMES: &[&str] = &[
+    "deployed",
+    "unchanged",
+    "rolled_back",
+    "rolled_back_daemon_unknown",
+    "rollback_failed",
+    "failed",
+    "rejected",
+    "superseded",
+];
+
+/// The steps the step histogram is labelled with.
+pub const STEPS: &[&str] = &["snapshot", "write", "exec", "restore", "cleanup", "prune", "verify"];
+
+/// Histogram buckets (seconds): from a millisecond to the default deadline
+/// of a deployment (600 s), so a slow step still lands in a finite bucket.
+pub const BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 /// Readiness parts, flipped by the worker.
 #[derive(Default)]
@@ -56,6 +96,9 @@ pub struct Health {
     pub broker: AtomicBool,
     pub journal: AtomicBool,
     pub recovered: AtomicBool,
+    /// The open journal, once it is: its flush histogram is rendered on
+    /// each scrape.
+    pub journal_handle: std::sync::OnceLock<Arc<certdeploy_journal::SledJournal>>,
 }
 
 impl Health {
@@ -68,11 +111,59 @@ impl Health {
 
 /// Install the global recorder (once per process).
 pub fn install() -> Option<PrometheusHandle> {
-    let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-    let builder = PrometheusBuilder::new().set_buckets(&buckets).ok()?;
+    let builder = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?;
     let handle = builder.install_recorder().ok()?;
     describe();
+    register_at_zero();
     Some(handle)
+}
+
+/// Every series exists from the first scrape: a counter that has never
+/// moved is `0`, not absent, so rules and dashboards see it.
+fn register_at_zero() {
+    for o in OUTCOMES {
+        metrics::counter!(DEPLOYMENTS, "outcome" => *o).increment(0);
+    }
+    for s in STEPS {
+        let _ = metrics::histogram!(STEP_SECONDS, "step" => *s);
+    }
+    let _ = metrics::histogram!(DEPLOY_SECONDS);
+    let _ = metrics::histogram!(PUBLISH_SECONDS);
+    metrics::gauge!(IN_FLIGHT).set(0.0);
+    for c in [JOURNAL_FLUSHES, AMQP_RECONNECTS, SSH_MASTERS_OPENED, TAKEOVERS, LOCKS_LOST, DEFERRALS, JOURNAL_GC_PRUNED]
+    {
+        metrics::counter!(c).increment(0);
+    }
+    metrics::gauge!(READY).set(0.0);
+    for d in ["events", "reply_to"] {
+        metrics::counter!(RESULTS_UNROUTABLE, "destination" => d).increment(0);
+    }
+    for g in [JOURNAL_SIZE, JOURNAL_DEPLOYMENTS, JOURNAL_GC_LAST] {
+        metrics::gauge!(g).set(0.0);
+    }
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// The journal's flush latency as a Prometheus histogram, in the text
+/// format, from the journal's own cumulative counters (it keeps buckets of
+/// its own, so every flush is counted without a call per flush).
+pub fn render_journal_flushes(h: &certdeploy_journal::LatencyHistogram) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP {JOURNAL_FLUSH_SECONDS} Latency of journal flushes (sled flush, plus fsync when durable)"
+    );
+    let _ = writeln!(out, "# TYPE {JOURNAL_FLUSH_SECONDS} histogram");
+    let mut cumulative = 0u64;
+    for (i, bound) in certdeploy_journal::FLUSH_LATENCY_BUCKETS_US.iter().enumerate() {
+        cumulative += h.buckets.get(i).copied().unwrap_or(0);
+        let _ = writeln!(out, "{JOURNAL_FLUSH_SECONDS}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+    }
+    let _ = writeln!(out, "{JOURNAL_FLUSH_SECONDS}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{JOURNAL_FLUSH_SECONDS}_sum {}", h.sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{JOURNAL_FLUSH_SECONDS}_count {}", h.count);
+    out
 }
 
 fn describe() {
@@ -82,12 +173,20 @@ fn describe() {
     describe_histogram!(DEPLOY_SECONDS, "Request received to result published");
     describe_gauge!(IN_FLIGHT, "Deployments in flight");
     describe_counter!(JOURNAL_FLUSHES, "Journal flushes (group commits)");
-    describe_gauge!(JOURNAL_FLUSH_SECONDS, "Total time spent in journal flushes (sled flush + fsync)");
     describe_counter!(AMQP_RECONNECTS, "Broker reconnections");
     describe_histogram!(PUBLISH_SECONDS, "Result publish latency until confirmed");
     describe_counter!(SSH_MASTERS_OPENED, "SSH ControlMaster connections opened");
     describe_counter!(RESULTS_UNROUTABLE, "Results the broker returned as unroutable, by destination");
     describe_gauge!(READY, "1 when broker, journal and recovery are ready");
+    describe_counter!(TAKEOVERS, "Expired target locks of dead workers taken over");
+    describe_counter!(LOCKS_LOST, "Deployment attempts stopped because their target lock was lost");
+    describe_counter!(DEFERRALS, "Requests sent to the retry queue because their target was locked");
+    describe_gauge!(QUEUE_MESSAGES, "Messages ready in certdeploy's queues, by queue (polled every 15 s)");
+    describe_gauge!(JOURNAL_SIZE, "Bytes the journal's files take on disk");
+    describe_gauge!(JOURNAL_DEPLOYMENTS, "Deployments the journal's index holds (finished ones included)");
+    describe_gauge!(JOURNAL_GC_LAST, "Unix time of the worker's last completed journal gc (0: none yet)");
+    describe_counter!(JOURNAL_GC_PRUNED, "Finished deployments whose records the worker's journal gc removed");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build");
 }
 
 /// Serve `/metrics`, `/healthz`, `/readyz` until the process ends. A
@@ -108,7 +207,11 @@ pub async fn serve(listener: tokio::net::TcpListener, handle: Option<PrometheusH
             let (status, body) = match path {
                 "/metrics" => {
                     metrics::gauge!(READY).set(if health.ready() { 1.0 } else { 0.0 });
-                    ("200 OK", handle.as_ref().map(|h| h.render()).unwrap_or_default())
+                    let mut text = handle.as_ref().map(|h| h.render()).unwrap_or_default();
+                    if let Some(j) = health.journal_handle.get() {
+                        text.push_str(&render_journal_flushes(&j.stats().flush_latency));
+                    }
+                    ("200 OK", text)
                 }
                 "/healthz" => ("200 OK", "ok\n".to_string()),
                 "/readyz" => {

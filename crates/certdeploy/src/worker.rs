@@ -61,10 +61,16 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     }
     let rt = Arc::new(Runtime::open(cfg.clone())?);
     health.journal.store(true, Ordering::Relaxed);
+    let _ = health.journal_handle.set(rt.journal.clone());
     tokio::spawn(journal_metrics(rt.clone()));
+    tokio::spawn(journal_housekeeping(rt.clone()));
 
+    crate::notify::spawn_watchdog();
     // Finish every interrupted deployment before taking new work.
-    let n = rt.recover_all().await?;
+    let extending = crate::notify::extend_start_timeout_while_recovering();
+    let recovered = rt.recover_all().await;
+    extending.abort();
+    let n = recovered?;
     // Masters up front (opt-in): the first batch does not queue behind handshakes.
     if cfg.ssh.warm_masters {
         rt.warm_masters().await;
@@ -74,6 +80,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
 
     let mut bcfg = broker_config(&cfg, &rt.worker_name);
     let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
+    tokio::spawn(queue_metrics(bcfg.topology.clone(), broker_rx.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     // Kept across reconnects: a redelivered copy queues behind the
     // original that may still be running.
@@ -102,6 +109,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         health.broker.store(true, Ordering::Relaxed);
         let _ = broker_tx.send(Some(broker.clone()));
         tracing::info!(queue = %bcfg.topology.requests_queue, prefetch = bcfg.prefetch, "consuming");
+        crate::notify::ready();
         loop {
             tokio::select! {
                 d = consumer.next() => match d {
@@ -131,6 +139,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         tracing::info!("shutting down: no new deliveries; waiting for {} in-flight", tasks.len());
+                        crate::notify::stopping();
                         // Best effort and bounded: closing the connection stops deliveries too.
                         let _ = tokio::time::timeout(Duration::from_secs(5), consumer.cancel()).await;
                         break 'outer;
@@ -199,11 +208,85 @@ async fn journal_metrics(rt: Arc<Runtime>) {
     loop {
         let s = rt.journal.stats();
         metrics::counter!(m::JOURNAL_FLUSHES).absolute(s.flushes);
-        metrics::gauge!(m::JOURNAL_FLUSH_SECONDS).set(s.flush_latency.sum_us as f64 / 1e6);
         metrics::counter!(m::SSH_MASTERS_OPENED).absolute(rt.pool.masters_opened());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// The journal looks after itself: gc every `journal_gc_interval_s` with
+/// the retention policy, and its size exported every minute. The gc runs on
+/// a blocking thread (it walks the index), beside deployments, which it
+/// never touches while they are in flight.
+async fn journal_housekeeping(rt: Arc<Runtime>) {
+    let w = &rt.cfg.worker;
+    let interval = (w.journal_gc_interval_s > 0).then(|| Duration::from_secs(w.journal_gc_interval_s));
+    let tick = interval.map_or(SIZE_EVERY, |i| i.min(SIZE_EVERY));
+    let mut next_gc = interval.map(|i| tokio::time::Instant::now() + i);
+    loop {
+        if next_gc.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            let j = rt.journal.clone();
+            let policy = w.gc_policy(w.journal_retention_days);
+            match tokio::task::spawn_blocking(move || j.gc_with(&policy, crate::verify::now())).await {
+                Ok(Ok(stats)) => {
+                    metrics::counter!(m::JOURNAL_GC_PRUNED).increment(stats.deployments_pruned);
+                    let unix_s = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64());
+                    metrics::gauge!(m::JOURNAL_GC_LAST).set(unix_s);
+                    tracing::info!(
+                        pruned = stats.deployments_pruned,
+                        records = stats.records_removed,
+                        results_dropped = stats.dedupe_entries_removed,
+                        "journal gc"
+                    );
+                }
+                Ok(Err(e)) => tracing::warn!("journal gc failed: {e}"),
+                Err(e) => tracing::warn!("journal gc task: {e}"),
+            }
+            next_gc = interval.map(|i| tokio::time::Instant::now() + i);
+        }
+        let j = rt.journal.clone();
+        if let Ok((size, n)) = tokio::task::spawn_blocking(move || (j.size_on_disk(), j.deployment_count())).await {
+            if let Ok(size) = size {
+                metrics::gauge!(m::JOURNAL_SIZE).set(size as f64);
+            }
+            metrics::gauge!(m::JOURNAL_DEPLOYMENTS).set(n as f64);
+        }
+        tokio::time::sleep(tick).await;
+    }
+}
+
+/// How often the journal's size is exported.
+const SIZE_EVERY: Duration = Duration::from_secs(60);
+
+/// The backlog of certdeploy's queues, from the current connection.
+async fn queue_metrics(t: Topology, rx: watch::Receiver<Option<Arc<Broker>>>) {
+    let mut queues = vec![t.requests_queue, t.retry_queue, t.dead_queue];
+    if !t.results_queue.is_empty() {
+        queues.push(t.results_queue);
+    }
+    for q in &queues {
+        metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(0.0);
+    }
+    loop {
+        let broker = rx.borrow().clone();
+        let Some(b) = broker else {
+            // Not connected: look again soon, so the first reading follows the connect.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        for q in &queues {
+            match b.queue_depth(q).await {
+                Ok(n) => metrics::gauge!(m::QUEUE_MESSAGES, "queue" => q.clone()).set(f64::from(n)),
+                Err(e) => tracing::debug!(queue = %q, "queue depth: {e}"),
+            }
+        }
+        tokio::time::sleep(QUEUE_POLL).await;
+    }
+}
+
+/// How often the queue backlog is read from the broker.
+const QUEUE_POLL: Duration = Duration::from_secs(15);
 
 /// The broker to publish on: the current connection, waiting a bounded
 /// time for a reconnect.

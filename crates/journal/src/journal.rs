@@ -1,5 +1,6 @@
 //! [`SledJournal`]: layout, queries, retention.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -126,12 +127,16 @@ pub struct GcPolicy {
     pub retention: Duration,
     /// Dedupe entries (id → report) older than this are removed too.
     pub dedupe_retention: Duration,
+    /// Never collect each target's latest deployment that put a certificate
+    /// in place (`deployed` or `unchanged`), however old: it says what the
+    /// target holds now, and what a revert would need.
+    pub keep_last_per_target: bool,
 }
 
 impl GcPolicy {
-    /// Dedupe entries kept for 10 × `retention`.
+    /// Dedupe entries kept for 10 × `retention`; every old record goes.
     pub fn new(retention: Duration) -> GcPolicy {
-        GcPolicy { retention, dedupe_retention: retention.saturating_mul(10) }
+        GcPolicy { retention, dedupe_retention: retention.saturating_mul(10), keep_last_per_target: false }
     }
 }
 
@@ -166,6 +171,24 @@ struct Entry {
     reason: Option<String>,
     last_seq: u64,
     records_pruned: bool,
+}
+
+/// Each target's latest finished deployment that left a certificate in
+/// place (`deployed` or `unchanged`), by its last update.
+fn last_in_place_per_target(entries: &[(String, Entry)]) -> HashSet<&str> {
+    let mut best: HashMap<&str, (&str, Timestamp)> = HashMap::new();
+    for (id, e) in entries {
+        let in_place = e.state == DeploymentState::Finished
+            && e.report.as_ref().is_some_and(|r| matches!(r.outcome, Outcome::Deployed | Outcome::Unchanged));
+        if !in_place {
+            continue;
+        }
+        let slot = best.entry(e.target.as_str()).or_insert((id.as_str(), e.updated_at));
+        if e.updated_at >= slot.1 {
+            *slot = (id.as_str(), e.updated_at);
+        }
+    }
+    best.into_values().map(|(id, _)| id).collect()
 }
 
 /// Records after which the index entry is rewritten: a new attempt and the
@@ -704,8 +727,13 @@ impl SledJournal {
         let (retention, dedupe) = (ms(policy.retention), ms(policy.dedupe_retention).max(ms(policy.retention)));
         let mut stats = GcStats::default();
         let candidates: Vec<(String, Entry)> = self.entries().collect::<Result<_, _>>()?;
+        let kept: HashSet<String> = if policy.keep_last_per_target {
+            last_in_place_per_target(&candidates).into_iter().map(str::to_string).collect()
+        } else {
+            HashSet::new()
+        };
         for (id, e) in candidates {
-            if e.state == DeploymentState::InFlight {
+            if e.state == DeploymentState::InFlight || kept.contains(id.as_str()) {
                 continue;
             }
             let age = now.since(e.updated_at);
@@ -744,6 +772,16 @@ impl SledJournal {
             tracing::debug!(deployment_id = %id, removed = keys.len(), dedupe_removed = drop_entry, key = %printable_key(id.as_bytes()), "journal gc");
         }
         Ok(stats)
+    }
+
+    /// Deployments the index holds (one entry each, pruned or not).
+    pub fn deployment_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Bytes sled's files take on disk.
+    pub fn size_on_disk(&self) -> Result<u64, Error> {
+        Ok(self.shared.db.size_on_disk()?)
     }
 
     pub fn appends(&self) -> u64 {

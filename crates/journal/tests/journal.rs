@@ -12,7 +12,7 @@ use certdeploy_core::driver::{self, Env, Journal};
 use certdeploy_core::testkit::{MemClock, MemHost, MemVerifier, Sim, fake_cert_facts, test_plan};
 use certdeploy_core::{Event, Outcome, Record, Report, Step, Terminal, Timestamp};
 use certdeploy_journal::{
-    DeploymentState, DeploymentStatus, Durability, Error, JournalOpenError, JournalOptions, SledJournal,
+    DeploymentState, DeploymentStatus, Durability, Error, GcPolicy, JournalOpenError, JournalOptions, SledJournal,
 };
 
 const RELOAD: &str = "systemctl reload nginx";
@@ -580,4 +580,33 @@ fn second_process_cannot_open_a_held_journal() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("CHILD-RESULT: opened"));
+}
+
+#[test]
+fn gc_keeps_each_targets_last_certificate_in_place_however_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = open(&dir.path().join("j"));
+    let hour = 3_600_000u64;
+    // One target (web1): two deployments that landed, then one rolled back.
+    for (id, at, outcome) in [
+        ("first", 1_000, Outcome::Deployed),
+        ("second", 1_500, Outcome::Deployed),
+        ("third", 1_800, Outcome::RolledBack),
+    ] {
+        append_sync(&j, id, &started(id, at));
+        append_sync(&j, id, &finished(id, outcome, at + 10));
+    }
+    let policy = GcPolicy { keep_last_per_target: true, ..GcPolicy::new(Duration::from_secs(3_600)) };
+    let stats = j.gc_with(&policy, Timestamp(2 * hour)).unwrap();
+    assert_eq!(stats.deployments_pruned, 2, "{stats:?}");
+    assert!(j.records("first").unwrap().is_empty());
+    assert!(j.records("third").unwrap().is_empty(), "a rollback left nothing in place");
+    assert_eq!(j.records("second").unwrap().len(), 2, "what web1 holds now is kept");
+    // Past the dedupe retention too.
+    let stats = j.gc_with(&policy, Timestamp(100 * hour)).unwrap();
+    assert_eq!(stats.dedupe_entries_removed, 2, "{stats:?}");
+    assert_eq!(j.records("second").unwrap().len(), 2);
+    assert!(j.status("second").unwrap().is_some());
+    // Without the policy, it goes like the others.
+    assert_eq!(j.gc(Duration::from_secs(3_600), Timestamp(100 * hour)).unwrap().dedupe_entries_removed, 1);
 }

@@ -1,0 +1,90 @@
+//! Command-line conventions: completions and the man page without a
+//! configuration, and `--json` on the inspecting commands (journal list and
+//! show, check), parsed as a script would. Real binary, real sshd.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn run_no_config(args: &[&str]) -> (i32, Vec<u8>, String) {
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/certdeploy.toml"])
+        .args(args)
+        .output()
+        .expect("run certdeploy");
+    (out.status.code().unwrap_or(-1), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn completions_and_the_man_page_need_no_configuration() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let (code, out, err) = run_no_config(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        let text = String::from_utf8(out).expect("utf-8");
+        for sub in ["worker", "deploy", "submit", "journal", "check"] {
+            assert!(text.contains(sub), "{shell} completion lacks `{sub}`");
+        }
+        if shell == "bash" {
+            let f = dir.path().join("certdeploy.bash");
+            std::fs::write(&f, &text).expect("write");
+            let st = Command::new("bash").arg("-n").arg(&f).status().expect("bash -n");
+            assert!(st.success(), "the bash completion script does not parse");
+        }
+    }
+    let (code, out, err) = run_no_config(&["completions", "tcsh"]);
+    assert_eq!(code, 2, "an unknown shell is a usage error: {out:?}");
+    assert!(err.contains("tcsh"), "{err}");
+
+    let (code, roff, err) = run_no_config(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    let page = dir.path().join("certdeploy.1");
+    std::fs::write(&page, &roff).expect("write");
+    // groff renders it without a warning.
+    let out = Command::new("groff").args(["-man", "-Tutf8", "-ww", "-z"]).arg(&page).output().expect("groff");
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&roff);
+    assert!(text.contains(".TH certdeploy 1"), "{text}");
+    assert!(text.contains("worker") && text.contains("journal"), "{text}");
+}
+
+#[test]
+fn json_output_of_journal_list_show_and_check() {
+    let fleet = Fleet::new(1, false);
+    let cfg = fleet.write_config(&Opts::default());
+    let ca = TestCa::new();
+    let args = deploy_args(fleet.tmp.path(), "t0", "json-1", &ca.leaf("json.example", 1), true, false);
+    let (code, out, err) = run(&cfg, &strs(&args));
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (code, out, err) = run(&cfg, &["journal", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("journal list --json is one JSON value");
+    let row = rows.as_array().expect("array").iter().find(|r| r["deployment_id"] == "json-1").expect("json-1 listed");
+    assert_eq!(
+        (row["target"].as_str(), row["outcome"].as_str(), row["state"].as_str()),
+        (Some("t0"), Some("deployed"), Some("finished"))
+    );
+
+    let (code, out, err) = run(&cfg, &["journal", "show", "json-1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).expect("journal show --json is one JSON value");
+    assert_eq!(shown["result"]["outcome"], "deployed", "{shown}");
+    let events: Vec<&str> =
+        shown["records"].as_array().expect("records").iter().filter_map(|r| r["event"].as_str()).collect();
+    assert_eq!(events.first(), Some(&"started"), "{events:?}");
+    assert_eq!(events.last(), Some(&"finished"), "{events:?}");
+    let (code, _, _) = run(&cfg, &["journal", "show", "no-such-id", "--json"]);
+    assert_eq!(code, 1);
+
+    let (code, out, err) = run(&cfg, &["check", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("check --json is one JSON value");
+    let t0 = &report[0];
+    assert_eq!(t0["target"], "t0");
+    assert_eq!(t0["ok"], true, "{report}");
+    let checks = t0["checks"].as_array().expect("checks");
+    assert!(!checks.is_empty() && checks.iter().all(|c| c["ok"] == true && c["name"].is_string()), "{report}");
+}
