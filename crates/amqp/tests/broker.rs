@@ -32,6 +32,22 @@ async fn topology_is_idempotent_and_quorum() {
         assert!(req.contains("certdeploy.dead"), "{req}");
         let dead = queues.lines().find(|l| l.starts_with("certdeploy.dead\t")).expect("dead queue listed");
         assert!(dead.contains("\tquorum\t"), "{dead}");
+        // Deferred requests: a durable classic queue whose messages
+        // dead-letter back to the requests queue through the default exchange.
+        let durable =
+            common::rabbitmqctl(&["list_queues", "-q", "-p", &vh.name, "name", "type", "durable", "arguments"]);
+        let retry = durable.lines().find(|l| l.starts_with("certdeploy.retry\t")).expect("retry queue listed");
+        assert!(retry.contains("\tclassic\ttrue\t"), "{retry}");
+        // The default exchange's name is empty (rabbitmqctl prints it `[]`).
+        assert!(
+            retry.contains("{\"x-dead-letter-exchange\",[]}") || retry.contains("{\"x-dead-letter-exchange\",\"\"}"),
+            "{retry}"
+        );
+        assert!(retry.contains("{\"x-dead-letter-routing-key\",\"certdeploy.requests\"}"), "{retry}");
+        for q in ["certdeploy.requests", "certdeploy.dead"] {
+            let line = durable.lines().find(|l| l.starts_with(&format!("{q}\t"))).expect("queue listed");
+            assert!(line.contains("\ttrue\t"), "{q} is not durable: {line}");
+        }
 
         let ex = common::rabbitmqctl(&["list_exchanges", "-q", "-p", &vh.name, "name", "type", "durable"]);
         println!("list_exchanges:\n{ex}");
@@ -52,7 +68,7 @@ async fn topology_is_idempotent_and_quorum() {
                 println!("mismatch: {e}");
             }
             Err(e) => panic!("expected TopologyMismatch, got {e}"),
-            Ok(_) => println!("NOTE: broker accepted a different x-delivery-limit on redeclare"),
+            Ok(_) => panic!("a conflicting x-delivery-limit was accepted on redeclare"),
         }
         a.close().await;
         b.close().await;

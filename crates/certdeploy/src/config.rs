@@ -495,6 +495,11 @@ fn validate_target(name: &str, t: &TargetConfig) -> Result<(), (String, String)>
     if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c)) {
         return Err((format!("targets.{name}"), "target names are 1-128 characters of [A-Za-z0-9._:-]".into()));
     }
+    // Inline requests run under this name (results and per-target
+    // settings such as accept-new must never mistake one for the other).
+    if name == "inline" {
+        return Err((format!("targets.{name}"), "`inline` is reserved for inline targets (target_spec)".into()));
+    }
     check_host(&t.host).map_err(|p| (key("host"), p))?;
     if t.user.is_empty() || t.user.starts_with('-') || t.user.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err((key("user"), "must be a plain user name".into()));

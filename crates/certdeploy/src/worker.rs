@@ -601,12 +601,18 @@ async fn finish(
     report: Report,
     reply: &Reply,
 ) {
+    // Crash tests: the outcome is durable, the result not yet published.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("before_result_publish");
     let Some(broker) = current_broker(&mut brx).await else { return };
     if let Err(e) = publish(&broker, &report, &rt.worker_name, reply).await {
         tracing::warn!(deployment_id = %report.deployment_id, "result publish failed: {e}; will re-publish on redelivery");
         let _ = delivery.reject_requeue().await;
         return;
     }
+    // Crash tests: the result publish is confirmed, the message not acked.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("before_ack");
     match delivery.ack().await {
         Ok(true) => {
             if let Err(e) = rt.journal.mark_acked(&report.deployment_id) {

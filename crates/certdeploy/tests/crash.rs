@@ -489,6 +489,27 @@ impl Rng {
     }
 }
 
+/// Without the `failpoints` feature the failpoint crash tests cannot run:
+/// they are listed as ignored, with the reason, instead of vanishing.
+#[cfg(not(feature = "failpoints"))]
+mod failpoints {
+    #[test]
+    #[ignore = "needs --features certdeploy/failpoints"]
+    fn crash_at_every_failpoint_of_a_deployment() {}
+
+    #[test]
+    #[ignore = "needs --features certdeploy/failpoints"]
+    fn crash_during_rollback_ends_at_the_originals() {}
+
+    #[test]
+    #[ignore = "needs --features certdeploy/failpoints"]
+    fn crash_when_nothing_changes_and_during_recovery() {}
+
+    #[test]
+    #[ignore = "needs --features certdeploy/failpoints"]
+    fn crash_on_a_host_without_the_files() {}
+}
+
 /// N of the worker's "recovering N unfinished deployment(s)" (0 if none).
 fn recovered_count(log: &str) -> usize {
     log.lines()
@@ -527,12 +548,19 @@ async fn worker_survives_random_sigkills() {
     let kills = rng.range(3, 5);
     let mut worker = Proc::worker(&fleet, &cfg, &[], "worker-0");
     let mut intervals = Vec::new();
-    let mut recovered = Vec::new();
+    // Per restart: deployments the journal held unfinished at the kill,
+    // and how many the restarted worker said it resumed.
+    let (mut unfinished, mut recovered) = (Vec::new(), Vec::new());
     for k in 0..kills {
         // From the moment the worker consumes (after its recovery), so the
         // kill lands among deployments rather than in the start-up.
         let ready = Instant::now();
-        while !worker.log_text().contains("consuming") && ready.elapsed() < Duration::from_secs(20) {
+        while !worker.log_text().contains("consuming") {
+            assert!(
+                ready.elapsed() < Duration::from_secs(120),
+                "worker-{k} never began consuming (CRASH_SEED={seed})\n{}",
+                tail(&worker.log_text(), 40)
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if k > 0 {
@@ -542,16 +570,24 @@ async fn worker_survives_random_sigkills() {
         intervals.push(ms);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         worker.kill9();
+        let rows = journal_rows(&cfg).unwrap_or_else(|e| panic!("CRASH_SEED={seed}: {e}"));
+        unfinished.push(rows.iter().filter(|(_, state)| state.starts_with("inflight")).count());
         worker = Proc::worker(&fleet, &cfg, &[], &format!("worker-{}", k + 1));
     }
     eprintln!("killed {kills} times, {intervals:?} ms after consuming began");
-    let seen = client.collect(Duration::from_secs(60), all_ids(&ids)).await;
+    let seen = client.collect(Duration::from_secs(120), all_ids(&ids)).await;
     recovered.push(recovered_count(&worker.log_text()));
     worker.signal("TERM");
     let stopped = worker.wait_timeout(Duration::from_secs(30));
     assert!(stopped.is_some(), "worker did not stop on SIGTERM (seed {seed})");
 
     let mut problems = Vec::new();
+    // Every restart resumes exactly what the journal held unfinished.
+    if recovered != unfinished {
+        problems.push(format!(
+            "restarts resumed {recovered:?} deployment(s), the journal held {unfinished:?} unfinished at the kills"
+        ));
+    }
     let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
     let mut duplicates = 0;
     for id in &ids {
@@ -624,11 +660,11 @@ async fn worker_survives_random_sigkills() {
     }
     eprintln!(
         "random kills: seed {seed}, {kills} kills at {intervals:?} ms, deployments resumed by each restart \
-         {recovered:?}, outcomes {outcomes:?}, {duplicates} re-published result(s), {:.1} s",
+         {recovered:?} (unfinished at the kills {unfinished:?}), outcomes {outcomes:?}, {duplicates} re-published \
+         result(s), {:.1} s",
         started.elapsed().as_secs_f64()
     );
     assert!(problems.is_empty(), "CRASH_SEED={seed}: {} problem(s):\n{}", problems.len(), problems.join("\n"));
-    assert!(started.elapsed() < Duration::from_secs(90), "took {:?}", started.elapsed());
 }
 
 // ---------------------------------------------------------------------------

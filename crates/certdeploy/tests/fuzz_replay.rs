@@ -433,6 +433,7 @@ fn regenerate() {
             text.replacen("\"target\":\"web1\"", "\"target\":\"web1\",\"target\":\"x\"", 1).into_bytes(),
         ),
         ("err-deep.json", format!("{}{}", "[".repeat(4000), "]".repeat(4000)).into_bytes()),
+        ("err-empty-field-name.json", br#"{"":0}"#.to_vec()),
         ("err-array.json", b"[\"certdeploy.deploy-request.v1\",\"a\",\"web1\"]".to_vec()),
         ("err-not-utf8.json", vec![b'{', 0xff, 0xfe, b'}']),
         ("err-empty.json", Vec::new()),

@@ -56,10 +56,17 @@ fn crafted_lock_instructions_are_refused() {
         let st = Command::new("touch").args(["-d", "2000-01-01", &lock_path]).status().expect("touch");
         assert!(st.success());
         let b = ca.leaf("hostile.example", 2);
-        let args = deploy_args(fleet.tmp.path(), "t0", &format!("hl-{i}"), &b, false, false);
+        let args = deploy_args(fleet.tmp.path(), "t0", &format!("hl-{i}"), &b, false, true);
         let (code, out, err) = run(&cfg, &strs(&args));
-        assert_ne!(code, 0, "{what}: deployed over a crafted lock\n{out}{err}");
-        assert!(out.contains("will not follow"), "{what}: {out}{err}");
+        assert_eq!(code, 1, "{what}: exit code of a deployment that did not succeed\n{out}{err}");
+        let result: serde_json::Value =
+            serde_json::from_str(out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{what}: --json output: {e}\n{out}{err}"));
+        assert_eq!(result["outcome"], "failed", "{what}: {out}");
+        assert_eq!(result["success"], false, "{what}: {out}");
+        let message = result["message"].as_str().unwrap_or_default();
+        assert!(message.contains("will not follow"), "{what}: {out}{err}");
+        assert!(message.contains(&lock_path), "{what}: the message does not name the lock {lock_path}: {out}");
         assert_eq!(fleet.sshd.read(&victim), b"keep me\n", "{what}");
         assert_eq!(fleet.sshd.read(&foreign_backup), b"not a backup\n", "{what}");
         assert!(!fleet.sshd.exists(&t.cert) || fleet.sshd.read(&t.cert) != b.cert_pem.as_bytes(), "{what}");

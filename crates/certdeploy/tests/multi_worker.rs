@@ -544,7 +544,7 @@ async fn three_workers_never_overlap_on_a_target() {
     let published = start.elapsed();
     expect_every_result(&mut tap, &ids, Duration::from_secs(150), &mw, 30).await;
     let elapsed = start.elapsed();
-    tap.collect(Duration::from_millis(1500), |_| false).await;
+    tap.settle_after_drain(&mw.fleet).await;
     mw.stop_all();
 
     let mut problems = Vec::new();
@@ -730,7 +730,7 @@ async fn kill_inside_a_deployment(prefix: &str, restart: Restart) {
         }
     }
     expect_every_result(&mut tap, &ids, Duration::from_secs(120), &mw, 40).await;
-    tap.collect(Duration::from_millis(1500), |_| false).await;
+    tap.settle_after_drain(&mw.fleet).await;
     let all_done = killed_at.elapsed();
     mw.stop_all();
     dead.kill9();
@@ -943,7 +943,7 @@ async fn slow_reload_is_not_taken_over() {
     let ids = work.ids();
     let done = tap.collect(Duration::from_secs(60), each_at_least(&ids, 1)).await;
     assert!(done, "results: {:?}\n{}", tap.seen.keys().collect::<Vec<_>>(), mw.all_logs_tail(40));
-    tap.collect(Duration::from_millis(1000), |_| false).await;
+    tap.settle_after_drain(&mw.fleet).await;
     let retry_queue = mw.fleet.vhost.as_ref().and_then(|v| queue_state(v, RETRY));
     let requests_queue = mw.fleet.vhost.as_ref().and_then(|v| queue_state(v, REQUESTS));
     mw.stop_all();
@@ -1076,7 +1076,7 @@ async fn deferrals_end_in_failed_after_max_deferrals() {
     let gave_up_after = reload_started.elapsed();
     let ids = work.ids();
     assert!(tap.collect(Duration::from_secs(40), each_at_least(&ids, 1)).await, "{}", mw.all_logs_tail(40));
-    tap.collect(Duration::from_millis(1000), |_| false).await;
+    tap.settle_after_drain(&mw.fleet).await;
     mw.stop_all();
 
     let mut problems = Vec::new();
@@ -1090,6 +1090,9 @@ async fn deferrals_end_in_failed_after_max_deferrals() {
             "{}: {} ({}), expected failed after {max_deferrals} deferrals",
             second.id, r2.outcome, r2.message
         ));
+    }
+    if r2.metadata.get("failed_step").map(String::as_str) != Some("lock") {
+        problems.push(format!("{}: failed_step {:?}, expected \"lock\"", second.id, r2.metadata.get("failed_step")));
     }
     if !r2.message.contains("locked") {
         problems.push(format!("{}: the message does not say the target was locked: {}", second.id, r2.message));

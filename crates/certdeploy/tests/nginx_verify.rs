@@ -203,25 +203,39 @@ fn ineffective_reload_is_caught_by_verify() {
     assert_files(&s.fleet, &b);
 }
 
+/// Whether a file of the journal directory holds `needle` (sled writes
+/// records uncompressed; a flushed record is in its files).
+fn journal_files_hold(dir: &std::path::Path, needle: &[u8]) -> bool {
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            } else if std::fs::read(e.path()).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Kill certdeploy (SIGKILL) while it sleeps in the `before_verify`
-/// failpoint, once `ready` says the reload has happened and sled's periodic
-/// background flush (every 500 ms) has had time to make the reload's
-/// journal record durable: the journal then says "reload succeeded, verify
+/// failpoint, once `ready` says the reload has happened and the journal's
+/// files hold the durable `Begun{verify}` record (written before the
+/// verify starts): the journal then says "reload succeeded, verify
 /// pending".
 fn crash_in_verify(s: &Site, id: &str, b: &Bundle, ready: impl Fn() -> bool) {
     let d = s.fleet.tmp.path();
     let args = deploy_args(d, "t0", id, b, true, true);
     let mut p =
         Proc::spawn(&s.cfg, &strs(&args), &[("FAILPOINTS", "before_verify=sleep(20000)")], d.join(format!("{id}.log")));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !ready() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let journal = s.fleet.journal_path();
+    while !ready() || !journal_files_hold(&journal, br#""type":"begun","step":"verify""#) {
         assert!(p.child.try_wait().unwrap().is_none(), "certdeploy exited early:\n{}", p.log_text());
-        assert!(std::time::Instant::now() < deadline, "no reload:\n{}", p.log_text());
+        assert!(std::time::Instant::now() < deadline, "no reload and durable Begun(verify):\n{}", p.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The Executed(reload) record is appended, not synced; sled flushes on
-    // its own every 500 ms.
-    std::thread::sleep(Duration::from_millis(1500));
     assert!(p.child.try_wait().unwrap().is_none(), "still in the failpoint:\n{}", p.log_text());
     p.kill9();
 }
@@ -238,6 +252,7 @@ fn assert_verify_pending(j: &[(String, String)]) {
 /// recovers first: it verifies again from the journaled fingerprint (no
 /// second write, no second reload, no rollback) and commits `deployed`.
 #[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
 fn crash_between_reload_and_verify_recovers_to_deployed() {
     let ca = TestCa::new();
     let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));
@@ -276,6 +291,7 @@ fn crash_between_reload_and_verify_recovers_to_deployed() {
 /// right after the reload. Whatever the journal kept, the next `certdeploy
 /// deploy` recovers and ends `deployed` with B served.
 #[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
 fn abort_before_verify_recovers_to_deployed() {
     let ca = TestCa::new();
     let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));
@@ -305,6 +321,7 @@ fn abort_before_verify_recovers_to_deployed() {
 /// succeeded, verify pending" row: it only verifies — no restore, no extra
 /// reload, no new attempt.
 #[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
 fn abort_before_verify_recovery_only_verifies() {
     let ca = TestCa::new();
     let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));
@@ -325,6 +342,7 @@ fn abort_before_verify_recovery_only_verifies() {
 /// verify: recovery must not trust the journaled "reload succeeded"; its
 /// verify sees A, so it rolls back and confirms A is served.
 #[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
 fn crash_between_ineffective_reload_and_verify_recovers_to_rolled_back() {
     let ca = TestCa::new();
     let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));

@@ -44,11 +44,24 @@ fn sample(metrics: &str, prefix: &str) -> Option<f64> {
     metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
-#[test]
-fn grafana_dashboard_queries_only_exported_metrics() {
+/// Metric families in a Prometheus scrape (histogram series folded into
+/// their family).
+fn families(scrape: &str) -> std::collections::BTreeSet<String> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(|name| ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name).to_string())
+        .collect()
+}
+
+/// Every metric the dashboard queries is in a scrape of a running worker
+/// that has deployed once.
+#[tokio::test(flavor = "multi_thread")]
+async fn grafana_dashboard_queries_only_exported_metrics() {
     let text = std::fs::read_to_string(repo().join("contrib/grafana/certdeploy.json")).expect("dashboard");
     let json: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
-    let mut queried = Vec::new();
+    let mut queried = std::collections::BTreeSet::new();
     for p in json["panels"].as_array().expect("panels") {
         for t in p["targets"].as_array().expect("targets") {
             let expr = t["expr"].as_str().expect("expr");
@@ -59,27 +72,134 @@ fn grafana_dashboard_queries_only_exported_metrics() {
                         .find_map(|s| word.strip_suffix(s))
                         .unwrap_or(word)
                         .to_string();
-                    queried.push(base);
+                    queried.insert(base);
                 }
             }
         }
     }
     assert!(queried.len() >= 10, "dashboard queries {queried:?}");
-    for q in &queried {
+
+    let fleet = Fleet::new(1, true);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let cfg = fleet.write_config(&Opts::default());
+    let config = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("metrics_listen = \"\"", &format!("metrics_listen = \"{metrics}\""));
+    std::fs::write(&cfg, config).unwrap();
+    let mut client = Client::connect(&fleet).await;
+    let _w = Proc::worker(&fleet, &cfg, &[], "worker");
+    wait_for("/readyz 200", Duration::from_secs(60), || get(&metrics, "/readyz").is_some_and(|(c, _)| c == 200));
+    let ids = vec!["g-1".to_string()];
+    client.publish(&request("g-1", &fleet.targets[0].name, &TestCa::new().leaf("g.example", 1), true)).await;
+    let seen = client.collect(Duration::from_secs(60), all_ids(&ids)).await;
+    assert_eq!(seen["g-1"][0].outcome, certdeploy_core::Outcome::Deployed, "{}", seen["g-1"][0].message);
+    // The publish latency is recorded once the confirm is back, which may
+    // be just after the client sees the result: scrape until every queried
+    // family is there (bounded).
+    let start = Instant::now();
+    loop {
+        let (_, scrape) = get(&metrics, "/metrics").expect("metrics");
+        let exported = families(&scrape);
+        let missing: Vec<&String> = queried.iter().filter(|q| !exported.contains(*q)).collect();
+        if missing.is_empty() {
+            break;
+        }
         assert!(
-            certdeploy::metrics::ALL.contains(&q.as_str()),
-            "dashboard queries `{q}`, which the worker does not export"
+            start.elapsed() < Duration::from_secs(30),
+            "the dashboard queries {missing:?}, which the worker does not export:\n{scrape}"
         );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
+/// The fields the code accepts in one section, as serde lists them when it
+/// refuses an unknown one (`expected one of `a`, `b`, ...`).
+fn accepted_keys(section_header: &str, required: &str) -> Vec<String> {
+    let text = format!("{section_header}\n{required}certdeploy_no_such_key = 1\n");
+    let e = match certdeploy::config::Config::parse(&text, "probe.toml", &[]) {
+        Ok(_) => panic!("an unknown key in {section_header} was accepted"),
+        Err(e) => e.to_string(),
+    };
+    let list = e.split("expected one of").nth(1).unwrap_or_else(|| panic!("no field list in: {e}"));
+    list.split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+/// `contrib/certdeploy.toml` lists every key of every section, and each
+/// value it shows is the default the code uses (keys without a default,
+/// which default to none, may show an example value or be commented out).
 #[test]
 fn example_configs_parse() {
+    use certdeploy::config::Config;
     for f in ["contrib/certdeploy.toml", "contrib/compose/certdeploy.toml"] {
         let text = std::fs::read_to_string(repo().join(f)).expect("read");
-        let cfg = certdeploy::config::Config::parse(&text, f, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = Config::parse(&text, f, &[]).unwrap_or_else(|e| panic!("{e}"));
         assert!(!cfg.targets.is_empty(), "{f} has a target");
     }
+
+    let text = std::fs::read_to_string(repo().join("contrib/certdeploy.toml")).expect("read");
+    let example: toml::Table = toml::from_str(&text).expect("example is TOML");
+    // Keys shown commented out (`# key = value`), per section.
+    let mut commented: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut section = String::new();
+    for line in text.lines() {
+        if let Some(h) = line.strip_prefix('[') {
+            section = h.trim_end_matches(']').to_string();
+        } else if let Some((k, _)) = line.strip_prefix("# ").and_then(|l| l.split_once(" = "))
+            && !k.contains(' ')
+        {
+            commented.entry(section.clone()).or_default().push(k.to_string());
+        }
+    }
+    let web1 = example["targets"]["web1"].as_table().expect("[targets.web1]");
+    let required = ["host", "user", "cert_path", "key_path", "reload_command"];
+    let required_toml: String = required.iter().map(|k| format!("{k} = {}\n", web1[*k])).collect();
+    let target_only = format!("[targets.web1]\n{required_toml}");
+    let sections = [
+        ("worker", "[worker]", String::new()),
+        ("ssh", "[ssh]", String::new()),
+        ("targets.web1", "[targets.web1]", required_toml.clone()),
+    ];
+    let mut problems = Vec::new();
+    for (name, header, required) in &sections {
+        let table = match *name {
+            "targets.web1" => web1,
+            n => example[n].as_table().unwrap_or_else(|| panic!("no [{n}]")),
+        };
+        let listed: Vec<&String> = table.keys().chain(commented.get(*name).into_iter().flatten()).collect();
+        let keys = accepted_keys(header, required);
+        assert!(keys.len() >= 5, "[{name}]: {keys:?}");
+        for k in &keys {
+            if !listed.contains(&k) {
+                problems.push(format!("[{name}] {k} is not in contrib/certdeploy.toml"));
+            }
+        }
+        // The section with nothing but the required keys, as the code sees it.
+        let debug_of = |extra: &str| -> String {
+            let body = if *name == "targets.web1" {
+                format!("{target_only}{extra}")
+            } else {
+                format!("{header}\n{extra}{target_only}")
+            };
+            let cfg = Config::parse(&body, "defaults.toml", &[]).unwrap_or_else(|e| panic!("{e}\n{body}"));
+            match *name {
+                "worker" => format!("{:?}", cfg.worker),
+                "ssh" => format!("{:?}", cfg.ssh),
+                _ => format!("{:?}", cfg.targets["web1"]),
+            }
+        };
+        let defaults = debug_of("");
+        for (k, v) in table {
+            if *name == "targets.web1" && required.contains(k) {
+                continue;
+            }
+            let with_example = debug_of(&format!("{k} = {v}\n"));
+            // Either the example shows the default, or the key has none.
+            if with_example != defaults && !defaults.contains(&format!("{k}: None")) {
+                problems.push(format!("[{name}] {k} = {v} is not the default the code uses:\n  {defaults}"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 /// README quick start: `scripts/demo` runs the worker; `certdeploy submit
@@ -160,6 +280,7 @@ async fn readme_quick_start_deploys() {
 /// /readyz is 503 until recovery is done, then 200; after a deploy and a
 /// rollback, /metrics shows both outcomes and the step histograms.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
 async fn metrics_and_readiness() {
     let fleet = Fleet::new(2, true);
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -193,15 +314,20 @@ async fn metrics_and_readiness() {
     let out = crashed.output().expect("deploy");
     assert!(!out.status.success(), "the failpoint kills the process");
 
-    // Recovery is slowed down (a sleeping failpoint before the restore):
-    // meanwhile the worker is alive but not ready.
+    // Recovery cannot reach the host while sshd is stopped (the crashed
+    // process's connections killed, the listeners frozen): meanwhile the
+    // worker is alive but not ready, for as long as the test looks.
     let mut client = Client::connect(&fleet).await;
-    let _w = Proc::worker(&fleet, &cfg, &[("FAILPOINTS", "before_restore=sleep(3000)")], "worker");
-    wait_for("/healthz", Duration::from_secs(30), || get(&metrics, "/healthz").is_some());
-    let (code, body) = get(&metrics, "/readyz").expect("readyz");
+    fleet.sshd.kill_connections();
+    fleet.sshd.freeze_listeners(true);
+    let _w = Proc::worker(&fleet, &cfg, &[], "worker");
+    wait_for("/healthz", Duration::from_secs(60), || get(&metrics, "/healthz").is_some());
+    let ready = get(&metrics, "/readyz");
+    fleet.sshd.freeze_listeners(false);
+    let (code, body) = ready.expect("readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("recovery_done=no"), "{body}");
-    wait_for("/readyz 200", Duration::from_secs(30), || get(&metrics, "/readyz").is_some_and(|(c, _)| c == 200));
+    wait_for("/readyz 200", Duration::from_secs(120), || get(&metrics, "/readyz").is_some_and(|(c, _)| c == 200));
     assert!(fleet.leftovers(t0).is_empty());
 
     let ids = vec!["m-ok".to_string(), "m-rb".to_string()];

@@ -153,8 +153,7 @@ async fn batch_of_200_over_5_targets_all_deployed() {
     let (BatchRun { fleet, mut tap, batch, ids, .. }, w) = start_batch("batch", "worker").await;
     let done = tap.collect(Duration::from_secs(60), each_at_least(&ids, 1)).await;
     assert!(done, "results for {}/{} requests", count_done(&tap.seen, &ids), ids.len());
-    // Give any duplicate a moment to show up.
-    tap.collect(Duration::from_millis(1500), |_| false).await;
+    tap.settle_after_drain(&fleet).await;
     let elapsed = start.elapsed();
 
     assert_eq!(tap.received, 200, "exactly one result per delivery");
@@ -224,7 +223,7 @@ async fn same_deployment_id_twice_deploys_once() {
     let b2 = ca.leaf("b2.example", 1);
     tap.publish(&request("dup-b", "t1", &b2, true)).await;
     assert!(tap.collect(Duration::from_secs(30), each_at_least(&ids_b, 3)).await);
-    tap.collect(Duration::from_millis(1000), |_| false).await;
+    tap.settle_after_drain(&fleet).await;
 
     for (id, n, t, bundle) in [("dup-a", 2, 0, &a), ("dup-b", 3, 1, &b)] {
         let r = &tap.seen[id];
@@ -262,7 +261,7 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
     let done = tap.collect(Duration::from_secs(60), each_at_least(&ids, 1)).await;
     assert!(done, "results for {}/{} requests", count_done(&tap.seen, &ids), ids.len());
     wait_drained(&fleet, &mut tap).await;
-    tap.collect(Duration::from_millis(1000), |_| false).await;
+    tap.settle_after_drain(&fleet).await;
 
     let counts = outcome_counts(&tap.seen);
     assert_batch_landed(&fleet, &batch, &ids, &tap.seen);
@@ -308,7 +307,7 @@ async fn broker_connection_loss_twice_mid_batch() {
     let done = tap.collect(Duration::from_secs(60), each_at_least(&ids, 1)).await;
     assert!(done, "results for {}/{} requests", count_done(&tap.seen, &ids), ids.len());
     wait_drained(&fleet, &mut tap).await;
-    tap.collect(Duration::from_millis(1000), |_| false).await;
+    tap.settle_after_drain(&fleet).await;
 
     assert!(tap.reconnects >= 2, "the test client was cut too ({} reconnects)", tap.reconnects);
     let log = w.log_text();
@@ -393,7 +392,7 @@ async fn malformed_messages_rejected_and_dead_lettered() {
         })
         .await;
     assert!(ok, "results: {:?}", tap.seen.keys().collect::<Vec<_>>());
-    tap.collect(Duration::from_millis(1000), |_| false).await;
+    tap.settle_after_drain(&fleet).await;
 
     // Rejected results name the field.
     let mut unknown_results: Vec<&ResultEvent> =
@@ -481,8 +480,9 @@ async fn sigterm_mid_batch_exits_zero_and_restart_finishes() {
     for t in 0..fleet.targets.len() {
         host_state(&fleet, &batch, t).unwrap_or_else(|e| panic!("after SIGTERM: {e}"));
     }
-    // Everything received before the stop has its result now.
-    tap.collect(Duration::from_millis(1000), |_| false).await;
+    // Everything received before the stop has its result now (the worker
+    // has exited: nothing more is published).
+    tap.settle().await;
     let before_restart = count_done(&tap.seen, &ids);
     let waiting = (ids.len() - before_restart) as u64;
     let state = tokio::task::block_in_place(|| {
@@ -498,7 +498,7 @@ async fn sigterm_mid_batch_exits_zero_and_restart_finishes() {
     let done = tap.collect(Duration::from_secs(60), each_at_least(&ids, 1)).await;
     assert!(done, "results for {}/{} requests", count_done(&tap.seen, &ids), ids.len());
     wait_drained(&fleet, &mut tap).await;
-    tap.collect(Duration::from_millis(1000), |_| false).await;
+    tap.settle_after_drain(&fleet).await;
 
     for id in &ids {
         let r = &tap.seen[id];

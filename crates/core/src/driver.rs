@@ -206,6 +206,12 @@ pub(crate) async fn record<H, V, J: Journal, C>(
     failpoint!("before_journal_append");
     let seq = env.journal.append(id, rec)?;
     failpoint!("after_journal_append");
+    #[cfg(feature = "mutations")]
+    if crate::mutation::active(crate::mutation::Mutation::UnflushedBegunWrite)
+        && matches!(rec.event, Event::Begun { step: Step::Write })
+    {
+        return Ok(());
+    }
     env.journal.sync(seq).await?;
     failpoint!("after_journal_sync");
     Ok(())

@@ -16,6 +16,9 @@ pub mod wire;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+#[cfg(feature = "mutations")]
+pub mod mutation;
+
 pub use event::*;
 pub use machine::*;
 pub use model::*;

@@ -957,7 +957,13 @@ impl Deployment {
             // redelivered request starts afresh.
             Phase::Snapshot | Phase::PreVerify => self.phase = Phase::Cleanup(End::Abandon),
             Phase::Write | Phase::Validate | Phase::Reload => {
-                if self.may_have_written() {
+                // --- planted bug for the mutation tests (feature `mutations`) ---
+                #[cfg(feature = "mutations")]
+                let skip_rollback = crate::mutation::active(crate::mutation::Mutation::RecoveryWithoutRollback);
+                #[cfg(not(feature = "mutations"))]
+                let skip_rollback = false;
+                // --- end of planted bug ---
+                if self.may_have_written() && !skip_rollback {
                     let step = self.current_step();
                     self.fail(
                         step,

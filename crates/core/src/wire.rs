@@ -231,8 +231,10 @@ fn check_fields(
     for k in obj.keys() {
         if !fields.iter().any(|(name, _, _)| name == k) {
             let expected: Vec<&str> = fields.iter().map(|(n, _, _)| *n).collect();
+            // An empty name is shown as `""`, so the error still names it.
+            let name = if k.is_empty() { "\"\"".to_string() } else { printable(k) };
             return Some(RequestError::new(
-                format!("{prefix}{}", printable(k)),
+                format!("{prefix}{name}"),
                 format!("unknown field (expected one of: {})", expected.join(", ")),
             ));
         }

@@ -15,9 +15,11 @@
 
 use std::collections::BTreeMap;
 
+use certdeploy_core::mutation::{self, Mutation};
 use certdeploy_core::testkit::*;
 use certdeploy_core::*;
 use proptest::prelude::*;
+use proptest::test_runner::{TestError, TestRunner};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 
 const RELOAD: &str = "reload-daemon";
@@ -159,7 +161,7 @@ impl ReferenceStateMachine for DeployModel {
                     move |r| chain || *r != Role::Chain
                 }),
             ),
-            prop::collection::vec((1u64..40, any::<bool>()), 0..3),
+            prop::collection::vec((1u64..40, any::<bool>()), 0..=3),
         )
             .prop_map(|(same, older, snapshot_fault, write_fault, validate_rejects, daemon, restore_fault, crashes)| {
                 Transition::Deploy(Box::new(Scenario {
@@ -537,4 +539,46 @@ prop_state_machine! {
     #![proptest_config(ProptestConfig { cases: 256, max_shrink_iters: 4096, ..ProptestConfig::default() })]
     #[test]
     fn deployments_with_faults_and_crashes(sequential 1..8 => DeployTest);
+}
+
+/// Runs the property with one planted bug switched on (for this thread) and
+/// returns the failure it reports and how many cases it took to find it.
+fn property_with(bug: Mutation) -> (String, u32) {
+    let config =
+        ProptestConfig { cases: 256, max_shrink_iters: 0, failure_persistence: None, ..ProptestConfig::default() };
+    let mut runner = TestRunner::new(config.clone());
+    let cases = std::cell::Cell::new(0u32);
+    mutation::set(Some(bug));
+    // No shrinking: the first failure is the answer (and without the
+    // "seen transitions" counter, which only shrinking uses).
+    let result = runner.run(&DeployModel::sequential_strategy(1..8), |(initial, transitions, _seen)| {
+        cases.set(cases.get() + 1);
+        DeployTest::test_sequential(config.clone(), initial, transitions, None);
+        Ok(())
+    });
+    mutation::set(None);
+    match result {
+        Err(TestError::Fail(why, _)) => (why.to_string(), cases.get()),
+        Err(e) => panic!("{bug:?}: the property test did not run: {e}"),
+        Ok(()) => panic!("{bug:?}: the property test passed 256 cases with the bug planted"),
+    }
+}
+
+/// Mutation test: a driver that does not wait for `Begun { write }` to be
+/// durable before writing fails the property (the simulator sees the write
+/// with no durable record in front of it).
+#[test]
+fn unflushed_begun_write_fails_the_property() {
+    let (why, cases) = property_with(Mutation::UnflushedBegunWrite);
+    eprintln!("failed after {cases} case(s): {why}");
+    assert!(why.contains("write before Begun(write) was durable"), "{why}");
+}
+
+/// Mutation test: recovery that abandons a deployment which may have
+/// written, without restoring the originals, fails the property.
+#[test]
+fn recovery_without_rollback_fails_the_property() {
+    let (why, cases) = property_with(Mutation::RecoveryWithoutRollback);
+    eprintln!("failed after {cases} case(s): {why}");
+    assert!(!why.contains("write-ahead violated"), "failed for another reason: {why}");
 }

@@ -139,9 +139,10 @@ impl SledFiles {
         }
     }
 
-    /// [`SledFiles::sweep`] if a watched directory changed.
-    pub(crate) fn sweep_if_changed(&mut self, sync: bool) -> io::Result<()> {
-        if self.changed() { self.sweep(sync) } else { Ok(()) }
+    /// [`SledFiles::sweep`] if a watched directory changed. Returns whether
+    /// it walked the directories.
+    pub(crate) fn sweep_if_changed(&mut self, sync: bool) -> io::Result<bool> {
+        if self.changed() { self.sweep(sync).map(|()| true) } else { Ok(false) }
     }
 
     /// Fix modes of files not seen before (new blobs, snapshots); with
@@ -202,8 +203,11 @@ impl SledFiles {
         Ok(())
     }
 
-    /// The per-flush fsync: the log file, then any new file.
-    pub(crate) fn fsync(&mut self) -> io::Result<()> {
+    /// The per-flush fsync: the log file, then any new file. Returns
+    /// whether it walked the directories.
+    pub(crate) fn fsync(&mut self) -> io::Result<bool> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("journal_fsync", |_| Err(io::Error::other("injected failure (failpoint journal_fsync)")));
         self.db.sync_all()?;
         self.sweep_if_changed(true)
     }

@@ -78,7 +78,10 @@ impl Shared {
         });
         drop(files);
         match r {
-            Ok(()) => {
+            Ok(walked) => {
+                if walked {
+                    self.counters.dir_walks.fetch_add(1, Ordering::Relaxed);
+                }
                 self.counters.observe_flush(t0.elapsed());
                 self.durable.send_if_modified(|d| {
                     let raise = target > d.seq;

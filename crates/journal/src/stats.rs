@@ -14,6 +14,7 @@ pub(crate) struct Counters {
     pub flushes: AtomicU64,
     pub syncs: AtomicU64,
     pub syncs_already_durable: AtomicU64,
+    pub dir_walks: AtomicU64,
     pub flush_sum_us: AtomicU64,
     pub flush_max_us: AtomicU64,
     pub buckets: [AtomicU64; FLUSH_LATENCY_BUCKETS_US.len() + 1],
@@ -35,6 +36,7 @@ impl Counters {
             flushes: self.flushes.load(Relaxed),
             syncs: self.syncs.load(Relaxed),
             syncs_already_durable: self.syncs_already_durable.load(Relaxed),
+            dir_walks: self.dir_walks.load(Relaxed),
             flush_latency: LatencyHistogram {
                 count: self.flushes.load(Relaxed),
                 sum_us: self.flush_sum_us.load(Relaxed),
@@ -57,6 +59,9 @@ pub struct JournalStats {
     /// `sync` calls that found their record already durable and returned
     /// without waiting.
     pub syncs_already_durable: u64,
+    /// Flushes that listed sled's directories (only after inotify reported
+    /// a new or removed entry, or where inotify is unavailable).
+    pub dir_walks: u64,
     pub flush_latency: LatencyHistogram,
 }
 

@@ -525,12 +525,19 @@ fn a_blob_sled_adds_later_is_secured_by_the_next_flush() {
     append_sync(&j, "d-blob", &started("d-blob", 1));
     let blobs = |path: &Path| all_files(&path.join("blobs"));
     assert!(blobs(&path).is_empty());
+    // Flushes that add no file do not list sled's directories.
+    let walks = j.stats().dir_walks;
+    for i in 0..5 {
+        append_sync(&j, &format!("d-quiet-{i}"), &started(&format!("d-quiet-{i}"), 1));
+    }
+    assert_eq!(j.stats().dir_walks, walks, "flushes that added no file walked sled's directories");
     // Over sled's inline limit (a quarter segment): stored as a blob file,
     // created by sled with the process umask's mode.
     let big = Record { at: Timestamp(2), event: Event::Pruned { error: Some("x".repeat(200_000)) } };
     append_sync(&j, "d-blob", &big);
     let found = blobs(&path);
     assert!(!found.is_empty(), "no blob written");
+    assert!(j.stats().dir_walks > walks, "the flush after sled added a blob did not walk");
     for f in found {
         assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777, 0o600, "{}", f.display());
     }
@@ -610,3 +617,34 @@ fn gc_keeps_each_targets_last_certificate_in_place_however_old() {
     // Without the policy, it goes like the others.
     assert_eq!(j.gc(Duration::from_secs(3_600), Timestamp(100 * hour)).unwrap().dedupe_entries_removed, 1);
 }
+
+/// A failed fsync poisons the journal: that flush fails, and so does every
+/// later one, even once fsync works again (a retried fsync proves nothing).
+#[test]
+#[cfg(feature = "failpoints")]
+fn a_failed_fsync_poisons_the_journal() {
+    let _scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let j = open(&dir.path().join("j"));
+    append_sync(&j, "d-before", &started("d-before", 1));
+    fail::cfg("journal_fsync", "return").unwrap();
+    j.append("d-failed", &started("d-failed", 2)).expect("append");
+    let first = j.flush_now().expect_err("the flush whose fsync failed");
+    assert!(first.to_string().contains("injected failure"), "{first}");
+    fail::remove("journal_fsync");
+    let later = j.flush_now().expect_err("a flush after a failed fsync");
+    assert!(later.to_string().contains("injected failure"), "poisoned by the first failure: {later}");
+    let sync = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+        let seq = j.append("d-after", &started("d-after", 3));
+        match seq {
+            Ok(seq) => certdeploy_core::driver::Journal::sync(&j, seq).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    assert!(sync.is_err(), "a sync after a failed fsync succeeded");
+}
+
+#[test]
+#[cfg(not(feature = "failpoints"))]
+#[ignore = "needs --features certdeploy/failpoints (or certdeploy-journal/failpoints)"]
+fn a_failed_fsync_poisons_the_journal() {}

@@ -373,6 +373,17 @@ fn check_validity(
 static VERIFIED_LINKS: LazyLock<Mutex<HashSet<[u8; 32]>>> = LazyLock::new(Default::default);
 const VERIFIED_LINKS_MAX: usize = 1024;
 
+thread_local! {
+    static SIGNATURE_CHECKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many chain signatures the calling thread has verified itself (links
+/// answered from the remembered ones are not counted). Validation runs on
+/// the caller's thread, so a test can count its own checks.
+pub fn signature_checks_on_this_thread() -> u64 {
+    SIGNATURE_CHECKS.with(|c| c.get())
+}
+
 fn verify_link(cert: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> Result<(), X509Error> {
     let raw = cert.as_raw();
     let mut h = Sha256::new();
@@ -384,6 +395,7 @@ fn verify_link(cert: &X509Certificate<'_>, issuer: &X509Certificate<'_>) -> Resu
     if verified().contains(&link) {
         return Ok(());
     }
+    SIGNATURE_CHECKS.with(|c| c.set(c.get() + 1));
     cert.verify_signature(Some(issuer.public_key()))?;
     let mut set = verified();
     if set.len() >= VERIFIED_LINKS_MAX {

@@ -342,10 +342,17 @@ fn a_verified_link_vouches_only_for_the_same_certificate_and_key() {
     // Links verified once are remembered (a batch shares its intermediates);
     // a certificate or an issuer key that differs in any byte is checked
     // afresh.
+    let checks = certdeploy_pki::signature_checks_on_this_thread;
     let p = pki(Alg::P256);
-    for _ in 0..2 {
-        validate(&p.leaf.pem(), &p.leaf.key_pem(), Some(&p.chain())).expect("valid");
-    }
+    let before = checks();
+    validate(&p.leaf.pem(), &p.leaf.key_pem(), Some(&p.chain())).expect("valid");
+    assert_eq!(checks() - before, 2, "first sight: leaf -> intermediate and intermediate -> root verified");
+    validate(&p.leaf.pem(), &p.leaf.key_pem(), Some(&p.chain())).expect("valid");
+    assert_eq!(checks() - before, 2, "the same bundle again verifies no signature");
+    // A batch: another leaf of the same intermediate verifies only its own link.
+    let sibling = p.inter.issue("Sibling", Alg::P256, NOW - DAY, NOW + 90 * DAY, false);
+    validate(&sibling.pem(), &sibling.key_pem(), Some(&p.chain())).expect("valid");
+    assert_eq!(checks() - before, 3, "the shared intermediate -> root link is verified once");
     let impostor = p.root.issue("Intermediate", Alg::P256, NOW - DAY, NOW + 900 * DAY, true);
     let chain = format!("{}{}", impostor.pem(), p.root.pem());
     assert_eq!(

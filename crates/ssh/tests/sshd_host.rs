@@ -188,34 +188,53 @@ async fn symlinked_cert_is_written_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_is_never_readable_by_others() {
     use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::AtomicU64;
     let rig = Rig::new();
     let d = rig.dir("secret");
     let stop = Arc::new(AtomicBool::new(false));
+    // Files seen inside a key's staging directory (the temp being filled).
+    let seen_temp = Arc::new(AtomicU64::new(0));
     let poller = {
-        let (d, stop) = (d.clone(), stop.clone());
+        let (d, stop, seen_temp) = (d.clone(), stop.clone(), seen_temp.clone());
         std::thread::spawn(move || {
-            let (mut seen_temp, mut bad) = (0u64, Vec::new());
+            let mut bad = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                let Ok(rd) = std::fs::read_dir(&d) else { continue };
-                for e in rd.flatten() {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if !name.starts_with("site.key") {
-                        continue;
-                    }
-                    if let Ok(m) = std::fs::symlink_metadata(e.path()) {
-                        if name.contains(".certdeploy-tmp.") {
-                            seen_temp += 1;
-                        }
-                        if m.mode() & 0o077 != 0 {
+                // Every entry, recursively: the key's temp lives in a
+                // staging directory (`.certdeploy-stage.site.key.*/t`).
+                let mut dirs = vec![(d.clone(), false)];
+                while let Some((dir, in_stage)) = dirs.pop() {
+                    let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+                    for e in rd.flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let Ok(m) = std::fs::symlink_metadata(e.path()) else { continue };
+                        let about_key = in_stage || name.contains("site.key");
+                        let open_to_others = m.mode() & 0o077 != 0;
+                        if m.is_dir() {
+                            // A key's staging directory is private whenever it exists.
+                            if about_key && open_to_others {
+                                bad.push(format!("directory {name} {:o}", m.mode() & 0o7777));
+                            }
+                            dirs.push((e.path(), about_key));
+                        } else if in_stage {
+                            seen_temp.fetch_add(1, Ordering::Relaxed);
+                            // Inside the private directory, its own mode is
+                            // set before any content.
+                            if open_to_others && m.size() > 0 {
+                                bad.push(format!("staged {name} {:o} size {}", m.mode() & 0o7777, m.size()));
+                            }
+                        } else if about_key && open_to_others {
                             bad.push(format!("{name} {:o} size {}", m.mode() & 0o7777, m.size()));
                         }
                     }
                 }
             }
-            (seen_temp, bad)
+            bad
         })
     };
-    for i in 0..15 {
+    // At least 15 deployments, and more until the poller has caught a key
+    // temp in its staging directory at least once (bounded).
+    let mut i: u32 = 0;
+    while i < 15 || (seen_temp.load(Ordering::Relaxed) == 0 && i < 300) {
         let r = rig
             .deploy(
                 &target(&d, "true"),
@@ -225,11 +244,14 @@ async fn key_is_never_readable_by_others() {
             )
             .await;
         assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+        i += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let (seen_temp, bad) = poller.join().expect("poller");
+    let bad = poller.join().expect("poller");
+    let seen = seen_temp.load(Ordering::Relaxed);
+    eprintln!("poller saw a staged key temp {seen} times over {i} deployments");
     assert!(bad.is_empty(), "key readable by others: {bad:?}");
-    eprintln!("poller saw key temp files {seen_temp} times");
+    assert!(seen > 0, "the poller never saw a key temp in {i} deployments: it proves nothing");
     assert_eq!(rig.sshd.stat(d.join("site.key")).mode, 0o600);
 }
 

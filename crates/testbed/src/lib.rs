@@ -294,6 +294,16 @@ impl SshdFixture {
         pids.len()
     }
 
+    /// Stop (`SIGSTOP`) or continue (`SIGCONT`) the listeners: while
+    /// stopped, a new connection gets no answer (the kernel still accepts
+    /// it into the backlog, so it goes on once they continue).
+    pub fn freeze_listeners(&self, frozen: bool) {
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        for p in self.listener_pids() {
+            let _ = Command::new("kill").args([sig, &p.to_string()]).status();
+        }
+    }
+
     /// Number of live per-connection sshd processes.
     pub fn connection_count(&self) -> usize {
         self.listener_pids().into_iter().map(|p| children_of(p).len()).sum()

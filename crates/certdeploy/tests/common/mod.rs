@@ -307,6 +307,33 @@ impl Client {
     }
 }
 
+/// A result event to mark a point in the result stream: a copy of one
+/// already seen under an id of its own.
+fn settle_marker(seen: &BTreeMap<String, Vec<ResultEvent>>) -> ResultEvent {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mut marker =
+        seen.values().flatten().next().cloned().expect("settle after at least one result (the marker copies one)");
+    marker.deployment_id = format!("settle-marker-{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    marker
+}
+
+impl Client {
+    /// [`ResultTap::settle`] for a `Client`: every result already published
+    /// is in `seen` when it returns (the marker is removed).
+    pub async fn settle(&mut self, seen: &mut BTreeMap<String, Vec<ResultEvent>>) {
+        let marker = settle_marker(seen);
+        self.broker.publish_result(marker.outcome.as_str(), &marker.to_json()).await.expect("publish settle marker");
+        let id = marker.deployment_id.clone();
+        let more = self.collect(Duration::from_secs(60), |s| s.contains_key(&id)).await;
+        assert!(more.contains_key(&id), "the settle marker never arrived");
+        for (k, v) in more {
+            if k != id {
+                seen.entry(k).or_default().extend(v);
+            }
+        }
+    }
+}
+
 /// Every id present (at least one result each).
 pub fn all_ids(ids: &[String]) -> impl FnMut(&BTreeMap<String, Vec<ResultEvent>>) -> bool + '_ {
     move |seen| ids.iter().all(|id| seen.contains_key(id))
@@ -545,6 +572,50 @@ impl ResultTap {
             }
         }
         until(&self.seen)
+    }
+
+    /// Receive every result already published, duplicates included, with
+    /// no fixed wait. Call it once nothing more will be published (the
+    /// request queues drained, the workers idle or stopped): a marker
+    /// result published now is queued behind every result the broker has
+    /// already confirmed, so once it arrives, they all have.
+    pub async fn settle(&mut self) {
+        let marker = settle_marker(&self.seen);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(self.ensure(deadline).await, "could not reach the broker to settle");
+            let (broker, _) = self.conn.as_ref().expect("connected");
+            match broker.publish_result(marker.outcome.as_str(), &marker.to_json()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "publish the settle marker: {e}");
+                    self.conn = None;
+                }
+            }
+        }
+        let id = marker.deployment_id.clone();
+        assert!(
+            self.collect(Duration::from_secs(60), |s| s.contains_key(&id)).await,
+            "the settle marker never arrived"
+        );
+        let n = self.seen.remove(&id).map_or(0, |v| v.len());
+        self.received -= n;
+    }
+
+    /// [`ResultTap::settle`] once the requests and retry queues hold no
+    /// message, ready or unacked (bounded): nothing is left to answer, so
+    /// every result (and every duplicate) is in `seen` afterwards.
+    pub async fn settle_after_drain(&mut self, fleet: &Fleet) {
+        let vhost = fleet.vhost.as_ref().expect("a fleet with a broker");
+        tokio::task::block_in_place(|| {
+            for q in ["certdeploy.requests", "certdeploy.retry"] {
+                if queue_state(vhost, q).is_some() {
+                    let s = wait_queue_empty(vhost, q, Duration::from_secs(120));
+                    assert_eq!(s, Some((0, 0)), "{q} (ready, unacked) before settling");
+                }
+            }
+        });
+        self.settle().await;
     }
 
     /// Drain a queue with `basic.get`: (body, `x-certdeploy-reason`) per message.
