@@ -371,7 +371,15 @@ fn journal_and_check_commands() {
     assert!(!out.contains(b.key_pem.lines().nth(1).unwrap()), "journal show must not print key bytes");
     let (code, _, err) = run(&cfg, &["journal", "show", "nope"]);
     assert_eq!(code, 1, "{err}");
-    // A zero-day retention prunes the finished records but keeps the result.
+    // A zero-day retention keeps what t0 holds now (j-1 put it there) ...
+    let (code, out, _) = run(&cfg, &["journal", "gc", "--retention-days", "0"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("pruned 0 finished deployment(s)"), "{out}");
+    // ... and once a later deployment replaced it, prunes j-1's records but
+    // keeps its result.
+    let args = deploy_args(fleet.tmp.path(), "t0", "j-2", &ca.leaf("j2.example", 0), false, false);
+    let (code, out, err) = run(&cfg, &strs(&args));
+    assert_eq!(code, 0, "{out}{err}");
     let (code, out, _) = run(&cfg, &["journal", "gc", "--retention-days", "0"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("pruned 1 finished deployment(s)") && out.contains("dropped 0 expired"), "{out}");
