@@ -69,19 +69,6 @@ pub const ALL: &[&str] = &[
     BUILD_INFO,
 ];
 
-/// The outcomes a deployment counter is labelled with (every one of them is
-/// exported from the start, at zero, so a rate over it has a series).
-pub const OUTCOMES: &[&str] = &[
-    "deployed",
-    "unchanged",
-    "rolled_back",
-    "rolled_back_daemon_unknown",
-    "rollback_failed",
-    "failed",
-    "rejected",
-    "superseded",
-];
-
 /// The steps the step histogram is labelled with.
 pub const STEPS: &[&str] = &["snapshot", "write", "exec", "restore", "cleanup", "prune", "verify"];
 
@@ -121,8 +108,9 @@ pub fn install() -> Option<PrometheusHandle> {
 /// Every series exists from the first scrape: a counter that has never
 /// moved is `0`, not absent, so rules and dashboards see it.
 fn register_at_zero() {
-    for o in OUTCOMES {
-        metrics::counter!(DEPLOYMENTS, "outcome" => *o).increment(0);
+    // One series per outcome, so a rate over any of them exists at once.
+    for o in certdeploy_core::Outcome::ALL {
+        metrics::counter!(DEPLOYMENTS, "outcome" => o.as_str()).increment(0);
     }
     for s in STEPS {
         let _ = metrics::histogram!(STEP_SECONDS, "step" => *s);
