@@ -130,8 +130,19 @@ pub async fn execute<H: Host, V: Verifier, J: Journal, C: Clock>(
             r.phase = LockPhase::Locked;
             r.snapshots.clear();
         });
-        if let Err(e) = own.await {
-            return Ok(lock_failed(format!("target lock {path} lost after a takeover: {}", e.message)));
+        match own.await {
+            Ok(()) => {}
+            // Someone else has it now: this request runs again (the host
+            // was not touched for it).
+            Err(e) if e.is_lock_lost() => {
+                return Ok(Executed::Abandoned(format!("target lock {path} lost after a takeover: {}", e.message)));
+            }
+            Err(e) => {
+                return Ok(lock_failed(format!(
+                    "target lock {path} could not be rewritten after a takeover: {}",
+                    e.message
+                )));
+            }
         }
     }
     plan.lock = Some(token);
