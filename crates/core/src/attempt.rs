@@ -91,7 +91,7 @@ pub async fn execute<H: Host, V: Verifier, J: Journal, C: Clock>(
     let mut tries = 0;
     let (held, took_over) = loop {
         let since = env.clock.mono_ms();
-        match acquire(env.host, &path, &mine, w.dead_own, w.planted).await {
+        match acquire(env.host, env.clock, &path, &mine, w.dead_own, w.planted).await {
             Ok(Acquired::Ours { took_over, written, host_now }) => {
                 break (Held::new(path.clone(), *written, since, host_now, w.planted), took_over);
             }
@@ -181,7 +181,7 @@ pub async fn resume<H: Host, V: Verifier, J: Journal, C: Clock>(
     let mut tries = 0;
     let held = loop {
         let since = env.clock.mono_ms();
-        match reacquire(env.host, &path, &token, w.planted).await {
+        match reacquire(env.host, env.clock, &path, &token, w.planted).await {
             Ok(Some((rec, host_now))) => break Held::new(path.clone(), rec, since, host_now, w.planted),
             Ok(None) => {
                 let why = format!(
