@@ -26,11 +26,13 @@
 //! a target's files (snapshot, write, command, restore, backup removal,
 //! prune) is made by the worker whose token the target's lock file names at
 //! that moment, and no restore ever touches a deployment whose `deployed`
-//! is durable in a journal. The documented timing assumption — one lock
-//! operation lands within the lease's margin, and the host's clock does not
-//! jump by more than the margin within a lease — is checked too: a breach
-//! is recorded as an assumption violation, so that a failure it causes is
-//! reported as such and never passes silently.
+//! is durable in a journal. The documented timing assumption — a host
+//! operation lands within the lease's margin of the worker's last check of
+//! its lease, and the host's clock does not jump by more than the margin
+//! within a lease — is checked too: a breach is recorded as an assumption
+//! violation, so that a failure it causes is reported as such and never
+//! passes silently. (One deployment step's requests are applied together,
+//! as the SFTP host sends them together.)
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
