@@ -91,7 +91,7 @@ pub async fn execute<H: Host, V: Verifier, J: Journal, C: Clock>(
     let mut tries = 0;
     let (held, took_over) = loop {
         let since = env.clock.mono_ms();
-        match acquire(env.host, &path, &mine, w.dead_own, w.planted).await {
+        match acquire(env.host, env.clock, &path, &mine, w.dead_own, w.planted).await {
             Ok(Acquired::Ours { took_over, written, host_now }) => {
                 break (Held::new(path.clone(), *written, since, host_now, w.planted), took_over);
             }
@@ -130,8 +130,19 @@ pub async fn execute<H: Host, V: Verifier, J: Journal, C: Clock>(
             r.phase = LockPhase::Locked;
             r.snapshots.clear();
         });
-        if let Err(e) = own.await {
-            return Ok(lock_failed(format!("target lock {path} lost after a takeover: {}", e.message)));
+        match own.await {
+            Ok(()) => {}
+            // Someone else has it now: this request runs again (the host
+            // was not touched for it).
+            Err(e) if e.is_lock_lost() => {
+                return Ok(Executed::Abandoned(format!("target lock {path} lost after a takeover: {}", e.message)));
+            }
+            Err(e) => {
+                return Ok(lock_failed(format!(
+                    "target lock {path} could not be rewritten after a takeover: {}",
+                    e.message
+                )));
+            }
         }
     }
     plan.lock = Some(token);
@@ -170,7 +181,7 @@ pub async fn resume<H: Host, V: Verifier, J: Journal, C: Clock>(
     let mut tries = 0;
     let held = loop {
         let since = env.clock.mono_ms();
-        match reacquire(env.host, &path, &token, w.planted).await {
+        match reacquire(env.host, env.clock, &path, &token, w.planted).await {
             Ok(Some((rec, host_now))) => break Held::new(path.clone(), rec, since, host_now, w.planted),
             Ok(None) => {
                 let why = format!(

@@ -2,9 +2,9 @@
 //! claim, and re-taking after a restart.
 
 use super::Planted;
-use super::held::sweep;
+use super::held::{margin_ms, sweep};
 use super::record::{LOCK_VERSION, LockPhase, LockRecord, Parsed, claim_path};
-use crate::driver::Host;
+use crate::driver::{Clock, Host};
 use crate::event::StepError;
 
 /// What [`acquire`] found.
@@ -49,8 +49,9 @@ async fn create_claim<H: Host>(host: &H, claim: &str, bytes: &[u8], planted: Pla
 /// one of this worker's own journal's that no live deployment holds (a
 /// previous process of this worker died holding it): it is taken over
 /// without waiting for its lease.
-pub async fn acquire<H: Host>(
+pub async fn acquire<H: Host, C: Clock>(
     host: &H,
+    clock: &C,
     path: &str,
     mine: &LockRecord,
     dead_own: &(dyn Fn(&LockRecord) -> bool + Sync),
@@ -76,8 +77,13 @@ pub async fn acquire<H: Host>(
         let mut token = cur.token.clone();
         let mut claims = Vec::new();
         let mut won = false;
+        // A claim is a lease of its own: it expires like a lock. Past this
+        // (by our clock, from the start of the winning create) we may no
+        // longer act on it.
+        let mut claim_valid_until = 0;
         for _ in 0..CHAIN {
             let claim = claim_path(path, &token);
+            claim_valid_until = clock.mono_ms() + mine.lease_ms.saturating_sub(margin_ms(mine.lease_ms));
             let created = create_claim(host, &claim, &bytes, planted).await?;
             claims.push(claim.clone());
             if created {
@@ -122,6 +128,13 @@ pub async fn acquire<H: Host>(
             }
             continue;
         }
+        if clock.mono_ms() >= claim_valid_until {
+            // Stalled since the claim: another taker may have claimed it
+            // as expired by now. Leave everything as it is.
+            return Ok(Acquired::Held {
+                holder: format!("a takeover of {path} that took longer than its claim's lease"),
+            });
+        }
         let written = inherit(mine, &cur);
         let host_now = host.lock_replace(path, &written.bytes(), written.phase == LockPhase::Writing).await?;
         for claim in claims.iter().rev() {
@@ -152,8 +165,9 @@ pub fn inherit(mine: &LockRecord, dead: &LockRecord) -> LockRecord {
 /// clock. Goes through the claim like a taker: the lease may have expired
 /// while this worker was down, and another worker may be taking over
 /// right now.
-pub async fn reacquire<H: Host>(
+pub async fn reacquire<H: Host, C: Clock>(
     host: &H,
+    clock: &C,
     path: &str,
     token: &str,
     planted: Planted,
@@ -165,6 +179,7 @@ pub async fn reacquire<H: Host>(
     };
     next.seq += 1;
     let claim = claim_path(path, token);
+    let mut claim_valid_until = clock.mono_ms() + next.lease_ms.saturating_sub(margin_ms(next.lease_ms));
     if !create_claim(host, &claim, &next.bytes(), planted).await? {
         // Ours from before the restart, or another worker's claim.
         let theirs = match host.lock_read(&claim).await? {
@@ -175,6 +190,7 @@ pub async fn reacquire<H: Host>(
             return Ok(None);
         }
         host.lock_remove(&claim).await?;
+        claim_valid_until = clock.mono_ms() + next.lease_ms.saturating_sub(margin_ms(next.lease_ms));
         if !create_claim(host, &claim, &next.bytes(), planted).await? {
             return Ok(None);
         }
@@ -183,6 +199,9 @@ pub async fn reacquire<H: Host>(
         Some(f) => matches!(LockRecord::parse(path, &f.bytes)?, Parsed::Lock(r) if r.token == token),
         None => false,
     };
+    // Stalled since the claim: treat it as lost (another worker may be
+    // taking it over); the lock then expires or is taken over.
+    let still = still && clock.mono_ms() < claim_valid_until;
     let mut host_now = 0;
     if still {
         host_now = host.lock_replace(path, &next.bytes(), false).await?;

@@ -26,11 +26,13 @@
 //! a target's files (snapshot, write, command, restore, backup removal,
 //! prune) is made by the worker whose token the target's lock file names at
 //! that moment, and no restore ever touches a deployment whose `deployed`
-//! is durable in a journal. The documented timing assumption — one lock
-//! operation lands within the lease's margin, and the host's clock does not
-//! jump by more than the margin within a lease — is checked too: a breach
-//! is recorded as an assumption violation, so that a failure it causes is
-//! reported as such and never passes silently.
+//! is durable in a journal. The documented timing assumption — a host
+//! operation lands within the lease's margin of the worker's last check of
+//! its lease, and the host's clock does not jump by more than the margin
+//! within a lease — is checked too: a breach is recorded as an assumption
+//! violation, so that a failure it causes is reported as such and never
+//! passes silently. (One deployment step's requests are applied together,
+//! as the SFTP host sends them together.)
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -413,28 +415,25 @@ impl FleetHost {
 }
 
 impl Host for FleetHost {
+    // A step's requests leave together (as over SFTP): one operation.
     async fn snapshot(&self, id: &str, files: &[SnapshotRequest]) -> Vec<Result<Snapped, StepError>> {
-        let mut out = Vec::new();
-        for f in files {
-            let worker = self.worker;
-            out.push(self.op("snapshot", |w| w.snapshot_one(worker, id, f)).await);
-        }
-        out
+        let worker = self.worker;
+        self.op("snapshot", |w| files.iter().map(|f| w.snapshot_one(worker, id, f)).collect()).await
     }
 
     async fn write(&self, _id: &str, files: &[(WriteRequest, &[u8])]) -> Vec<Result<(), StepError>> {
-        let mut out = Vec::new();
-        for (f, bytes) in files {
-            let worker = self.worker;
-            let r = self
-                .op("write", |w| {
+        let worker = self.worker;
+        self.op("write", |w| {
+            files
+                .iter()
+                .map(|(f, bytes)| {
                     w.side_effect(worker, "write", &f.live_path);
                     w.put(&f.live_path, bytes.to_vec(), f.mode);
+                    Ok(())
                 })
-                .await;
-            out.push(Ok(r));
-        }
-        out
+                .collect()
+        })
+        .await
     }
 
     async fn exec(&self, command: &str, _timeout_ms: u64) -> Result<ExecResult, StepError> {
@@ -459,12 +458,8 @@ impl Host for FleetHost {
     }
 
     async fn restore(&self, id: &str, files: &[RestoreRequest]) -> Vec<Result<RestoreStatus, StepError>> {
-        let mut out = Vec::new();
-        for f in files {
-            let worker = self.worker;
-            out.push(self.op("restore", |w| w.restore_one(worker, id, f)).await);
-        }
-        out
+        let worker = self.worker;
+        self.op("restore", |w| files.iter().map(|f| w.restore_one(worker, id, f)).collect()).await
     }
 
     async fn remove_backups(&self, id: &str, paths: &[String]) -> Result<(), StepError> {
@@ -1093,12 +1088,12 @@ impl Fleet {
             && self.workers.iter().all(|w| w.alive && w.task.is_none() && !w.recovering && w.unacked.is_none())
     }
 
-    /// End every fault (restart the dead, wake the paused, lock operations
-    /// at full speed) and run the fleet until the queue is drained.
+    /// End every fault (restart the dead, lock operations at full speed;
+    /// a pause runs to its end while the others work on) and run the fleet
+    /// until the queue is drained.
     pub fn drain(&mut self) -> Result<(), String> {
         for i in 0..self.workers.len() {
             self.restart(i);
-            self.workers[i].paused_until = 0;
         }
         self.set_lock_delay(0);
         for _ in 0..200_000 {
