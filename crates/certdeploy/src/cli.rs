@@ -92,6 +92,17 @@ pub enum JournalCommand {
 }
 
 #[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Only this target (default: every configured target and every target in the journal).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// One JSON array of objects (`target`, `deployment_id`, `outcome`, `finished_at`, `subject`,
+    /// `not_after`, `days_left`) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct CheckArgs {
     /// Only this target (default: all).
     #[arg(long)]
@@ -99,6 +110,43 @@ pub struct CheckArgs {
     /// One JSON array (per target: `target`, `host`, `ok`, `checks`) instead of lines.
     #[arg(long)]
     pub json: bool,
+}
+
+fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<u8> {
+    let j = SledJournal::open(&cfg.worker.journal_path, JournalOptions::default())?;
+    let configured: Vec<String> = cfg.targets.keys().cloned().collect();
+    let mut rows = crate::status::targets(&j, &configured)?;
+    if let Some(t) = &a.target {
+        rows.retain(|r| &r.target == t);
+        if rows.is_empty() {
+            eprintln!("certdeploy: --target: `{t}` is neither configured nor in the journal");
+            return Ok(EXIT_USAGE);
+        }
+    }
+    let now = now();
+    if a.json {
+        println!("{}", serde_json::Value::Array(rows.iter().map(|r| r.to_json(now)).collect()));
+        return Ok(EXIT_OK);
+    }
+    println!(
+        "{:<16} {:<40} {:<12} {:<40} {:<20} {:>9}",
+        "TARGET", "LAST DEPLOYMENT", "OUTCOME", "SUBJECT", "NOT AFTER", "DAYS LEFT"
+    );
+    for r in &rows {
+        let j = r.to_json(now);
+        let s = |k: &str| j[k].as_str().unwrap_or("-").to_string();
+        let days = r.days_left(now).map_or("-".to_string(), |d| d.to_string());
+        println!(
+            "{:<16} {:<40} {:<12} {:<40} {:<20} {:>9}",
+            r.target,
+            s("deployment_id"),
+            s("outcome"),
+            s("subject"),
+            s("not_after"),
+            days
+        );
+    }
+    Ok(EXIT_OK)
 }
 
 /// Completions and the man page describe the command line itself: no
@@ -152,6 +200,7 @@ pub async fn dispatch(cli: Cli) -> u8 {
         Command::Submit(a) => submit(cfg, a).await,
         Command::Journal(c) => journal(cfg, c),
         Command::Check(a) => check(cfg, a).await,
+        Command::Status(a) => status(cfg, a),
         Command::Completions { .. } | Command::Man => unreachable!("answered by describe_cli"),
     };
     match r {

@@ -10,6 +10,7 @@ pub mod hostlock;
 pub mod intake;
 pub mod metrics;
 pub mod notify;
+pub mod status;
 pub mod verify;
 pub mod worker;
 
@@ -67,6 +68,10 @@ pub enum Command {
     /// writable directories, reload/validate programs.
     #[command(after_help = "Example:\n  certdeploy check --target web1")]
     Check(cli::CheckArgs),
+    /// Per target: the last deployment, the certificate in place, its notAfter and days left.
+    #[command(after_help = "Examples:\n  certdeploy status\n  certdeploy status --target web1 --json\n\n\
+        From the journal (so, like `journal list`, not while a worker holds it). Exit status 0.")]
+    Status(cli::StatusArgs),
     /// Print a shell completion script (needs no configuration).
     #[command(after_help = "Examples:\n  certdeploy completions bash > /etc/bash_completion.d/certdeploy\n  \
         certdeploy completions zsh > \"${fpath[1]}/_certdeploy\"")]

@@ -67,6 +67,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     if cfg.ssh.warm_masters {
         rt.warm_masters().await;
     }
+    publish_expiry(&rt);
     health.recovered.store(true, Ordering::Relaxed);
     tracing::info!(recovered = n, worker = %rt.worker_name, "recovery done");
 
@@ -417,7 +418,27 @@ async fn handle(rt: &Runtime, delivery: Delivery, mut brx: watch::Receiver<Optio
             return;
         }
     };
+    if report.outcome.success() {
+        metrics::gauge!(m::CERT_EXPIRY, "target" => validated.target_name.clone())
+            .set(validated.certificate.not_after as f64);
+    }
     finish(rt, delivery, brx, report).await;
+}
+
+/// The expiry gauge of every target the journal knows, from what each last
+/// had put in place (after recovery, so recovered deployments count).
+fn publish_expiry(rt: &Runtime) {
+    let configured: Vec<String> = rt.cfg.targets.keys().cloned().collect();
+    match crate::status::targets(&rt.journal, &configured) {
+        Ok(rows) => {
+            for r in rows {
+                if let Some(c) = r.certificate {
+                    metrics::gauge!(m::CERT_EXPIRY, "target" => r.target).set(c.not_after as f64);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("certificate expiry from the journal: {e}"),
+    }
 }
 
 /// The target is locked by another worker's live deployment: send the

@@ -89,11 +89,34 @@ fn named_metrics(text: &str, fams: &std::collections::BTreeMap<String, (String, 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_fresh_worker_exports_every_series_with_help_and_everything_the_docs_name() {
+async fn a_worker_exports_every_series_with_help_and_everything_the_docs_name() {
     let fleet = Fleet::new(1, true);
     let (cfg, metrics) = config_with_metrics(&fleet, &Opts::default());
+    let mut client = Client::connect(&fleet).await;
     let _w = Proc::worker(&fleet, &cfg, &[], "worker");
     wait_for("/readyz 200", Duration::from_secs(60), || get(&metrics, "/readyz").is_some_and(|(c, _)| c == 200));
+    // Before any deployment: no expiry is known for any target.
+    let scrape0 = get(&metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    assert!(!scrape0.contains("certdeploy_certificate_expiry_timestamp_seconds{"), "{scrape0}");
+    // One deployment: the expiry gauge of t0 is its certificate's notAfter,
+    // and a later certificate moves it.
+    let ca = TestCa::new();
+    let expiry = |scrape: &str| sample(scrape, "certdeploy_certificate_expiry_timestamp_seconds{target=\"t0\"}");
+    let mut seen = Vec::new();
+    for (id, days_ago) in [("exp-1", 30), ("exp-2", 2)] {
+        let b = ca.leaf(&format!("{id}.example"), days_ago);
+        client.publish(&request(id, "t0", &b, false)).await;
+        let ids = vec![id.to_string()];
+        let got = client.collect(Duration::from_secs(60), all_ids(&ids)).await;
+        assert_eq!(got[id][0].outcome, certdeploy_core::Outcome::Deployed, "{}", got[id][0].message);
+        let scrape = get(&metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        let v = expiry(&scrape).unwrap_or_else(|| panic!("no expiry gauge for t0:\n{scrape}"));
+        seen.push(v);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    // leaf(_, d) is valid for 365 days from d days ago.
+    assert!((seen[0] - (now + 335.0 * 86_400.0)).abs() < 3_600.0, "{seen:?}");
+    assert!((seen[1] - seen[0] - 28.0 * 86_400.0).abs() < 3_600.0, "the gauge follows the later certificate: {seen:?}");
     // The queue gauges are read from the broker right after the connect.
     let mut scrape = String::new();
     wait_for("the queue gauges", Duration::from_secs(30), || {
@@ -102,15 +125,15 @@ async fn a_fresh_worker_exports_every_series_with_help_and_everything_the_docs_n
     });
     let fams = families(&scrape);
 
-    // No deployment ran: every series is there anyway, each with HELP, and
-    // a name ending in _total is a counter.
+    // Every series is there (also those of events that never happened),
+    // each with HELP, and a name ending in _total is a counter.
     for (name, (ty, help)) in &fams {
         assert!(*help, "{name} has no HELP line:\n{scrape}");
         if name.ends_with("_total") {
             assert_eq!(ty, "counter", "{name} is named like a counter but is a {ty}");
         }
     }
-    for outcome in ["deployed", "rolled_back", "rollback_failed", "failed", "rejected"] {
+    for outcome in ["rolled_back", "rollback_failed", "failed", "rejected"] {
         assert!(
             scrape.contains(&format!("certdeploy_deployments_total{{outcome=\"{outcome}\"}} 0")),
             "{outcome}:\n{scrape}"
