@@ -3,6 +3,7 @@
 //! worker loop, metrics and the subcommands.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -72,6 +73,16 @@ pub enum Command {
     #[command(after_help = "Examples:\n  certdeploy status\n  certdeploy status --target web1 --json\n\n\
         From the journal (so, like `journal list`, not while a worker holds it). Exit status 0.")]
     Status(cli::StatusArgs),
+    /// Pause, resume or drain a running worker's consumption (through its admin socket).
+    #[command(
+        after_help = "Examples:\n  certdeploy control pause\n  certdeploy control drain\n  certdeploy control resume\n\n\
+        pause: take no new deliveries (those in flight finish); drain: pause, and return once\n\
+        nothing is in flight; resume: consume again. The process keeps running throughout."
+    )]
+    Control {
+        #[arg(value_enum)]
+        action: cli::ControlAction,
+    },
     /// Print a shell completion script (needs no configuration).
     #[command(after_help = "Examples:\n  certdeploy completions bash > /etc/bash_completion.d/certdeploy\n  \
         certdeploy completions zsh > \"${fpath[1]}/_certdeploy\"")]

@@ -52,6 +52,16 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         tokio::spawn(m::serve(listener, handle, health.clone()));
     }
     let rt = Arc::new(Runtime::open(cfg.clone())?);
+    let control = Arc::new(crate::admin::Control::default());
+    if let Some(sock) = crate::admin::socket_path(&cfg) {
+        let (j, cfg2, c) = (rt.journal.clone(), cfg.clone(), control.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(sock.clone(), j, cfg2, c).await {
+                tracing::warn!(socket = %sock.display(), "admin endpoint unavailable: {e}");
+            }
+        });
+    }
+    let mut paused = control.paused.subscribe();
     health.journal.store(true, Ordering::Relaxed);
     let _ = health.journal_handle.set(rt.journal.clone());
     tokio::spawn(journal_metrics(rt.clone()));
@@ -110,10 +120,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                         let mut turn = order.enqueue(order_key(&delivery.body, &rt.cfg));
                         let rt = rt.clone();
                         let brx = broker_rx.clone();
+                        let control = control.clone();
+                        control.in_flight.fetch_add(1, Ordering::SeqCst);
                         tasks.spawn(async move {
                             handle(&rt, delivery, brx, &mut turn).await;
                             // Never release the successor before the predecessor is done.
                             turn.wait().await;
+                            control.in_flight.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
                     Some(Err(e)) => {
@@ -139,6 +152,25 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                () = until(&mut paused, true) => {
+                    // Paused: take nothing new (the broker hands this
+                    // consumer's unacked prefetch to others only if it is
+                    // cancelled), let what was taken finish.
+                    tracing::info!(in_flight = tasks.len(), "consumption paused");
+                    let _ = tokio::time::timeout(Duration::from_secs(5), consumer.cancel()).await;
+                    loop {
+                        tokio::select! {
+                            () = until(&mut paused, false) => break,
+                            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                            _ = broker.closed() => break,
+                            _ = shutdown.changed() => if *shutdown.borrow() { break 'outer },
+                        }
+                    }
+                    tracing::info!("consumption resumed");
+                    // Consume again on a fresh connection (the loop above also
+                    // ends when the connection was lost while paused).
+                    break;
+                }
             }
         }
         health.broker.store(false, Ordering::Relaxed);
@@ -178,6 +210,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     rt.close_ssh().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Resolves once the flag is `want` (at once if it already is).
+async fn until(rx: &mut watch::Receiver<bool>, want: bool) {
+    if rx.wait_for(|v| *v == want).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 async fn wait_true(mut rx: watch::Receiver<bool>) {

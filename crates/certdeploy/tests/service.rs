@@ -418,3 +418,73 @@ async fn the_worker_collects_its_journal_by_itself_and_keeps_what_is_in_place() 
     assert!(sample(&scrape, "certdeploy_journal_last_gc_timestamp_seconds").unwrap_or(0.0) > 1.7e9, "{scrape}");
     assert!(sample(&scrape, "certdeploy_journal_size_bytes").unwrap_or(0.0) > 0.0, "{scrape}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_worker_answers_journal_and_status_and_pauses_resumes_drains() {
+    let fleet = Fleet::new(1, true);
+    let cfg = fleet.write_config(&Opts::default());
+    let mut client = Client::connect(&fleet).await;
+    let w = Proc::worker(&fleet, &cfg, &[], "worker");
+    let ca = TestCa::new();
+    client.publish(&request("adm-1", "t0", &ca.leaf("adm1.example", 3), false)).await;
+    let ids = vec!["adm-1".to_string()];
+    let got = client.collect(Duration::from_secs(60), all_ids(&ids)).await;
+    assert_eq!(got["adm-1"][0].outcome, certdeploy_core::Outcome::Deployed);
+
+    // The worker holds the journal; the commands ask it through its socket.
+    let mut sock = fleet.journal_path().into_os_string();
+    sock.push(".admin.sock");
+    let meta = std::fs::symlink_metadata(&sock).expect("admin socket");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+    let (code, out, err) = run(&cfg, &["journal", "list", "--json"]);
+    assert_eq!(code, 0, "{err}\n{}", tail(&w.log_text(), 30));
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(
+        rows.as_array().expect("array").iter().any(|r| r["deployment_id"] == "adm-1" && r["outcome"] == "deployed"),
+        "{rows}"
+    );
+    let (code, out, _) = run(&cfg, &["journal", "show", "adm-1"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.split_whitespace().nth(1) == Some("finished")), "{out}");
+    let (code, _, _) = run(&cfg, &["journal", "show", "nope"]);
+    assert_eq!(code, 1);
+    let (code, out, _) = run(&cfg, &["status", "--json"]);
+    assert_eq!(code, 0);
+    let st: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(st[0]["deployment_id"], "adm-1", "{st}");
+    let (code, _, err) = run(&cfg, &["journal", "gc"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("collects its journal itself"), "{err}");
+
+    // Paused: a new request waits in the queue, untouched.
+    let (code, out, err) = run(&cfg, &["control", "pause"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for("the pause logged", Duration::from_secs(30), || w.log_text().contains("consumption paused"));
+    client.publish(&request("adm-2", "t0", &ca.leaf("adm2.example", 1), false)).await;
+    let ids2 = vec!["adm-2".to_string()];
+    let mut depth = 0;
+    for _ in 0..100 {
+        depth = client.broker.queue_depth("certdeploy.requests").await.expect("depth");
+        if depth == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(depth, 1, "the request waits while the worker is paused");
+    assert_eq!(fleet.reloads(&fleet.targets[0]), 1, "nothing deployed while paused");
+    // Resumed: it is consumed and deployed.
+    let (code, out, err) = run(&cfg, &["control", "resume"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let got = client.collect(Duration::from_secs(60), all_ids(&ids2)).await;
+    assert_eq!(
+        got.get("adm-2").map(|v| v[0].outcome),
+        Some(certdeploy_core::Outcome::Deployed),
+        "{}",
+        tail(&w.log_text(), 30)
+    );
+    // Drain: nothing in flight, so it answers drained at once.
+    let (code, out, err) = run(&cfg, &["control", "drain"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!((v["drained"].as_bool(), v["paused"].as_bool()), (Some(true), Some(true)), "{v}");
+}
