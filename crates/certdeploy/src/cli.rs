@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use certdeploy_core::wire::{self, DeployRequest, ResultEvent, SecretString};
 use certdeploy_core::{Outcome, Report};
-use certdeploy_journal::{DeploymentStatus, JournalOptions, SledJournal};
+use certdeploy_journal::{JournalOptions, SledJournal};
 use clap::{Args, Subcommand};
 use tokio::sync::watch;
 
@@ -103,6 +103,17 @@ pub enum JournalCommand {
 }
 
 #[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Only this target (default: every configured target and every target in the journal).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// One JSON array of objects (`target`, `deployment_id`, `outcome`, `finished_at`, `subject`,
+    /// `not_after`, `days_left`) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct CheckArgs {
     /// Only this target (default: all).
     #[arg(long)]
@@ -110,6 +121,70 @@ pub struct CheckArgs {
     /// One JSON array (per target: `target`, `host`, `ok`, `checks`) instead of lines.
     #[arg(long)]
     pub json: bool,
+}
+
+fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<u8> {
+    let rows = Reader::open(&cfg)?.query(&cfg, serde_json::json!({ "query": "status" }))?;
+    if let Some(e) = answer_error(&rows) {
+        anyhow::bail!("{e}");
+    }
+    let mut rows = rows.as_array().cloned().unwrap_or_default();
+    if let Some(t) = &a.target {
+        rows.retain(|r| r["target"].as_str() == Some(t));
+        if rows.is_empty() {
+            eprintln!("certdeploy: --target: `{t}` is neither configured nor in the journal");
+            return Ok(EXIT_USAGE);
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(EXIT_OK);
+    }
+    println!(
+        "{:<16} {:<40} {:<12} {:<40} {:<20} {:>9}",
+        "TARGET", "LAST DEPLOYMENT", "OUTCOME", "SUBJECT", "NOT AFTER", "DAYS LEFT"
+    );
+    for r in &rows {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        let days = r["days_left"].as_i64().map_or("-".to_string(), |d| d.to_string());
+        println!(
+            "{:<16} {:<40} {:<12} {:<40} {:<20} {:>9}",
+            s("target"),
+            s("deployment_id"),
+            s("outcome"),
+            s("subject"),
+            s("not_after"),
+            days
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ControlAction {
+    Pause,
+    Resume,
+    Drain,
+}
+
+fn control(cfg: Config, action: ControlAction) -> anyhow::Result<u8> {
+    let Some(sock) = crate::admin::socket_path(&cfg) else {
+        anyhow::bail!("the admin socket is disabled (admin_socket = \"\")");
+    };
+    let command = match action {
+        ControlAction::Pause => "pause",
+        ControlAction::Resume => "resume",
+        ControlAction::Drain => "drain",
+    };
+    // A drain waits for in-flight deployments: as long as their deadline.
+    let wait = Duration::from_secs(cfg.worker.deadline_s + 30);
+    let v = crate::admin::ask(&sock, &serde_json::json!({ "command": command }), wait)
+        .with_context(|| format!("no worker answers at {}", sock.display()))?;
+    if let Some(e) = answer_error(&v) {
+        anyhow::bail!("{e}");
+    }
+    println!("{v}");
+    Ok(if command == "drain" && v["drained"] != true { EXIT_FAILED } else { EXIT_OK })
 }
 
 /// Completions and the man page describe the command line itself: no
@@ -172,7 +247,9 @@ pub async fn dispatch(cli: Cli) -> u8 {
         Command::Submit(a) => submit(cfg, a).await,
         Command::Journal(c) => journal(cfg, c),
         Command::Check(a) => check(cfg, a).await,
-        Command::Keygen(_) => Ok(EXIT_USAGE),
+        Command::Keygen(_) => unreachable!("answered before the configuration is read"),
+        Command::Status(a) => status(cfg, a),
+        Command::Control { action } => control(cfg, action),
         Command::Completions { .. } | Command::Man => unreachable!("answered by describe_cli"),
     };
     match r {
@@ -284,97 +361,123 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
     Ok(if report.outcome.success() { EXIT_OK } else { EXIT_FAILED })
 }
 
-fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
-    let j = SledJournal::open(&cfg.worker.journal_path, JournalOptions::default())?;
-    match c {
-        JournalCommand::List { json: true } => {
-            let rows: Vec<serde_json::Value> = j
-                .list()?
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "deployment_id": r.deployment_id,
-                        "target": r.target,
-                        "host": r.host,
-                        "state": format!("{:?}", r.state).to_lowercase(),
-                        "outcome": r.outcome.map(|o| o.as_str()),
-                        "phase": r.phase,
-                        "attempts": r.attempts,
-                        "acked": r.acked,
-                        "started_at": r.started_at.rfc3339(),
-                        "updated_at": r.updated_at.rfc3339(),
-                        "records_pruned": r.records_pruned,
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::Value::Array(rows));
+/// Where a read of the journal goes: the journal itself, or — while a
+/// worker holds it — that worker's admin socket.
+enum Reader {
+    Journal(SledJournal),
+    Worker(PathBuf),
+}
+
+impl Reader {
+    fn open(cfg: &Config) -> anyhow::Result<Reader> {
+        match SledJournal::open(&cfg.worker.journal_path, JournalOptions::default()) {
+            Ok(j) => Ok(Reader::Journal(j)),
+            Err(e @ certdeploy_journal::JournalOpenError::Locked { .. }) => match crate::admin::socket_path(cfg) {
+                Some(sock) if sock.exists() => Ok(Reader::Worker(sock)),
+                _ => Err(anyhow::anyhow!("{e} (and it has no admin socket to ask)")),
+            },
+            Err(e) => Err(e.into()),
         }
-        JournalCommand::List { json: false } => {
-            let rows = j.list()?;
+    }
+
+    /// The answer to `query` (`list`, `show`, `status`), as JSON.
+    fn query(&self, cfg: &Config, request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        match self {
+            Reader::Worker(sock) => {
+                let v = crate::admin::ask(sock, &request, Duration::from_secs(60))
+                    .with_context(|| format!("asking the worker at {}", sock.display()))?;
+                Ok(v)
+            }
+            Reader::Journal(j) => Ok(match request["query"].as_str() {
+                Some("list") => crate::admin::list(j)?,
+                Some("status") => crate::admin::status(j, cfg)?,
+                Some("show") => {
+                    let id = request["id"].as_str().unwrap_or_default();
+                    crate::admin::show(j, id)?.unwrap_or_else(
+                        || serde_json::json!({ "error": format!("no deployment `{id}`"), "not_found": true }),
+                    )
+                }
+                _ => anyhow::bail!("unknown query {request}"),
+            }),
+        }
+    }
+}
+
+fn answer_error(v: &serde_json::Value) -> Option<&str> {
+    v.get("error").and_then(|e| e.as_str())
+}
+
+fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
+    if let JournalCommand::List { json } = c {
+        let rows = Reader::open(&cfg)?.query(&cfg, serde_json::json!({ "query": "list" }))?;
+        if let Some(e) = answer_error(&rows) {
+            anyhow::bail!("{e}");
+        }
+        if json {
+            println!("{rows}");
+            return Ok(EXIT_OK);
+        }
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        println!(
+            "{:<40} {:<16} {:<28} {:>8} {:<5} {:<24}",
+            "DEPLOYMENT", "TARGET", "STATE", "ATTEMPTS", "ACKED", "UPDATED"
+        );
+        for r in &rows {
+            let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+            let state = match (r["outcome"].as_str(), r["phase"].as_str()) {
+                (Some(o), _) => o.to_string(),
+                (None, Some(p)) => format!("{}:{p}", s("state")),
+                (None, None) => s("state"),
+            };
             println!(
                 "{:<40} {:<16} {:<28} {:>8} {:<5} {:<24}",
-                "DEPLOYMENT", "TARGET", "STATE", "ATTEMPTS", "ACKED", "UPDATED"
+                s("deployment_id"),
+                s("target"),
+                state,
+                r["attempts"].as_u64().unwrap_or(0),
+                if r["acked"].as_bool() == Some(true) { "yes" } else { "no" },
+                s("updated_at")
             );
-            for r in &rows {
-                let state = match (r.outcome, &r.phase) {
-                    (Some(o), _) => o.as_str().to_string(),
-                    (None, Some(p)) => format!("{:?}:{p}", r.state).to_lowercase(),
-                    (None, None) => format!("{:?}", r.state).to_lowercase(),
-                };
-                println!(
-                    "{:<40} {:<16} {:<28} {:>8} {:<5} {:<24}",
-                    r.deployment_id,
-                    r.target,
-                    state,
-                    r.attempts,
-                    if r.acked { "yes" } else { "no" },
-                    r.updated_at.rfc3339()
-                );
-            }
-            println!("{} deployment(s)", rows.len());
         }
-        JournalCommand::Show { id, json: true } => {
-            let records = j.records(&id)?;
-            let result = match j.status(&id)? {
-                Some(DeploymentStatus::Finished { report, .. }) => Some(report),
-                _ => None,
-            };
-            if records.is_empty() && result.is_none() {
-                eprintln!("certdeploy: no deployment `{id}` in {}", cfg.worker.journal_path.display());
-                return Ok(EXIT_FAILED);
-            }
-            let records: Vec<serde_json::Value> = records
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "at": r.at.rfc3339(),
-                        "event": certdeploy_core::driver::event_name(&r.event),
-                        "detail": r.event,
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::json!({ "deployment_id": id, "records": records, "result": result }));
+        println!("{} deployment(s)", rows.len());
+        return Ok(EXIT_OK);
+    }
+    if let JournalCommand::Show { id, json } = &c {
+        let shown = Reader::open(&cfg)?.query(&cfg, serde_json::json!({ "query": "show", "id": id }))?;
+        if shown.get("not_found").is_some() {
+            eprintln!("certdeploy: no deployment `{id}` in {}", cfg.worker.journal_path.display());
+            return Ok(EXIT_FAILED);
         }
-        JournalCommand::Show { id, json: false } => {
-            let records = j.records(&id)?;
-            if records.is_empty() {
-                match j.status(&id)? {
-                    Some(DeploymentStatus::Finished { report, .. }) => {
-                        println!("{id}: records garbage-collected; result kept for redelivery:");
-                        print_report(&report, "", false);
-                        return Ok(EXIT_OK);
-                    }
-                    _ => {
-                        eprintln!("certdeploy: no deployment `{id}` in {}", cfg.worker.journal_path.display());
-                        return Ok(EXIT_FAILED);
-                    }
-                }
-            }
-            for r in &records {
-                let detail = serde_json::to_string(&r.event).unwrap_or_default();
-                println!("{}  {:<16} {}", r.at.rfc3339(), certdeploy_core::driver::event_name(&r.event), detail);
-            }
+        if let Some(e) = answer_error(&shown) {
+            anyhow::bail!("{e}");
         }
+        if *json {
+            println!("{shown}");
+            return Ok(EXIT_OK);
+        }
+        let records = shown["records"].as_array().cloned().unwrap_or_default();
+        if records.is_empty() {
+            let report: certdeploy_core::Report =
+                serde_json::from_value(shown["result"].clone()).context("the recorded result")?;
+            println!("{id}: records garbage-collected; result kept for redelivery:");
+            print_report(&report, "", false);
+            return Ok(EXIT_OK);
+        }
+        for r in &records {
+            let detail = serde_json::to_string(&r["detail"]).unwrap_or_default();
+            println!("{}  {:<16} {}", r["at"].as_str().unwrap_or(""), r["event"].as_str().unwrap_or(""), detail);
+        }
+        return Ok(EXIT_OK);
+    }
+    let j = match SledJournal::open(&cfg.worker.journal_path, JournalOptions::default()) {
+        Ok(j) => j,
+        Err(e @ certdeploy_journal::JournalOpenError::Locked { .. }) => {
+            anyhow::bail!("{e}: a running worker collects its journal itself (journal_gc_interval_s)")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match c {
+        JournalCommand::List { .. } | JournalCommand::Show { .. } => unreachable!("answered above"),
         JournalCommand::Gc { retention_days } => {
             let days = retention_days.unwrap_or(cfg.worker.journal_retention_days);
             let policy = cfg.worker.gc_policy(days);

@@ -91,6 +91,10 @@ pub struct WorkerConfig {
     /// kept however old; results for redelivery stay 10× longer, at least
     /// 30 days).
     pub journal_retention_days: u64,
+    /// The worker's admin socket (journal list/show and status while it
+    /// runs; pause, resume, drain). Default: `<journal_path>.admin.sock`;
+    /// `""` disables it.
+    pub admin_socket: Option<String>,
     /// How often the worker collects its journal by itself (0: never; then
     /// only `certdeploy journal gc` does).
     pub journal_gc_interval_s: u64,
@@ -145,6 +149,7 @@ impl Default for WorkerConfig {
             shutdown_grace_s: 30,
             journal_retention_days: 7,
             journal_gc_interval_s: 3600,
+            admin_socket: None,
             journal_durability: "fsync".into(),
             requests_queue: "certdeploy.requests".into(),
             events_exchange: "certdeploy.events".into(),
@@ -387,6 +392,7 @@ impl Config {
                 "shutdown_grace_s" => w.shutdown_grace_s = v.parse().map_err(|_| bad("a number"))?,
                 "journal_retention_days" => w.journal_retention_days = v.parse().map_err(|_| bad("a number"))?,
                 "journal_gc_interval_s" => w.journal_gc_interval_s = v.parse().map_err(|_| bad("a number"))?,
+                "admin_socket" => w.admin_socket = Some(v.clone()),
                 "journal_durability" => w.journal_durability = v.clone(),
                 "requests_queue" => w.requests_queue = v.clone(),
                 "events_exchange" => w.events_exchange = v.clone(),

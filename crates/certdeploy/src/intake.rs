@@ -3,8 +3,8 @@
 
 use certdeploy_core::wire::{DeployRequest, RequestError, decode_request, printable};
 use certdeploy_core::{
-    Digest, Material, MaterialFacts, Payload, Plan, Secret, TargetSpec, Timestamp, build_plan, check_remote_path,
-    parse_mode,
+    CertificateInfo, Digest, Material, MaterialFacts, Payload, Plan, Secret, TargetSpec, Timestamp, build_plan,
+    check_remote_path, parse_mode,
 };
 
 use crate::config::{Config, TargetConfig, check_endpoint, check_host, glob_match, path_glob_match};
@@ -21,6 +21,8 @@ pub struct Validated {
     pub target_config: Option<TargetConfig>,
     pub material: Material,
     pub facts: MaterialFacts,
+    /// Subject and notAfter of the leaf, journaled with the plan.
+    pub certificate: CertificateInfo,
 }
 
 /// Why a request is refused, with what could be salvaged for the result.
@@ -33,7 +35,7 @@ pub struct Rejection {
 
 impl Validated {
     pub fn plan(&self, cfg: &Config, attempt: u32) -> Result<(Plan, Payload), RequestError> {
-        build_plan(
+        let (mut plan, payload) = build_plan(
             &self.deployment_id,
             &self.target_name,
             &self.spec,
@@ -42,7 +44,9 @@ impl Validated {
             cfg.policy(self.target_config.as_ref()),
             attempt,
         )
-        .map_err(|e| RequestError::new("target", e.to_string()))
+        .map_err(|e| RequestError::new("target", e.to_string()))?;
+        plan.certificate = Some(self.certificate.clone());
+        Ok((plan, payload))
     }
 }
 
@@ -150,6 +154,7 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
         target_config,
         material,
         facts: MaterialFacts { leaf_sha256: Some(Digest(facts.leaf_sha256)), not_before: Some(facts.not_before) },
+        certificate: CertificateInfo { subject: facts.subject, not_after: facts.not_after },
     })
 }
 

@@ -3,6 +3,7 @@
 //! worker loop, metrics and the subcommands.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod intake;
 pub mod metrics;
 pub mod notify;
 pub mod sealed;
+pub mod status;
 pub mod verify;
 pub mod worker;
 
@@ -73,6 +75,20 @@ pub enum Command {
         only its recipient (age1...) on stdout: give that to submitters (submit --recipient,\n\
         [submit] key_recipients, or `age -r`). Needs no configuration file.")]
     Keygen(cli::KeygenArgs),
+    /// Per target: the last deployment, the certificate in place, its notAfter and days left.
+    #[command(after_help = "Examples:\n  certdeploy status\n  certdeploy status --target web1 --json\n\n\
+        From the journal, or from the running worker that holds it (its admin socket). Exit status 0.")]
+    Status(cli::StatusArgs),
+    /// Pause, resume or drain a running worker's consumption (through its admin socket).
+    #[command(
+        after_help = "Examples:\n  certdeploy control pause\n  certdeploy control drain\n  certdeploy control resume\n\n\
+        pause: take no new deliveries (those in flight finish); drain: pause, and return once\n\
+        nothing is in flight; resume: consume again. The process keeps running throughout."
+    )]
+    Control {
+        #[arg(value_enum)]
+        action: cli::ControlAction,
+    },
     /// Print a shell completion script (needs no configuration).
     #[command(after_help = "Examples:\n  certdeploy completions bash > /etc/bash_completion.d/certdeploy\n  \
         certdeploy completions zsh > \"${fpath[1]}/_certdeploy\"")]

@@ -36,6 +36,9 @@ pub const JOURNAL_DEPLOYMENTS: &str = "certdeploy_journal_deployments";
 pub const JOURNAL_GC_LAST: &str = "certdeploy_journal_last_gc_timestamp_seconds";
 /// Finished deployments whose records the worker's gc removed.
 pub const JOURNAL_GC_PRUNED: &str = "certdeploy_journal_gc_pruned_total";
+/// notAfter (Unix seconds) of the certificate in place on each target, as
+/// certdeploy last deployed it.
+pub const CERT_EXPIRY: &str = "certdeploy_certificate_expiry_timestamp_seconds";
 /// Always 1, labelled with the version: which build a worker runs.
 pub const BUILD_INFO: &str = "certdeploy_build_info";
 
@@ -66,6 +69,7 @@ pub const ALL: &[&str] = &[
     JOURNAL_DEPLOYMENTS,
     JOURNAL_GC_LAST,
     JOURNAL_GC_PRUNED,
+    CERT_EXPIRY,
     BUILD_INFO,
 ];
 
@@ -174,6 +178,7 @@ fn describe() {
     describe_gauge!(JOURNAL_DEPLOYMENTS, "Deployments the journal's index holds (finished ones included)");
     describe_gauge!(JOURNAL_GC_LAST, "Unix time of the worker's last completed journal gc (0: none yet)");
     describe_counter!(JOURNAL_GC_PRUNED, "Finished deployments whose records the worker's journal gc removed");
+    describe_gauge!(CERT_EXPIRY, "notAfter (Unix seconds) of the certificate certdeploy last put in place, by target");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build");
 }
 

@@ -60,6 +60,16 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         tokio::spawn(m::serve(listener, handle, health.clone()));
     }
     let rt = Arc::new(Runtime::open(cfg.clone())?);
+    let control = Arc::new(crate::admin::Control::default());
+    if let Some(sock) = crate::admin::socket_path(&cfg) {
+        let (j, cfg2, c) = (rt.journal.clone(), cfg.clone(), control.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(sock.clone(), j, cfg2, c).await {
+                tracing::warn!(socket = %sock.display(), "admin endpoint unavailable: {e}");
+            }
+        });
+    }
+    let mut paused = control.paused.subscribe();
     health.journal.store(true, Ordering::Relaxed);
     let _ = health.journal_handle.set(rt.journal.clone());
     tokio::spawn(journal_metrics(rt.clone()));
@@ -75,6 +85,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     if cfg.ssh.warm_masters {
         rt.warm_masters().await;
     }
+    publish_expiry(&rt);
     health.recovered.store(true, Ordering::Relaxed);
     tracing::info!(recovered = n, worker = %rt.worker_name, "recovery done");
 
@@ -117,10 +128,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                         let mut turn = order.enqueue(order_key(&delivery.body, &rt.cfg));
                         let rt = rt.clone();
                         let brx = broker_rx.clone();
+                        let control = control.clone();
+                        control.in_flight.fetch_add(1, Ordering::SeqCst);
                         tasks.spawn(async move {
                             handle(&rt, delivery, brx, &mut turn).await;
                             // Never release the successor before the predecessor is done.
                             turn.wait().await;
+                            control.in_flight.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
                     Some(Err(e)) => {
@@ -146,6 +160,25 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                () = until(&mut paused, true) => {
+                    // Paused: take nothing new (the broker hands this
+                    // consumer's unacked prefetch to others only if it is
+                    // cancelled), let what was taken finish.
+                    tracing::info!(in_flight = tasks.len(), "consumption paused");
+                    let _ = tokio::time::timeout(Duration::from_secs(5), consumer.cancel()).await;
+                    loop {
+                        tokio::select! {
+                            () = until(&mut paused, false) => break,
+                            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                            _ = broker.closed() => break,
+                            _ = shutdown.changed() => if *shutdown.borrow() { break 'outer },
+                        }
+                    }
+                    tracing::info!("consumption resumed");
+                    // Consume again on a fresh connection (the loop above also
+                    // ends when the connection was lost while paused).
+                    break;
+                }
             }
         }
         health.broker.store(false, Ordering::Relaxed);
@@ -194,6 +227,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     rt.close_ssh().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Resolves once the flag is `want` (at once if it already is).
+async fn until(rx: &mut watch::Receiver<bool>, want: bool) {
+    if rx.wait_for(|v| *v == want).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 async fn wait_true(mut rx: watch::Receiver<bool>) {
@@ -516,6 +556,10 @@ async fn handle(rt: &Runtime, delivery: Delivery, brx: watch::Receiver<Option<Ar
             return;
         }
     };
+    if report.outcome.success() {
+        metrics::gauge!(m::CERT_EXPIRY, "target" => validated.target_name.clone())
+            .set(validated.certificate.not_after as f64);
+    }
     finish(rt, delivery, brx, report, &reply).await;
 }
 
@@ -540,6 +584,22 @@ async fn answer_and_dead_letter(
     let body = crate::sealed::redact_body(&delivery.body);
     if let Err(e) = broker.dead_letter_body(&delivery, &body, reason).await {
         tracing::warn!(deployment_id = %id, "dead-lettering failed: {e}");
+    }
+}
+
+/// The expiry gauge of every target the journal knows, from what each last
+/// had put in place (after recovery, so recovered deployments count).
+fn publish_expiry(rt: &Runtime) {
+    let configured: Vec<String> = rt.cfg.targets.keys().cloned().collect();
+    match crate::status::targets(&rt.journal, &configured) {
+        Ok(rows) => {
+            for r in rows {
+                if let Some(c) = r.certificate {
+                    metrics::gauge!(m::CERT_EXPIRY, "target" => r.target).set(c.not_after as f64);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("certificate expiry from the journal: {e}"),
     }
 }
 

@@ -88,3 +88,41 @@ fn json_output_of_journal_list_show_and_check() {
     let checks = t0["checks"].as_array().expect("checks");
     assert!(!checks.is_empty() && checks.iter().all(|c| c["ok"] == true && c["name"].is_string()), "{report}");
 }
+
+#[test]
+fn status_shows_each_targets_certificate_and_days_left() {
+    let fleet = Fleet::new(3, false);
+    let cfg = fleet.write_config(&Opts::default());
+    let ca = TestCa::new();
+    // t0 and t1 deployed (t1 twice: the later certificate counts); t2 never.
+    for (target, id, cn, days_ago) in
+        [("t0", "s-0", "zero.example", 10), ("t1", "s-1a", "one-a.example", 20), ("t1", "s-1b", "one-b.example", 5)]
+    {
+        let args = deploy_args(fleet.tmp.path(), target, id, &ca.leaf(cn, days_ago), false, false);
+        let (code, out, err) = run(&cfg, &strs(&args));
+        assert_eq!(code, 0, "{id}: {out}{err}");
+    }
+    let (code, out, err) = run(&cfg, &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("status --json is one JSON value");
+    let row = |t: &str| rows.as_array().expect("array").iter().find(|r| r["target"] == t).cloned().expect(t);
+    // A leaf from `leaf(cn, d)` is valid for 365 days from d days ago.
+    for (t, id, cn, days_ago) in [("t0", "s-0", "zero.example", 10), ("t1", "s-1b", "one-b.example", 5)] {
+        let r = row(t);
+        assert_eq!(r["deployment_id"], id, "{r}");
+        assert_eq!(r["outcome"], "deployed", "{r}");
+        assert!(r["subject"].as_str().is_some_and(|s| s.contains(cn)), "{r}");
+        assert!(r["not_after"].as_str().is_some_and(|s| s.ends_with('Z')), "{r}");
+        let days = r["days_left"].as_i64().expect("days_left");
+        assert!((364 - days_ago..=365 - days_ago).contains(&days), "{t}: {days} days left: {r}");
+        assert!(r["finished_at"].is_string(), "{r}");
+    }
+    let never = row("t2");
+    assert!(never["deployment_id"].is_null() && never["days_left"].is_null(), "{never}");
+
+    let (code, out, _) = run(&cfg, &["status", "--target", "t1"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.starts_with("t1 ") && l.contains("s-1b") && l.contains("one-b.example")), "{out}");
+    let (code, _, _) = run(&cfg, &["status", "--target", "nope"]);
+    assert_eq!(code, 2);
+}

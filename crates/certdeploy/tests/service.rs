@@ -89,11 +89,34 @@ fn named_metrics(text: &str, fams: &std::collections::BTreeMap<String, (String, 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_fresh_worker_exports_every_series_with_help_and_everything_the_docs_name() {
+async fn a_worker_exports_every_series_with_help_and_everything_the_docs_name() {
     let fleet = Fleet::new(1, true);
     let (cfg, metrics) = config_with_metrics(&fleet, &Opts::default());
+    let mut client = Client::connect(&fleet).await;
     let _w = Proc::worker(&fleet, &cfg, &[], "worker");
     wait_for("/readyz 200", Duration::from_secs(60), || get(&metrics, "/readyz").is_some_and(|(c, _)| c == 200));
+    // Before any deployment: no expiry is known for any target.
+    let scrape0 = get(&metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    assert!(!scrape0.contains("certdeploy_certificate_expiry_timestamp_seconds{"), "{scrape0}");
+    // One deployment: the expiry gauge of t0 is its certificate's notAfter,
+    // and a later certificate moves it.
+    let ca = TestCa::new();
+    let expiry = |scrape: &str| sample(scrape, "certdeploy_certificate_expiry_timestamp_seconds{target=\"t0\"}");
+    let mut seen = Vec::new();
+    for (id, days_ago) in [("exp-1", 30), ("exp-2", 2)] {
+        let b = ca.leaf(&format!("{id}.example"), days_ago);
+        client.publish(&request(id, "t0", &b, false)).await;
+        let ids = vec![id.to_string()];
+        let got = client.collect(Duration::from_secs(60), all_ids(&ids)).await;
+        assert_eq!(got[id][0].outcome, certdeploy_core::Outcome::Deployed, "{}", got[id][0].message);
+        let scrape = get(&metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        let v = expiry(&scrape).unwrap_or_else(|| panic!("no expiry gauge for t0:\n{scrape}"));
+        seen.push(v);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    // leaf(_, d) is valid for 365 days from d days ago.
+    assert!((seen[0] - (now + 335.0 * 86_400.0)).abs() < 3_600.0, "{seen:?}");
+    assert!((seen[1] - seen[0] - 28.0 * 86_400.0).abs() < 3_600.0, "the gauge follows the later certificate: {seen:?}");
     // The queue gauges are read from the broker right after the connect.
     let mut scrape = String::new();
     wait_for("the queue gauges", Duration::from_secs(30), || {
@@ -102,15 +125,15 @@ async fn a_fresh_worker_exports_every_series_with_help_and_everything_the_docs_n
     });
     let fams = families(&scrape);
 
-    // No deployment ran: every series is there anyway, each with HELP, and
-    // a name ending in _total is a counter.
+    // Every series is there (also those of events that never happened),
+    // each with HELP, and a name ending in _total is a counter.
     for (name, (ty, help)) in &fams {
         assert!(*help, "{name} has no HELP line:\n{scrape}");
         if name.ends_with("_total") {
             assert_eq!(ty, "counter", "{name} is named like a counter but is a {ty}");
         }
     }
-    for outcome in ["deployed", "rolled_back", "rollback_failed", "failed", "rejected"] {
+    for outcome in ["rolled_back", "rollback_failed", "failed", "rejected"] {
         assert!(
             scrape.contains(&format!("certdeploy_deployments_total{{outcome=\"{outcome}\"}} 0")),
             "{outcome}:\n{scrape}"
@@ -394,4 +417,74 @@ async fn the_worker_collects_its_journal_by_itself_and_keeps_what_is_in_place() 
     assert_eq!(sample(&scrape, "certdeploy_journal_gc_pruned_total"), Some(11.0), "{scrape}");
     assert!(sample(&scrape, "certdeploy_journal_last_gc_timestamp_seconds").unwrap_or(0.0) > 1.7e9, "{scrape}");
     assert!(sample(&scrape, "certdeploy_journal_size_bytes").unwrap_or(0.0) > 0.0, "{scrape}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_worker_answers_journal_and_status_and_pauses_resumes_drains() {
+    let fleet = Fleet::new(1, true);
+    let cfg = fleet.write_config(&Opts::default());
+    let mut client = Client::connect(&fleet).await;
+    let w = Proc::worker(&fleet, &cfg, &[], "worker");
+    let ca = TestCa::new();
+    client.publish(&request("adm-1", "t0", &ca.leaf("adm1.example", 3), false)).await;
+    let ids = vec!["adm-1".to_string()];
+    let got = client.collect(Duration::from_secs(60), all_ids(&ids)).await;
+    assert_eq!(got["adm-1"][0].outcome, certdeploy_core::Outcome::Deployed);
+
+    // The worker holds the journal; the commands ask it through its socket.
+    let mut sock = fleet.journal_path().into_os_string();
+    sock.push(".admin.sock");
+    let meta = std::fs::symlink_metadata(&sock).expect("admin socket");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+    let (code, out, err) = run(&cfg, &["journal", "list", "--json"]);
+    assert_eq!(code, 0, "{err}\n{}", tail(&w.log_text(), 30));
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(
+        rows.as_array().expect("array").iter().any(|r| r["deployment_id"] == "adm-1" && r["outcome"] == "deployed"),
+        "{rows}"
+    );
+    let (code, out, _) = run(&cfg, &["journal", "show", "adm-1"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.split_whitespace().nth(1) == Some("finished")), "{out}");
+    let (code, _, _) = run(&cfg, &["journal", "show", "nope"]);
+    assert_eq!(code, 1);
+    let (code, out, _) = run(&cfg, &["status", "--json"]);
+    assert_eq!(code, 0);
+    let st: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(st[0]["deployment_id"], "adm-1", "{st}");
+    let (code, _, err) = run(&cfg, &["journal", "gc"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("collects its journal itself"), "{err}");
+
+    // Paused: a new request waits in the queue, untouched.
+    let (code, out, err) = run(&cfg, &["control", "pause"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for("the pause logged", Duration::from_secs(30), || w.log_text().contains("consumption paused"));
+    client.publish(&request("adm-2", "t0", &ca.leaf("adm2.example", 1), false)).await;
+    let ids2 = vec!["adm-2".to_string()];
+    let mut depth = 0;
+    for _ in 0..100 {
+        depth = client.broker.queue_depth("certdeploy.requests").await.expect("depth");
+        if depth == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(depth, 1, "the request waits while the worker is paused");
+    assert_eq!(fleet.reloads(&fleet.targets[0]), 1, "nothing deployed while paused");
+    // Resumed: it is consumed and deployed.
+    let (code, out, err) = run(&cfg, &["control", "resume"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let got = client.collect(Duration::from_secs(60), all_ids(&ids2)).await;
+    assert_eq!(
+        got.get("adm-2").map(|v| v[0].outcome),
+        Some(certdeploy_core::Outcome::Deployed),
+        "{}",
+        tail(&w.log_text(), 30)
+    );
+    // Drain: nothing in flight, so it answers drained at once.
+    let (code, out, err) = run(&cfg, &["control", "drain"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!((v["drained"].as_bool(), v["paused"].as_bool()), (Some(true), Some(true)), "{v}");
 }

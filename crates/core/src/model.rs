@@ -286,6 +286,20 @@ pub struct Plan {
     /// before host locks existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock: Option<String>,
+    /// What the certificate is, for `status` and the expiry gauge long
+    /// after the request is gone. `None` in journals written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateInfo>,
+}
+
+/// The deployed leaf certificate as an operator asks about it: never key
+/// material, only public facts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateInfo {
+    /// Subject distinguished name (`CN=www.example.com, O=...`).
+    pub subject: String,
+    /// notAfter, unix seconds.
+    pub not_after: i64,
 }
 
 impl Plan {
@@ -438,6 +452,7 @@ pub fn build_plan(
         new_not_before: facts.not_before,
         policy,
         lock: None,
+        certificate: None,
     };
     Ok((plan, payload))
 }
