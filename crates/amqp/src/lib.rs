@@ -1,5 +1,5 @@
 #![forbid(unsafe_code)]
-//! RabbitMQ building blocks for the certdeploy worker (SPEC sections 2, 5, 6).
+//! RabbitMQ building blocks for the certdeploy worker: topology, consuming, result publishing.
 //!
 //! # Model
 //!
@@ -35,7 +35,7 @@
 //! Deliveries are consumed with manual acks. [`Delivery::ack`] returns
 //! `Ok(false)` when the channel/connection it came from is gone: the broker
 //! will redeliver the message (with `redelivered = true`), so the worker must
-//! be idempotent on `deployment_id` (SPEC §1, §5). A [`Delivery`] keeps its
+//! be idempotent on `deployment_id`. A [`Delivery`] keeps its
 //! channel alive; the channel closes (and all its unacked messages return to
 //! the queue) when the [`Consumer`] **and** every `Delivery` from it are dropped.
 //!
@@ -225,7 +225,7 @@ async fn bounded<T>(
 // Configuration
 // ---------------------------------------------------------------------------
 
-/// Names and limits of the RabbitMQ objects (SPEC §5).
+/// Names and limits of the RabbitMQ objects the worker declares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
     /// Durable quorum queue of deploy requests.
@@ -286,7 +286,7 @@ pub struct BrokerConfig {
     pub connection_name: String,
     /// Objects to declare.
     pub topology: Topology,
-    /// `basic.qos` prefetch of [`Broker::consume`] (SPEC: = concurrency).
+    /// `basic.qos` prefetch of [`Broker::consume`] (the worker sets it to its concurrency).
     pub prefetch: u16,
     /// Bound on every connect/declare/publish/confirm/ack/cancel.
     pub rpc_timeout: Duration,
@@ -789,16 +789,7 @@ impl Broker {
     /// `Ok(false)` means the original's channel was lost and it will be
     /// redelivered (and dead-lettered again: duplicates possible, no loss).
     pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<bool, AmqpError> {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(truncate_utf8(reason, MAX_REASON_BYTES).into()));
-        let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(DELIVERY_MODE_PERSISTENT);
-        let rk = if delivery.routing_key.is_empty() {
-            self.topology.requests_queue.clone()
-        } else {
-            delivery.routing_key.clone()
-        };
-        self.publish_confirmed(&self.topology.dead_exchange, &rk, true, &delivery.body, props).await?;
-        delivery.ack().await
+        self.dead_letter_body(delivery, &delivery.body, reason).await
     }
 
     /// Defer a request: publish a copy (body, properties, headers) to the

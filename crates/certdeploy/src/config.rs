@@ -82,7 +82,7 @@ pub struct WorkerConfig {
     pub inline_path_allowlist: Vec<String>,
     /// Name in result events; default `<hostname>-<pid>`.
     pub worker_name: Option<String>,
-    /// Per-deployment deadline (SPEC §3: default 10 min).
+    /// Per-deployment deadline (default 10 min).
     pub deadline_s: u64,
     /// SIGTERM: how long in-flight deployments may take to finish.
     pub shutdown_grace_s: u64,
@@ -107,7 +107,7 @@ pub struct WorkerConfig {
     pub delivery_limit: u32,
     /// Verify: total time to wait for the new certificate to be served.
     pub verify_budget_ms: u64,
-    /// Target lock on the host (issue 10): a holder that has not renewed
+    /// Target lock on the host: a holder that has not renewed
     /// it for this long is presumed dead and is taken over.
     pub lock_lease_s: u64,
     /// A request whose target is locked by a live lease waits this long in

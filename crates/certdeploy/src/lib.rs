@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Exit codes (SPEC §6).
+/// Exit codes: 0 success, 1 a deployment failed, 2 usage or configuration error.
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;

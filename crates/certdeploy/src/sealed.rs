@@ -184,16 +184,30 @@ pub fn keygen(out: &Path) -> std::io::Result<x25519::Recipient> {
 }
 
 /// A copy of a request body that holds no key in clear: `private_key_pem`
-/// removed from a JSON object (the sealed form stays); a body that is not
-/// a JSON object has every PEM private key block cut out.
+/// removed from a JSON object (the sealed form stays), and every PEM
+/// private key block cut out of every other string in it (a key pasted
+/// into the wrong field, or an unknown one); a body that is not a JSON
+/// object has every PEM private key block cut out.
 pub fn redact_body(body: &[u8]) -> Vec<u8> {
     if let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_slice::<serde_json::Value>(body) {
-        if obj.remove(PEM_FIELD).is_none() {
-            return body.to_vec();
-        }
-        return serde_json::to_vec(&obj).unwrap_or_default();
+        obj.remove(PEM_FIELD);
+        let mut v = serde_json::Value::Object(obj);
+        cut_pem_keys_in(&mut v);
+        return serde_json::to_vec(&v).unwrap_or_default();
     }
     cut_pem_keys(body)
+}
+
+/// [`cut_pem_keys`] on every string of a JSON value.
+fn cut_pem_keys_in(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) if s.contains("PRIVATE KEY-----") => {
+            *s = String::from_utf8_lossy(&cut_pem_keys(s.as_bytes())).into_owned();
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(cut_pem_keys_in),
+        serde_json::Value::Object(o) => o.values_mut().for_each(cut_pem_keys_in),
+        _ => {}
+    }
 }
 
 /// Replace every `-----BEGIN … PRIVATE KEY-----` … `-----END … PRIVATE
@@ -277,6 +291,14 @@ mod tests {
         assert_eq!(cut, "x -----BEGIN CERTIFICATE----- y [redacted]");
         let sealed_only = serde_json::to_vec(&serde_json::json!({"private_key_age": "x"})).unwrap();
         assert_eq!(redact_body(&sealed_only), sealed_only);
+        // A key pasted into another field (or an unknown one) is cut too.
+        let misplaced =
+            serde_json::to_vec(&serde_json::json!({"chain_pem": KEY, "extra": {"k": [KEY]}, "deployment_id": "b"}))
+                .unwrap();
+        let r = String::from_utf8(redact_body(&misplaced)).unwrap();
+        assert!(!r.contains("PRIVATE KEY") && !r.contains("MIGHAgEAMBMG"), "{r}");
+        let v: serde_json::Value = serde_json::from_str(&r).expect("still JSON");
+        assert_eq!((v["deployment_id"].as_str(), v["chain_pem"].as_str()), (Some("b"), Some("[redacted]\n")), "{v}");
     }
 
     #[test]

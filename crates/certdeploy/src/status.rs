@@ -36,7 +36,7 @@ impl TargetStatus {
         self.certificate.as_ref().map(|c| (c.not_after - now_s).div_euclid(86_400))
     }
 
-    /// The `--json` object (SPEC field names; `null` where unknown).
+    /// The `--json` object (`null` where unknown).
     pub fn to_json(&self, now: Timestamp) -> serde_json::Value {
         let last = self.last.as_ref();
         serde_json::json!({

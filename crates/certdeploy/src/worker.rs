@@ -497,10 +497,17 @@ async fn handle(rt: &Runtime, delivery: Delivery, brx: watch::Receiver<Option<Ar
         return finish(rt, delivery, brx, report, &reply).await;
     }
     // Every message is answered: on the broker's last delivery the worker
-    // answers `failed` itself rather than risk dying with it once more
-    // (recovery at start has already rolled back whatever an earlier
-    // attempt left half done).
-    if last_delivery(&delivery, rt.cfg.worker.delivery_limit) {
+    // answers `failed` itself rather than risk dying with it once more.
+    // Not while the journal holds an unfinished attempt of it (one running
+    // in this process, or one a journal error interrupted): that attempt
+    // must end first, and the ordinary path resumes or waits for it and
+    // answers with its real outcome.
+    let unfinished = |id: &str| {
+        matches!(rt.journal.status(id), Ok(Some(certdeploy_journal::DeploymentStatus::InFlight { .. })) | Err(_))
+    };
+    if last_delivery(&delivery, rt.cfg.worker.delivery_limit)
+        && !certdeploy_core::wire::salvage_ids(&delivery.body).0.is_some_and(|id| unfinished(&id))
+    {
         let (id, target) = certdeploy_core::wire::salvage_ids(&delivery.body);
         let id = id.unwrap_or_else(|| "unknown".into());
         let target = target.unwrap_or_else(|| "unknown".into());

@@ -1,5 +1,5 @@
 #![forbid(unsafe_code)]
-//! Pure validation of the material in a certdeploy deploy request (SPEC §1, §7).
+//! Pure validation of the material in a certdeploy deploy request: PEM parsing, key/certificate match, chain order, validity.
 //!
 //! No I/O, no async: everything here works on in-memory strings and returns
 //! either facts about the certificate or a [`PkiError`] that names the request
