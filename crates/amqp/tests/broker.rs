@@ -32,6 +32,10 @@ async fn topology_is_idempotent_and_quorum() {
         assert!(req.contains("certdeploy.dead"), "{req}");
         let dead = queues.lines().find(|l| l.starts_with("certdeploy.dead\t")).expect("dead queue listed");
         assert!(dead.contains("\tquorum\t"), "{dead}");
+        // Quorum too: a classic queue lives on one node of a cluster and
+        // cannot be declared while that node is down.
+        let retry = queues.lines().find(|l| l.starts_with("certdeploy.retry\t")).expect("retry queue listed");
+        assert!(retry.contains("\tquorum\t"), "{retry}");
 
         let ex = common::rabbitmqctl(&["list_exchanges", "-q", "-p", &vh.name, "name", "type", "durable"]);
         println!("list_exchanges:\n{ex}");
