@@ -238,7 +238,7 @@ pub struct Topology {
     pub events_exchange: String,
     /// `x-delivery-limit` of the requests queue.
     pub delivery_limit: u32,
-    /// Durable classic queue of deferred requests: each message carries its
+    /// Durable quorum queue of deferred requests: each message carries its
     /// own TTL and dead-letters back to `requests_queue` when it expires.
     pub retry_queue: String,
     /// Durable quorum queue bound to `events_exchange` with `result.#` and
@@ -585,10 +585,13 @@ impl Broker {
             )
             .await?;
             // Deferred requests wait here; expired ones go back to the
-            // requests queue through the default exchange. A classic queue:
-            // it dead-letters each message at its own expiry at the head,
-            // and every message of one worker config has the same TTL.
-            let mut retry = FieldTable::default();
+            // requests queue through the default exchange. Each message
+            // expires at the head at its own TTL (every message of one
+            // worker config has the same TTL). A quorum queue: a classic
+            // durable queue lives on one node of a cluster, and while that
+            // node is down no other node can declare it, so no worker could
+            // connect anywhere.
+            let mut retry = quorum_args();
             retry.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
             retry.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(t.requests_queue.as_str().into()));
             check_decl(

@@ -32,12 +32,14 @@ async fn topology_is_idempotent_and_quorum() {
         assert!(req.contains("certdeploy.dead"), "{req}");
         let dead = queues.lines().find(|l| l.starts_with("certdeploy.dead\t")).expect("dead queue listed");
         assert!(dead.contains("\tquorum\t"), "{dead}");
-        // Deferred requests: a durable classic queue whose messages
-        // dead-letter back to the requests queue through the default exchange.
+        // Deferred requests: a durable quorum queue (a classic queue lives on
+        // one node of a cluster and cannot be declared while that node is
+        // down) whose messages dead-letter back to the requests queue
+        // through the default exchange.
         let durable =
             common::rabbitmqctl(&["list_queues", "-q", "-p", &vh.name, "name", "type", "durable", "arguments"]);
         let retry = durable.lines().find(|l| l.starts_with("certdeploy.retry\t")).expect("retry queue listed");
-        assert!(retry.contains("\tclassic\ttrue\t"), "{retry}");
+        assert!(retry.contains("\tquorum\ttrue\t"), "{retry}");
         // The default exchange's name is empty (rabbitmqctl prints it `[]`).
         assert!(
             retry.contains("{\"x-dead-letter-exchange\",[]}") || retry.contains("{\"x-dead-letter-exchange\",\"\"}"),

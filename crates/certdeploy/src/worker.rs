@@ -347,6 +347,44 @@ async fn current_broker(rx: &mut watch::Receiver<Option<Arc<Broker>>>) -> Option
 /// result (nothing bound: only possible without `results_queue`) and any
 /// failure on `reply_to` are logged and counted, never a reason to hold
 /// the ack: the journal keeps the result.
+/// How long a finished deployment's result publish is retried on a live
+/// connection. A nack usually means a queue the result routes to has no
+/// leader for a moment (a node of the cluster died and its queues elect a
+/// new one, typically within seconds); returning the request at once would
+/// spend its deliveries (`x-delivery-limit`) in milliseconds.
+const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
+
+/// [`publish`], retried with a doubling pause (250 ms up to 4 s) while the
+/// connection is up, for at most [`RESULT_PUBLISH_PATIENCE`]. When that is
+/// spent the connection is closed, so the worker reconnects (to the next
+/// node of a cluster): RabbitMQ 3.10 keeps nacking a channel that published
+/// to a quorum queue while the queue had no leader, also after a new leader
+/// was elected; a new connection publishes normally.
+async fn publish_patiently(broker: &Broker, report: &Report, worker: &str, reply: &Reply) -> Result<(), AmqpError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match publish(broker, report, worker, reply).await {
+            Ok(()) => return Ok(()),
+            Err(e) if broker.is_connected() && started.elapsed() + pause <= RESULT_PUBLISH_PATIENCE => {
+                tracing::warn!(deployment_id = %report.deployment_id, "result publish failed: {e}; retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(4));
+            }
+            Err(e) => {
+                if broker.is_connected() {
+                    tracing::warn!(
+                        deployment_id = %report.deployment_id,
+                        "result publishes keep failing on this connection ({e}); reconnecting"
+                    );
+                    broker.close().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
 async fn publish(broker: &Broker, report: &Report, worker: &str, reply: &Reply) -> Result<(), AmqpError> {
     let t = Instant::now();
     let id = report.deployment_id.as_str();
@@ -487,6 +525,13 @@ fn last_delivery(delivery: &Delivery, limit: u32) -> bool {
 async fn handle(rt: &Runtime, delivery: Delivery, brx: watch::Receiver<Option<Arc<Broker>>>, turn: &mut Turn) {
     let now = crate::verify::now();
     let reply = Reply::of(&delivery, &rt.cfg);
+    if delivery.redelivered {
+        tracing::debug!(
+            deployment_id = %certdeploy_core::wire::salvage_ids(&delivery.body).0.unwrap_or_default(),
+            delivery_count = delivery.delivery_count.unwrap_or(0),
+            "redelivered message"
+        );
+    }
     // A redelivery of a finished deployment re-publishes the recorded
     // result before anything else is checked: its certificate may have
     // expired since, but the answer for this id was given.
@@ -583,7 +628,7 @@ async fn answer_and_dead_letter(
 ) {
     let Some(broker) = current_broker(&mut brx).await else { return };
     let id = &report.deployment_id;
-    if let Err(e) = publish(&broker, &report, &rt.worker_name, reply).await {
+    if let Err(e) = publish_patiently(&broker, &report, &rt.worker_name, reply).await {
         tracing::warn!(deployment_id = %id, "publishing the {} result failed: {e}; message will be redelivered", report.outcome);
         let _ = delivery.reject_requeue().await;
         return;
@@ -672,7 +717,7 @@ async fn finish(
     #[cfg(feature = "failpoints")]
     fail::fail_point!("before_result_publish");
     let Some(broker) = current_broker(&mut brx).await else { return };
-    if let Err(e) = publish(&broker, &report, &rt.worker_name, reply).await {
+    if let Err(e) = publish_patiently(&broker, &report, &rt.worker_name, reply).await {
         tracing::warn!(deployment_id = %report.deployment_id, "result publish failed: {e}; will re-publish on redelivery");
         let _ = delivery.reject_requeue().await;
         return;
