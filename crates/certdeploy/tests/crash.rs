@@ -320,7 +320,7 @@ mod failpoints {
             }
             let want_code = if expected.success() { 0 } else { 1 };
             if st.code() != Some(want_code) {
-                return Err(format!("restart exited {st}, expected {want_code}\nstderr: {}", tail(&err, 20)));
+                return Err(format!("restart exited {st}, expected {want_code}\nstderr: {}", tail(&err, 80)));
             }
             // Host: all new with configured modes, or exactly the originals.
             let state = self.host_state(flow)?;
