@@ -31,7 +31,9 @@ pub fn socket_path(cfg: &Config) -> Option<PathBuf> {
         Some("") => None,
         Some(p) => Some(PathBuf::from(p)),
         None => {
-            let mut s = cfg.worker.journal_path.clone().into_os_string();
+            // Beside the journal directory, never inside it (whatever a
+            // trailing slash says): the journal secures every file in there.
+            let mut s = cfg.worker.journal_path.components().as_path().as_os_str().to_os_string();
             s.push(".admin.sock");
             Some(PathBuf::from(s))
         }
@@ -207,4 +209,22 @@ pub fn ask(path: &Path, request: &Value, timeout: Duration) -> std::io::Result<V
     let mut answer = String::new();
     std::io::BufReader::new(s).read_line(&mut answer)?;
     serde_json::from_str(&answer).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_socket_sits_beside_the_journal_whatever_its_trailing_slash() {
+        for jp in ["/var/lib/certdeploy/journal", "/var/lib/certdeploy/journal/"] {
+            let text = format!("[worker]\njournal_path = \"{jp}\"\n");
+            let cfg = crate::config::Config::parse(&text, "c.toml", &[]).expect("config");
+            assert_eq!(
+                super::socket_path(&cfg).as_deref(),
+                Some(std::path::Path::new("/var/lib/certdeploy/journal.admin.sock")),
+                "{jp}"
+            );
+        }
+        let cfg = crate::config::Config::parse("[worker]\nadmin_socket = \"\"\n", "c.toml", &[]).expect("config");
+        assert_eq!(super::socket_path(&cfg), None);
+    }
 }
