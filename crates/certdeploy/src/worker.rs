@@ -161,23 +161,31 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 () = until(&mut paused, true) => {
-                    // Paused: take nothing new (the broker hands this
-                    // consumer's unacked prefetch to others only if it is
-                    // cancelled), let what was taken finish.
+                    // Paused: cancelling the consumer stops new deliveries
+                    // (other workers get them); what was taken finishes and
+                    // is acked on this connection.
                     tracing::info!(in_flight = tasks.len(), "consumption paused");
                     let _ = tokio::time::timeout(Duration::from_secs(5), consumer.cancel()).await;
-                    loop {
+                    let lost = loop {
                         tokio::select! {
-                            () = until(&mut paused, false) => break,
+                            () = until(&mut paused, false) => break false,
                             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                            _ = broker.closed() => break,
+                            _ = broker.closed() => break true,
                             _ = shutdown.changed() => if *shutdown.borrow() { break 'outer },
+                        }
+                    };
+                    if lost {
+                        tracing::warn!("broker connection lost while paused; reconnecting");
+                        break;
+                    }
+                    match broker.consume(&format!("certdeploy-{}", rt.worker_name)).await {
+                        Ok(c) => consumer = c,
+                        Err(e) => {
+                            tracing::warn!("consume after resume failed: {e}; reconnecting");
+                            break;
                         }
                     }
                     tracing::info!("consumption resumed");
-                    // Consume again on a fresh connection (the loop above also
-                    // ends when the connection was lost while paused).
-                    break;
                 }
             }
         }
