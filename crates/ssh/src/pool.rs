@@ -268,7 +268,12 @@ async fn close_conn(c: Arc<Conn>) {
     // Others may still hold it: the last holder's drop shuts the master.
     if let Ok(c) = Arc::try_unwrap(c) {
         let Conn { session, sftp, .. } = c;
-        let _ = tokio::time::timeout(Duration::from_secs(5), sftp.close()).await;
+        // Dropped, not `Sftp::close`d: openssh-sftp-client 0.15's `close`
+        // unwraps its session `Arc` and panics while any handle derived from
+        // it is still alive (an operation abandoned at its timeout, seen
+        // under load at the end of a `deploy`). Dropping ends its tasks too;
+        // an idle connection has no request left to flush.
+        drop(sftp);
         if let Ok(s) = Arc::try_unwrap(session) {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.close()).await;
         }
