@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use certdeploy_core::attempt::{self, Notice, Worker};
-use certdeploy_core::driver::{Env, Host, Snapped};
+use certdeploy_core::driver::{Env, Fence, Host, Snapped};
 use certdeploy_core::lock::{Created, LockFile, LockRecord, Planted};
 use certdeploy_core::{
     CertFacts, Deployment, Digest, ExecGuard, ExecResult, Plan, Report, RestoreRequest, RestoreStatus, SnapshotRequest,
@@ -399,8 +399,14 @@ impl<H: Host> Host for Metered<H> {
     async fn lock_create(&self, path: &str, bytes: &[u8]) -> Result<Created, StepError> {
         timed("lock", self.0.lock_create(path, bytes)).await
     }
-    async fn lock_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<u64, StepError> {
-        timed("lock", self.0.lock_replace(path, bytes, durable)).await
+    async fn lock_replace(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        durable: bool,
+        fence: Fence<'_>,
+    ) -> Result<Option<u64>, StepError> {
+        timed("lock", self.0.lock_replace(path, bytes, durable, fence)).await
     }
     async fn lock_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {
         timed("lock", self.0.lock_read(path)).await

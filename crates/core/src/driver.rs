@@ -15,6 +15,13 @@ use crate::lock::{Created, Held, LockFile};
 use crate::machine::*;
 use crate::model::*;
 
+/// Asked by a host operation made of several requests, before the request
+/// that changes what others see: may this worker still change the host?
+/// A worker can stall between two requests of one operation (paused,
+/// swapped out, cut off) for longer than its lease; the answer is taken
+/// from its own clock at that moment, not from before the stall.
+pub type Fence<'a> = &'a (dyn Fn() -> bool + Sync);
+
 /// A host's file operations and commands. Implementations must be
 /// idempotent per request (a step may run more than once after a crash).
 pub trait Host: Send + Sync {
@@ -69,14 +76,19 @@ pub trait Host: Send + Sync {
     /// first instant) unless it exists; then nothing changes.
     fn lock_create(&self, path: &str, bytes: &[u8]) -> impl Future<Output = Result<Created, StepError>> + Send;
     /// Replace `path` (present or not) with `bytes`, atomically, fsyncing
-    /// the content first if `durable`. Returns the host's clock (whole
+    /// the content first if `durable`: a temp file, then a rename over
+    /// `path`. `fence` is asked once the temp is written, just before the
+    /// rename is sent: when it says no (the caller's lease ran out while
+    /// it was stalled in between), the temp is removed, `path` is left
+    /// alone and the answer is `None`. Otherwise the host's clock (whole
     /// seconds) as the new file's mtime.
     fn lock_replace(
         &self,
         path: &str,
         bytes: &[u8],
         durable: bool,
-    ) -> impl Future<Output = Result<u64, StepError>> + Send;
+        fence: Fence<'_>,
+    ) -> impl Future<Output = Result<Option<u64>, StepError>> + Send;
     /// Content and mtime, `None` when there is no such file.
     fn lock_read(&self, path: &str) -> impl Future<Output = Result<Option<LockFile>, StepError>> + Send;
     /// Remove `path`; a missing file is fine.
@@ -245,13 +257,6 @@ pub async fn run_keyed<H: Host, V: Verifier, J: Journal, C: Clock>(
             Next::Wait(t) => env.clock.sleep_until(t).await,
             Next::Record(event) => {
                 tracing::debug!(deployment_id = %key, event = event_name(&event), "journal");
-                #[cfg(feature = "testkit")]
-                if let Some(l) = lock
-                    && event.is_terminal()
-                    && l.planted() == crate::lock::Planted::ReleaseBeforeTerminalDurable
-                {
-                    let _ = l.release(env.host, env.clock).await;
-                }
                 let rec = Record { at: now, event };
                 record(env, key, &rec).await?;
                 dep.apply(&rec)?;

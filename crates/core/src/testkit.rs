@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Waker};
 
 pub mod fleet;
 
-use crate::driver::{Clock, Host, Journal, JournalError, Snapped, Verifier};
+use crate::driver::{Clock, Fence, Host, Journal, JournalError, Snapped, Verifier};
 use crate::event::*;
 use crate::lock::{Created, LockFile, LockRecord, Parsed};
 use crate::machine::*;
@@ -538,11 +538,21 @@ impl Host for MemHost {
         Ok(Created { created, host_now })
     }
 
-    async fn lock_replace(&self, path: &str, bytes: &[u8], _durable: bool) -> Result<u64, StepError> {
+    async fn lock_replace(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        _durable: bool,
+        fence: Fence<'_>,
+    ) -> Result<Option<u64>, StepError> {
+        // Atomic here: the fence is asked where the rename would be sent.
+        if !fence() {
+            return Ok(None);
+        }
         let mut w = self.0.world();
         let host_now = w.now / 1000;
         w.lock_files.insert(path.to_string(), (bytes.to_vec(), host_now));
-        Ok(host_now)
+        Ok(Some(host_now))
     }
 
     async fn lock_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {

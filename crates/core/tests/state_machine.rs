@@ -456,6 +456,14 @@ impl StateMachineTest for DeployTest {
         let (report, crashed) = run_to_end(&sut.sim, state, &id, generation, nb, &s.crashes);
         let after = host_state(&sut.sim, &roles);
 
+        // 0. The write-ahead rule, first: a write that no durable record
+        //    announced explains every symptom the checks below would see
+        //    (a crash then loses the record, recovery skips the rollback).
+        for (world, name) in [(&sut.sim, "crash run"), (&base, "baseline")] {
+            let w = world.world();
+            assert!(w.violations.is_empty(), "write-ahead violated ({name}): {:?}", w.violations);
+        }
+
         // 1. Outcome matches the schedule (or, after a crash, the rollback
         //    that the recovery table prescribes).
         let mut pre_state = state.clone();

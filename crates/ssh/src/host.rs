@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use certdeploy_core::driver::{Host, Snapped};
+use certdeploy_core::driver::{Fence, Host, Snapped};
 use certdeploy_core::event::truncate_output;
 use certdeploy_core::*;
 use futures_util::future::join_all;
@@ -896,8 +896,14 @@ impl Host for SshHost<'_> {
         self.lock_file_create(path, bytes).await
     }
 
-    async fn lock_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<u64, StepError> {
-        self.lock_file_replace(path, bytes, durable).await
+    async fn lock_replace(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        durable: bool,
+        fence: Fence<'_>,
+    ) -> Result<Option<u64>, StepError> {
+        self.lock_file_replace(path, bytes, durable, fence).await
     }
 
     async fn lock_read(&self, path: &str) -> Result<Option<certdeploy_core::lock::LockFile>, StepError> {

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use certdeploy_core::StepError;
+use certdeploy_core::driver::Fence;
 use certdeploy_core::lock::{Created, LockFile, is_lock_litter};
 use futures_util::stream::StreamExt as _;
 use openssh_sftp_client::metadata::Permissions;
@@ -169,13 +170,25 @@ impl SshHost<'_> {
     /// Replace `path` (present or not) with `bytes`, atomically; the new
     /// content is fsynced first if `durable`. Returns the host's clock (the
     /// temp file's mtime).
-    pub(crate) async fn lock_file_replace(&self, path: &str, bytes: &[u8], durable: bool) -> Result<u64, StepError> {
+    pub(crate) async fn lock_file_replace(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        durable: bool,
+        fence: Fence<'_>,
+    ) -> Result<Option<u64>, StepError> {
         let lease = self.lease().await?;
         let work = async {
             let (temp, host_now) = self.lock_temp(&lease, path, bytes, durable, true).await?;
             let mut fs = lease.sftp().fs();
+            if !fence() {
+                // Stalled past the caller's lease since the temp was
+                // written: the rename is not sent.
+                let _ = fs.remove_file(p(&temp)).await;
+                return Ok(None);
+            }
             match fs.rename(p(&temp), p(path)).await {
-                Ok(()) => Ok(host_now),
+                Ok(()) => Ok(Some(host_now)),
                 Err(e) => {
                     let _ = fs.remove_file(p(&temp)).await;
                     Err(lease.sftp_err("replace lock", path, &e))

@@ -52,7 +52,7 @@ async fn guarded_command_runs_only_while_the_lock_holds_the_token() {
     std::fs::remove_file(&marker).expect("remove marker");
 
     // Another worker's lock now: nothing runs.
-    host.lock_replace(&lock, &record("d-2/1/3d4e5f").bytes(), false).await.expect("replace");
+    host.lock_replace(&lock, &record("d-2/1/3d4e5f").bytes(), false, &|| true).await.expect("replace");
     let e = host.exec_guarded(&cmd, 5_000, &guard).await.expect_err("lock of another token");
     assert!(e.is_lock_lost(), "{e}");
     assert!(!rig.sshd.exists(&marker), "the command did not run");

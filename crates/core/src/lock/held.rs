@@ -198,7 +198,21 @@ impl Held {
             let durable = next.phase == LockPhase::Writing && st.record.phase != LockPhase::Writing;
             (next, durable)
         };
-        let host_now = host.lock_replace(&self.path, &next.bytes(), durable).await?;
+        // The fence again before the rename: a holder stalled after its
+        // temp file was written must not install an old lease's content
+        // over a taker's lock.
+        #[cfg(feature = "testkit")]
+        let skip_fence = skip_fence || self.planted == Planted::RewriteRenameSkipsFence;
+        let fence = || {
+            let st = self.st();
+            skip_fence || (!st.lost && !st.released && clock.mono_ms() < st.valid_until)
+        };
+        let Some(host_now) = host.lock_replace(&self.path, &next.bytes(), durable, &fence).await? else {
+            return Err(StepError::lock_lost(format!(
+                "target lock {}: the lease ran out while it was being rewritten",
+                self.path
+            )));
+        };
         let mut st = self.st();
         st.record = next;
         st.host_now = host_now;

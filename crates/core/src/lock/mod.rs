@@ -50,10 +50,11 @@ pub enum Planted {
     /// its own clock.
     #[cfg(feature = "testkit")]
     RenewSkipsFence,
-    /// The lock is released when the terminal record is appended, before it
-    /// is durable.
+    /// A rewrite of the lock checks the fence before it writes its temp
+    /// file but not again before the rename: a holder stalled in between
+    /// installs its stale lock over a taker's.
     #[cfg(feature = "testkit")]
-    ReleaseBeforeTerminalDurable,
+    RewriteRenameSkipsFence,
     /// A taker rolls back a `committing` deployment instead of finishing
     /// its prune.
     #[cfg(feature = "testkit")]

@@ -3,7 +3,7 @@
 
 use super::Planted;
 use super::held::{margin_ms, sweep};
-use super::record::{LOCK_VERSION, LockPhase, LockRecord, Parsed, claim_path};
+use super::record::{Created, LOCK_VERSION, LockPhase, LockRecord, Parsed, claim_path};
 use crate::driver::{Clock, Host};
 use crate::event::StepError;
 
@@ -35,14 +35,14 @@ fn newer(path: &str, v: u32) -> Acquired {
 }
 
 /// Create a claim: exclusively, unless the claim is deliberately broken.
-async fn create_claim<H: Host>(host: &H, claim: &str, bytes: &[u8], planted: Planted) -> Result<bool, StepError> {
+async fn create_claim<H: Host>(host: &H, claim: &str, bytes: &[u8], planted: Planted) -> Result<Created, StepError> {
     #[cfg(feature = "testkit")]
     if planted == Planted::ClaimNotExclusive {
-        host.lock_replace(claim, bytes, false).await?;
-        return Ok(true);
+        let host_now = host.lock_replace(claim, bytes, false, &|| true).await?.unwrap_or(0);
+        return Ok(Created { created: true, host_now });
     }
     let _ = planted;
-    Ok(host.lock_create(claim, bytes).await?.created)
+    host.lock_create(claim, bytes).await
 }
 
 /// Take the lock at `path` for `mine`. `dead_own(record)`: the record is
@@ -84,7 +84,7 @@ pub async fn acquire<H: Host, C: Clock>(
         for _ in 0..CHAIN {
             let claim = claim_path(path, &token);
             claim_valid_until = clock.mono_ms() + mine.lease_ms.saturating_sub(margin_ms(mine.lease_ms));
-            let created = create_claim(host, &claim, &bytes, planted).await?;
+            let created = create_claim(host, &claim, &bytes, planted).await?.created;
             claims.push(claim.clone());
             if created {
                 won = true;
@@ -106,7 +106,7 @@ pub async fn acquire<H: Host, C: Clock>(
             if !dead_own(&holder) && !holder.expired(cf.mtime, c.host_now) {
                 return Ok(Acquired::Held { holder: format!("being taken over by {}", holder.describe()) });
             }
-            token = holder.token;
+            next_link(&mut token);
         }
         if !won {
             return Ok(Acquired::Held { holder: format!("a chain of {CHAIN} dead claims on {path}") });
@@ -136,7 +136,15 @@ pub async fn acquire<H: Host, C: Clock>(
             });
         }
         let written = inherit(mine, &cur);
-        let host_now = host.lock_replace(path, &written.bytes(), written.phase == LockPhase::Writing).await?;
+        // The same check again before the rename (a stall can come after
+        // the temp file is written).
+        let fence = || clock.mono_ms() < claim_valid_until;
+        let durable = written.phase == LockPhase::Writing;
+        let Some(host_now) = host.lock_replace(path, &written.bytes(), durable, &fence).await? else {
+            return Ok(Acquired::Held {
+                holder: format!("a takeover of {path} that took longer than its claim's lease"),
+            });
+        };
         for claim in claims.iter().rev() {
             let _ = host.lock_remove(claim).await;
         }
@@ -144,6 +152,15 @@ pub async fn acquire<H: Host, C: Clock>(
         return Ok(Acquired::Ours { took_over: Some(cur), written: Box::new(written), host_now });
     }
     Ok(Acquired::Held { holder: format!("{path} changed hands {ROUNDS} times while this worker tried to take it") })
+}
+
+/// The name of the next claim in a chain, after a dead claimant's: derived
+/// from the name alone, so that every taker follows the same chain whatever
+/// the dead claims hold (a restarted holder's claim holds the very token
+/// it claims; naming the next link after a claim's content would lead back
+/// to the same claim).
+fn next_link(token: &mut String) {
+    token.push('+');
 }
 
 /// Our lock content after taking over `dead`: while its deployment may have
@@ -178,22 +195,42 @@ pub async fn reacquire<H: Host, C: Clock>(
         _ => return Ok(None),
     };
     next.seq += 1;
-    let claim = claim_path(path, token);
-    let mut claim_valid_until = clock.mono_ms() + next.lease_ms.saturating_sub(margin_ms(next.lease_ms));
-    if !create_claim(host, &claim, &next.bytes(), planted).await? {
-        // Ours from before the restart, or another worker's claim.
-        let theirs = match host.lock_read(&claim).await? {
-            Some(cf) => !matches!(LockRecord::parse(&claim, &cf.bytes)?, Parsed::Lock(r) if r.token == token),
-            None => false,
+    // Claim our own lock, as a taker would (a claim is never removed
+    // before the lock is replaced: that would break the exclusive create's
+    // compare-and-swap). A claim found in the way that is our own from
+    // before the restart, or expired, is dead: claim the next link.
+    let bytes = next.bytes();
+    let mut claimed = token.to_string();
+    let mut claims = Vec::new();
+    let mut claim_valid_until = 0;
+    let mut won = false;
+    for _ in 0..CHAIN {
+        let claim = claim_path(path, &claimed);
+        let c_start = clock.mono_ms();
+        let c = create_claim(host, &claim, &bytes, planted).await?;
+        claims.push(claim.clone());
+        if c.created {
+            claim_valid_until = c_start + next.lease_ms.saturating_sub(margin_ms(next.lease_ms));
+            won = true;
+            break;
+        }
+        let Some(cf) = host.lock_read(&claim).await? else {
+            // Its winner replaced the lock and removed it: look again.
+            claims.pop();
+            continue;
         };
-        if theirs {
+        let holder = match LockRecord::parse(&claim, &cf.bytes)? {
+            Parsed::Lock(r) => r,
+            Parsed::Newer(_) => return Ok(None),
+        };
+        if holder.token != token && !holder.expired(cf.mtime, c.host_now) {
+            // Another worker is taking it over right now.
             return Ok(None);
         }
-        host.lock_remove(&claim).await?;
-        claim_valid_until = clock.mono_ms() + next.lease_ms.saturating_sub(margin_ms(next.lease_ms));
-        if !create_claim(host, &claim, &next.bytes(), planted).await? {
-            return Ok(None);
-        }
+        next_link(&mut claimed);
+    }
+    if !won {
+        return Ok(None);
     }
     let still = match host.lock_read(path).await? {
         Some(f) => matches!(LockRecord::parse(path, &f.bytes)?, Parsed::Lock(r) if r.token == token),
@@ -201,12 +238,19 @@ pub async fn reacquire<H: Host, C: Clock>(
     };
     // Stalled since the claim: treat it as lost (another worker may be
     // taking it over); the lock then expires or is taken over.
-    let still = still && clock.mono_ms() < claim_valid_until;
-    let mut host_now = 0;
-    if still {
-        host_now = host.lock_replace(path, &next.bytes(), false).await?;
+    let fence = || clock.mono_ms() < claim_valid_until;
+    let mut host_now = None;
+    if still && fence() {
+        host_now = host.lock_replace(path, &next.bytes(), false, &fence).await?;
     }
-    let _ = host.lock_remove(&claim).await;
+    let still = host_now.is_some();
+    let host_now = host_now.unwrap_or(0);
+    // Once the lock is replaced, the whole chain (ours, and the dead links
+    // before it); otherwise only our own claim.
+    let ours = if still { &claims[..] } else { &claims[claims.len() - 1..] };
+    for claim in ours.iter().rev() {
+        let _ = host.lock_remove(claim).await;
+    }
     if still {
         sweep(host, path, host_now, next.lease_ms).await;
     }

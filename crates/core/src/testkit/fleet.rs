@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use crate::attempt::{self, Executed, Notice, Worker};
-use crate::driver::{Clock, DriveError, Env, Host, Journal, JournalError, NoVerifier, Snapped};
+use crate::driver::{Clock, DriveError, Env, Fence, Host, Journal, JournalError, NoVerifier, Snapped};
 use crate::event::*;
 use crate::lock::{Created, LockFile, LockRecord, Parsed, Planted, is_lock_litter, lock_path, margin_ms, new_token};
 use crate::machine::*;
@@ -517,9 +517,23 @@ impl Host for FleetHost {
         Ok(Created { created, host_now })
     }
 
-    async fn lock_replace(&self, path: &str, bytes: &[u8], _durable: bool) -> Result<u64, StepError> {
+    async fn lock_replace(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        _durable: bool,
+        fence: Fence<'_>,
+    ) -> Result<Option<u64>, StepError> {
         let (p, b) = (path.to_string(), bytes.to_vec());
         let (temp, host_now) = self.lock_op("lock replace (temp)", move |w| w.temp(&p, &b)).await;
+        // Asked on the poll that would send the rename (after a stall).
+        if !fence() {
+            self.lock_op("lock replace (temp removed)", move |w| {
+                w.files.remove(&temp);
+            })
+            .await;
+            return Ok(None);
+        }
         let p = path.to_string();
         self.lock_op("lock replace (rename)", move |w| {
             if let Some(f) = w.files.remove(&temp) {
@@ -527,7 +541,7 @@ impl Host for FleetHost {
             }
         })
         .await;
-        Ok(host_now)
+        Ok(Some(host_now))
     }
 
     async fn lock_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {
