@@ -647,6 +647,86 @@ async fn three_workers_never_overlap_on_a_target() {
     tap.close().await;
 }
 
+/// A batch through three workers while they are SIGKILLed and restarted
+/// again and again (8 kills, on the same journals): every request gets a
+/// result, no two lock holders overlap, and once a lease has passed and one
+/// more deployment per target ran (the next taker removes what kills left,
+/// once older than a lease), no target holds any lock, claim or temp file.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_kills_during_a_batch_leave_no_lock_claim_or_temp() {
+    const KILLS: usize = 8;
+    let mut mw = Mw::new(6, Setup { lease_s: 2, defer_delay_ms: 200, max_deferrals: 5000, concurrency: 8 });
+    let work = Work::new(&mw, "rk", 20, true);
+    let ids = work.ids();
+    let mut tap = ResultTap::connect(&mw.fleet).await;
+    let names = ["rk-w0", "rk-w1", "rk-w2"];
+    for n in names {
+        mw.start(n, n, &[]);
+    }
+    for n in names {
+        mw.wait_consuming(n, Duration::from_secs(30));
+    }
+    for item in &work.batch.items {
+        tap.publish(&item.body).await;
+    }
+    // Kill one worker every 0.7 s (round-robin), restart it 0.3 s later.
+    for k in 0..KILLS {
+        tap.collect(Duration::from_millis(700), |_| false).await;
+        let name = names[k % names.len()];
+        let _dead = mw.kill9(name);
+        tap.collect(Duration::from_millis(300), |_| false).await;
+        mw.start(name, &format!("{name}-r{k}"), &[]);
+    }
+    expect_every_result(&mut tap, &ids, Duration::from_secs(240), &mw, 40).await;
+    let mut left_by_kills = Vec::new();
+    for t in &mw.fleet.targets {
+        left_by_kills.extend(lock_leftovers(&t.dir));
+    }
+    // A lease later, one more deployment per target.
+    tap.collect(Duration::from_millis(mw.setup.lease_s * 1000 + 2_000), |_| false).await;
+    let next = Work::new(&mw, "rk-next", 1, false);
+    for item in &next.batch.items {
+        tap.publish(&item.body).await;
+    }
+    expect_every_result(&mut tap, &next.ids(), Duration::from_secs(120), &mw, 40).await;
+    tap.settle_after_drain(&mw.fleet).await;
+    mw.stop_all();
+
+    let mut problems = Vec::new();
+    let last = last_results(&tap.seen);
+    for id in ids.iter().chain(next.ids().iter()) {
+        let r = last[id.as_str()];
+        // `unchanged`: killed after its deployment but before its ack, the
+        // redelivered request finds its own files in place.
+        if !matches!(r.outcome, Outcome::Deployed | Outcome::Unchanged) {
+            problems.push(format!("{id}: {} ({})", r.outcome.as_str(), r.message));
+        }
+    }
+    for (t, target) in mw.fleet.targets.iter().enumerate() {
+        let mut lines = hook_lines(&mw.hook_log(t));
+        lines.retain(|h| h.lock.as_ref().is_some_and(|l| !l.deployment_id.starts_with("rk-next")));
+        // Of the hook log's checks, the lock's: no command without the lock,
+        // no overlap of two holders (a takeover's retry reload runs with the
+        // previous deployment's certificate live, not the test's originals).
+        let mut hook_problems = Vec::new();
+        check_hook_log(&target.name, &lines, &work, &mut hook_problems);
+        hook_problems.retain(|p| p.contains("overlap") || p.contains("without the lock file"));
+        problems.extend(hook_problems);
+        let left = lock_leftovers(&target.dir);
+        if !left.is_empty() {
+            problems.push(format!("{}: left after the batch and one more deployment: {left:?}", target.name));
+        }
+    }
+    eprintln!(
+        "repeated kills: {} requests, {KILLS} kills; outcomes {:?}; lock/claim/temp files right after the batch \
+         drained (removed by the next deployment): {left_by_kills:?}",
+        ids.len(),
+        outcome_counts(&tap.seen)
+    );
+    assert_no_problems(&mw, &problems);
+    tap.close().await;
+}
+
 // ---------------------------------------------------------------------------
 // 2./3. A worker SIGKILLed inside a deployment
 // ---------------------------------------------------------------------------

@@ -463,3 +463,48 @@ fn found_schedule_kills_while_lock_operations_are_slow() {
         Crash(0),
     ]);
 }
+
+/// Found by a random run after the two fixes above: no kill, no pause;
+/// worker 0 and 1 deploy one target after the other while time passes.
+#[test]
+fn found_schedule_lock_left_without_any_fault() {
+    use Step::*;
+    replay(&[
+        Poll(2, 2),
+        Poll(1, 1),
+        Poll(0, 2),
+        Poll(0, 3),
+        Poll(0, 1),
+        Submit(0, false),
+        Poll(1, 3),
+        Poll(0, 1),
+        Poll(0, 1),
+        Poll(0, 2),
+        Poll(1, 2),
+        Poll(0, 3),
+        Poll(0, 2),
+        Tick(1000),
+        Poll(0, 3),
+        Poll(1, 3),
+        Poll(1, 3),
+        Poll(0, 1),
+        Poll(1, 1),
+        Poll(0, 1),
+        Poll(0, 2),
+        Poll(0, 2),
+        Poll(1, 1),
+        Poll(0, 1),
+        Poll(2, 1),
+        Poll(1, 3),
+        Poll(1, 2),
+        Poll(0, 1),
+        Poll(0, 1),
+        Tick(327),
+        Poll(0, 1),
+        Tick(358),
+        Poll(0, 1),
+        Tick(1244),
+        Poll(0, 1),
+        Tick(1071),
+    ]);
+}

@@ -16,6 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use super::Planted;
+use super::protocol::reacquire;
 use super::record::{LockPhase, LockRecord, Parsed};
 use crate::driver::{Clock, Host};
 use crate::event::StepError;
@@ -346,25 +347,36 @@ impl Held {
     /// files that killed workers left, older than a lease by the host's
     /// clock (a younger one may be a live worker's). Once only:
     /// afterwards the name may be another worker's lock. While the lease
-    /// is valid nobody else can have replaced it, so no read first; once
-    /// it is not, the file is left alone (it is someone else's, or expires).
+    /// is valid nobody else can have replaced it, so no read first. Once
+    /// it is not (the holder stalled before its release), the lock is
+    /// taken back through its claim as after a restart, then removed; if
+    /// another worker took it over meanwhile, it is theirs and stays.
     pub async fn release<H: Host, C: Clock>(&self, host: &H, clock: &C) -> Result<(), StepError> {
         let _turn = self.turn().await;
         let now = clock.mono_ms();
-        let host_now = {
+        let (valid, host_now, token) = {
             let mut st = self.st();
-            if st.released {
+            if st.released || st.lost {
+                st.released = true;
                 return Ok(());
             }
-            let valid = !st.lost && now < st.valid_until;
             st.released = true;
-            if !valid {
-                return Ok(());
-            }
-            st.host_now
+            (now < st.valid_until, st.host_now, st.record.token.clone())
         };
-        host.lock_remove(&self.path).await?;
-        sweep(host, &self.path, host_now, self.lease_ms).await;
+        if valid {
+            host.lock_remove(&self.path).await?;
+            sweep(host, &self.path, host_now, self.lease_ms).await;
+            return Ok(());
+        }
+        let since = clock.mono_ms();
+        let Some(_) = reacquire(host, clock, &self.path, &token, self.planted).await? else {
+            return Ok(());
+        };
+        // The same fence as every other host operation of a holder.
+        // (`reacquire` swept the litter.)
+        if clock.mono_ms() < since + self.lease_ms.saturating_sub(margin_ms(self.lease_ms)) {
+            host.lock_remove(&self.path).await?;
+        }
         Ok(())
     }
 }
