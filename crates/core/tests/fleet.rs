@@ -508,3 +508,50 @@ fn found_schedule_lock_left_without_any_fault() {
         Tick(1071),
     ]);
 }
+
+/// Found by a random run after the three fixes above.
+#[test]
+fn found_schedule_a_killed_taker_and_slow_lock_operations() {
+    use Step::*;
+    replay(&[
+        Poll(2, 1),
+        Poll(0, 3),
+        Poll(0, 3),
+        Tick(341),
+        Poll(1, 2),
+        Poll(1, 3),
+        Poll(0, 3),
+        Crash(1),
+        Submit(0, false),
+        Poll(0, 2),
+        Poll(2, 3),
+        LockDelay(260),
+        Tick(1454),
+        Poll(0, 2),
+        Poll(2, 1),
+        Tick(581),
+        Poll(2, 1),
+        Crash(0),
+        Tick(821),
+        Poll(2, 1),
+        Poll(0, 1),
+        Tick(309),
+        Poll(2, 2),
+        Restart(1),
+        Tick(1240),
+        Submit(0, false),
+        Tick(1186),
+        Poll(1, 1),
+        Submit(0, false),
+        Submit(0, false),
+        Submit(0, false),
+        Tick(212),
+        Tick(596),
+        Poll(1, 1),
+        Tick(1253),
+        Tick(1407),
+        Poll(1, 1),
+        Pause(1, 3901),
+        Crash(2),
+    ]);
+}

@@ -98,12 +98,11 @@ pub async fn acquire<H: Host, C: Clock>(
                 Parsed::Lock(r) => r,
                 Parsed::Newer(v) => return Ok(newer(&claim, v)),
             };
-            if holder.token == mine.token {
-                // Our own leftover (same acquisition): ours.
-                won = true;
-                break;
-            }
-            if !dead_own(&holder) && !holder.expired(cf.mtime, c.host_now) {
+            // Our own leftover from an earlier round is dead too: we may
+            // have stalled since, and another taker may have judged it
+            // expired and claimed the next link; so we claim the next one
+            // as well (never "ours again": two winners).
+            if holder.token != mine.token && !dead_own(&holder) && !holder.expired(cf.mtime, c.host_now) {
                 return Ok(Acquired::Held { holder: format!("being taken over by {}", holder.describe()) });
             }
             next_link(&mut token);
@@ -114,7 +113,10 @@ pub async fn acquire<H: Host, C: Clock>(
         // Only the winner of this claim may replace the lock, and only if it
         // still is the very version judged expired: same token *and* same
         // rewrite count (a restarted holder re-takes its lock under the
-        // same token, through the same claim, which it then removes).
+        // same token, through the same claim). A claim is removed only
+        // once the lock it was for has been replaced: removing one that
+        // another taker judged expired and chained past would let a third
+        // taker create it again and win beside that one.
         let still = match host.lock_read(path).await? {
             Some(f) => matches!(
                 LockRecord::parse(path, &f.bytes)?,
@@ -123,9 +125,7 @@ pub async fn acquire<H: Host, C: Clock>(
             None => false,
         };
         if !still {
-            if let Some(mine_claim) = claims.last() {
-                let _ = host.lock_remove(mine_claim).await;
-            }
+            // Left for the sweep (older than a lease).
             continue;
         }
         if clock.mono_ms() >= claim_valid_until {
@@ -246,12 +246,11 @@ pub async fn reacquire<H: Host, C: Clock>(
     let still = host_now.is_some();
     let host_now = host_now.unwrap_or(0);
     // Once the lock is replaced, the whole chain (ours, and the dead links
-    // before it); otherwise only our own claim.
-    let ours = if still { &claims[..] } else { &claims[claims.len() - 1..] };
-    for claim in ours.iter().rev() {
-        let _ = host.lock_remove(claim).await;
-    }
+    // before it); otherwise nothing (see `acquire`): the sweep removes it.
     if still {
+        for claim in claims.iter().rev() {
+            let _ = host.lock_remove(claim).await;
+        }
         sweep(host, path, host_now, next.lease_ms).await;
     }
     Ok(still.then_some((next, host_now)))

@@ -352,6 +352,8 @@ struct LockOp<'w, T> {
     world: &'w Mutex<HostWorld>,
     worker: usize,
     what: &'static str,
+    /// The lock, claim or temp path, for the trace.
+    path: String,
     effect: Option<LockEffect<T>>,
     slot: Arc<Mutex<Option<T>>>,
 }
@@ -366,6 +368,7 @@ impl<T: Send + 'static> Future for LockOp<'_, T> {
             let mut w = world(wm);
             let slot = self.slot.clone();
             let (worker, what, issued) = (self.worker, self.what, w.t);
+            let path = std::mem::take(&mut self.path);
             let delay = w.lock_delay_ms;
             let effect: Effect = Box::new(move |w: &mut HostWorld| {
                 if delay > 0 {
@@ -376,7 +379,8 @@ impl<T: Send + 'static> Future for LockOp<'_, T> {
                     let t = w.t;
                     let holders: Vec<String> =
                         (0..w.targets.len()).map(|i| format!("{:?}", w.lock_holder(i))).collect();
-                    w.trace.push(format!("t={t} w{worker} {what}; locks {}", holders.join(" | ")));
+                    let name = path.strip_prefix("/srv/").unwrap_or(&path);
+                    w.trace.push(format!("t={t} w{worker} {what} {name}; locks {}", holders.join(" | ")));
                 }
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
             });
@@ -408,9 +412,17 @@ impl FleetHost {
     fn lock_op<T: Send + 'static>(
         &self,
         what: &'static str,
+        path: &str,
         f: impl FnOnce(&mut HostWorld) -> T + Send + 'static,
     ) -> LockOp<'_, T> {
-        LockOp { world: &self.world, worker: self.worker, what, effect: Some(Box::new(f)), slot: Arc::default() }
+        LockOp {
+            world: &self.world,
+            worker: self.worker,
+            what,
+            path: path.to_string(),
+            effect: Some(Box::new(f)),
+            slot: Arc::default(),
+        }
     }
 }
 
@@ -501,10 +513,10 @@ impl Host for FleetHost {
     async fn lock_create(&self, path: &str, bytes: &[u8]) -> Result<Created, StepError> {
         // A private temp with the content, then a hard link to the name.
         let (p, b) = (path.to_string(), bytes.to_vec());
-        let (temp, host_now) = self.lock_op("lock create (temp)", move |w| w.temp(&p, &b)).await;
+        let (temp, host_now) = self.lock_op("lock create (temp)", path, move |w| w.temp(&p, &b)).await;
         let p = path.to_string();
         let created = self
-            .lock_op("lock create (link)", move |w| {
+            .lock_op("lock create (link)", path, move |w| {
                 let created = !w.files.contains_key(&p);
                 if let Some(f) = w.files.remove(&temp)
                     && created
@@ -525,17 +537,17 @@ impl Host for FleetHost {
         fence: Fence<'_>,
     ) -> Result<Option<u64>, StepError> {
         let (p, b) = (path.to_string(), bytes.to_vec());
-        let (temp, host_now) = self.lock_op("lock replace (temp)", move |w| w.temp(&p, &b)).await;
+        let (temp, host_now) = self.lock_op("lock replace (temp)", path, move |w| w.temp(&p, &b)).await;
         // Asked on the poll that would send the rename (after a stall).
         if !fence() {
-            self.lock_op("lock replace (temp removed)", move |w| {
+            self.lock_op("lock replace (temp removed)", path, move |w| {
                 w.files.remove(&temp);
             })
             .await;
             return Ok(None);
         }
         let p = path.to_string();
-        self.lock_op("lock replace (rename)", move |w| {
+        self.lock_op("lock replace (rename)", path, move |w| {
             if let Some(f) = w.files.remove(&temp) {
                 w.files.insert(p, f);
             }
@@ -547,13 +559,15 @@ impl Host for FleetHost {
     async fn lock_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {
         let p = path.to_string();
         Ok(self
-            .lock_op("lock read", move |w| w.files.get(&p).map(|f| LockFile { bytes: f.bytes.clone(), mtime: f.mtime }))
+            .lock_op("lock read", path, move |w| {
+                w.files.get(&p).map(|f| LockFile { bytes: f.bytes.clone(), mtime: f.mtime })
+            })
             .await)
     }
 
     async fn lock_remove(&self, path: &str) -> Result<(), StepError> {
         let p = path.to_string();
-        self.lock_op("lock remove", move |w| {
+        self.lock_op("lock remove", path, move |w| {
             w.files.remove(&p);
         })
         .await;
@@ -563,7 +577,7 @@ impl Host for FleetHost {
     async fn lock_sweep(&self, lock: &str, before: u64) -> Result<u32, StepError> {
         let lock = lock.to_string();
         Ok(self
-            .lock_op("lock sweep", move |w| {
+            .lock_op("lock sweep", &lock.clone(), move |w| {
                 let doomed: Vec<String> = w
                     .files
                     .iter()
