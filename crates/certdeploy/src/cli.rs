@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use certdeploy_core::driver::Verifier as _;
 use certdeploy_core::wire::{self, DeployRequest, ResultEvent, SecretString};
-use certdeploy_core::{Outcome, Report};
+use certdeploy_core::{Digest, Outcome, Report, Timestamp};
 use certdeploy_journal::{JournalOptions, SledJournal};
 use clap::{Args, Subcommand};
 use tokio::sync::watch;
@@ -108,9 +109,14 @@ pub struct StatusArgs {
     #[arg(long)]
     pub target: Option<String>,
     /// One JSON array of objects (`target`, `deployment_id`, `outcome`, `finished_at`, `subject`,
-    /// `not_after`, `days_left`) instead of the table.
+    /// `not_after`, `days_left`; with `--live` also `live`) instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also read each configured target's certificate file over SSH and, where `verify_endpoint`
+    /// is set, the leaf it serves; flag a target whose file or served certificate is not what
+    /// certdeploy last deployed there (exit 1). Changes nothing on the hosts.
+    #[arg(long)]
+    pub live: bool,
 }
 
 #[derive(Args, Debug)]
@@ -123,7 +129,7 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
-fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<u8> {
+async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<u8> {
     let rows = Reader::open(&cfg)?.query(&cfg, serde_json::json!({ "query": "status" }))?;
     if let Some(e) = answer_error(&rows) {
         anyhow::bail!("{e}");
@@ -136,9 +142,14 @@ fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_USAGE);
         }
     }
+    let mut all_match = true;
+    if a.live {
+        all_match = live_status(&cfg, &mut rows).await?;
+    }
+    let code = if all_match { EXIT_OK } else { EXIT_FAILED };
     if a.json {
         println!("{}", serde_json::Value::Array(rows));
-        return Ok(EXIT_OK);
+        return Ok(code);
     }
     println!(
         "{:<16} {:<40} {:<12} {:<40} {:<20} {:>9}",
@@ -156,8 +167,88 @@ fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<u8> {
             s("not_after"),
             days
         );
+        if let Some(live) = r.get("live").filter(|l| !l.is_null()) {
+            let mark = if live["matches"].as_bool() == Some(true) { "live: ok" } else { "live: MISMATCH" };
+            println!("{:<16} {mark}: {}", "", live["detail"].as_str().unwrap_or(""));
+        }
     }
-    Ok(EXIT_OK)
+    Ok(code)
+}
+
+/// `status --live`: for every row of a configured target, what its
+/// certificate file holds now (over SFTP, read only) and, with a
+/// `verify_endpoint`, the leaf served there; `live.matches` says whether
+/// both are what the journal says certdeploy last put in place. Returns
+/// whether every checked target matches.
+async fn live_status(cfg: &Config, rows: &mut [serde_json::Value]) -> anyhow::Result<bool> {
+    let control_dir = std::env::temp_dir().join(format!("certdeploy-status-{}", std::process::id()));
+    let pool = certdeploy_ssh::SshPool::new(cfg.ssh_config(control_dir, Duration::from_secs(30)))?;
+    let verifier = crate::verify::TlsVerifier::new(Duration::from_secs(10));
+    let mut all = true;
+    for row in rows.iter_mut() {
+        let Some(t) = row["target"].as_str().and_then(|n| cfg.targets.get(n)) else { continue };
+        let want = (row["subject"].as_str().map(str::to_string), row["not_after"].as_str().map(str::to_string));
+        let read =
+            certdeploy_ssh::read_public_file(&pool, &t.host_addr(), &t.cert_path, 1 << 20, Duration::from_secs(30))
+                .await;
+        let mut problems = Vec::new();
+        let mut live = serde_json::Map::new();
+        let file = match read {
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+            Ok(None) => {
+                problems.push(format!("{} does not exist", t.cert_path));
+                None
+            }
+            Ok(Some(bytes)) => match certdeploy_pki::cert_facts(&bytes) {
+                None => {
+                    problems.push(format!("{} holds no certificate", t.cert_path));
+                    None
+                }
+                Some(f) => Some(f),
+            },
+        };
+        if let Some(f) = &file {
+            let not_after = Timestamp(u64::try_from(f.not_after).unwrap_or(0).saturating_mul(1000)).rfc3339();
+            live.insert("file_subject".into(), f.subject.clone().into());
+            live.insert("file_not_after".into(), not_after.clone().into());
+            if want.0.is_none() {
+                problems.push("certdeploy has deployed nothing here that it knows of".into());
+            } else if (Some(f.subject.clone()), Some(not_after)) != want {
+                problems.push(format!(
+                    "{} holds {} (notAfter {}), not what certdeploy last deployed",
+                    t.cert_path,
+                    f.subject,
+                    live["file_not_after"].as_str().unwrap_or("")
+                ));
+            }
+        }
+        if let Some(endpoint) = &t.verify_endpoint {
+            match verifier.served_leaf(endpoint, t.verify_sni.as_deref()).await {
+                Ok(served) => {
+                    let same = file.as_ref().is_some_and(|f| Digest(f.leaf_sha256) == served);
+                    live.insert("served_matches_file".into(), same.into());
+                    if !same {
+                        problems.push(format!("{endpoint} serves another certificate than {}", t.cert_path));
+                    }
+                }
+                Err(e) => problems.push(format!("{endpoint}: {e}")),
+            }
+        }
+        let ok = problems.is_empty();
+        all &= ok;
+        live.insert("matches".into(), ok.into());
+        live.insert(
+            "detail".into(),
+            if ok { "file and endpoint as deployed".to_string() } else { problems.join("; ") }.into(),
+        );
+        row["live"] = serde_json::Value::Object(live);
+    }
+    pool.close_all().await;
+    let _ = std::fs::remove_dir_all(pool.config().control_dir.as_path());
+    Ok(all)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -248,7 +339,7 @@ pub async fn dispatch(cli: Cli) -> u8 {
         Command::Journal(c) => journal(cfg, c),
         Command::Check(a) => check(cfg, a).await,
         Command::Keygen(_) => unreachable!("answered before the configuration is read"),
-        Command::Status(a) => status(cfg, a),
+        Command::Status(a) => status(cfg, a).await,
         Command::Control { action } => control(cfg, action),
         Command::Completions { .. } | Command::Man => unreachable!("answered by describe_cli"),
     };

@@ -126,3 +126,41 @@ fn status_shows_each_targets_certificate_and_days_left() {
     let (code, _, _) = run(&cfg, &["status", "--target", "nope"]);
     assert_eq!(code, 2);
 }
+
+/// `status --live` reads the target's certificate file (read only) and
+/// flags a certificate changed behind certdeploy's back (exit 1).
+#[test]
+fn status_live_detects_a_certificate_changed_behind_certdeploys_back() {
+    let fleet = Fleet::new(1, false);
+    let cfg = fleet.write_config(&Opts::default());
+    let ca = TestCa::new();
+    let args = deploy_args(fleet.tmp.path(), "t0", "live-1", &ca.leaf("live.example", 1), false, false);
+    let (code, out, err) = run(&cfg, &strs(&args));
+    assert_eq!(code, 0, "{out}{err}");
+    let live = |expect: i32| {
+        let (code, out, err) = run(&cfg, &["status", "--live", "--json"]);
+        assert_eq!(code, expect, "{out}{err}");
+        let rows: serde_json::Value = serde_json::from_str(&out).expect("status --live --json is one JSON value");
+        rows.as_array().expect("array").iter().find(|r| r["target"] == "t0").expect("t0")["live"].clone()
+    };
+    let l = live(0);
+    assert_eq!(l["matches"], true, "{l}");
+    assert!(l["file_subject"].as_str().is_some_and(|s| s.contains("live.example")), "{l}");
+    let listing = |d: &std::path::Path| {
+        let mut v: Vec<String> =
+            std::fs::read_dir(d).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    let dir = fleet.targets[0].dir.clone();
+    let before = listing(&dir);
+
+    // Someone replaces the certificate by hand.
+    let other = ca.leaf("by-hand.example", 1);
+    fleet.sshd.write(&fleet.targets[0].cert, other.cert_pem.as_bytes(), 0o644);
+    let l = live(1);
+    assert_eq!(l["matches"], false, "{l}");
+    assert!(l["file_subject"].as_str().is_some_and(|s| s.contains("by-hand.example")), "{l}");
+    assert!(l["detail"].as_str().is_some_and(|d| d.contains("not what certdeploy last deployed")), "{l}");
+    assert_eq!(listing(&dir), before, "status --live changed nothing on the host");
+}

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -294,6 +294,10 @@ pub struct SledJournal {
     flusher: Mutex<Option<JoinHandle<()>>>,
     _lock: File,
     id: String,
+    /// Entries of the index: counted once at open, then kept up to date
+    /// by `append` (a new id) and `gc` (an entry dropped), so that the
+    /// metric does not walk the index.
+    deployments: AtomicUsize,
 }
 
 impl std::fmt::Debug for SledJournal {
@@ -508,7 +512,9 @@ impl SledJournal {
             )?
         };
         tracing::info!(path = %path.display(), durability = opts.durability.as_str(), last_seq, "journal opened");
+        let deployments = AtomicUsize::new(index.len());
         Ok(SledJournal {
+            deployments,
             path: path.to_path_buf(),
             shared,
             records,
@@ -548,7 +554,8 @@ impl SledJournal {
         // and a dozen thread wake-ups per append (measured). A crash between
         // the two is repaired at open, see `reconcile`. Most records leave
         // the index entry alone (see `Entry`).
-        let entry = if is_checkpoint(&record.event) || !self.index.contains_key(deployment_id)? {
+        let known = self.index.contains_key(deployment_id)?;
+        let entry = if is_checkpoint(&record.event) || !known {
             // The skipped records since the last checkpoint changed only
             // what this one overwrites (last event, last seq; `updated_at`
             // unless the clock went back).
@@ -561,6 +568,9 @@ impl SledJournal {
         self.records.insert(key.as_slice(), value.as_slice())?;
         if let Some(ev) = entry {
             self.index.insert(deployment_id.as_bytes(), ev)?;
+        }
+        if !known {
+            self.deployments.fetch_add(1, Ordering::Relaxed);
         }
         *next = seq + 1;
         self.shared.appended.store(seq, Ordering::Release);
@@ -765,6 +775,7 @@ impl SledJournal {
                 .map_err(tx_err)?;
             stats.records_removed += keys.len() as u64;
             if drop_entry {
+                self.deployments.fetch_sub(1, Ordering::Relaxed);
                 stats.dedupe_entries_removed += 1;
             } else {
                 stats.deployments_pruned += 1;
@@ -774,9 +785,10 @@ impl SledJournal {
         Ok(stats)
     }
 
-    /// Deployments the index holds (one entry each, pruned or not).
+    /// Deployments the index holds (one entry each, pruned or not); a
+    /// counter, not a walk of the index.
     pub fn deployment_count(&self) -> usize {
-        self.index.len()
+        self.deployments.load(Ordering::Relaxed)
     }
 
     /// Bytes sled's files take on disk.

@@ -465,6 +465,36 @@ fn gc_removes_records_but_keeps_dedupe_entries() {
     assert_eq!(j.unfinished().unwrap(), vec!["running".to_string()]);
 }
 
+/// The deployments gauge is a counter kept by `append` and `gc` (no walk
+/// of the index): it agrees with the index through appends to new and
+/// known ids, a gc that drops entries, and a reopen.
+#[test]
+fn deployment_count_follows_appends_gc_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let j = open(&path);
+    let hour = 3_600_000u64;
+    for id in ["a", "b", "c"] {
+        append_sync(&j, id, &started(id, 1_000));
+        append_sync(&j, id, &finished(id, Outcome::Deployed, 2_000));
+    }
+    append_sync(&j, "running", &started("running", 0));
+    assert_eq!(j.deployment_count(), 4);
+    assert_eq!(j.deployment_count(), j.list().unwrap().len());
+    // Pruned records keep the entry; past 10 × retention it goes.
+    j.gc(Duration::from_secs(3_600), Timestamp(2_000 + 2 * hour)).unwrap();
+    assert_eq!(j.deployment_count(), 4);
+    let stats = j.gc(Duration::from_secs(3_600), Timestamp(2_000 + 11 * hour)).unwrap();
+    assert_eq!(stats.dedupe_entries_removed, 3);
+    assert_eq!(j.deployment_count(), 1);
+    assert_eq!(j.deployment_count(), j.list().unwrap().len());
+    j.close().unwrap();
+    let j = open(&path);
+    assert_eq!(j.deployment_count(), 1);
+    append_sync(&j, "d", &started("d", 5 * hour));
+    assert_eq!(j.deployment_count(), 2);
+}
+
 #[test]
 fn future_format_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();

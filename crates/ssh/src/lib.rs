@@ -14,10 +14,12 @@
 mod check;
 mod error;
 mod host;
+mod live;
 mod lock;
 mod pool;
 
 pub use check::{CheckLine, check};
 pub use error::shell_quote;
 pub use host::SshHost;
+pub use live::read_public_file;
 pub use pool::{HostAddr, SshConfig, SshPool};

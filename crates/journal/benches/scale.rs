@@ -1,0 +1,80 @@
+//! Journal size and open/recovery time by number of finished deployments.
+//!
+//! For each N: a fresh journal is filled with N deployed deployments (8
+//! records each, as the driver writes them; filled with durability off, as
+//! only the result is measured), closed, then opened again and asked what
+//! recovery asks (the unfinished deployments), as a restarted worker does.
+//! Prints the fill time, the size on disk, the open time (which includes
+//! the index/records reconciliation), the recovery query's time and the
+//! memory of the process after the open.
+//!
+//! `cargo bench -p certdeploy-journal --bench scale -- 10000 100000 1000000`
+//! (sizes optional; the journals go under `$TMPDIR`, several GB at 1M).
+
+use std::path::Path;
+use std::time::Instant;
+
+use certdeploy_journal::{Durability, JournalOptions, SledJournal};
+
+#[path = "common.rs"]
+mod common;
+use common::deployment;
+
+fn dir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if sizes.is_empty() { vec![10_000, 100_000] } else { sizes };
+    println!(
+        "{:>9} {:>9} {:>10} {:>8} {:>10} {:>12} {:>11}",
+        "finished", "fill s", "disk MiB", "open s", "recover s", "deployments", "RSS MiB"
+    );
+    for n in sizes {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal");
+        let t = Instant::now();
+        {
+            let j = SledJournal::open(&path, JournalOptions { durability: Durability::Off, ..Default::default() })
+                .expect("open");
+            for i in 0..n {
+                let id = format!("renewal-{i:08}");
+                for (rec, _) in deployment(&id) {
+                    j.append(&id, &rec).expect("append");
+                }
+            }
+            j.flush_now().expect("flush");
+            j.close().expect("close");
+        }
+        let fill = t.elapsed().as_secs_f64();
+        let disk = dir_size(&path) as f64 / (1024.0 * 1024.0);
+        let t = Instant::now();
+        let j = SledJournal::open(&path, JournalOptions::default()).expect("reopen");
+        let open = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let unfinished = j.unfinished().expect("unfinished");
+        let recover = t.elapsed().as_secs_f64();
+        assert!(unfinished.is_empty());
+        let count = j.deployment_count();
+        assert_eq!(count, n);
+        println!("{n:>9} {fill:>9.1} {disk:>10.1} {open:>8.2} {recover:>10.2} {count:>12} {:>11.0}", rss_mib());
+        j.close().expect("close");
+    }
+}
