@@ -49,6 +49,12 @@ struct Args {
     /// which saturates the worker and measures queueing, not latency).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Soak mode: the worker collects its journal every this many seconds
+    /// with `journal_retention_days = 0`; the broker runs sample the
+    /// journal's size every 5 s and time `certdeploy journal list` against
+    /// the running worker (0: the worker's defaults, no sampling).
+    #[arg(long, default_value_t = 0)]
+    gc_interval_s: u64,
 }
 
 struct Fleet {
@@ -76,13 +82,18 @@ struct Figures {
 fn config(f: &Fleet, args: &Args, amqp_url: &str, durability: &str, metrics: &str, journal: &Path) -> String {
     let mut c = format!(
         "[worker]\namqp_url = \"{amqp_url}\"\njournal_path = \"{}\"\nconcurrency = {}\nper_host_concurrency = 4\n\
-         metrics_listen = \"{metrics}\"\njournal_durability = \"{durability}\"\nshutdown_grace_s = 30\n\n\
+         metrics_listen = \"{metrics}\"\njournal_durability = \"{durability}\"\nshutdown_grace_s = 30\n{gc}\n\
          [ssh]\nknown_hosts = \"{}\"\nidentity_file = \"{}\"\nconnect_timeout_s = 10\nwarm_masters = true\ncontrol_dir = \"{}\"\n\n",
         journal.display(),
         args.concurrency,
         f.sshd.known_hosts_path().display(),
         f.sshd.identity_path().display(),
         f.tmp.path().join(format!("ssh-{durability}")).display(),
+        gc = if args.gc_interval_s > 0 {
+            format!("journal_gc_interval_s = {}\njournal_retention_days = 0\n", args.gc_interval_s)
+        } else {
+            String::new()
+        },
     );
     for (i, d) in f.dirs.iter().enumerate() {
         c.push_str(&format!(
@@ -97,6 +108,64 @@ fn config(f: &Fleet, args: &Args, amqp_url: &str, durability: &str, metrics: &st
         ));
     }
     c
+}
+
+/// One sample of a soak run: seconds since the start, the journal's size
+/// on disk and deployments (the worker's gauges), and how long `journal
+/// list` took against the running worker (`None`: it failed).
+type Sample = (f64, f64, f64, Option<f64>);
+
+static SOAK: std::sync::Mutex<Vec<Sample>> = std::sync::Mutex::new(Vec::new());
+
+async fn soak_sampler(bin: PathBuf, cfg: PathBuf, metrics: String, t0: Instant) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let body = http_get(&metrics, "/metrics").map(|r| r.1).unwrap_or_default();
+        let (bin, cfg) = (bin.clone(), cfg.clone());
+        let listed = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let out = Command::new(&bin)
+                .arg("--config")
+                .arg(&cfg)
+                .args(["journal", "list", "--json"])
+                .stderr(Stdio::null())
+                .output()
+                .ok()?;
+            let ok = out.status.success() && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok();
+            ok.then(|| t.elapsed().as_secs_f64() * 1000.0)
+        })
+        .await
+        .ok()
+        .flatten();
+        let sample = (
+            t0.elapsed().as_secs_f64(),
+            metric(&body, "certdeploy_journal_size_bytes"),
+            metric(&body, "certdeploy_journal_deployments"),
+            listed,
+        );
+        SOAK.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
+    }
+}
+
+fn print_soak(samples: &[Sample]) {
+    let answered: Vec<f64> = samples.iter().filter_map(|s| s.3).collect();
+    let max_mib = samples.iter().map(|s| s.1).fold(0.0, f64::max) / (1024.0 * 1024.0);
+    println!(
+        "  soak: {} samples; journal size max {max_mib:.1} MiB; `journal list` answered {}/{} times (max {:.0} ms)",
+        samples.len(),
+        answered.len(),
+        samples.len(),
+        answered.iter().copied().fold(0.0, f64::max)
+    );
+    for s in samples.iter().step_by((samples.len() / 12).max(1)) {
+        println!(
+            "    t={:>6.0} s  journal {:>7.1} MiB  deployments {:>6.0}  list {}",
+            s.0,
+            s.1 / (1024.0 * 1024.0),
+            s.2,
+            s.3.map_or("failed".to_string(), |ms| format!("{ms:.0} ms"))
+        );
+    }
 }
 
 fn free_port() -> u16 {
@@ -256,6 +325,8 @@ async fn broker_run(
     } else {
         Some(tokio::spawn(publish_all(broker.clone(), bundles.to_vec(), args.rate)))
     };
+    let sampler = (args.gc_interval_s > 0)
+        .then(|| tokio::spawn(soak_sampler(bin.clone(), cfg_path.clone(), metrics.clone(), t0)));
     let mut got: BTreeMap<String, (Instant, ResultEvent)> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     while got.len() < bundles.len() {
@@ -270,6 +341,11 @@ async fn broker_run(
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
+    if let Some(s) = sampler {
+        s.abort();
+        let _ = s.await;
+        print_soak(&SOAK.lock().unwrap_or_else(|e| e.into_inner()));
+    }
     if let Some(p) = publisher {
         sent = p.await??;
     }

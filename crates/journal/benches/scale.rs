@@ -14,6 +14,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use certdeploy_core::driver::Journal as _;
 use certdeploy_journal::{Durability, JournalOptions, SledJournal};
 
 #[path = "common.rs"]
