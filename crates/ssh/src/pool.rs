@@ -321,10 +321,13 @@ fn make_control_dir(parent: &Path) -> Result<PathBuf, PoolError> {
         ));
     }
     for _ in 0..8 {
-        let mut bytes = [0u8; 8];
+        // 48 random bits, and a short name: ssh binds its master socket at
+        // `<dir>/.ssh-connection…/master.<16 chars>`, within the 107 bytes
+        // of a Unix socket path.
+        let mut bytes = [0u8; 6];
         getrandom::fill(&mut bytes).map_err(|e| err(parent, std::io::Error::other(e.to_string())))?;
         let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let dir = parent.join(format!("certdeploy-{name}"));
+        let dir = parent.join(format!("cd-{name}"));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -572,7 +575,7 @@ mod tests {
             let d = p.control_dir();
             assert_eq!(d.parent(), Some(parent.as_path()));
             let name = d.file_name().unwrap().to_str().unwrap();
-            assert!(name.starts_with("certdeploy-") && name.len() == "certdeploy-".len() + 16, "{name}");
+            assert!(name.starts_with("cd-") && name.len() == "cd-".len() + 12, "{name}");
             let m = std::fs::symlink_metadata(d).unwrap();
             assert!(m.is_dir() && m.permissions().mode() & 0o777 == 0o700, "{:o}", m.permissions().mode());
             let f = std::fs::symlink_metadata(d.join("ssh_config")).unwrap();
