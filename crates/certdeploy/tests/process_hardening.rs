@@ -71,9 +71,10 @@ fn the_worker_cannot_dump_core_and_is_not_dumpable() {
     let _ = child.wait();
 }
 
-/// 2,000 idle TCP connections to the metrics port (the worker limited to
-/// 300 descriptors): a deployment still completes while they are held,
-/// and the endpoint answers again once they are gone.
+/// 2,000 idle TCP connections to the metrics port, each reopened as soon
+/// as the worker closes it (the worker limited to 300 descriptors): a
+/// deployment still completes while they are held, and the endpoint
+/// answers again once they are gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connections_to_the_metrics_port_do_not_stop_a_deployment() {
     // The test's own descriptors: 2,000 connections and the fleet.
@@ -109,23 +110,30 @@ async fn idle_connections_to_the_metrics_port_do_not_stop_a_deployment() {
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for("/readyz 200", Duration::from_secs(60), || get(&metrics, "/readyz").is_some_and(|(c, _)| c == 200));
 
-    // The flood: 2,000 connections, each left idle once open. Those the
+    // The flood: 2,000 clients, each keeping a connection open and idle,
+    // and opening another as soon as the worker closes it. Those the
     // listen backlog has no room for keep trying (SYN retries) meanwhile.
     let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut flood = tokio::task::JoinSet::new();
     for _ in 0..2000 {
         let (addr, open) = (metrics.clone(), open.clone());
         flood.spawn(async move {
-            if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
-                open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                std::future::pending::<()>().await;
-                drop(s);
+            loop {
+                match tokio::net::TcpStream::connect(&addr).await {
+                    Ok(mut s) => {
+                        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let mut b = [0u8; 1];
+                        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut b).await;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
             }
         });
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let opened = open.load(std::sync::atomic::Ordering::SeqCst);
     assert!(opened > 150, "only {opened} idle connections opened");
+    // The flood holds on while the deployment runs.
 
     client.publish(&request("flood-1", &t.name, &TestCa::new().leaf("flood.example", 1), true)).await;
     let ids = vec!["flood-1".to_string()];
@@ -133,7 +141,7 @@ async fn idle_connections_to_the_metrics_port_do_not_stop_a_deployment() {
     let r = seen.get("flood-1").map(|v| &v[0]);
     assert!(
         r.is_some_and(|r| r.outcome == Outcome::Deployed),
-        "with {} idle metrics connections: {r:?}\n{}",
+        "after {} idle metrics connections: {r:?}\n{}",
         open.load(std::sync::atomic::Ordering::SeqCst),
         tail(&text(), 40)
     );
