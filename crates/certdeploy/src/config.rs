@@ -183,7 +183,8 @@ pub struct SshSection {
     pub known_hosts: PathBuf,
     pub identity_file: PathBuf,
     pub connect_timeout_s: u64,
-    /// Where ControlMaster sockets and certdeploy's ssh_config live.
+    /// Where each process makes its own directory (random name, 0700) for
+    /// ControlMaster sockets and certdeploy's ssh_config (default: TMPDIR).
     pub control_dir: Option<PathBuf>,
     /// Idle masters are closed after this many seconds.
     pub idle_timeout_s: u64,

@@ -34,8 +34,11 @@ pub struct SshConfig {
     pub known_hosts: PathBuf,
     pub identity_file: PathBuf,
     pub connect_timeout: Duration,
-    /// Where control sockets and the generated `ssh_config` live (created
-    /// 0700). Keep it short: a Unix socket path is limited to 107 bytes.
+    /// Where each pool makes its own directory (random name, 0700) for the
+    /// control sockets and the generated `ssh_config`; created 0700 when
+    /// missing, refused when another user owns it or others may rename
+    /// entries in it. Keep it short: a Unix socket path is limited to 107
+    /// bytes.
     pub control_dir: PathBuf,
     /// Close a master after this long without use.
     pub idle_timeout: Duration,
