@@ -69,9 +69,6 @@ pub struct Runtime {
     live_tokens: Mutex<std::collections::HashSet<String>>,
     targets: KeyedLocks,
     ids: KeyedLocks,
-    /// The per-process control directory made when `[ssh] control_dir` is
-    /// not set: removed by [`Runtime::close_ssh`].
-    own_control_dir: Option<std::path::PathBuf>,
 }
 
 /// What [`Runtime::execute`] ended with.
@@ -136,14 +133,9 @@ impl Runtime {
             &cfg.worker.journal_path,
             JournalOptions { durability: durability(&cfg.worker.journal_durability), ..JournalOptions::default() },
         )?;
-        let (control_dir, own_control_dir) = match &cfg.ssh.control_dir {
-            Some(dir) => (dir.clone(), None),
-            None => {
-                // Unix socket paths are short: keep the default under /tmp.
-                let dir = std::env::temp_dir().join(format!("certdeploy-ssh-{}", std::process::id()));
-                (dir.clone(), Some(dir))
-            }
-        };
+        // The pool makes a directory of its own, of a random name, in the
+        // configured one (default: TMPDIR; Unix socket paths are short).
+        let control_dir = cfg.ssh.control_dir.clone().unwrap_or_else(std::env::temp_dir);
         let idle = Duration::from_secs(cfg.ssh.idle_timeout_s.max(1));
         let pool = SshPool::new(cfg.ssh_config(control_dir, idle)).context("ssh pool")?;
         Ok(Runtime {
@@ -156,16 +148,13 @@ impl Runtime {
             verifier: TlsVerifier::new(Duration::from_secs(5)),
             targets: KeyedLocks::default(),
             ids: KeyedLocks::default(),
-            own_control_dir,
         })
     }
 
-    /// Close every ssh master; a per-process control directory goes too.
+    /// Close every ssh master; the pool's own control directory goes too.
     pub async fn close_ssh(&self) {
         self.pool.close_all().await;
-        if let Some(dir) = &self.own_control_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        self.pool.remove_control_dir();
     }
 
     fn addr(&self, plan: &Plan) -> HostAddr {

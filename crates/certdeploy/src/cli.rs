@@ -592,7 +592,7 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
         Some(t) => vec![t.clone()],
         None => cfg.targets.keys().cloned().collect(),
     };
-    let control_dir = std::env::temp_dir().join(format!("certdeploy-check-{}", std::process::id()));
+    let control_dir = cfg.ssh.control_dir.clone().unwrap_or_else(std::env::temp_dir);
     let pool = certdeploy_ssh::SshPool::new(cfg.ssh_config(control_dir, Duration::from_secs(30)))?;
     let mut ok = true;
     let mut report = Vec::new();
@@ -625,7 +625,7 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
     }
     pool.close_all().await;
     // Its own control directory (sockets, ssh_config): nothing to keep.
-    let _ = std::fs::remove_dir_all(pool.config().control_dir.as_path());
+    pool.remove_control_dir();
     Ok(if ok { EXIT_OK } else { EXIT_FAILED })
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use certdeploy_core::{Policy, TargetSpec, check_remote_path, parse_mode};
+use certdeploy_core::{PlanError, Policy, TargetSpec, check_target_paths, parse_mode, same_host, target_paths};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +183,8 @@ pub struct SshSection {
     pub known_hosts: PathBuf,
     pub identity_file: PathBuf,
     pub connect_timeout_s: u64,
-    /// Where ControlMaster sockets and certdeploy's ssh_config live.
+    /// Where each process makes its own directory (random name, 0700) for
+    /// ControlMaster sockets and certdeploy's ssh_config (default: TMPDIR).
     pub control_dir: Option<PathBuf>,
     /// Idle masters are closed after this many seconds.
     pub idle_timeout_s: u64,
@@ -492,7 +493,42 @@ impl Config {
         for (name, t) in &self.targets {
             validate_target(name, t)?;
         }
+        self.check_shared_paths()
+    }
+
+    /// Two targets on one host and port never share a path: each would
+    /// take the other's file (and prune its backups).
+    fn check_shared_paths(&self) -> Result<(), (String, String)> {
+        let all: Vec<(&String, &TargetConfig)> = self.targets.iter().collect();
+        for (i, (a, ta)) in all.iter().enumerate() {
+            for (b, tb) in &all[i + 1..] {
+                if !(ta.port == tb.port && same_host(&ta.host, &tb.host)) {
+                    continue;
+                }
+                let (sa, sb) = (ta.spec(), tb.spec());
+                for (fb, pb) in target_paths(&sb) {
+                    if let Some((fa, _)) = target_paths(&sa).into_iter().find(|(_, pa)| *pa == pb) {
+                        return Err((
+                            format!("targets.{b}.{fb}"),
+                            format!(
+                                "`{pb}` is also targets.{a}.{fa} on the same host ({}:{}): targets {a} and {b} \
+                                 would overwrite each other's file (targets on one host and port must not share a path)",
+                                tb.host, tb.port
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The configured target on `host`:`port` with a path `path` among its
+    /// files, if any: `(target name, field)`.
+    pub fn target_using_path(&self, host: &str, port: u16, path: &str) -> Option<(&str, &'static str)> {
+        self.targets.iter().filter(|(_, t)| t.port == port && same_host(&t.host, host)).find_map(|(name, t)| {
+            target_paths(&t.spec()).into_iter().find(|(_, p)| *p == path).map(|(f, _)| (name.as_str(), f))
+        })
     }
 }
 
@@ -510,13 +546,7 @@ fn validate_target(name: &str, t: &TargetConfig) -> Result<(), (String, String)>
     if t.user.is_empty() || t.user.starts_with('-') || t.user.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err((key("user"), "must be a plain user name".into()));
     }
-    for (k, p) in
-        [("cert_path", Some(&t.cert_path)), ("key_path", Some(&t.key_path)), ("chain_path", t.chain_path.as_ref())]
-    {
-        if let Some(p) = p {
-            check_remote_path(p).map_err(|problem| (key(k), format!("`{p}` {problem}")))?;
-        }
-    }
+    check_target_paths(&t.spec()).map_err(|PlanError::Target { field, problem }| (key(field), problem))?;
     for (k, m) in [("cert_mode", &t.cert_mode), ("key_mode", &t.key_mode)] {
         if parse_mode(m).is_none() {
             return Err((key(k), format!("`{m}` is not an octal mode like 0644")));
@@ -705,6 +735,73 @@ reload_command = "systemctl reload nginx"
         }
         let e = Config::parse("[worker]\nbogus = 1\n", "c.toml", &[]).unwrap_err().to_string();
         assert!(e.starts_with("c.toml: line 2: unknown field `bogus`"), "{e}");
+    }
+
+    fn two_targets(host_b: &str, port_b: u16, cert_b: &str, chain_b: &str) -> String {
+        format!(
+            "{MIN}chain_path = \"/etc/ssl/chain.pem\"\n\
+             [targets.web2]\nhost = \"{host_b}\"\nport = {port_b}\nuser = \"deploy\"\ncert_path = \"{cert_b}\"\n\
+             key_path = \"/etc/ssl/other.key\"\nchain_path = \"{chain_b}\"\nreload_command = \"true\"\n"
+        )
+    }
+
+    #[test]
+    fn targets_on_one_host_and_port_never_share_a_path() {
+        // A shared chain (they would prune each other's backups), named by both targets.
+        let e =
+            Config::parse(&two_targets("web1.internal", 22, "/etc/ssl/other.pem", "/etc/ssl/chain.pem"), "c.toml", &[])
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.starts_with("c.toml: targets.web2.chain_path: `/etc/ssl/chain.pem` is also targets.web1.chain_path"),
+            "{e}"
+        );
+        assert!(e.contains("targets web1 and web2"), "{e}");
+        // Across fields, and host names compared without case.
+        let e = Config::parse(&two_targets("WEB1.internal", 22, "/etc/ssl/site.key", "/etc/ssl/c2.pem"), "c.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.toml: targets.web2.cert_path: `/etc/ssl/site.key` is also targets.web1.key_path"),
+            "{e}"
+        );
+        // Another host, or another port of the same host: shared freely.
+        for (host, port) in [("web2.internal", 22), ("web1.internal", 2222)] {
+            let text = two_targets(host, port, "/etc/ssl/site.pem", "/etc/ssl/chain.pem");
+            assert!(Config::parse(&text, "c.toml", &[]).is_ok(), "{host}:{port}");
+        }
+    }
+
+    #[test]
+    fn a_target_uses_each_path_once_and_none_of_certdeploys_own_names() {
+        let cases = [
+            (
+                MIN.replace("/etc/ssl/site.key", "/etc/ssl/site.pem"),
+                "c.toml: targets.web1.key_path: `/etc/ssl/site.pem` is also this target's cert_path",
+            ),
+            (
+                MIN.replace("reload_command", "chain_path = \"/etc/ssl/site.key\"\nreload_command"),
+                "c.toml: targets.web1.chain_path: `/etc/ssl/site.key` is also this target's key_path",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse(&text, "c.toml", &[]).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+        for (field, path) in [
+            ("cert_path", "/etc/ssl/site.pem.certdeploy-lock"),
+            ("key_path", "/etc/ssl/site.key.certdeploy-bak.d-1"),
+            ("key_path", "/etc/ssl/site.key.certdeploy-tmp.d-1"),
+            ("cert_path", "/etc/ssl/.certdeploy-stage.x/site.pem"),
+            ("cert_path", "/etc/ssl/site.pem.certdeploy-lock.claim.00"),
+        ] {
+            let from = if field == "cert_path" { "/etc/ssl/site.pem" } else { "/etc/ssl/site.key" };
+            let e = Config::parse(&MIN.replace(from, path), "c.toml", &[]).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("c.toml: targets.web1.{field}: `{path}` uses certdeploy's own names")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use certdeploy_core::wire::{DeployRequest, RequestError, decode_request, printable};
 use certdeploy_core::{
-    CertificateInfo, Digest, Material, MaterialFacts, Payload, Plan, Secret, TargetSpec, Timestamp, build_plan,
-    check_remote_path, parse_mode,
+    CertificateInfo, Digest, Material, MaterialFacts, Payload, Plan, PlanError, Secret, TargetSpec, Timestamp,
+    build_plan, check_target_paths, parse_mode, target_paths,
 };
 
 use crate::config::{Config, TargetConfig, check_endpoint, check_host, glob_match, path_glob_match};
@@ -44,7 +44,13 @@ impl Validated {
             cfg.policy(self.target_config.as_ref()),
             attempt,
         )
-        .map_err(|e| RequestError::new("target", e.to_string()))?;
+        .map_err(|PlanError::Target { field, problem }| {
+            if self.target_config.is_some() {
+                RequestError::new("target", format!("target {}: {field}: {problem}", self.target_name))
+            } else {
+                RequestError::new(format!("target_spec.{field}"), problem)
+            }
+        })?;
         plan.certificate = Some(self.certificate.clone());
         Ok((plan, payload))
     }
@@ -147,7 +153,7 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
         RequestError::new(field, e.problem)
     })?;
     let material = Material { certificate_pem: req.certificate_pem, private_key_pem: key, chain_pem: req.chain_pem };
-    Ok(Validated {
+    let v = Validated {
         deployment_id: req.deployment_id,
         target_name,
         spec,
@@ -155,7 +161,12 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
         material,
         facts: MaterialFacts { leaf_sha256: Some(Digest(facts.leaf_sha256)), not_before: Some(facts.not_before) },
         certificate: CertificateInfo { subject: facts.subject, not_after: facts.not_after },
-    })
+    };
+    // A request whose plan cannot be built is rejected here, never handed
+    // to the runtime (which would return it to the queue, again and again).
+    // The plan depends on the attempt number only in that field.
+    v.plan(cfg, 1).map(drop)?;
+    Ok(v)
 }
 
 /// Inline targets: whoever can publish must not gain command execution or
@@ -182,21 +193,29 @@ fn check_inline(spec: &TargetSpec, cfg: &Config) -> Result<(), RequestError> {
     {
         return Err(RequestError::new(field("user"), "must be a plain user name"));
     }
-    for (k, p) in [
-        ("cert_path", Some(&spec.cert_path)),
-        ("key_path", Some(&spec.key_path)),
-        ("chain_path", spec.chain_path.as_ref()),
-    ] {
-        if let Some(p) = p {
-            check_remote_path(p)
-                .map_err(|problem| RequestError::new(field(k), format!("`{}` {problem}", printable(p))))?;
-            // Otherwise a publisher could overwrite any file the SSH user may
-            // write (e.g. ~/.ssh/authorized_keys) with PEM content.
-            if !w.inline_path_allowlist.iter().any(|g| path_glob_match(g, p)) {
-                return Err(RequestError::new(field(k), format!("`{}` is not in inline_path_allowlist", printable(p))));
-            }
+    for (k, p) in target_paths(spec) {
+        if let Err(e) = certdeploy_core::check_target_path(p) {
+            return Err(RequestError::new(field(k), format!("`{}` {e}", printable(p))));
+        }
+        // Otherwise a publisher could overwrite any file the SSH user may
+        // write (e.g. ~/.ssh/authorized_keys) with PEM content.
+        if !w.inline_path_allowlist.iter().any(|g| path_glob_match(g, p)) {
+            return Err(RequestError::new(field(k), format!("`{}` is not in inline_path_allowlist", printable(p))));
+        }
+        // A configured target's file (or one of its backups) is not an
+        // inline target's to take.
+        if let Some((name, f)) = cfg.target_using_path(&spec.host, spec.port, p) {
+            return Err(RequestError::new(
+                field(k),
+                format!(
+                    "`{}` is also configured target {name}'s {f} on the same host: an inline target must not share \
+                     a path with a configured one",
+                    printable(p)
+                ),
+            ));
         }
     }
+    check_target_paths(spec).map_err(|PlanError::Target { field: f, problem }| RequestError::new(field(f), problem))?;
     if spec.port == 0 {
         return Err(RequestError::new(field("port"), "must be from 1 to 65535"));
     }

@@ -101,6 +101,41 @@ pub enum Command {
     Man,
 }
 
+/// Private keys live in this process's memory: no core dump may write
+/// them to disk (`RLIMIT_CORE` 0, hard limit too) and no other process of
+/// the same user may attach to it or read its memory (`PR_SET_DUMPABLE` 0,
+/// which also makes `/proc/<pid>/mem` and friends root-only).
+pub fn harden_process() -> Result<(), String> {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })
+        .map_err(|e| format!("cannot disable core dumps (RLIMIT_CORE): {e}"))?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)
+        .map_err(|e| format!("cannot disable core dumps (PR_SET_DUMPABLE): {e}"))?;
+    Ok(())
+}
+
+/// The most verbose level the AMQP stack may log at, whatever `RUST_LOG`
+/// asks (a filter of its own, after the user's, so no directive of theirs
+/// can lift it): lapin logs every frame (message bodies: requests carry
+/// keys) at trace and every message the broker returns, body included, at
+/// warn; amq-protocol-tcp logs the broker URL (with its password) at trace.
+pub const BROKER_LOG_CAPS: &[(&str, tracing::Level)] = &[
+    ("lapin", tracing::Level::DEBUG),
+    ("lapin::returned_messages", tracing::Level::ERROR),
+    ("amq_protocol", tracing::Level::DEBUG),
+    ("amq_protocol_tcp", tracing::Level::DEBUG),
+    ("amq_protocol_types", tracing::Level::DEBUG),
+    ("amq_protocol_uri", tracing::Level::DEBUG),
+    ("tcp_stream", tracing::Level::DEBUG),
+];
+
+/// [`BROKER_LOG_CAPS`] as a filter layer (everything else passes).
+pub fn broker_log_caps() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new()
+        .with_default(tracing_subscriber::filter::LevelFilter::TRACE)
+        .with_targets(BROKER_LOG_CAPS.iter().copied())
+}
+
 pub fn init_logging(format: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -108,9 +143,11 @@ pub fn init_logging(format: &str) -> Result<(), String> {
     // plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     match format {
-        "json" => builder.json().with_current_span(true).with_span_list(true).init(),
-        "human" => builder.init(),
+        "json" => builder.json().with_current_span(true).with_span_list(true).finish().with(broker_log_caps()).init(),
+        "human" => builder.finish().with(broker_log_caps()).init(),
         other => return Err(format!("--log-format: `{other}` is not `human` or `json`")),
     }
     Ok(())

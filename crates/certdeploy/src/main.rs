@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use certdeploy::{Cli, EXIT_FAILED, EXIT_OK, EXIT_USAGE, cli, init_logging};
+use certdeploy::{Cli, EXIT_FAILED, EXIT_OK, EXIT_USAGE, cli, harden_process, init_logging};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -17,6 +17,10 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(&cli.log_format) {
         eprintln!("certdeploy: {e}");
         return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(e) = harden_process() {
+        eprintln!("certdeploy: {e}");
+        return ExitCode::from(EXIT_FAILED);
     }
     #[cfg(feature = "failpoints")]
     let _scenario = {

@@ -182,55 +182,84 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build");
 }
 
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The whole exchange of one connection (request read, response written).
+pub const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serve `/metrics`, `/healthz`, `/readyz` until the process ends. A
-/// deliberately tiny HTTP/1.0 responder: one request per connection.
+/// deliberately tiny HTTP/1.0 responder: one request per connection, at
+/// most [`MAX_CONNECTIONS`] at once (further clients wait in the backlog,
+/// costing the worker no task and no descriptor), each closed after
+/// [`EXCHANGE_TIMEOUT`] whatever it does; after a failed accept (out of
+/// descriptors, say) it waits before the next instead of spinning.
 pub async fn serve(listener: tokio::net::TcpListener, handle: Option<PrometheusHandle>, health: Arc<Health>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = std::time::Duration::from_millis(10);
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => {
+                backoff = std::time::Duration::from_millis(10);
+                sock
+            }
+            Err(e) => {
+                tracing::warn!("metrics listener: accept failed: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
         let handle = handle.clone();
         let health = health.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/metrics" => {
-                    metrics::gauge!(READY).set(if health.ready() { 1.0 } else { 0.0 });
-                    let mut text = handle.as_ref().map(|h| h.render()).unwrap_or_default();
-                    if let Some(j) = health.journal_handle.get() {
-                        text.push_str(&render_journal_flushes(&j.stats().flush_latency));
-                    }
-                    ("200 OK", text)
-                }
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/readyz" => {
-                    if health.ready() {
-                        ("200 OK", "ready\n".to_string())
-                    } else {
-                        let part = |b: &AtomicBool| if b.load(Ordering::Relaxed) { "yes" } else { "no" };
-                        (
-                            "503 Service Unavailable",
-                            format!(
-                                "not ready: broker={} journal={} recovery_done={}\n",
-                                part(&health.broker),
-                                part(&health.journal),
-                                part(&health.recovered)
-                            ),
-                        )
-                    }
-                }
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.0 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(&mut sock, handle, &health)).await;
         });
     }
+}
+
+/// One request and its response.
+async fn exchange(sock: &mut tokio::net::TcpStream, handle: Option<PrometheusHandle>, health: &Health) {
+    let mut buf = [0u8; 2048];
+    let n = match sock.read(&mut buf).await {
+        Ok(n) => n,
+        Err(_) => return,
+    };
+    let req = String::from_utf8_lossy(&buf[..n]);
+    let path = req.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body) = match path {
+        "/metrics" => {
+            metrics::gauge!(READY).set(if health.ready() { 1.0 } else { 0.0 });
+            let mut text = handle.as_ref().map(|h| h.render()).unwrap_or_default();
+            if let Some(j) = health.journal_handle.get() {
+                text.push_str(&render_journal_flushes(&j.stats().flush_latency));
+            }
+            ("200 OK", text)
+        }
+        "/healthz" => ("200 OK", "ok\n".to_string()),
+        "/readyz" => {
+            if health.ready() {
+                ("200 OK", "ready\n".to_string())
+            } else {
+                let part = |b: &AtomicBool| if b.load(Ordering::Relaxed) { "yes" } else { "no" };
+                (
+                    "503 Service Unavailable",
+                    format!(
+                        "not ready: broker={} journal={} recovery_done={}\n",
+                        part(&health.broker),
+                        part(&health.journal),
+                        part(&health.recovered)
+                    ),
+                )
+            }
+        }
+        _ => ("404 Not Found", "not found\n".to_string()),
+    };
+    let resp = format!(
+        "HTTP/1.0 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+    let _ = sock.shutdown().await;
 }

@@ -530,7 +530,7 @@ fn last_delivery(delivery: &Delivery, limit: u32) -> bool {
     delivery.redelivered && delivery.delivery_count.is_some_and(|n| n >= u64::from(limit))
 }
 
-async fn handle(rt: &Runtime, delivery: Delivery, brx: watch::Receiver<Option<Arc<Broker>>>, turn: &mut Turn) {
+async fn handle(rt: &Arc<Runtime>, delivery: Delivery, brx: watch::Receiver<Option<Arc<Broker>>>, turn: &mut Turn) {
     let now = crate::verify::now();
     let reply = Reply::of(&delivery, &rt.cfg);
     if delivery.redelivered {
@@ -575,7 +575,25 @@ async fn handle(rt: &Runtime, delivery: Delivery, brx: watch::Receiver<Option<Ar
         let report = Report::delivery_limit(&id, &target, msg.clone(), now);
         return answer_and_dead_letter(rt, delivery, brx, report, &reply, &format!("delivery_limit: {msg}")).await;
     }
-    let validated = match intake::validate_body(&delivery.body, &rt.cfg, now) {
+    // Off the async threads: decoding, a sealed key's decryption and the
+    // certificate and key checks take CPU time (an RSA key's check tens of
+    // milliseconds), and those threads renew the target locks.
+    let shared = rt.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let v = intake::validate_body(&delivery.body, &shared.cfg, now);
+        (delivery, v)
+    })
+    .await;
+    let (delivery, checked) = match checked {
+        Ok(done) => done,
+        Err(e) => {
+            // The delivery went with the task: unacked, it comes back when
+            // the channel closes.
+            tracing::error!("request validation did not finish: {e}");
+            return;
+        }
+    };
+    let validated = match checked {
         Ok(v) => v,
         Err(rej) => {
             let id = rej.deployment_id.unwrap_or_else(|| "unknown".into());

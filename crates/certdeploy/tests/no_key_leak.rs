@@ -124,3 +124,40 @@ fn trace_logs_of_deploy_and_rollback_hold_no_key_material() {
     assert_clean("journal files", &journal, &b1);
     assert_clean("journal files", &journal, &b2);
 }
+
+/// The worker at TRACE over a real RabbitMQ (issue 18): lapin logs every
+/// frame with its body at trace, which would print each request, key
+/// included, as a list of bytes. The log holds neither the key nor any
+/// rendering of the request body.
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_trace_logs_hold_no_key_and_no_request_body() {
+    let fleet = Fleet::new(1, true);
+    let ca = TestCa::new();
+    let t = fleet.targets[0].clone();
+    let cfg = fleet.write_config(&Opts::default());
+    let mut client = Client::connect(&fleet).await;
+    let w = Proc::worker(&fleet, &cfg, &[("RUST_LOG", "trace"), ("CERTDEPLOY_LOG_FORMAT", "human")], "worker-trace");
+    let b = ca.leaf("www.example.com", 2);
+    let body = certdeploy_testbed::certs::request("leak-w1", &t.name, &b, true);
+    client.publish(&body).await;
+    let ids = vec!["leak-w1".to_string()];
+    let seen = client.collect(std::time::Duration::from_secs(120), all_ids(&ids)).await;
+    assert_eq!(seen["leak-w1"][0].outcome, certdeploy_core::Outcome::Deployed, "{}", seen["leak-w1"][0].message);
+    assert_eq!(std::fs::read_to_string(&t.key).unwrap(), b.key_pem, "the key really went over the wire");
+    let log = w.log_text();
+    assert!(log.contains("TRACE"), "trace level is on: {}", tail(&log, 20));
+    assert_clean("worker trace logs", &log, &b);
+    // A body rendered as bytes (`[123, 34, ...]`, how Debug shows a
+    // Vec<u8>), in decimal or hex, or as an escaped string.
+    let key_at = body.windows(5).position(|w| w == b"-----").expect("PEM in the body");
+    let slice = &body[key_at..key_at + 24];
+    let decimal = format!("{slice:?}");
+    let decimal = decimal.trim_matches(|c| c == '[' || c == ']');
+    let hex: String = slice.iter().map(|b| format!("{b:02x}")).collect();
+    for (what, needle) in [("decimal bytes", decimal.to_string()), ("hex bytes", hex)] {
+        assert!(!log.contains(&needle), "the log renders the request body as {what}: {needle}");
+    }
+    let first = format!("{:?}", &body[..12]);
+    assert!(!log.contains(first.trim_matches(|c| c == '[' || c == ']')), "the log renders a body: {first}");
+    assert!(!log.contains("deploy-request.v1\\\""), "the log holds the request JSON");
+}

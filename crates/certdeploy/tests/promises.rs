@@ -195,7 +195,9 @@ async fn accept_new_trusts_a_configured_target_once_and_never_an_inline_one() {
             "target_spec".into(),
             serde_json::json!({
                 "host": t.addr, "port": fleet.sshd.port(), "user": fleet.sshd.user(),
-                "cert_path": t.cert, "key_path": t.key, "chain_path": t.chain, "reload_command": reload,
+                // Paths of its own: a configured target's are not an inline one's to share.
+                "cert_path": t.dir.join("inline.pem"), "key_path": t.dir.join("inline.key"),
+                "chain_path": t.dir.join("inline-chain.pem"), "reload_command": reload,
             }),
         );
         serde_json::to_vec(&v).unwrap()

@@ -472,6 +472,46 @@ fn cases(ca: &TestCa, b: &Bundle) -> Vec<Case> {
             "must be an object",
         ),
         inline_case(
+            "inline: key_path equal to cert_path",
+            body(&with_spec(b, "key_path", json!("/etc/ssl/inline.pem"))),
+            "target_spec.key_path",
+            "`/etc/ssl/inline.pem` is also this target's cert_path",
+        ),
+        inline_case(
+            "inline: chain_path equal to key_path",
+            body(&with_spec(b, "chain_path", json!("/etc/ssl/inline.key"))),
+            "target_spec.chain_path",
+            "is also this target's key_path",
+        ),
+        inline_case(
+            "inline: a configured target's file on the same host",
+            body(&{
+                let mut x = with_spec(b, "host", json!("WEB1.internal"));
+                x["target_spec"]["chain_path"] = json!("/etc/ssl/site.key");
+                x
+            }),
+            "target_spec.chain_path",
+            "`/etc/ssl/site.key` is also configured target web1's key_path on the same host",
+        ),
+        inline_case(
+            "inline: certdeploy's backup name",
+            body(&with_spec(b, "cert_path", json!("/etc/ssl/site.pem.certdeploy-bak.renew-1"))),
+            "target_spec.cert_path",
+            "uses certdeploy's own names",
+        ),
+        inline_case(
+            "inline: certdeploy's lock name",
+            body(&with_spec(b, "key_path", json!("/etc/ssl/site.pem.certdeploy-lock"))),
+            "target_spec.key_path",
+            "uses certdeploy's own names",
+        ),
+        inline_case(
+            "inline: certdeploy's temp name",
+            body(&with_spec(b, "chain_path", json!("/etc/ssl/chain.pem.certdeploy-tmp.x"))),
+            "target_spec.chain_path",
+            "uses certdeploy's own names",
+        ),
+        inline_case(
             "inline: bad SNI",
             body(&with_spec(b, "verify_sni", json!("www.example.com\r\nX: y"))),
             "target_spec.verify_sni",

@@ -201,6 +201,57 @@ pub fn check_remote_path(p: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What every name certdeploy itself creates next to a target's files
+/// carries (`.certdeploy-bak.`, `.certdeploy-tmp.`, `.certdeploy-lock`,
+/// `.certdeploy-stage.`, `.certdeploy-check.`, lock claims and temps):
+/// a target path with it in any segment could be a backup, temp, lock or
+/// staging object of another deployment, so none may.
+pub const RESERVED_NAME_MARK: &str = ".certdeploy-";
+
+/// A path a target may write: a valid remote path ([`check_remote_path`])
+/// outside certdeploy's own names ([`RESERVED_NAME_MARK`]).
+pub fn check_target_path(p: &str) -> Result<(), String> {
+    check_remote_path(p)?;
+    if p.split('/').any(|seg| seg.contains(RESERVED_NAME_MARK)) {
+        return Err(format!(
+            "uses certdeploy's own names (`{RESERVED_NAME_MARK}…`: backups, temps, locks, staging): \
+             it could be another deployment's file"
+        ));
+    }
+    Ok(())
+}
+
+/// The live files a target writes, by field, in plan order.
+pub fn target_paths(t: &TargetSpec) -> Vec<(&'static str, &str)> {
+    let mut v = vec![("cert_path", t.cert_path.as_str()), ("key_path", t.key_path.as_str())];
+    if let Some(c) = &t.chain_path {
+        v.push(("chain_path", c.as_str()));
+    }
+    v
+}
+
+/// Each of a target's paths is one it may write ([`check_target_path`]),
+/// and no path is used for two files. The error names the field (for a
+/// path used twice, the later one).
+pub fn check_target_paths(t: &TargetSpec) -> Result<(), PlanError> {
+    let paths = target_paths(t);
+    for (i, (field, p)) in paths.iter().enumerate() {
+        check_target_path(p).map_err(|problem| PlanError::Target { field, problem: format!("`{p}` {problem}") })?;
+        if let Some((first, _)) = paths[..i].iter().find(|(_, q)| q == p) {
+            return Err(PlanError::Target {
+                field,
+                problem: format!("`{p}` is also this target's {first}: one path cannot hold two files"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Are two host names the same host (ASCII case does not matter)?
+pub fn same_host(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
 /// One file the deployment writes. Journaled: holds the digest of the new
 /// content, never the content itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,23 +427,7 @@ pub fn build_plan(
         field: "key_mode",
         problem: format!("`{}` is not an octal mode like 0600", target.key_mode),
     })?;
-    let check =
-        |field: &'static str, p: &str| check_remote_path(p).map_err(|problem| PlanError::Target { field, problem });
-    check("cert_path", &target.cert_path)?;
-    check("key_path", &target.key_path)?;
-    if let Some(c) = &target.chain_path {
-        check("chain_path", c)?;
-    }
-    let mut paths = vec![&target.cert_path, &target.key_path];
-    paths.extend(target.chain_path.as_ref());
-    for (i, a) in paths.iter().enumerate() {
-        if paths[i + 1..].contains(a) {
-            return Err(PlanError::Target {
-                field: "cert_path",
-                problem: format!("`{a}` is used for more than one file"),
-            });
-        }
-    }
+    check_target_paths(target)?;
 
     let mut payload = Payload::default();
     let mut files = Vec::with_capacity(3);

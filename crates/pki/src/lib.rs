@@ -54,6 +54,11 @@ use pkcs8::{DecodePrivateKey, PrivateKeyInfoRef};
 /// Largest accepted size of one request field, in bytes (1 MiB).
 pub const MAX_FIELD_BYTES: usize = 1024 * 1024;
 
+/// The largest RSA modulus accepted, in bits (checked before any
+/// arithmetic on the key: checking a key of a million bits would hold a
+/// thread for minutes).
+pub const MAX_RSA_BITS: usize = 8192;
+
 const FIELD_CERT: &str = "certificate_pem";
 const FIELD_KEY: &str = "private_key_pem";
 const FIELD_CHAIN: &str = "chain_pem";
@@ -546,6 +551,7 @@ fn parse_private_key(text: &str) -> Result<DerivedKey, PkiError> {
             if block.legacy_encrypted {
                 return Err(key_err(encrypted_msg));
             }
+            check_rsa_size(&block.der, "RSA PRIVATE KEY block is not a valid PKCS#1 RSA private key")?;
             let key = <rsa::PrivateKey as rsa::pkcs1::DecodeRsaPrivateKey>::from_pkcs1_der(&block.der)
                 .map_err(|_| key_err("RSA PRIVATE KEY block is not a valid PKCS#1 RSA private key"))?;
             rsa_public(&key)
@@ -572,6 +578,19 @@ fn parse_private_key(text: &str) -> Result<DerivedKey, PkiError> {
     }
 }
 
+/// The modulus of a PKCS#1 private key is at most [`MAX_RSA_BITS`] long,
+/// read from its DER alone.
+fn check_rsa_size(pkcs1_der: &[u8], invalid: &str) -> Result<(), PkiError> {
+    use rsa::pkcs1::der::Decode as _;
+    let key = rsa::pkcs1::RsaPrivateKeyRef::from_der(pkcs1_der).map_err(|_| key_err(invalid))?;
+    let n = key.modulus.as_bytes();
+    let bits = n.iter().position(|b| *b != 0).map_or(0, |i| (n.len() - i) * 8 - n[i].leading_zeros() as usize);
+    if bits > MAX_RSA_BITS {
+        return Err(key_err(format!("RSA key of {bits} bits is larger than the {MAX_RSA_BITS}-bit limit")));
+    }
+    Ok(())
+}
+
 fn rsa_public(key: &rsa::PrivateKey) -> Result<DerivedKey, PkiError> {
     key.validate().map_err(|_| key_err("RSA private key is inconsistent (failed validation)"))?;
     Ok(DerivedKey::Rsa(Box::new(key.to_public_key())))
@@ -583,6 +602,7 @@ fn parse_pkcs8(der: &[u8]) -> Result<DerivedKey, PkiError> {
     let alg = info.algorithm.oid;
     let invalid = |kind: &str| key_err(format!("PKCS#8 {kind} private key is invalid"));
     if alg == OID_RSA {
+        check_rsa_size(info.private_key.as_bytes(), "PKCS#8 RSA private key is invalid")?;
         let key = rsa::PrivateKey::from_pkcs8_der(der).map_err(|_| invalid("RSA"))?;
         rsa_public(&key)
     } else if alg == OID_EC_PUBLIC_KEY {

@@ -698,3 +698,67 @@ fn p256_embedded_public_key_must_be_the_secrets() {
     let compressed = own.public_key().to_sec1_point(true);
     assert!(validate(&p.leaf.pem(), &sec1_with(Some(compressed.as_bytes())), None).is_ok());
 }
+
+/// DER of a PKCS#1 RSAPrivateKey whose modulus has `bits` bits (the other
+/// integers are junk: the size is refused before anything looks at them).
+fn rsa_pkcs1_der_of_bits(bits: usize) -> Vec<u8> {
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = body.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(body);
+        out
+    }
+    let mut n = vec![0xffu8; bits.div_ceil(8)];
+    n[0] = 0xff >> (n.len() * 8 - bits);
+    if n[0] & 0x80 != 0 {
+        n.insert(0, 0); // positive, minimal
+    }
+    let mut body = tlv(0x02, &[0]);
+    body.extend(tlv(0x02, &n));
+    body.extend(tlv(0x02, &[0x01, 0x00, 0x01]));
+    for _ in 0..6 {
+        body.extend(tlv(0x02, &[0x03]));
+    }
+    tlv(0x30, &body)
+}
+
+#[test]
+fn rsa_keys_above_8192_bits_are_rejected_before_any_arithmetic() {
+    let p = pki(Alg::Rsa);
+    for bits in [8193, 100_000, 4_000_000] {
+        let der = rsa_pkcs1_der_of_bits(bits);
+        let started = std::time::Instant::now();
+        let e = err(&p.leaf.pem(), &pem_encode("RSA PRIVATE KEY", &der), None);
+        assert_eq!(e, format!("private_key_pem: RSA key of {bits} bits is larger than the 8192-bit limit"));
+        // The same key wrapped in PKCS#8.
+        let mut info = vec![0x02, 0x01, 0x00];
+        info.extend([0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00]);
+        let mut octets = vec![0x04];
+        let len = der.len();
+        let lb: Vec<u8> = len.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
+        octets.push(0x80 | lb.len() as u8);
+        octets.extend(lb);
+        octets.extend(&der);
+        info.extend(octets);
+        let mut pkcs8 = vec![0x30];
+        let lb: Vec<u8> = info.len().to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
+        pkcs8.push(0x80 | lb.len() as u8);
+        pkcs8.extend(lb);
+        pkcs8.extend(info);
+        if pkcs8.len() * 4 / 3 < MAX_FIELD_BYTES {
+            let e = err(&p.leaf.pem(), &pem_encode("PRIVATE KEY", &pkcs8), None);
+            assert_eq!(e, format!("private_key_pem: RSA key of {bits} bits is larger than the 8192-bit limit"));
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{bits} bits: {:?}", started.elapsed());
+    }
+    // At the limit the size check passes (the junk key then fails as junk).
+    let e = err(&p.leaf.pem(), &pem_encode("RSA PRIVATE KEY", &rsa_pkcs1_der_of_bits(8192)), None);
+    assert!(!e.contains("bit limit"), "{e}");
+}

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroUsize;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -34,8 +34,11 @@ pub struct SshConfig {
     pub known_hosts: PathBuf,
     pub identity_file: PathBuf,
     pub connect_timeout: Duration,
-    /// Where control sockets and the generated `ssh_config` live (created
-    /// 0700). Keep it short: a Unix socket path is limited to 107 bytes.
+    /// Where each pool makes its own directory (random name, 0700) for the
+    /// control sockets and the generated `ssh_config`; created 0700 when
+    /// missing, refused when another user owns it or others may rename
+    /// entries in it. Keep it short: a Unix socket path is limited to 107
+    /// bytes.
     pub control_dir: PathBuf,
     /// Close a master after this long without use.
     pub idle_timeout: Duration,
@@ -84,9 +87,19 @@ pub struct SshPool {
 
 struct PoolInner {
     cfg: SshConfig,
+    /// The pool's own control directory (see [`SshPool::new`]).
+    dir: PathBuf,
     config_file: PathBuf,
     slots: Mutex<HashMap<(String, u16, String), Arc<Slot>>>,
     masters_opened: AtomicU64,
+}
+
+impl Drop for PoolInner {
+    /// The pool's own directory goes with it (a killed worker leaves it:
+    /// its name is never reused).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Per-host state.
@@ -108,29 +121,54 @@ pub(crate) struct Conn {
 impl fmt::Debug for SshPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SshPool")
-            .field("control_dir", &self.inner.cfg.control_dir)
+            .field("control_dir", &self.inner.dir)
             .field("masters_opened", &self.masters_opened())
             .finish()
     }
 }
 
 impl SshPool {
-    /// Create the control directory (0700) and write certdeploy's own
-    /// `ssh_config` into it; nothing is read from or written to `$HOME`.
+    /// Make this pool's own control directory: a subdirectory of
+    /// `control_dir` with an unpredictable name, created exclusively with
+    /// mode 0700 (after checking that `control_dir` belongs to this user or
+    /// root and nobody else may rename entries in it), and write
+    /// certdeploy's own `ssh_config` into it exclusively, never through a
+    /// link; nothing is read from or written to `$HOME`.
     pub fn new(cfg: SshConfig) -> Result<SshPool, PoolError> {
-        let err = |source| PoolError::ControlDir { path: cfg.control_dir.clone(), source };
-        std::fs::create_dir_all(&cfg.control_dir).map_err(err)?;
-        std::fs::set_permissions(&cfg.control_dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        let config_file = cfg.control_dir.join("ssh_config");
-        std::fs::write(&config_file, ssh_config_text(&cfg)).map_err(err)?;
+        let dir = make_control_dir(&cfg.control_dir)?;
+        let config_file = dir.join("ssh_config");
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&config_file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, ssh_config_text(&cfg).as_bytes()));
+        if let Err(source) = written {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(PoolError::ControlDir { path: config_file, source });
+        }
         Ok(SshPool {
             inner: Arc::new(PoolInner {
                 cfg,
+                dir,
                 config_file,
                 slots: Mutex::new(HashMap::new()),
                 masters_opened: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// This pool's own directory (control sockets, `ssh_config`) under the
+    /// configured `control_dir`.
+    pub fn control_dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Remove this pool's own directory (after [`SshPool::close_all`]); the
+    /// configured `control_dir` stays.
+    pub fn remove_control_dir(&self) {
+        let _ = std::fs::remove_dir_all(&self.inner.dir);
     }
 
     pub fn config(&self) -> &SshConfig {
@@ -218,7 +256,7 @@ impl SshPool {
             .user_known_hosts_file(&cfg.known_hosts)
             .connect_timeout(cfg.connect_timeout.max(Duration::from_secs(1)))
             .server_alive_interval(Duration::from_secs(5))
-            .control_directory(&cfg.control_dir)
+            .control_directory(&self.inner.dir)
             .control_persist(ControlPersist::IdleFor(
                 NonZeroUsize::new(cfg.idle_timeout.as_secs().max(1) as usize).unwrap_or(NonZeroUsize::MIN),
             ))
@@ -250,6 +288,61 @@ impl SshPool {
         tracing::debug!(host = %host, ms = started.elapsed().as_millis() as u64, "ssh master opened");
         Ok(Conn { session, sftp, dead: AtomicBool::new(false) })
     }
+}
+
+/// Check `parent` (created 0700 when missing), then create a directory
+/// of a random name in it, exclusively, mode 0700, and check what was
+/// created. Whoever could rename entries in `parent` could otherwise swap
+/// the directory (and the `ssh_config` naming the known hosts and key)
+/// under the worker.
+fn make_control_dir(parent: &Path) -> Result<PathBuf, PoolError> {
+    let err = |path: &Path, source| PoolError::ControlDir { path: path.to_path_buf(), source };
+    let refuse = |path: &Path, why: String| err(path, std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(|e| err(parent, e))?;
+    let me = rustix::process::geteuid().as_raw();
+    let meta = std::fs::metadata(parent).map_err(|e| err(parent, e))?;
+    if !meta.is_dir() {
+        return Err(refuse(parent, "is not a directory".into()));
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(refuse(
+            parent,
+            format!(
+                "belongs to uid {}, not to this user (uid {me}) or root: refusing to keep ssh sockets there",
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(refuse(
+            parent,
+            format!(
+                "is writable by group or others (mode {:04o}) without the sticky bit: others could swap entries",
+                mode & 0o7777
+            ),
+        ));
+    }
+    for _ in 0..8 {
+        // 48 random bits, and a short name: ssh binds its master socket at
+        // `<dir>/.ssh-connection…/master.<16 chars>`, within the 107 bytes
+        // of a Unix socket path.
+        let mut bytes = [0u8; 6];
+        getrandom::fill(&mut bytes).map_err(|e| err(parent, std::io::Error::other(e.to_string())))?;
+        let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = parent.join(format!("cd-{name}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(err(&dir, e)),
+        }
+        let made = std::fs::symlink_metadata(&dir).map_err(|e| err(&dir, e))?;
+        if !made.is_dir() || made.uid() != me || made.mode() & 0o077 != 0 {
+            return Err(refuse(&dir, "is not the private directory just created".into()));
+        }
+        return Ok(dir);
+    }
+    Err(refuse(parent, "no fresh directory name after 8 tries".into()))
 }
 
 /// Requests go out as soon as the flush task runs: requests issued
@@ -456,4 +549,67 @@ fn ssh_config_text(cfg: &SshConfig) -> String {
         kh = q(&cfg.known_hosts),
         id = q(&cfg.identity_file),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn cfg(dir: &Path) -> SshConfig {
+        SshConfig {
+            known_hosts: "/nonexistent/known_hosts".into(),
+            identity_file: "/nonexistent/id".into(),
+            connect_timeout: Duration::from_secs(1),
+            control_dir: dir.to_path_buf(),
+            idle_timeout: Duration::from_secs(1),
+            per_host_concurrency: 1,
+        }
+    }
+
+    #[test]
+    fn each_pool_gets_a_private_directory_of_an_unpredictable_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().join("control");
+        let (a, b) = (SshPool::new(cfg(&parent)).unwrap(), SshPool::new(cfg(&parent)).unwrap());
+        assert_ne!(a.control_dir(), b.control_dir());
+        for p in [&a, &b] {
+            let d = p.control_dir();
+            assert_eq!(d.parent(), Some(parent.as_path()));
+            let name = d.file_name().unwrap().to_str().unwrap();
+            assert!(name.starts_with("cd-") && name.len() == "cd-".len() + 12, "{name}");
+            let m = std::fs::symlink_metadata(d).unwrap();
+            assert!(m.is_dir() && m.permissions().mode() & 0o777 == 0o700, "{:o}", m.permissions().mode());
+            let f = std::fs::symlink_metadata(d.join("ssh_config")).unwrap();
+            assert!(f.is_file() && f.permissions().mode() & 0o777 == 0o600);
+        }
+        let kept = a.control_dir().to_path_buf();
+        a.remove_control_dir();
+        assert!(!kept.exists());
+        let dropped = b.control_dir().to_path_buf();
+        drop(b);
+        assert!(!dropped.exists(), "the pool's directory goes with it");
+        assert!(parent.exists(), "the configured directory stays");
+    }
+
+    #[test]
+    fn a_control_dir_others_could_swap_entries_in_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = SshPool::new(cfg(&open)).unwrap_err().to_string();
+        assert!(e.contains("writable by group or others (mode 0777) without the sticky bit"), "{e}");
+        // Sticky, like /tmp: others cannot rename what this user made.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(SshPool::new(cfg(&open)).is_ok());
+        if rustix::process::geteuid().is_root() {
+            let theirs = tmp.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let e = SshPool::new(cfg(&theirs)).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+        }
+    }
 }
