@@ -4,7 +4,7 @@
 //! so the worker behaves the same under a terminal, a container or systemd.
 //! - `READY=1` only once recovery is done and the broker consumer runs: a
 //!   unit ordered after the worker starts against a worker that takes work.
-//! - While a long recovery runs, `EXTEND_TIMEOUT_USEC` keeps the unit's
+//! - While the journal opens and a long recovery runs, `EXTEND_TIMEOUT_USEC` keeps the unit's
 //!   start timeout from killing it half-way (recovery is crash-safe, but a
 //!   kill loop would never finish it).
 //! - With `WatchdogSec=`, `WATCHDOG=1` at half the interval from a task on

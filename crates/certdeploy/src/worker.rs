@@ -59,7 +59,15 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         tracing::info!("metrics on http://{}/metrics", cfg.worker.metrics_listen);
         tokio::spawn(m::serve(listener, handle, health.clone()));
     }
-    let rt = Arc::new(Runtime::open(cfg.clone())?);
+    crate::notify::spawn_watchdog();
+    // Opening a large journal takes a while (it walks its records, ~70 s at
+    // a million deployments kept): off the async threads, and the start
+    // timeout extended from here on, through recovery.
+    let extending = crate::notify::extend_start_timeout_while_recovering();
+    let rt = {
+        let c = cfg.clone();
+        Arc::new(tokio::task::spawn_blocking(move || Runtime::open(c)).await.context("opening the journal")??)
+    };
     let control = Arc::new(crate::admin::Control::default());
     if let Some(sock) = crate::admin::socket_path(&cfg) {
         let (j, cfg2, c) = (rt.journal.clone(), cfg.clone(), control.clone());
@@ -75,9 +83,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     tokio::spawn(journal_metrics(rt.clone()));
     tokio::spawn(journal_housekeeping(rt.clone()));
 
-    crate::notify::spawn_watchdog();
     // Finish every interrupted deployment before taking new work.
-    let extending = crate::notify::extend_start_timeout_while_recovering();
     let recovered = rt.recover_all().await;
     extending.abort();
     let n = recovered?;
