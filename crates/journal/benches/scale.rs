@@ -41,7 +41,42 @@ fn rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// `-- rounds`: 6 rounds of 10,000 deployments, each followed by a gc with
+/// zero retention (records go, results stay): the size it settles at.
+fn rounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal");
+    let j = SledJournal::open(&path, JournalOptions { durability: Durability::Off, ..Default::default() })
+        .expect("open");
+    let policy = certdeploy_journal::GcPolicy {
+        retention: std::time::Duration::ZERO,
+        dedupe_retention: std::time::Duration::from_secs(30 * 86_400),
+        keep_last_per_target: true,
+    };
+    println!("{:>6} {:>12} {:>10} {:>14} {:>12}", "round", "deployments", "disk MiB", "sled size MiB", "pruned");
+    for round in 0..6 {
+        for i in 0..10_000 {
+            let id = format!("r{round}-{i:06}");
+            for (rec, _) in deployment(&id) {
+                j.append(&id, &rec).expect("append");
+            }
+        }
+        let stats = j.gc_with(&policy, certdeploy_core::Timestamp(1_000)).expect("gc");
+        j.flush_now().expect("flush");
+        println!(
+            "{round:>6} {:>12} {:>10.1} {:>14.1} {:>12}",
+            j.deployment_count(),
+            dir_size(&path) as f64 / 1048576.0,
+            j.size_on_disk().expect("size") as f64 / 1048576.0,
+            stats.deployments_pruned
+        );
+    }
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("rounds") {
+        return rounds();
+    }
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![10_000, 100_000] } else { sizes };
     println!(
