@@ -46,8 +46,8 @@ fn rss_mib() -> f64 {
 fn rounds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("journal");
-    let j = SledJournal::open(&path, JournalOptions { durability: Durability::Off, ..Default::default() })
-        .expect("open");
+    let j =
+        SledJournal::open(&path, JournalOptions { durability: Durability::Off, ..Default::default() }).expect("open");
     let policy = certdeploy_journal::GcPolicy {
         retention: std::time::Duration::ZERO,
         dedupe_retention: std::time::Duration::from_secs(30 * 86_400),
