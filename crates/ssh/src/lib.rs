@@ -14,10 +14,12 @@
 mod check;
 mod error;
 mod host;
+mod hostile;
 mod lock;
 mod pool;
 
 pub use check::{CheckLine, check};
 pub use error::shell_quote;
 pub use host::SshHost;
+pub use hostile::{TargetPolicy, valid_id_name};
 pub use pool::{HostAddr, SshConfig, SshPool};
