@@ -59,6 +59,9 @@ impl Canary {
             };
             m.insert(e.file_name().to_string_lossy().into_owned(), (digest, md.mode() & 0o7777, md.uid(), md.gid()));
         }
+        // The directory itself (a chmod by a swapped name would show here).
+        let md = std::fs::symlink_metadata(dir).expect("lstat canary dir");
+        m.insert(".".into(), ("-".into(), md.mode() & 0o7777, md.uid(), md.gid()));
         m
     }
 
@@ -126,6 +129,21 @@ async fn symlink_of_a_live_path_out_of_its_directory_is_refused() {
     canary.assert_unchanged("attacker's directory link");
     assert_eq!(rig.sshd.read(d.join("site.key")), key("old"), "nothing written");
     assert!(leftovers(&rig.sshd, &d).is_empty(), "{:?}", rig.sshd.list(&d));
+
+    // 4. The attacker's link that stays in the directory, onto another file
+    // of the SSH user's there: not followed either (the link is theirs).
+    std::fs::remove_file(d.join("sub")).unwrap();
+    let other = d.join("other.pem");
+    rig.sshd.write(&other, b"other certificate\n", 0o644);
+    attacker(&format!("ln -s other.pem {pem}"));
+    let r = rig.deploy_on(&host, &t, "sym-4", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{}", dump(&r));
+    assert_eq!(meta(&r, "failed_step"), "snapshot", "{}", dump(&r));
+    assert!(r.message.contains(&format!("owned by uid {attacker_uid}")), "{}", r.message);
+    assert_eq!(rig.sshd.read(&other), b"other certificate\n");
+    assert_eq!(rig.sshd.read(d.join("site.key")), key("old"), "nothing written");
+    assert!(leftovers(&rig.sshd, &d).is_empty(), "{:?}", rig.sshd.list(&d));
+    canary.assert_unchanged("attacker's link inside the directory");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +176,9 @@ async fn key_owned_by_the_attacker_is_never_handed_to_them() {
     let canary = Canary::new(&rig, "owned-canary");
     let k = d.join("site.key");
     rig.sshd.write(d.join("site.pem"), &cert("old", 100), 0o644);
-    rig.sshd.write(&k, &key("old"), 0o600);
+    // The attacker's, and readable to the (unprivileged) SSH user of the
+    // test as it would be to a root one.
+    rig.sshd.write(&k, &key("old"), 0o644);
     std::os::unix::fs::chown(&k, Some(attacker_uid), None).expect("chown key to the attacker");
     let kp = k.display().to_string();
 
@@ -176,9 +196,6 @@ async fn key_owned_by_the_attacker_is_never_handed_to_them() {
 
     // With the key's owner configured (by name, resolved on the host) the
     // new key is the configured account's, never the attacker's.
-    // (The attacker lets the unprivileged test user read it: a root SSH
-    // user always could.)
-    rig.sshd.chmod(&k, 0o644);
     let user = rig.sshd.user().to_string();
     let host = rig.host().with_policy(TargetPolicy {
         key_owner: Some(user.clone()),
