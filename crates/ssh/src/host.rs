@@ -365,7 +365,7 @@ impl<'a> SshHost<'a> {
                     if ft.is_some_and(|t| t.is_file()) && ours(&name) {
                         doomed_files.push(full);
                     } else if ft.is_some_and(|t| t.is_dir())
-                        && name.strip_prefix(".certdeploy-stage.").is_some_and(|n| ours(n))
+                        && name.strip_prefix(".certdeploy-stage.").is_some_and(ours)
                     {
                         doomed_stages.push(full);
                     }
@@ -676,6 +676,7 @@ impl<'a> SshHost<'a> {
     /// Write a temp file from nothing ([`Self::open_temp`], then
     /// [`Self::fill`]). `owner`: known, or `Err(path)` to keep the owner of
     /// `path` if it exists (looked up while the temp is created).
+    #[allow(clippy::too_many_arguments)]
     async fn write_temp(
         &self,
         lease: &Lease,
@@ -1076,7 +1077,7 @@ impl Host for SshHost<'_> {
             let filled =
                 in_order_all(files.iter().zip(&temps).zip(&owners).map(|(((f, bytes), temp), (owner, strict))| {
                     let private = f.role == Role::Key;
-                    self.write_temp(&lease, temp, f.mode, owner.clone(), bytes, private, *strict)
+                    self.write_temp(&lease, temp, f.mode, *owner, bytes, private, *strict)
                 }))
                 .await;
             // The temps filled before the first failure are renamed over
@@ -1161,7 +1162,13 @@ impl Host for SshHost<'_> {
         let lease = self.pool.lease(&self.addr).await?;
         let work = async {
             let results = join_all(paths.iter().map(|path| async {
-                let live = self.resolve(&lease, path).await?;
+                // A path the link rules refuse was never backed up through
+                // its link: its own names are the only ones there can be.
+                let live = match self.resolve(&lease, path).await {
+                    Ok(live) => live,
+                    Err(e) if !e.is_transient() => path.clone(),
+                    Err(e) => return Err(e),
+                };
                 let mut fs = lease.sftp().fs();
                 // The backup, the write temps, and a backup copy's temps.
                 let backup = backup_path(&live, deployment_id);

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use certdeploy_core::driver::Host;
 use certdeploy_core::*;
 use certdeploy_ssh::{SshHost, TargetPolicy};
-use certdeploy_testbed::{SHARED_GROUP, ensure_attacker, run_as_attacker};
+use certdeploy_testbed::{ensure_attacker, run_as_attacker};
 use common::*;
 use sha2::{Digest as _, Sha256};
 
 /// A target directory the attacker's group can write (0775, group
-/// [`SHARED_GROUP`]), owned by the SSH user.
+/// `certdeploy_testbed::SHARED_GROUP`), owned by the SSH user.
 fn hostile_dir(rig: &Rig, rel: &str) -> PathBuf {
     let (_, shared) = ensure_attacker();
     let d = rig.dir(rel);
