@@ -168,6 +168,21 @@ impl Runtime {
         }
     }
 
+    /// The target's rules for links and owners on its host (SPEC 8.1);
+    /// an inline target has none of its own.
+    fn host_policy(&self, plan: &Plan) -> certdeploy_ssh::TargetPolicy {
+        match self.cfg.targets.get(&plan.target).filter(|t| t.host == plan.remote.host) {
+            Some(t) => certdeploy_ssh::TargetPolicy {
+                link_targets: t.link_targets.clone(),
+                cert_owner: t.cert_owner.clone(),
+                cert_group: t.cert_group.clone(),
+                key_owner: t.key_owner.clone(),
+                key_group: t.key_group.clone(),
+            },
+            None => certdeploy_ssh::TargetPolicy::default(),
+        }
+    }
+
     fn target_key(plan: &Plan) -> String {
         target_key(&plan.remote.host, plan.remote.port, plan.cert_path())
     }
@@ -196,7 +211,7 @@ impl Runtime {
             let token =
                 certdeploy_core::lock::new_token(&self.journal_id, &plan.deployment_id, plan.attempt, token_entropy());
             let _live = LiveToken::new(&self.live_tokens, &token);
-            let host = Metered(SshHost::new(&self.pool, self.addr(&plan)));
+            let host = Metered(SshHost::new(&self.pool, self.addr(&plan)).with_policy(self.host_policy(&plan)));
             let env = self.env(&host);
             let dead_own = |r: &LockRecord| self.dead_own(r);
             let w = self.worker(&dead_own);
@@ -288,7 +303,7 @@ impl Runtime {
         let _target_guard = self.targets.lock(&Self::target_key(&plan)).await;
         let _live = plan.lock.as_deref().map(|t| LiveToken::new(&self.live_tokens, t));
         let span = tracing::info_span!("recovery", deployment_id = %plan.deployment_id, key, target = %plan.target);
-        let host = Metered(SshHost::new(&self.pool, self.addr(&plan)));
+        let host = Metered(SshHost::new(&self.pool, self.addr(&plan)).with_policy(self.host_policy(&plan)));
         let env = self.env(&host);
         let dead_own = |r: &LockRecord| self.dead_own(r);
         let w = self.worker(&dead_own);

@@ -241,6 +241,23 @@ pub struct TargetConfig {
     /// Backups kept per path after a deployment (default 1).
     #[serde(default = "default_keep")]
     pub keep_backups: u32,
+    /// Globs (absolute) a symlinked path may resolve to outside its own
+    /// directory; links are followed only when root or the SSH user owns
+    /// every one of them (SPEC 8.1).
+    #[serde(default)]
+    pub link_targets: Vec<String>,
+    /// Owner and group (names or numeric ids) of the certificate and chain;
+    /// unset: an existing file's, when root or the SSH user owns it (any
+    /// other owner fails the deployment), else the SSH user's.
+    #[serde(default)]
+    pub cert_owner: Option<String>,
+    #[serde(default)]
+    pub cert_group: Option<String>,
+    /// Owner and group of the key (as `cert_owner`, `cert_group`).
+    #[serde(default)]
+    pub key_owner: Option<String>,
+    #[serde(default)]
+    pub key_group: Option<String>,
 }
 
 fn default_exec_timeout() -> u64 {

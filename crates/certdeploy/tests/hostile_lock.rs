@@ -73,3 +73,140 @@ fn crafted_lock_instructions_are_refused() {
         std::fs::remove_file(&lock_path).unwrap();
     }
 }
+
+/// The target directory, writable by the attacker's group.
+fn share_with_attacker(t: &Target) {
+    let (_, shared) = certdeploy_testbed::ensure_attacker();
+    std::os::unix::fs::chown(&t.dir, None, Some(shared)).expect("chown dir");
+    std::fs::set_permissions(&t.dir, std::os::unix::fs::PermissionsExt::from_mode(0o775)).expect("chmod dir");
+}
+
+fn attacker(cmd: &str) {
+    let out = certdeploy_testbed::run_as_attacker(cmd);
+    assert!(out.status.success(), "attacker `{cmd}`: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The last JSON line of `certdeploy deploy --json`.
+fn result_of(out: &str, err: &str) -> serde_json::Value {
+    serde_json::from_str(out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("--json output: {e}\n{out}{err}"))
+}
+
+/// certdeploy's names in the target's directory, but the lock itself.
+fn certdeploy_names(t: &Target) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(&t.dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".certdeploy-") && !n.ends_with(".certdeploy-lock"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// sha256 of every file in `dir` (a canary set outside the target).
+fn sums(dir: &std::path::Path) -> Vec<(String, String)> {
+    use sha2::Digest as _;
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| {
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), format!("{:x}", sha2::Sha256::digest(&bytes)))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A FIFO at the lock path (an open of it blocks the SFTP server): the
+/// lock step fails, naming the lock, in far less than the deadline.
+#[test]
+fn fifo_at_the_lock_path_fails_the_lock_step() {
+    let fleet = Fleet::new(1, false);
+    let t = &fleet.targets[0];
+    share_with_attacker(t);
+    let cfg = fleet.write_config(&Opts::default());
+    let lock_path = format!("{}.certdeploy-lock", t.cert.display());
+    attacker(&format!("mkfifo {lock_path}"));
+    let b = TestCa::new().leaf("fifo.example", 2);
+    let args = deploy_args(fleet.tmp.path(), "t0", "fifo-1", &b, false, true);
+    let start = std::time::Instant::now();
+    let (code, out, err) = run(&cfg, &strs(&args));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(20), "took {:?}", start.elapsed());
+    let r = result_of(&out, &err);
+    assert_eq!(r["outcome"], "failed", "{out}");
+    assert_eq!(r["metadata"]["failed_step"], "lock", "{out}");
+    let message = r["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&lock_path) && message.contains("FIFO"), "{out}");
+    assert!(!fleet.sshd.exists(&t.cert), "nothing written");
+    let left = certdeploy_names(t);
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A crafted lock whose lease is enormous holds the target no longer than
+/// this worker's own configured lease.
+#[test]
+fn crafted_lease_is_bounded_by_the_configuration() {
+    let fleet = Fleet::new(1, false);
+    let t = &fleet.targets[0];
+    share_with_attacker(t);
+    let cfg = fleet.write_config(&Opts { worker_extra: "lock_lease_s = 2\n".into(), ..Opts::default() });
+    let lock_path = format!("{}.certdeploy-lock", t.cert.display());
+    let mut lock: serde_json::Value = serde_json::from_str(&lock_json(
+        "d-forever",
+        t.cert.to_str().unwrap(),
+        serde_json::json!({"state": "missing"}),
+    ))
+    .unwrap();
+    lock["lease_ms"] = serde_json::json!(1_000_000_000_000_000u64);
+    lock["phase"] = serde_json::json!("locked");
+    lock["snapshots"] = serde_json::json!([]);
+    std::fs::write(&lock_path, lock.to_string()).unwrap();
+    let st = Command::new("touch").args(["-d", "2000-01-01", &lock_path]).status().expect("touch");
+    assert!(st.success());
+    let b = TestCa::new().leaf("lease.example", 2);
+    let args = deploy_args(fleet.tmp.path(), "t0", "lease-1", &b, false, true);
+    let (code, out, err) = run(&cfg, &strs(&args));
+    let r = result_of(&out, &err);
+    assert_eq!(r["outcome"], "deployed", "{out}{err}");
+    assert_eq!(code, 0);
+    assert_eq!(fleet.sshd.read(&t.cert), b.cert_pem.as_bytes());
+}
+
+/// The attacker makes the cert path a link to a file outside the target
+/// and leaves an expired lock whose rollback says "remove that file": the
+/// takeover does not follow their link, the file stays.
+#[test]
+fn crafted_lock_with_a_symlinked_cert_path_is_refused() {
+    let fleet = Fleet::new(1, false);
+    let t = &fleet.targets[0];
+    share_with_attacker(t);
+    let cfg = fleet.write_config(&Opts { worker_extra: "lock_lease_s = 2\n".into(), ..Opts::default() });
+    // Canary files outside the target the SSH user can write.
+    let canary = t.dir.parent().unwrap().join("canary");
+    fleet.sshd.mkdir(&canary, 0o755);
+    let victim = canary.join("victim.pem");
+    fleet.sshd.write(&victim, b"victim\n", 0o644);
+    fleet.sshd.write(canary.join("other"), b"other\n", 0o644);
+    let before = sums(&canary);
+    let cert = t.cert.to_str().unwrap();
+    attacker(&format!("ln -sf {} {cert}", victim.display()));
+    let lock_path = format!("{cert}.certdeploy-lock");
+    let lock = lock_json("d-evil3", victim.to_str().unwrap(), serde_json::json!({"state": "missing"}));
+    attacker(&format!("printf '%s' '{lock}' > {lock_path} && touch -d 2000-01-01 {lock_path}"));
+    let b = TestCa::new().leaf("hostile.example", 2);
+    let args = deploy_args(fleet.tmp.path(), "t0", "hl-link", &b, false, true);
+    let (code, out, err) = run(&cfg, &strs(&args));
+    assert_eq!(code, 1, "{out}{err}");
+    let r = result_of(&out, &err);
+    assert_eq!(r["outcome"], "failed", "{out}");
+    assert_eq!(r["metadata"]["failed_step"], "lock", "{out}");
+    let message = r["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&lock_path), "{out}");
+    assert_eq!(sums(&canary), before, "files outside the target changed");
+    assert_eq!(fleet.sshd.read(&victim), b"victim\n");
+    let left = certdeploy_names(t);
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -346,7 +346,17 @@ async fn check_instructions<H: Host>(host: &H, plan: &Plan, dead: &LockRecord) -
             match host.resolve_path(&file.path).await {
                 Ok(real) if real == snap.live_path => {}
                 Ok(_) => return refuse(format!("{role} path {} is not this target's {}", snap.live_path, file.path)),
-                Err(e) => return Err(format!("resolving {}: {}", file.path, e.message)),
+                // A path that resolves where a deployment may not go (SPEC
+                // 8.1): the instructions are not followed either.
+                Err(e) if !e.is_transient() => return refuse(format!("resolving {}: {}", file.path, e.message)),
+                Err(e) => {
+                    return Err(format!(
+                        "the target lock {}: resolving {}: {}",
+                        lock_path(plan.cert_path()),
+                        file.path,
+                        e.message
+                    ));
+                }
             }
         }
         if let PreState::Existing { backup_path: b, .. } = &snap.pre

@@ -30,6 +30,7 @@ use openssh_sftp_client::metadata::{MetaData, MetaDataBuilder, Permissions};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{first_connection_loss, is_no_such_file, sftp_is_connection_loss, sftp_kind, shell_quote};
+use crate::hostile::TargetPolicy;
 use crate::pool::{ExecFailure, HostAddr, Lease, SshPool};
 
 /// Bound on one SFTP step (snapshot, write, restore, ...): a stalled
@@ -57,6 +58,10 @@ pub struct SshHost<'a> {
     /// Owner of each live path as the snapshot saw it (`None`: no file), so
     /// the write keeps it without another stat.
     owners: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Owner>>>,
+    /// The target's rules for links and owners (SPEC 8.1).
+    pub(crate) policy: std::sync::Arc<TargetPolicy>,
+    /// The SSH user's uid and the configured ids, once looked up.
+    pub(crate) ids: std::sync::Arc<std::sync::Mutex<Option<crate::hostile::Ids>>>,
 }
 
 pub(crate) fn p(s: &str) -> &Path {
@@ -71,12 +76,26 @@ fn parent_of(path: &str) -> String {
     }
 }
 
-fn file_name(path: &str) -> &str {
+pub(crate) fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
 /// A file's owner (uid, gid) as far as known; `None`: keep the default.
 type Owner = Option<(Option<u32>, Option<u32>)>;
+
+/// A temp name for `live` nobody can predict: the deployment's temp name
+/// (`model::temp_path`, which recovery lists by) and 128 random bits.
+pub(crate) fn fresh_temp(live: &str, id: &str) -> String {
+    format!("{}.{}", temp_path(live, id), random_hex())
+}
+
+/// 128 bits from the operating system's CSPRNG, in hex.
+pub(crate) fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    // The OS's random source failing is not recoverable here.
+    getrandom::fill(&mut b).expect("the operating system's random source failed");
+    hex::encode(b)
+}
 
 /// The staging directory of a temp file and the file's name inside it.
 fn stage_paths(temp: &str) -> (String, String) {
@@ -193,7 +212,20 @@ async fn read_open(mut f: File, keep: bool, known: Option<MetaData>) -> Result<R
 
 impl<'a> SshHost<'a> {
     pub fn new(pool: &'a SshPool, addr: HostAddr) -> SshHost<'a> {
-        SshHost { pool, addr, pending_sync: Default::default(), owners: Default::default() }
+        SshHost {
+            pool,
+            addr,
+            pending_sync: Default::default(),
+            owners: Default::default(),
+            policy: Default::default(),
+            ids: Default::default(),
+        }
+    }
+
+    /// This host with the target's rules for links and owners.
+    pub fn with_policy(mut self, policy: TargetPolicy) -> Self {
+        self.policy = std::sync::Arc::new(policy);
+        self
     }
 
     fn take_pending_sync(&self) -> BTreeSet<String> {
@@ -207,54 +239,83 @@ impl<'a> SshHost<'a> {
     }
 
     /// Create `temp` empty and private to its owner, without a shell: the
-    /// file is created (`O_EXCL`) inside a fresh directory made with mode
-    /// 0700 (chmod'ed again in case the server ignored the attributes), so
-    /// nobody else can ever open it there. The caller sets owner and mode,
-    /// writes the content there, and renames the file over the live path.
-    /// `Ok(None)` when this does not work here (the caller then uses the
-    /// shell).
-    async fn open_private(&self, lease: &Lease, temp: &str) -> Result<Option<File>, StepError> {
+    /// file is created (`O_EXCL`) inside a fresh directory (unpredictable
+    /// name, `temp` is) made with mode 0700, so nobody else can ever open
+    /// it there. Nothing is chmodded by path: the directory's lstat (in the
+    /// same round trip) must show a directory of the file's own owner,
+    /// private, holding the just-created empty file; anything else (a name
+    /// swapped under us) fails closed before a byte is written. The caller
+    /// sets owner and mode through the handle, writes the content there,
+    /// and renames the file over the live path.
+    async fn open_private(&self, lease: &Lease, temp: &str) -> Result<File, StepError> {
         let (stage, staged) = stage_paths(temp);
-        let private = || MetaDataBuilder::new().permissions(Permissions::from(0o700u16)).create();
-        // One round trip: the three requests are handled in this order (see
-        // the note on `in_order2`); the file is only used if all three
-        // succeeded.
-        let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
-        let (made, chmod, opened) = in_order3(
-            fs1.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)),
-            fs2.set_metadata(p(&stage), private()),
-            lease.sftp().options().write(true).create_new(true).open(p(&staged)),
+        // One round trip: the requests are handled in this order (see the
+        // note on `in_order2`); the file is only used if all succeeded.
+        let (mut fs1, mut fs2, mut fs3) = (lease.sftp().fs(), lease.sftp().fs(), lease.sftp().fs());
+        let ((made, opened), (dir_stat, file_stat)) = in_order2(
+            in_order2(
+                fs1.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)),
+                // Readable too: its fstat tells the SSH user's uid.
+                lease.sftp().options().read(true).write(true).create_new(true).open(p(&staged)),
+            ),
+            in_order2(fs2.symlink_metadata(p(&stage)), fs3.symlink_metadata(p(&staged))),
         )
         .await;
-        let lost = first_connection_loss([made.as_ref().err(), chmod.as_ref().err(), opened.as_ref().err()])
-            .map(|e| lease.sftp_err("create temp file", &staged, e));
+        let lost = first_connection_loss([
+            made.as_ref().err(),
+            opened.as_ref().err(),
+            dir_stat.as_ref().err(),
+            file_stat.as_ref().err(),
+        ])
+        .map(|e| lease.sftp_err("create temp file", &staged, e));
         if let Some(e) = lost {
             return Err(e);
         }
-        if let (Ok(()), Ok(()), Ok(_)) = (&made, &chmod, &opened) {
-            return Ok(opened.ok());
-        }
-        drop(opened);
-        // A leftover of an interrupted attempt, or a server that ignores
-        // the attributes: clear it and try once more, one step at a time.
-        self.discard_stage(lease, temp).await;
-        let mut fs = lease.sftp().fs();
-        let r = match fs.dir_builder().permissions(Permissions::from(0o700u16)).create(p(&stage)).await {
-            Ok(()) => match fs.set_metadata(p(&stage), private()).await {
-                Ok(()) => lease.sftp().options().write(true).create_new(true).open(p(&staged)).await,
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
+        let refuse = |why: String| {
+            StepError::permanent(format!(
+                "{}: cannot create the key's private staging file {staged}: {why}; refusing to write the key any other way",
+                self.addr
+            ))
         };
-        match r {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if sftp_is_connection_loss(&e) => Err(lease.sftp_err("create temp file", &staged, &e)),
-            Err(e) => {
-                tracing::debug!(host = %self.addr, temp, error = %e, "private staging refused; creating by shell");
-                self.discard_stage(lease, temp).await;
-                Ok(None)
+        let (mut file, dir, made_file) = match (made, opened, dir_stat, file_stat) {
+            (Ok(()), Ok(f), Ok(d), Ok(m)) => (f, d, m),
+            (made, opened, d, m) => {
+                let (made_ok, opened_ok) = (made.is_ok(), opened.is_ok());
+                let ours = made_ok
+                    && d.as_ref().is_ok_and(|d| d.file_type().is_some_and(|t| t.is_dir()) && mode_of(d) & 0o077 == 0);
+                let e = [made.err(), opened.err(), d.err(), m.err()].into_iter().flatten().next();
+                // Only what this call made goes, and nothing through a
+                // name that may have been swapped.
+                let mut fs = lease.sftp().fs();
+                if opened_ok && ours {
+                    let _ = fs.remove_file(p(&staged)).await;
+                }
+                if made_ok {
+                    let _ = fs.remove_dir(p(&stage)).await;
+                }
+                return Err(refuse(e.map(|e| crate::pool::error_chain(&e)).unwrap_or_default()));
             }
+        };
+        let mine = match file.metadata().await {
+            Ok(m) => m,
+            Err(e) => return Err(lease.sftp_err("stat temp file", &staged, &e)),
+        };
+        let private_dir = dir.file_type().is_some_and(|t| t.is_dir())
+            && dir.uid().is_some()
+            && dir.uid() == mine.uid()
+            && mode_of(&dir) & 0o077 == 0;
+        let same_file = made_file.file_type().is_some_and(|t| t.is_file())
+            && made_file.uid() == mine.uid()
+            && made_file.len() == Some(0);
+        if !private_dir || !same_file {
+            // Not removed by name: the names are not ours any more.
+            return Err(refuse(format!(
+                "the staging directory is not a private directory of the SSH user (mode {:o}, uid {:?}) or holds another file",
+                mode_of(&dir),
+                dir.uid()
+            )));
         }
+        Ok(file)
     }
 
     /// Remove what [`Self::open_private`] may have left for `temp`.
@@ -274,6 +335,55 @@ impl<'a> SshHost<'a> {
         };
         self.discard_stage(lease, temp).await;
         r
+    }
+
+    /// Remove every temp of these deployment temp names (`model::temp_path`:
+    /// the names written are these plus a random suffix) and their staging
+    /// directories, as one listing of each directory finds them. Only
+    /// regular files are removed as temps and only real directories (not
+    /// links) entered as staging directories.
+    async fn discard_temps_of(&self, lease: &Lease, bases: &[String]) -> Result<(), StepError> {
+        let dirs: BTreeSet<String> = bases.iter().map(|b| parent_of(b)).collect();
+        for dir in dirs {
+            let mut fs = lease.sftp().fs();
+            let d = match fs.open_dir(p(&dir)).await {
+                Ok(d) => d,
+                Err(e) if is_no_such_file(&e) => continue,
+                Err(e) => return Err(lease.sftp_err("list", &dir, &e)),
+            };
+            let mut doomed_files = Vec::new();
+            let mut doomed_stages = Vec::new();
+            let mut rd = Box::pin(d.read_dir());
+            while let Some(e) = rd.next().await {
+                let e = e.map_err(|e| lease.sftp_err("list", &dir, &e))?;
+                let name = e.filename().to_string_lossy().into_owned();
+                let ft = e.metadata().file_type();
+                for base in bases.iter().filter(|b| parent_of(b) == dir) {
+                    let b = file_name(base);
+                    let ours = |n: &str| n == b || n.strip_prefix(b).is_some_and(|r| r.starts_with('.'));
+                    let full = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+                    if ft.is_some_and(|t| t.is_file()) && ours(&name) {
+                        doomed_files.push(full);
+                    } else if ft.is_some_and(|t| t.is_dir())
+                        && name.strip_prefix(".certdeploy-stage.").is_some_and(ours)
+                    {
+                        doomed_stages.push(full);
+                    }
+                }
+            }
+            for f in &doomed_files {
+                match fs.remove_file(p(f)).await {
+                    Ok(()) => {}
+                    Err(e) if is_no_such_file(&e) => {}
+                    Err(e) => return Err(lease.sftp_err("remove temp file", f, &e)),
+                }
+            }
+            for stage in &doomed_stages {
+                let _ = fs.remove_file(p(&format!("{stage}/t"))).await;
+                let _ = fs.remove_dir(p(stage)).await;
+            }
+        }
+        Ok(())
     }
 
     pub fn addr(&self) -> &HostAddr {
@@ -311,22 +421,11 @@ impl<'a> SshHost<'a> {
         self.resolve_stat(lease, path).await.map(|(live, _)| live)
     }
 
-    /// [`Self::resolve`], with the path's metadata when it is not a link
-    /// (saves the snapshot a second stat).
+    /// [`Self::resolve`], with the final path's metadata when it exists;
+    /// links are followed only as SPEC 8.1 allows
+    /// ([`Self::resolve_checked`]).
     async fn resolve_stat(&self, lease: &Lease, path: &str) -> Result<(String, Option<MetaData>), StepError> {
-        let mut fs = lease.sftp().fs();
-        match fs.symlink_metadata(p(path)).await {
-            Ok(m) if m.file_type().is_some_and(|t| t.is_symlink()) => match fs.canonicalize(p(path)).await {
-                Ok(c) => c
-                    .to_str()
-                    .map(|c| (c.to_string(), None))
-                    .ok_or_else(|| StepError::permanent(format!("{}: {path}: link target is not UTF-8", self.addr))),
-                Err(e) => Err(lease.sftp_err("resolve symlink", path, &e)),
-            },
-            Ok(m) => Ok((path.to_string(), Some(m))),
-            Err(e) if is_no_such_file(&e) => Ok((path.to_string(), None)),
-            Err(e) => Err(lease.sftp_err("stat", path, &e)),
-        }
+        self.resolve_checked(lease, path).await
     }
 
     /// `Missing`, unless the directory itself is missing (a permanent error:
@@ -370,12 +469,33 @@ impl<'a> SshHost<'a> {
     }
 
     async fn snapshot_one(&self, lease: &Lease, id: &str, req: &SnapshotRequest) -> Result<Snapped, StepError> {
-        if lease.sftp().support_hardlink()
+        // Links and owners first (SPEC 8.1): nothing is written, not even a
+        // backup, for a path that resolves where it may not or a file that
+        // belongs to someone else.
+        let (live, known) = self.resolve_checked(lease, &req.path).await?;
+        if let Some(m) = &known
+            && m.file_type().is_some_and(|t| t.is_file())
+        {
+            self.check_owner(lease, req.role, &live, m.uid()).await?;
+        }
+        if self.needs_ids() {
+            self.ids(lease).await?;
+        }
+        if live == req.path
+            && known.is_some()
+            && lease.sftp().support_hardlink()
             && let Some(s) = self.snapshot_linked(lease, id, req).await?
         {
+            // The file backed up is the one checked (or it is checked now).
+            if let PreState::Existing { uid, backup_path, .. } = &s.snapshot.pre
+                && let Err(e) = self.check_owner(lease, req.role, &live, Some(*uid)).await
+            {
+                let _ = lease.sftp().fs().remove_file(p(backup_path)).await;
+                return Err(e);
+            }
             return Ok(s);
         }
-        self.snapshot_careful(lease, id, req).await
+        self.snapshot_careful(lease, id, req, live, known).await
     }
 
     /// The common case in two round trips: the configured path is a
@@ -426,8 +546,14 @@ impl<'a> SshHost<'a> {
 
     /// Any case: symlinks resolved, stale backups replaced, a copy where a
     /// hard link is refused, a missing file told from a missing directory.
-    async fn snapshot_careful(&self, lease: &Lease, id: &str, req: &SnapshotRequest) -> Result<Snapped, StepError> {
-        let (live, known) = self.resolve_stat(lease, &req.path).await?;
+    async fn snapshot_careful(
+        &self,
+        lease: &Lease,
+        id: &str,
+        req: &SnapshotRequest,
+        live: String,
+        known: Option<MetaData>,
+    ) -> Result<Snapped, StepError> {
         let mut fs = lease.sftp().fs();
         let stat = match known {
             Some(m) => Ok(m),
@@ -441,6 +567,7 @@ impl<'a> SshHost<'a> {
         if !meta.file_type().is_some_and(|t| t.is_file()) {
             return Err(StepError::permanent(format!("{}: {live} is not a regular file", self.addr)));
         }
+        self.check_owner(lease, req.role, &live, meta.uid()).await?;
         let backup = backup_path(&live, id);
         let support_hardlink = lease.sftp().support_hardlink();
         // Link first: a stale backup of the same name (an interrupted
@@ -502,13 +629,14 @@ impl<'a> SshHost<'a> {
         backup: &str,
         meta: &MetaData,
     ) -> Result<(), StepError> {
-        let temp = temp_path(backup, id);
+        let temp = fresh_temp(backup, id);
         let mut src = match self.read_file(lease, live, true, Some(*meta)).await {
             Ok(r) => r,
             Err(e) => return Err(lease.sftp_err("read", live, &e)),
         };
         let bytes = src.content.take().unwrap_or_default();
-        let r = self.write_temp(lease, &temp, mode_of(meta), Ok(Some((meta.uid(), meta.gid()))), &bytes, true).await;
+        let r =
+            self.write_temp(lease, &temp, mode_of(meta), Ok(Some((meta.uid(), meta.gid()))), &bytes, true, false).await;
         drop(Secret::new(bytes));
         let t = match r {
             Ok(t) => t,
@@ -527,72 +655,28 @@ impl<'a> SshHost<'a> {
         Ok(())
     }
 
-    /// The fallback of [`Self::open_private`] (one remote command): create
-    /// empty files that only their owner can read (umask 077,
-    /// O_EXCL after removing leftovers). SFTP would create them 0644 and
-    /// a reader that opens a file during that moment keeps its access after
-    /// a chmod; a shell creates them private from the start. Returns the
-    /// shell's complaints (one line per failed file).
-    async fn create_private(&self, lease: &Lease, paths: &[String]) -> Result<String, StepError> {
-        let mut script = String::from("umask 077; set -C; rc=0; for t in");
-        for t in paths {
-            script.push(' ');
-            script.push_str(&shell_quote(t));
-        }
-        script.push_str("; do rm -f -- \"$t\" && : > \"$t\" || rc=1; done; exit $rc");
-        match lease.exec(&script, AUX_TIMEOUT).await {
-            Ok((_, out, err)) => {
-                let mut s = String::from_utf8_lossy(&out).into_owned();
-                s.push_str(&String::from_utf8_lossy(&err));
-                Ok(s)
-            }
-            Err(f) => Err(self.exec_failure(f, "create temp files", AUX_TIMEOUT)),
-        }
-    }
-
-    /// Create the temp file for `temp`, empty. `private = false` for public
-    /// content (a certificate or chain): the temp is opened directly,
-    /// without the private staging directory, because a reader who opens it
-    /// before its mode is set can only ever read public bytes.
+    /// Create the temp file for `temp` (an unpredictable name), empty,
+    /// exclusively. `private = false` for public content (a certificate or
+    /// chain): the temp is opened directly, without the private staging
+    /// directory, because a reader who opens it before its mode is set can
+    /// only ever read public bytes. A key's temp is only ever created in
+    /// its private staging directory: there is no other way (no shell).
     async fn open_temp(&self, lease: &Lease, temp: &str, private: bool) -> Result<Temp, StepError> {
         if !private {
-            let first = lease.sftp().options().write(true).create_new(true).open(p(temp)).await;
-            let opened = match first {
-                Ok(f) => Ok(f),
-                Err(e) if sftp_is_connection_loss(&e) => Err(e),
-                Err(_) => {
-                    // A leftover of an interrupted attempt.
-                    let _ = lease.sftp().fs().remove_file(p(temp)).await;
-                    lease.sftp().options().write(true).create_new(true).open(p(temp)).await
-                }
-            };
-            return match opened {
+            return match lease.sftp().options().write(true).create_new(true).open(p(temp)).await {
                 Ok(file) => Ok(Temp { file, from: temp.to_string(), stage: None, combine: true }),
                 Err(e) => Err(lease.sftp_err("create temp file", temp, &e)),
             };
         }
-        if let Some(file) = self.open_private(lease, temp).await? {
-            let (stage, staged) = stage_paths(temp);
-            return Ok(Temp { file, from: staged, stage: Some(stage), combine: true });
-        }
-        let created = self.create_private(lease, &[temp.to_string()]).await?;
-        match lease.sftp().options().write(true).truncate(true).open(p(temp)).await {
-            Ok(file) => Ok(Temp { file, from: temp.to_string(), stage: None, combine: false }),
-            Err(e) if is_no_such_file(&e) => {
-                let why = created
-                    .lines()
-                    .find(|l| l.contains(temp))
-                    .map(|l| l.trim().to_string())
-                    .unwrap_or_else(|| "it was not created".into());
-                Err(StepError::permanent(format!("{}: cannot create temp file {temp}: {why}", self.addr)))
-            }
-            Err(e) => Err(lease.sftp_err("open temp file", temp, &e)),
-        }
+        let file = self.open_private(lease, temp).await?;
+        let (stage, staged) = stage_paths(temp);
+        Ok(Temp { file, from: staged, stage: Some(stage), combine: true })
     }
 
     /// Write a temp file from nothing ([`Self::open_temp`], then
     /// [`Self::fill`]). `owner`: known, or `Err(path)` to keep the owner of
     /// `path` if it exists (looked up while the temp is created).
+    #[allow(clippy::too_many_arguments)]
     async fn write_temp(
         &self,
         lease: &Lease,
@@ -601,16 +685,28 @@ impl<'a> SshHost<'a> {
         owner: Result<Owner, &str>,
         bytes: &[u8],
         private: bool,
+        strict: bool,
     ) -> Result<Temp, StepError> {
+        // A file found at the path is kept as its owner's only when that
+        // owner is root or the SSH user (SPEC 8.1); otherwise the new file
+        // is the SSH user's.
+        let trusted = *self.ids.lock().unwrap_or_else(|e| e.into_inner());
         let lookup = async {
             match owner {
                 Ok(o) => o,
-                Err(path) => lease.sftp().fs().metadata(p(path)).await.ok().map(|m| (m.uid(), m.gid())),
+                Err(path) => lease
+                    .sftp()
+                    .fs()
+                    .symlink_metadata(p(path))
+                    .await
+                    .ok()
+                    .filter(|m| m.uid().is_some_and(|u| trusted.is_some_and(|ids| ids.trusted(u))))
+                    .map(|m| (m.uid(), m.gid())),
             }
         };
         let (owner, opened) = tokio::join!(lookup, self.open_temp(lease, temp, private));
         let t = opened?;
-        self.fill(lease, &t, mode, owner, bytes).await?;
+        self.fill(lease, &t, mode, owner, bytes, strict).await?;
         Ok(t)
     }
 
@@ -619,7 +715,16 @@ impl<'a> SshHost<'a> {
     /// are one request (the server applies the mode first) unless set-id
     /// bits (cleared by a chown) are asked for; otherwise the owner goes
     /// first, so that a group change never widens access to content.
-    async fn fill(&self, lease: &Lease, t: &Temp, mode: u32, owner: Owner, bytes: &[u8]) -> Result<(), StepError> {
+    /// `strict`: the owner is configured; not setting it is an error.
+    async fn fill(
+        &self,
+        lease: &Lease,
+        t: &Temp,
+        mode: u32,
+        owner: Owner,
+        bytes: &[u8],
+        strict: bool,
+    ) -> Result<(), StepError> {
         let perm = Permissions::from((mode & 0o7777) as u16);
         let owner = match owner {
             Some((Some(uid), Some(gid))) => Some((uid, gid)),
@@ -652,7 +757,7 @@ impl<'a> SshHost<'a> {
         let (mut w, mut s) = (t.file.clone(), t.file.clone());
         let ((mode_set, owned), (wrote, synced)) = in_order2(attrs, in_order2(w.write(bytes), s.sync_all())).await;
         if let Some(Err(e)) = &owned
-            && !matches!(sftp_kind(e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure))
+            && (strict || !matches!(sftp_kind(e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure)))
         {
             return Err(lease.sftp_err("chown temp file", name, e));
         }
@@ -666,7 +771,7 @@ impl<'a> SshHost<'a> {
             let mut f = t.file.clone();
             if let Some(id) = owner
                 && let Err(e) = f.set_metadata(MetaDataBuilder::new().id(id).create()).await
-                && !matches!(sftp_kind(&e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure))
+                && (strict || !matches!(sftp_kind(&e), Some(SftpErrorKind::PermDenied | SftpErrorKind::Failure)))
             {
                 return Err(lease.sftp_err("chown temp file", name, &e));
             }
@@ -735,9 +840,7 @@ impl<'a> SshHost<'a> {
         if let PreState::Existing { backup_path, .. } = &req.pre {
             temps.push(temp_path(backup_path, id));
         }
-        for temp in &temps {
-            self.discard_temp(lease, temp).await?;
-        }
+        self.discard_temps_of(lease, &temps).await?;
         match &req.pre {
             PreState::Missing => match fs.remove_file(p(live)).await {
                 Ok(()) => Ok(RestoreStatus::Removed),
@@ -943,15 +1046,40 @@ impl Host for SshHost<'_> {
             Ok(l) => l,
             Err(e) => return vec![Err(e)],
         };
-        let temps: Vec<String> = files.iter().map(|(f, _)| temp_path(&f.live_path, deployment_id)).collect();
+        let temps: Vec<String> = files.iter().map(|(f, _)| fresh_temp(&f.live_path, deployment_id)).collect();
+        // Owners (SPEC 8.1): configured ids, or an existing file's when its
+        // owner is root or the SSH user, or the SSH user's.
+        let ids = if self.needs_ids() || files.iter().any(|(f, _)| self.known_owner(&f.live_path).is_err()) {
+            match self.ids(&lease).await {
+                Ok(ids) => Some(ids),
+                Err(e) => return vec![Err(e)],
+            }
+        } else {
+            None
+        };
+        let owners: Vec<(Result<Owner, &str>, bool)> = files
+            .iter()
+            .map(|(f, _)| {
+                let known = self.known_owner(&f.live_path);
+                match ids {
+                    Some(ids) if self.policy.owner_configured(f.role) || ids.owner_for(f.role, None).is_some() => {
+                        let kept = known.ok().flatten();
+                        let o = ids.owner_for(f.role, kept).map(|(u, g)| (Some(u), Some(g)));
+                        (Ok(o), true)
+                    }
+                    _ => (known, false),
+                }
+            })
+            .collect();
         let work = async {
             // The temps, concurrently (keeping the original owner where there
             // was one; only a key's needs the private staging directory).
-            let filled = in_order_all(files.iter().zip(&temps).map(|((f, bytes), temp)| {
-                let private = f.role == Role::Key;
-                self.write_temp(&lease, temp, f.mode, self.known_owner(&f.live_path), bytes, private)
-            }))
-            .await;
+            let filled =
+                in_order_all(files.iter().zip(&temps).zip(&owners).map(|(((f, bytes), temp), (owner, strict))| {
+                    let private = f.role == Role::Key;
+                    self.write_temp(&lease, temp, f.mode, *owner, bytes, private, *strict)
+                }))
+                .await;
             // The temps filled before the first failure are renamed over
             // the live paths, in order; then the emptied staging directories
             // are removed and each renamed file is fsynced again through its
@@ -1034,23 +1162,23 @@ impl Host for SshHost<'_> {
         let lease = self.pool.lease(&self.addr).await?;
         let work = async {
             let results = join_all(paths.iter().map(|path| async {
-                let live = self.resolve(&lease, path).await?;
+                // A path the link rules refuse was never backed up through
+                // its link: its own names are the only ones there can be.
+                let live = match self.resolve(&lease, path).await {
+                    Ok(live) => live,
+                    Err(e) if !e.is_transient() => path.clone(),
+                    Err(e) => return Err(e),
+                };
                 let mut fs = lease.sftp().fs();
-                // The backup, the write temp, and a backup copy's temp.
+                // The backup, the write temps, and a backup copy's temps.
                 let backup = backup_path(&live, deployment_id);
-                let copy_temp = temp_path(&backup, deployment_id);
-                let temps = [temp_path(&live, deployment_id), copy_temp];
-                for name in std::iter::once(&backup).chain(&temps) {
-                    match fs.remove_file(p(name)).await {
-                        Ok(()) => {}
-                        Err(e) if is_no_such_file(&e) => {}
-                        Err(e) => return Err(lease.sftp_err("remove", name, &e)),
-                    }
+                match fs.remove_file(p(&backup)).await {
+                    Ok(()) => {}
+                    Err(e) if is_no_such_file(&e) => {}
+                    Err(e) => return Err(lease.sftp_err("remove", &backup, &e)),
                 }
-                for temp in &temps {
-                    self.discard_stage(&lease, temp).await;
-                }
-                Ok(())
+                let temps = [temp_path(&live, deployment_id), temp_path(&backup, deployment_id)];
+                self.discard_temps_of(&lease, &temps).await
             }))
             .await;
             results.into_iter().collect::<Result<Vec<()>, StepError>>().map(|_| ())

@@ -14,6 +14,7 @@
 mod check;
 mod error;
 mod host;
+mod hostile;
 mod live;
 mod lock;
 mod pool;
@@ -21,5 +22,6 @@ mod pool;
 pub use check::{CheckLine, check};
 pub use error::shell_quote;
 pub use host::SshHost;
+pub use hostile::{TargetPolicy, valid_id_name};
 pub use live::read_public_file;
 pub use pool::{HostAddr, SshConfig, SshPool};

@@ -16,7 +16,6 @@
 //! Every call is bounded by a timeout: a lease is only as good as the time
 //! its renewals take.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use certdeploy_core::StepError;
@@ -36,13 +35,28 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest lock file accepted (a lock holds paths and digests, not data).
 const MAX_LOCK_BYTES: usize = 256 * 1024;
 
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
+/// A lock temp name nobody can predict (created exclusively, handled
+/// through its handle until the link or rename).
 fn temp_name(path: &str) -> String {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    format!("{path}{}{}.{n}.{nanos:x}", certdeploy_core::lock::LOCK_TEMP_MARK, std::process::id())
+    format!("{path}{}{}", certdeploy_core::lock::LOCK_TEMP_MARK, crate::host::random_hex())
+}
+
+/// A lock path that is not a regular file (a FIFO would hang the SFTP
+/// server's open, a link could lead anywhere) is refused (SPEC 8.1).
+fn not_regular(addr: &crate::HostAddr, path: &str, m: &openssh_sftp_client::metadata::MetaData) -> Option<StepError> {
+    let t = m.file_type();
+    if t.is_some_and(|t| t.is_file()) {
+        return None;
+    }
+    let what = match t {
+        Some(t) if t.is_symlink() => "a symlink",
+        Some(t) if t.is_dir() => "a directory",
+        Some(t) if t.is_fifo() => "a FIFO",
+        _ => "not a regular file",
+    };
+    Some(StepError::permanent(format!(
+        "{addr}: the target lock {path} is {what}, not a regular file; refusing it (remove it by hand)"
+    )))
 }
 
 impl SshHost<'_> {
@@ -146,8 +160,12 @@ impl SshHost<'_> {
                     Err(e) => e,
                 };
                 match lease.sftp().fs().symlink_metadata(p(path)).await {
-                    // Taken: the caller judges it by the host's clock.
-                    Ok(_) => return Ok(Created { created: false, host_now }),
+                    // Taken: the caller judges it by the host's clock
+                    // (unless it is no lock file at all).
+                    Ok(m) => match not_regular(self.addr(), path, &m) {
+                        Some(e) => return Err(e),
+                        None => return Ok(Created { created: false, host_now }),
+                    },
                     // A generic failure and no lock afterwards: it was
                     // released in between. Anything else is an error.
                     Err(_) if !matches!(sftp_kind(&e), Some(SftpErrorKind::Failure)) => {
@@ -202,6 +220,18 @@ impl SshHost<'_> {
     pub(crate) async fn lock_file_read(&self, path: &str) -> Result<Option<LockFile>, StepError> {
         let lease = self.lease().await?;
         let work = async {
+            // lstat first: only a regular file is opened. (One swapped in
+            // between that blocks the open is abandoned at the timeout,
+            // with its connection.)
+            match lease.sftp().fs().symlink_metadata(p(path)).await {
+                Ok(m) => {
+                    if let Some(e) = not_regular(self.addr(), path, &m) {
+                        return Err(e);
+                    }
+                }
+                Err(e) if is_no_such_file(&e) => return Ok(None),
+                Err(e) => return Err(lease.sftp_err("stat lock", path, &e)),
+            }
             let mut f = match lease.sftp().open(p(path)).await {
                 Ok(f) => f,
                 Err(e) if is_no_such_file(&e) => return Ok(None),

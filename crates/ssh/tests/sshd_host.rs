@@ -169,14 +169,21 @@ async fn symlinked_cert_is_written_through() {
     let real = rig.dir("link-real");
     rig.sshd.write(real.join("site-2026.pem"), &cert("old", 100), 0o644);
     rig.sshd.symlink("../link-real/site-2026.pem", d.join("site.pem"));
-    let r = rig.deploy(&target(&d, "true"), "link-1", &cert("new", 200), &key("new")).await;
+    // A link owned by the SSH user, out of its directory into one that
+    // the target's link_targets allow (SPEC 8.1; the refusals are in
+    // hostile_host.rs).
+    let host = rig.host().with_policy(certdeploy_ssh::TargetPolicy {
+        link_targets: vec![format!("{}/*.pem", real.display())],
+        ..Default::default()
+    });
+    let r = rig.deploy_on(&host, &target(&d, "true"), "link-1", &cert("new", 200), &key("new")).await;
     assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
     assert!(rig.sshd.stat(d.join("site.pem")).is_symlink, "the link stays a link");
     assert_eq!(rig.sshd.read(real.join("site-2026.pem")), cert("new", 200));
     assert!(rig.sshd.exists(real.join("site-2026.pem.certdeploy-bak.link-1")));
 
     // And a failed reload restores the target, link untouched.
-    let r = rig.deploy(&target(&d, "false"), "link-2", &cert("newer", 300), &key("newer")).await;
+    let r = rig.deploy_on(&host, &target(&d, "false"), "link-2", &cert("newer", 300), &key("newer")).await;
     assert!(matches!(r.outcome, Outcome::RolledBackDaemonUnknown), "{}", dump(&r));
     assert!(rig.sshd.stat(d.join("site.pem")).is_symlink);
     assert_eq!(rig.sshd.read(d.join("site.pem")), cert("new", 200));

@@ -374,6 +374,55 @@ impl SshdFixture {
     }
 }
 
+/// A second local account on the test host: the attacker of the hostile
+/// directory tests. It shares [`SHARED_GROUP`] with the directories it may
+/// write; it has no SSH access and owns nothing the deploying user needs.
+pub const ATTACKER: &str = "certdeploy-attacker";
+/// The group that can write the "hostile" target directories.
+pub const SHARED_GROUP: &str = "certdeploy-shared";
+
+fn getent_id(db: &str, name: &str) -> Option<u32> {
+    let out = Command::new("getent").args([db, name]).stderr(Stdio::null()).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).split(':').nth(2)?.trim().parse().ok()
+}
+
+/// Create the attacker account and the shared group once (race-safe like
+/// [`ensure_test_user`]). Returns (attacker uid, shared group gid).
+pub fn ensure_attacker() -> (u32, u32) {
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(USER_LOCK)
+        .unwrap_or_else(|e| panic!("testbed: cannot open {USER_LOCK}: {e}"));
+    lock.lock().unwrap_or_else(|e| panic!("testbed: cannot lock {USER_LOCK}: {e}"));
+    if getent_id("group", SHARED_GROUP).is_none() {
+        run(Command::new("groupadd").arg(SHARED_GROUP));
+    }
+    if getent_id("passwd", ATTACKER).is_none() {
+        run(Command::new("useradd").args(["--no-create-home", "--shell", "/bin/sh", "-G", SHARED_GROUP, ATTACKER]));
+    }
+    let ids = (getent_id("passwd", ATTACKER), getent_id("group", SHARED_GROUP));
+    drop(lock);
+    match ids {
+        (Some(u), Some(g)) => (u, g),
+        _ => panic!("testbed: {ATTACKER} or {SHARED_GROUP} missing after useradd"),
+    }
+}
+
+/// Run a shell command as the attacker (`runuser -u certdeploy-attacker`,
+/// with its supplementary group).
+pub fn run_as_attacker(cmd: &str) -> Output {
+    Command::new("runuser")
+        .args(["-u", ATTACKER, "--", "sh", "-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("testbed: runuser: {e}"))
+}
+
 /// Run a shell command as the test user (`runuser -u certdeploy-test -- sh -c`).
 pub fn run_as_user(cmd: &str) -> Output {
     Command::new("runuser")

@@ -69,7 +69,7 @@ pub async fn acquire<H: Host, C: Clock>(
             Parsed::Lock(r) => r,
             Parsed::Newer(v) => return Ok(newer(path, v)),
         };
-        if !dead_own(&cur) && !cur.expired(file.mtime, c.host_now) {
+        if !dead_own(&cur) && !cur.expired_bounded(file.mtime, c.host_now, mine.lease_ms) {
             return Ok(Acquired::Held { holder: cur.describe() });
         }
         // Expired: claim it (compare-and-swap by exclusive create),
@@ -102,7 +102,10 @@ pub async fn acquire<H: Host, C: Clock>(
             // have stalled since, and another taker may have judged it
             // expired and claimed the next link; so we claim the next one
             // as well (never "ours again": two winners).
-            if holder.token != mine.token && !dead_own(&holder) && !holder.expired(cf.mtime, c.host_now) {
+            if holder.token != mine.token
+                && !dead_own(&holder)
+                && !holder.expired_bounded(cf.mtime, c.host_now, mine.lease_ms)
+            {
                 return Ok(Acquired::Held { holder: format!("being taken over by {}", holder.describe()) });
             }
             next_link(&mut token);
@@ -223,7 +226,7 @@ pub async fn reacquire<H: Host, C: Clock>(
             Parsed::Lock(r) => r,
             Parsed::Newer(_) => return Ok(None),
         };
-        if holder.token != token && !holder.expired(cf.mtime, c.host_now) {
+        if holder.token != token && !holder.expired_bounded(cf.mtime, c.host_now, next.lease_ms) {
             // Another worker is taking it over right now.
             return Ok(None);
         }

@@ -138,7 +138,18 @@ impl LockRecord {
     /// Expired by the host's clock (`host_now`, whole seconds): not
     /// rewritten for a whole lease, with a second for the granularity.
     pub fn expired(&self, mtime: u64, host_now: u64) -> bool {
-        host_now > mtime + self.lease_ms.div_ceil(1000) + 1
+        host_now > mtime.saturating_add(self.lease_ms.div_ceil(1000)).saturating_add(1)
+    }
+
+    /// [`Self::expired`] with the lease read from the host bounded by
+    /// `max_lease_ms` (the taker's configured lease): the file lives in a
+    /// directory others may write, and a crafted lease must not hold a
+    /// target for ever (SPEC 8.1). A live holder renews every quarter
+    /// lease, well within a bound as long as the workers sharing a target
+    /// share `lock_lease_s`.
+    pub fn expired_bounded(&self, mtime: u64, host_now: u64, max_lease_ms: u64) -> bool {
+        let lease_ms = self.lease_ms.min(max_lease_ms);
+        host_now > mtime.saturating_add(lease_ms.div_ceil(1000)).saturating_add(1)
     }
 
     pub fn describe(&self) -> String {
