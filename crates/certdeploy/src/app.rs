@@ -172,13 +172,7 @@ impl Runtime {
     /// an inline target has none of its own.
     fn host_policy(&self, plan: &Plan) -> certdeploy_ssh::TargetPolicy {
         match self.cfg.targets.get(&plan.target).filter(|t| t.host == plan.remote.host) {
-            Some(t) => certdeploy_ssh::TargetPolicy {
-                link_targets: t.link_targets.clone(),
-                cert_owner: t.cert_owner.clone(),
-                cert_group: t.cert_group.clone(),
-                key_owner: t.key_owner.clone(),
-                key_group: t.key_group.clone(),
-            },
+            Some(t) => t.host_policy(),
             None => certdeploy_ssh::TargetPolicy::default(),
         }
     }

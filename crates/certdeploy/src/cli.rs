@@ -604,7 +604,7 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
         }
         let mut checks = Vec::new();
         let mut target_ok = true;
-        for line in certdeploy_ssh::check(&pool, &addr, &t.spec()).await {
+        for line in certdeploy_ssh::check(&pool, &addr, &t.spec(), &t.host_policy()).await {
             target_ok &= line.ok;
             if a.json {
                 checks.push(serde_json::json!({ "name": line.name, "ok": line.ok, "detail": line.detail }));

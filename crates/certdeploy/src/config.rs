@@ -301,6 +301,17 @@ impl TargetConfig {
             accept_new_host_key: self.accept_new_host_key(),
         }
     }
+
+    /// This target's rules for links and owners on its host (SPEC 8.1).
+    pub fn host_policy(&self) -> certdeploy_ssh::TargetPolicy {
+        certdeploy_ssh::TargetPolicy {
+            link_targets: self.link_targets.clone(),
+            cert_owner: self.cert_owner.clone(),
+            cert_group: self.cert_group.clone(),
+            key_owner: self.key_owner.clone(),
+            key_group: self.key_group.clone(),
+        }
+    }
 }
 
 impl Config {

@@ -89,6 +89,49 @@ fn json_output_of_journal_list_show_and_check() {
     assert!(!checks.is_empty() && checks.iter().all(|c| c["ok"] == true && c["name"].is_string()), "{report}");
 }
 
+/// `certdeploy check` reports what the link and owner rules of SPEC 8.1
+/// would refuse, one line per configured path, and exits 1; a clean target
+/// passes. Nothing on the host changes.
+#[test]
+fn check_reports_paths_the_link_and_owner_rules_refuse() {
+    let (attacker_uid, _) = certdeploy_testbed::ensure_attacker();
+    let fleet = Fleet::new(2, false);
+    let cfg = fleet.write_config(&Opts::default());
+    let (bad, good) = (&fleet.targets[0], &fleet.targets[1]);
+    // t0: the cert a link out of its directory, the key another user's.
+    let outside = fleet.sshd.dir().join("hosts").join("outside");
+    fleet.sshd.mkdir(&outside, 0o755);
+    fleet.sshd.write(outside.join("other.pem"), b"someone else's certificate\n", 0o644);
+    fleet.sshd.symlink(outside.join("other.pem"), &bad.cert);
+    fleet.sshd.write(&bad.key, b"old key\n", 0o644);
+    std::os::unix::fs::chown(&bad.key, Some(attacker_uid), None).expect("chown key to the attacker");
+    // t1: plain files of the SSH user's.
+    fleet.sshd.write(&good.cert, b"old certificate\n", 0o644);
+    fleet.sshd.write(&good.key, b"old key\n", 0o600);
+    let before = (fleet.sshd.list(&bad.dir), fleet.sshd.list(&good.dir), fleet.sshd.list(&outside));
+
+    let (code, out, err) = run(&cfg, &["check"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let (pem, key) = (bad.cert.display().to_string(), bad.key.display().to_string());
+    let (t0, t1) = out.split_once("target t1").expect("both targets reported");
+    let line = |text: &str, prefix: &str| -> String {
+        text.lines().find(|l| l.trim_start().starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {out}")).into()
+    };
+    let c = line(t0, &format!("[FAIL] cert {pem}: "));
+    assert!(c.contains("outside") && c.contains(&outside.join("other.pem").display().to_string()), "{out}");
+    let k = line(t0, &format!("[FAIL] key {key}: "));
+    assert!(k.contains(&format!("owned by uid {attacker_uid}")), "{out}");
+    line(t0, &format!("[ok] chain {}: ", bad.chain.display()));
+    for (what, p) in [("cert", &good.cert), ("key", &good.key), ("chain", &good.chain)] {
+        line(t1, &format!("[ok] {what} {}: ", p.display()));
+    }
+    assert!(!t1.contains("[FAIL]"), "{out}");
+    let (code, out, err) = run(&cfg, &["check", "--target", "t1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!((fleet.sshd.list(&bad.dir), fleet.sshd.list(&good.dir), fleet.sshd.list(&outside)), before);
+    assert_eq!(fleet.sshd.stat(&bad.key).uid, attacker_uid);
+}
+
 #[test]
 fn status_shows_each_targets_certificate_and_days_left() {
     let fleet = Fleet::new(3, false);

@@ -4,9 +4,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use certdeploy_core::TargetSpec;
+use certdeploy_core::{Role, TargetSpec};
 
 use crate::error::{is_no_such_file, sftp_detail, shell_quote};
+use crate::hostile::TargetPolicy;
 use crate::pool::{ExecFailure, HostAddr, SshPool};
 
 /// One line of a check report.
@@ -33,8 +34,10 @@ fn parent_of(path: &str) -> String {
 
 /// Connect (host key, authentication), check the SFTP extensions, that
 /// every target directory exists and is writable (a probe file is created
-/// and removed), and that the validate and reload commands' programs exist.
-pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec) -> Vec<CheckLine> {
+/// and removed), that every configured path passes the link and owner
+/// rules of SPEC 8.1 under `policy` (the deployment's own checks, reads
+/// only), and that the validate and reload commands' programs exist.
+pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy: &TargetPolicy) -> Vec<CheckLine> {
     let mut lines = Vec::new();
     let lease = match pool.lease(addr).await {
         Ok(l) => {
@@ -115,6 +118,28 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec) -> Vec<
                 false,
                 format!("{addr}: {dir} is not writable by {}: {}", addr.user, sftp_detail(&e)),
             )),
+        }
+    }
+
+    // The link and owner rules (SPEC 8.1), one line per configured path,
+    // with the reason a deployment's snapshot would fail.
+    let host = crate::host::SshHost::new(pool, addr.clone()).with_policy(policy.clone());
+    let mut paths = vec![(Role::Cert, "cert", &target.cert_path), (Role::Key, "key", &target.key_path)];
+    if let Some(c) = &target.chain_path {
+        paths.push((Role::Chain, "chain", c));
+    }
+    for (role, what, path) in paths {
+        let name = format!("{what} {path}");
+        match host.path_rules(&lease, role, path).await {
+            Ok((live, known)) => {
+                let via = if &live == path { String::new() } else { format!(" (a symlink to {live}, allowed)") };
+                let state = match known {
+                    Some(_) => "links and owner acceptable",
+                    None => "no file yet; links acceptable",
+                };
+                lines.push(CheckLine::new(name, true, format!("{path}{via}: {state}")));
+            }
+            Err(e) => lines.push(CheckLine::new(name, false, e.message)),
         }
     }
 

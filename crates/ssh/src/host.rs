@@ -472,15 +472,7 @@ impl<'a> SshHost<'a> {
         // Links and owners first (SPEC 8.1): nothing is written, not even a
         // backup, for a path that resolves where it may not or a file that
         // belongs to someone else.
-        let (live, known) = self.resolve_checked(lease, &req.path).await?;
-        if let Some(m) = &known
-            && m.file_type().is_some_and(|t| t.is_file())
-        {
-            self.check_owner(lease, req.role, &live, m.uid()).await?;
-        }
-        if self.needs_ids() {
-            self.ids(lease).await?;
-        }
+        let (live, known) = self.path_rules(lease, req.role, &req.path).await?;
         if live == req.path
             && known.is_some()
             && lease.sftp().support_hardlink()

@@ -216,6 +216,30 @@ impl SshHost<'_> {
         self.policy.any_ids()
     }
 
+    /// Every rule of SPEC 8.1 a snapshot of `path` (configured for `role`)
+    /// applies before anything is written: the links met resolving it
+    /// ([`Self::resolve_checked`]), the owner of an existing regular file
+    /// ([`Self::check_owner`]), and the configured owners and groups
+    /// existing on the host. The path written and its metadata when it
+    /// exists. Reads only: `certdeploy check` reports the same refusals.
+    pub(crate) async fn path_rules(
+        &self,
+        lease: &Lease,
+        role: Role,
+        path: &str,
+    ) -> Result<(String, Option<MetaData>), StepError> {
+        let (live, known) = self.resolve_checked(lease, path).await?;
+        if let Some(m) = &known
+            && m.file_type().is_some_and(|t| t.is_file())
+        {
+            self.check_owner(lease, role, &live, m.uid()).await?;
+        }
+        if self.needs_ids() {
+            self.ids(lease).await?;
+        }
+        Ok((live, known))
+    }
+
     /// The owner check of SPEC 8.1 on an existing file at `live` (as
     /// configured for `role`): kept only if owned by root or the SSH user,
     /// unless the configuration names the owner.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use certdeploy_core::driver::Host;
 use certdeploy_core::*;
-use certdeploy_ssh::{SshHost, TargetPolicy};
+use certdeploy_ssh::{SshHost, TargetPolicy, check};
 use certdeploy_testbed::{ensure_attacker, run_as_attacker};
 use common::*;
 use sha2::{Digest as _, Sha256};
@@ -282,4 +282,73 @@ async fn fifo_at_the_lock_path_is_refused() {
     let mut left: Vec<String> = rig.sshd.list(&d);
     left.retain(|n| !n.ends_with(".certdeploy-lock"));
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// `certdeploy check` reports, per configured path, what the link and owner
+/// rules would refuse, with the reason a deployment's snapshot gives, and
+/// changes nothing; a configured owner or a clean target passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_what_the_link_and_owner_rules_refuse() {
+    let rig = Rig::new();
+    let (attacker_uid, _) = ensure_attacker();
+    let d = hostile_dir(&rig, "chk");
+    let canary = Canary::new(&rig, "chk-canary");
+    let pem = d.join("site.pem").display().to_string();
+    let k = d.join("site.key");
+    let kp = k.display().to_string();
+    let chain = d.join("chain.pem");
+    // The cert: a link (the SSH user's own) out of the directory; the key:
+    // the attacker's file; the chain: a clean file.
+    rig.sshd.symlink(canary.file("victim.pem"), &pem);
+    rig.sshd.write(&k, &key("old"), 0o644);
+    std::os::unix::fs::chown(&k, Some(attacker_uid), None).expect("chown key to the attacker");
+    rig.sshd.write(&chain, b"old chain\n", 0o644);
+    let mut t = target(&d, "true");
+    t.chain_path = Some(chain.display().to_string());
+    let listing = rig.sshd.list(&d);
+
+    let lines = check(&rig.pool, &rig.addr(ADDR), &t, &policy()).await;
+    let text: Vec<String> = lines.iter().map(|l| format!("{} {}: {}", l.ok, l.name, l.detail)).collect();
+    let find = |n: String| lines.iter().find(|l| l.name == n).unwrap_or_else(|| panic!("{n}: {text:?}")).clone();
+    let c = find(format!("cert {pem}"));
+    assert!(!c.ok && c.detail.contains(&pem) && c.detail.contains("outside"), "{text:?}");
+    assert!(c.detail.contains(&canary.file("victim.pem")), "names where it leads: {text:?}");
+    let kl = find(format!("key {kp}"));
+    assert!(!kl.ok && kl.detail.contains(&kp) && kl.detail.contains(&format!("uid {attacker_uid}")), "{text:?}");
+    let ch = find(format!("chain {}", chain.display()));
+    assert!(ch.ok, "{text:?}");
+    // The other checks still pass: only the path rules fail.
+    assert!(lines.iter().filter(|l| !l.ok).count() == 2, "{text:?}");
+    // Nothing changed on the host.
+    assert_eq!(rig.sshd.list(&d), listing);
+    assert_eq!(rig.sshd.stat(&k).uid, attacker_uid);
+    assert_eq!(rig.sshd.read(&k), key("old"));
+    canary.assert_unchanged("check");
+
+    // The same reason a deployment gives: the cert first, then (the link
+    // gone) the key.
+    let host = rig.host().with_policy(policy());
+    let r = rig.deploy_on(&host, &t, "chk-1", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{}", dump(&r));
+    assert!(r.message.contains(&c.detail), "check: {}\ndeployment: {}", c.detail, r.message);
+    std::fs::remove_file(&pem).unwrap();
+    rig.sshd.write(&pem, &cert("old", 100), 0o644);
+    let r = rig.deploy_on(&host, &t, "chk-2", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{}", dump(&r));
+    assert!(r.message.contains(&kl.detail), "check: {}\ndeployment: {}", kl.detail, r.message);
+
+    // The key's owner configured: the key passes (the policy is the
+    // target's), the cert, now a plain file, too.
+    let user = rig.sshd.user().to_string();
+    let configured = TargetPolicy { key_owner: Some(user), ..policy() };
+    let lines = check(&rig.pool, &rig.addr(ADDR), &t, &configured).await;
+    assert!(lines.iter().all(|l| l.ok), "{lines:?}");
+
+    // A clean target: every path ok.
+    let clean = rig.dir("chk-clean");
+    rig.sshd.write(clean.join("site.pem"), &cert("old", 100), 0o644);
+    rig.sshd.write(clean.join("site.key"), &key("old"), 0o600);
+    let lines = check(&rig.pool, &rig.addr(ADDR), &target(&clean, "true"), &policy()).await;
+    assert!(lines.iter().all(|l| l.ok), "{lines:?}");
+    assert!(lines.iter().any(|l| l.name.starts_with("cert ")) && lines.iter().any(|l| l.name.starts_with("key ")));
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use certdeploy_core::driver::Host;
 use certdeploy_core::*;
-use certdeploy_ssh::{HostAddr, SshHost, SshPool, check};
+use certdeploy_ssh::{HostAddr, SshHost, SshPool, TargetPolicy, check};
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,7 +362,7 @@ async fn check_reports_precise_problems() {
     let mut t = target(&ok, "nosuchprog --reload");
     t.key_path = ro.join("site.key").display().to_string();
     t.chain_path = Some(ok.join("../check-missing/chain.pem").display().to_string());
-    let lines = check(&rig.pool, &rig.addr(ADDR), &t).await;
+    let lines = check(&rig.pool, &rig.addr(ADDR), &t, &TargetPolicy::default()).await;
     let text: Vec<String> = lines.iter().map(|l| format!("{} {} {}", l.ok, l.name, l.detail)).collect();
     let find = |n: &str| lines.iter().find(|l| l.name.starts_with(n)).unwrap_or_else(|| panic!("{n}: {text:?}"));
     assert!(find("connect").ok);
@@ -379,13 +379,14 @@ async fn check_reports_precise_problems() {
     assert!(rig.sshd.list(&ok).is_empty() && rig.sshd.list(&ro).is_empty());
 
     let t2 = target(&ok, "true");
-    let good = check(&rig.pool, &rig.addr(ADDR), &t2).await;
+    let good = check(&rig.pool, &rig.addr(ADDR), &t2, &TargetPolicy::default()).await;
     assert!(good.iter().all(|l| l.ok), "{good:?}");
 
     // Wrong host key.
     let control = tempfile::Builder::new().prefix("cdc").tempdir_in("/tmp").expect("dir");
     let pool = SshPool::new(config(&rig.sshd, control.path(), &rig.sshd.mismatched_known_hosts())).expect("pool");
-    let lines = check(&pool, &HostAddr::new(ADDR, rig.sshd.port(), rig.sshd.user()), &t2).await;
+    let lines =
+        check(&pool, &HostAddr::new(ADDR, rig.sshd.port(), rig.sshd.user()), &t2, &TargetPolicy::default()).await;
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(!lines[0].ok && lines[0].detail.contains("host key verification failed"), "{lines:?}");
     assert!(lines[0].detail.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{lines:?}");
