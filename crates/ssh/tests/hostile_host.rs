@@ -352,3 +352,110 @@ async fn check_reports_what_the_link_and_owner_rules_refuse() {
     assert!(lines.iter().all(|l| l.ok), "{lines:?}");
     assert!(lines.iter().any(|l| l.name.starts_with("cert ")) && lines.iter().any(|l| l.name.starts_with("key ")));
 }
+
+/// The attacker's own process reads every file in the target directory
+/// (and in any directory there it can enter) over and over, holding each
+/// open a moment before reading it (a file opened before its mode is set
+/// stays readable through that descriptor), and in a tight loop opens every
+/// temp name it sees, while ten deployments of a key run: it never gets a byte of any key, old or new, though it reads
+/// the certificates and sees certdeploy's temp and backup names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_reader_never_reads_key_bytes() {
+    let rig = Rig::new();
+    let (attacker_uid, _) = ensure_attacker();
+    let d = hostile_dir(&rig, "reader");
+    rig.sshd.write(d.join("site.pem"), &cert("old", 100), 0o644);
+    rig.sshd.write(d.join("site.key"), &key("old"), 0o600);
+    let work = tempfile::Builder::new().prefix("cdatk").tempdir_in("/tmp").expect("attacker dir");
+    std::os::unix::fs::chown(work.path(), Some(attacker_uid), None).expect("chown");
+    // Two loops of the attacker's: one reads every file; the other only
+    // opens the temp names, without forking, to open one in the moment
+    // between its creation and its chmod, and reads it a little later.
+    let script = r#"d=$1; w=$2
+exec 2>/dev/null
+(while [ ! -e "$w/stop" ]; do
+  for f in "$d"/*.certdeploy-tmp.* "$d"/.certdeploy-stage.*/t; do
+    command exec 3<"$f" || continue
+    sleep 0.005; cat <&3 >> "$w/out"; exec 3<&-
+    echo "$f" >> "$w/names"
+  done
+done) &
+(n=0; while [ ! -e "$w/stop" ]; do
+  for f in "$d"/* "$d"/.[!.]* "$d"/*/* "$d"/.[!.]*/*; do
+    [ -e "$f" ] || continue
+    echo "$f" >> "$w/names"
+    { exec 3<"$f" && sleep 0.005 && cat <&3; } >> "$w/out" &
+  done
+  wait
+  n=$((n+1)); echo "$n" > "$w/count"
+done)
+wait"#;
+    let child = std::process::Command::new("runuser")
+        .args(["-u", certdeploy_testbed::ATTACKER, "--", "sh", "-c", script, "sh"])
+        .arg(&d)
+        .arg(work.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the reader");
+    let mut reader = Reader { child, stop: work.path().join("stop") };
+    let count = || std::fs::read_to_string(work.path().join("count")).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let start = Instant::now();
+    while count().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the reader does not run");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let host = rig.host().with_policy(policy());
+    let t = target(&d, "true");
+    for i in 0..10 {
+        let r = rig
+            .deploy_on(&host, &t, &format!("reader-{i}"), &cert(&format!("c{i}"), 200 + i), &key(&format!("k{i}")))
+            .await;
+        assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+    }
+    let status = reader.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(rig.sshd.read(d.join("site.key")), key("k9"));
+    let out = std::fs::read(work.path().join("out")).unwrap_or_default();
+    let names = std::fs::read_to_string(work.path().join("names")).unwrap_or_default();
+    let iterations = count().unwrap_or(0);
+    let seen = |pat: &str| names.lines().filter(|l| l.contains(pat)).collect::<std::collections::BTreeSet<_>>().len();
+    eprintln!(
+        "reader: {iterations} passes, {} bytes read; distinct names seen: {} temp, {} staging, {} backup",
+        out.len(),
+        seen(".certdeploy-tmp."),
+        seen(".certdeploy-stage."),
+        seen(".certdeploy-bak.")
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("SECRET-KEY") && !text.contains("PRIVATE KEY"), "the attacker read key bytes");
+    // It did read: the certificates are public.
+    assert!(text.contains("BEGIN CERTIFICATE"), "the reader read nothing");
+    assert!(iterations >= 10, "{iterations} passes");
+    // It saw the transient names (the temps and the key's staging
+    // directory: `.certdeploy-tmp.` in both), not only what stays.
+    assert!(seen(".certdeploy-tmp.") > 0, "the reader never saw a temp or staging name: {names}");
+}
+
+/// The attacker's reader, stopped (its loops see the stop file) even when
+/// the test fails.
+struct Reader {
+    child: std::process::Child,
+    stop: PathBuf,
+}
+
+impl Reader {
+    fn stop(&mut self) -> std::process::ExitStatus {
+        std::fs::write(&self.stop, b"").expect("stop the reader");
+        self.child.wait().expect("reader")
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
