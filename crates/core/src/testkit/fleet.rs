@@ -846,23 +846,39 @@ impl Parts {
         self.journal.lock().unwrap_or_else(|e| e.into_inner()).of(key)
     }
 
+    /// This worker's view of the simulated host, its journal and its clock.
+    fn adapters(&self) -> (FleetHost, FleetJournal, FleetClock) {
+        (
+            FleetHost { world: self.world.clone(), worker: self.index },
+            FleetJournal { st: self.journal.clone(), world: self.world.clone() },
+            FleetClock { world: self.world.clone(), mono_offset: self.mono_offset },
+        )
+    }
+
+    /// The worker's identity and lock settings, as the binary builds them.
+    fn worker<'a>(
+        &'a self,
+        dead_own: &'a (dyn Fn(&LockRecord) -> bool + Sync),
+        notice: &'a (dyn Fn(Notice) + Sync),
+    ) -> Worker<'a> {
+        Worker {
+            name: &self.name,
+            journal_id: &self.journal_id,
+            lease_ms: self.cfg.lease_ms,
+            dead_own,
+            notice,
+            planted: self.cfg.planted,
+        }
+    }
+
     /// Resume every unfinished deployment of this journal, in order.
     async fn recover(self) -> Result<TaskOut, DriveError> {
-        let host = FleetHost { world: self.world.clone(), worker: self.index };
-        let journal = FleetJournal { st: self.journal.clone(), world: self.world.clone() };
-        let clock = FleetClock { world: self.world.clone(), mono_offset: self.mono_offset };
+        let (host, journal, clock) = self.adapters();
         let env =
             Env { host: &host, verifier: &NoVerifier, journal: &journal, clock: &clock, cert_facts: fake_cert_facts };
         let dead_own = |r: &LockRecord| self.dead_own(r);
         let notice = |n: Notice| self.notice(n);
-        let w = Worker {
-            name: &self.name,
-            journal_id: &self.journal_id,
-            lease_ms: self.cfg.lease_ms,
-            dead_own: &dead_own,
-            notice: &notice,
-            planted: self.cfg.planted,
-        };
+        let w = self.worker(&dead_own, &notice);
         let keys = self.journal.lock().unwrap_or_else(|e| e.into_inner()).unfinished();
         for key in keys {
             let recs = self.records(&key);
@@ -880,21 +896,12 @@ impl Parts {
 
     /// The worker's handling of one delivery (`Runtime::execute`).
     async fn deliver(self, msg: Msg, entropy: u64) -> Result<TaskOut, DriveError> {
-        let host = FleetHost { world: self.world.clone(), worker: self.index };
-        let journal = FleetJournal { st: self.journal.clone(), world: self.world.clone() };
-        let clock = FleetClock { world: self.world.clone(), mono_offset: self.mono_offset };
+        let (host, journal, clock) = self.adapters();
         let env =
             Env { host: &host, verifier: &NoVerifier, journal: &journal, clock: &clock, cert_facts: fake_cert_facts };
         let dead_own = |r: &LockRecord| self.dead_own(r);
         let notice = |n: Notice| self.notice(n);
-        let w = Worker {
-            name: &self.name,
-            journal_id: &self.journal_id,
-            lease_ms: self.cfg.lease_ms,
-            dead_own: &dead_own,
-            notice: &notice,
-            planted: self.cfg.planted,
-        };
+        let w = self.worker(&dead_own, &notice);
         let target = {
             let wd = world(&self.world);
             wd.targets[msg.target].clone()
