@@ -554,22 +554,25 @@ impl SledJournal {
         // and a dozen thread wake-ups per append (measured). A crash between
         // the two is repaired at open, see `reconcile`. Most records leave
         // the index entry alone (see `Entry`).
-        let known = self.index.contains_key(deployment_id)?;
-        let entry = if is_checkpoint(&record.event) || !known {
+        // One index lookup per append, as before the deployments counter:
+        // a checkpoint reads the entry anyway, and tells whether it is new.
+        let (entry, new_id) = if is_checkpoint(&record.event) || !self.index.contains_key(deployment_id)? {
             // The skipped records since the last checkpoint changed only
             // what this one overwrites (last event, last seq; `updated_at`
             // unless the clock went back).
-            let mut entry = self.entry(deployment_id)?.unwrap_or_else(|| Entry::empty(record.at));
+            let existing = self.entry(deployment_id)?;
+            let new_id = existing.is_none();
+            let mut entry = existing.unwrap_or_else(|| Entry::empty(record.at));
             entry.apply(record, seq);
-            Some(encode("index entry", &entry)?)
+            (Some(encode("index entry", &entry)?), new_id)
         } else {
-            None
+            (None, false)
         };
         self.records.insert(key.as_slice(), value.as_slice())?;
         if let Some(ev) = entry {
             self.index.insert(deployment_id.as_bytes(), ev)?;
         }
-        if !known {
+        if new_id {
             self.deployments.fetch_add(1, Ordering::Relaxed);
         }
         *next = seq + 1;
