@@ -128,7 +128,14 @@ pub async fn acquire<H: Host, C: Clock>(
             None => false,
         };
         if !still {
-            // Left for the sweep (older than a lease).
+            // Our claim may go only while its own lease holds (nobody can
+            // have judged it expired and chained past it); otherwise it is
+            // left for the sweep (older than a lease).
+            if clock.mono_ms() < claim_valid_until
+                && let Some(mine_claim) = claims.last()
+            {
+                let _ = host.lock_remove(mine_claim).await;
+            }
             continue;
         }
         if clock.mono_ms() >= claim_valid_until {
@@ -249,12 +256,17 @@ pub async fn reacquire<H: Host, C: Clock>(
     let still = host_now.is_some();
     let host_now = host_now.unwrap_or(0);
     // Once the lock is replaced, the whole chain (ours, and the dead links
-    // before it); otherwise nothing (see `acquire`): the sweep removes it.
+    // before it); otherwise only our own claim, while its lease holds (see
+    // `acquire`), else the sweep removes it.
     if still {
         for claim in claims.iter().rev() {
             let _ = host.lock_remove(claim).await;
         }
         sweep(host, path, host_now, next.lease_ms).await;
+    } else if fence()
+        && let Some(ours) = claims.last()
+    {
+        let _ = host.lock_remove(ours).await;
     }
     Ok(still.then_some((next, host_now)))
 }
