@@ -1,13 +1,16 @@
-//! `certdeploy.toml`: worker, ssh and targets. Every error names the file,
-//! the key and the problem. `CERTDEPLOY_*` environment variables override
-//! `[worker]` keys (e.g. `CERTDEPLOY_AMQP_URL`, `CERTDEPLOY_CONCURRENCY`).
+//! `certdeploy.toml`: worker, ssh and targets, plus the include files
+//! `[worker] include` names (more `[targets.NAME]` tables). Every error
+//! names the file, the key (or the line) and the problem. `CERTDEPLOY_*`
+//! environment variables override `[worker]` keys (e.g.
+//! `CERTDEPLOY_AMQP_URL`, `CERTDEPLOY_CONCURRENCY`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use certdeploy_core::{PlanError, Policy, TargetSpec, check_target_paths, parse_mode, same_host, target_paths};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {problem}")]
@@ -32,10 +35,16 @@ pub struct Config {
     /// read them (empty before).
     #[serde(skip)]
     pub keyring: std::sync::Arc<crate::sealed::Keyring>,
+    /// The file each target is defined in (the main file or an include).
+    #[serde(skip)]
+    pub origins: BTreeMap<String, String>,
+    /// The include files read, in the order they were read.
+    #[serde(skip)]
+    pub included: Vec<PathBuf>,
 }
 
 /// `[submit]`: settings of `certdeploy submit`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SubmitSection {
     /// age recipients (`age1…`) the private key is sealed to before publishing.
@@ -60,9 +69,15 @@ impl WorkerConfig {
 /// `CERTDEPLOY_*` variables that are not `[worker]` overrides.
 pub const NOT_WORKER_KEYS: &[&str] = &["CERTDEPLOY_CONFIG", "CERTDEPLOY_LOG_FORMAT"];
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
+    /// Files holding more `[targets.NAME]` tables: a glob or a list of
+    /// globs (shell style; relative ones are resolved against the main
+    /// file's directory). Read in sorted order; a pattern that matches
+    /// nothing adds nothing, a path without wildcards must exist.
+    #[serde(deserialize_with = "one_or_many")]
+    pub include: Vec<String>,
     pub amqp_url: String,
     /// The nodes of one RabbitMQ cluster; when set, wins over `amqp_url`.
     pub amqp_urls: Vec<String>,
@@ -133,6 +148,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
+            include: vec![],
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             amqp_urls: vec![],
             amqp_url_file: None,
@@ -177,7 +193,7 @@ impl WorkerConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SshSection {
     pub known_hosts: PathBuf,
@@ -207,7 +223,7 @@ impl Default for SshSection {
 }
 
 /// A `[targets.NAME]` table: the target fields plus per-target policy.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub host: String,
@@ -373,23 +389,66 @@ impl Config {
         Config::parse(&text, &file, &vars)
     }
 
+    /// Parse the main file's text (`file` names it in errors, and its
+    /// directory resolves relative include patterns), apply the `CERTDEPLOY_*`
+    /// overrides, read the include files, validate the merged set.
     pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let err = |key: &str, problem: String| ConfigError { file: file.to_string(), key: key.to_string(), problem };
-        let mut cfg: Config = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
-            let key = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!("line {line}")
-                })
-                .unwrap_or_else(|| "-".into());
-            err(&key, msg)
-        })?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
         cfg.apply_env(env).map_err(|(k, p)| err(&k, p))?;
         cfg.read_secret_files().map_err(|(k, p)| err(&k, p))?;
+        cfg.origins = cfg.targets.keys().map(|name| (name.clone(), file.to_string())).collect();
+        cfg.read_includes(file)?;
         cfg.validate().map_err(|(k, p)| err(&k, p))?;
+        cfg.validate_targets()?;
         Ok(cfg)
+    }
+
+    /// Merge the targets of every include file, in sorted order of their
+    /// paths. A target name defined twice (in two files, or in the main
+    /// file and an include) is an error naming both files.
+    fn read_includes(&mut self, main: &str) -> Result<(), ConfigError> {
+        let base = Path::new(main).parent().unwrap_or(Path::new(""));
+        for path in include_files(&self.worker.include, base, main)? {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+                file: shown.clone(),
+                key: "-".into(),
+                problem: format!("cannot read: {e}"),
+            })?;
+            for (name, t) in parse_include(&text, &shown)? {
+                if let Some(first) = self.origins.get(&name) {
+                    let also = if *first == shown { "earlier in this file".to_string() } else { format!("in {first}") };
+                    return Err(ConfigError {
+                        file: shown,
+                        key: format!("targets.{name}"),
+                        problem: format!("target {name} is defined twice: also {also} (each target name once)"),
+                    });
+                }
+                self.origins.insert(name.clone(), shown.clone());
+                self.targets.insert(name, t);
+            }
+            self.included.push(path);
+        }
+        Ok(())
+    }
+
+    /// The file target `name` is defined in.
+    fn origin(&self, name: &str) -> &str {
+        self.origins.get(name).map_or("-", String::as_str)
+    }
+
+    /// Each target on its own, then the shared paths across targets; the
+    /// error names the file the target is defined in.
+    fn validate_targets(&self) -> Result<(), ConfigError> {
+        for (name, t) in &self.targets {
+            validate_target(name, t).map_err(|(key, problem)| ConfigError {
+                file: self.origin(name).to_string(),
+                key,
+                problem,
+            })?;
+        }
+        self.check_shared_paths()
     }
 
     fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), (String, String)> {
@@ -405,6 +464,7 @@ impl Config {
                 _ => Err(bad("a boolean")),
             };
             match key.as_str() {
+                "include" => w.include = list(),
                 "amqp_url" => w.amqp_url = v.clone(),
                 "amqp_urls" => w.amqp_urls = list(),
                 "amqp_url_file" => w.amqp_url_file = Some(v.into()),
@@ -518,34 +578,36 @@ impl Config {
         if w.metrics_listen.parse::<std::net::SocketAddr>().is_err() && !w.metrics_listen.is_empty() {
             return e("worker.metrics_listen", "must be host:port (an IP address), or empty to disable");
         }
-        for (name, t) in &self.targets {
-            validate_target(name, t)?;
-        }
-        self.check_shared_paths()
+        Ok(())
     }
 
     /// Two targets on one host and port never share a path: each would
-    /// take the other's file (and prune its backups).
-    fn check_shared_paths(&self) -> Result<(), (String, String)> {
-        let all: Vec<(&String, &TargetConfig)> = self.targets.iter().collect();
-        for (i, (a, ta)) in all.iter().enumerate() {
-            for (b, tb) in &all[i + 1..] {
-                if !(ta.port == tb.port && same_host(&ta.host, &tb.host)) {
-                    continue;
+    /// take the other's file (and prune its backups). One pass over the
+    /// targets in name order (a later target's path is reported against the
+    /// earlier one's), so thousands of targets cost thousands of lookups.
+    fn check_shared_paths(&self) -> Result<(), ConfigError> {
+        let mut seen: HashMap<(String, u16, &str), (&str, &'static str)> = HashMap::new();
+        for (b, tb) in &self.targets {
+            let host = tb.host.to_ascii_lowercase();
+            for (fb, pb) in [("cert_path", Some(&tb.cert_path)), ("key_path", Some(&tb.key_path))]
+                .into_iter()
+                .chain([("chain_path", tb.chain_path.as_ref())])
+                .filter_map(|(f, p)| p.map(|p| (f, p.as_str())))
+            {
+                if let Some((a, fa)) = seen.get(&(host.clone(), tb.port, pb)) {
+                    let (file_a, file_b) = (self.origin(a), self.origin(b));
+                    let where_a = if file_a == file_b { String::new() } else { format!(" (in {file_a})") };
+                    return Err(ConfigError {
+                        file: file_b.to_string(),
+                        key: format!("targets.{b}.{fb}"),
+                        problem: format!(
+                            "`{pb}` is also targets.{a}.{fa}{where_a} on the same host ({}:{}): targets {a} and {b} \
+                             would overwrite each other's file (targets on one host and port must not share a path)",
+                            tb.host, tb.port
+                        ),
+                    });
                 }
-                let (sa, sb) = (ta.spec(), tb.spec());
-                for (fb, pb) in target_paths(&sb) {
-                    if let Some((fa, _)) = target_paths(&sa).into_iter().find(|(_, pa)| *pa == pb) {
-                        return Err((
-                            format!("targets.{b}.{fb}"),
-                            format!(
-                                "`{pb}` is also targets.{a}.{fa} on the same host ({}:{}): targets {a} and {b} \
-                                 would overwrite each other's file (targets on one host and port must not share a path)",
-                                tb.host, tb.port
-                            ),
-                        ));
-                    }
-                }
+                seen.insert((host.clone(), tb.port, pb), (b.as_str(), fb));
             }
         }
         Ok(())
@@ -558,6 +620,89 @@ impl Config {
             target_paths(&t.spec()).into_iter().find(|(_, p)| *p == path).map(|(f, _)| (name.as_str(), f))
         })
     }
+}
+
+/// The configuration a running worker uses, replaced whole by a reload.
+/// A reader takes a snapshot ([`LiveConfig::get`]: an `Arc` cloned under a
+/// read lock held for nothing else, never across an `.await`) and keeps it
+/// for everything it does with one request, so a request never sees half
+/// of one configuration and half of another.
+pub struct LiveConfig(RwLock<Arc<Config>>);
+
+/// What a reload changed.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    pub targets: usize,
+    pub files: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl LiveConfig {
+    pub fn new(cfg: Config) -> LiveConfig {
+        LiveConfig(RwLock::new(Arc::new(cfg)))
+    }
+
+    /// The configuration now.
+    pub fn get(&self) -> Arc<Config> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swap in `new` (read from `file`), unless a key outside the targets
+    /// changed: `[worker]` and `[ssh]` take effect only at a restart (the
+    /// broker connection, the journal, the pool and the listeners are set
+    /// up once), so such a reload is refused naming every changed key, and
+    /// the running configuration stays whole. `[worker] include` may change
+    /// (it only says where targets come from); `[submit]` is not the
+    /// worker's. One caller at a time (the worker's reload task).
+    pub fn reload(&self, mut new: Config, file: &str) -> Result<Reloaded, ConfigError> {
+        let old = self.get();
+        let changed = restart_keys(&old, &new);
+        if !changed.is_empty() {
+            return Err(ConfigError {
+                file: file.to_string(),
+                key: changed.join(", "),
+                problem: "changed, and only targets are reloaded: [worker] and [ssh] keys take effect at a \
+                          restart (revert them to reload the targets, or restart the worker)"
+                    .into(),
+            });
+        }
+        // The identities are the same files (key_identities unchanged).
+        new.keyring = old.keyring.clone();
+        let mut r = Reloaded { targets: new.targets.len(), files: 1 + new.included.len(), ..Reloaded::default() };
+        for (name, t) in &new.targets {
+            match old.targets.get(name) {
+                None => r.added.push(name.clone()),
+                Some(o) if o != t => r.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        r.removed = old.targets.keys().filter(|n| !new.targets.contains_key(*n)).cloned().collect();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        Ok(r)
+    }
+}
+
+/// The `[worker]` (but `include`) and `[ssh]` keys whose values differ.
+fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let sections = [
+        ("worker", serde_json::to_value(&old.worker), serde_json::to_value(&new.worker)),
+        ("ssh", serde_json::to_value(&old.ssh), serde_json::to_value(&new.ssh)),
+    ];
+    for (section, a, b) in sections {
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
+            out.push(section.to_string());
+            continue;
+        };
+        for (k, va) in &a {
+            if k != "include" && b.get(k) != Some(va) {
+                out.push(format!("{section}.{k}"));
+            }
+        }
+    }
+    out
 }
 
 fn validate_target(name: &str, t: &TargetConfig) -> Result<(), (String, String)> {
@@ -618,6 +763,114 @@ pub fn check_endpoint(ep: &str) -> Result<(), String> {
     check_host(h.trim_start_matches('[').trim_end_matches(']'))?;
     p.parse::<u16>().map_err(|_| format!("port `{p}` is not a number"))?;
     Ok(())
+}
+
+/// A TOML error as a [`ConfigError`]: the line, when the parser gives a place.
+fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let key = e
+        .span()
+        .map(|s| format!("line {}", text[..s.start.min(text.len())].matches('\n').count() + 1))
+        .unwrap_or_else(|| "-".into());
+    ConfigError { file: file.to_string(), key, problem: e.message().to_string() }
+}
+
+/// `[worker] include = "glob"` or `include = ["glob", ...]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct OneOrMany;
+    impl<'de> serde::de::Visitor<'de> for OneOrMany {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a glob (a string) or a list of globs")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<String>, E> {
+            Ok(vec![s.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                v.push(s);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_any(OneOrMany)
+}
+
+/// The files `[worker] include` names, sorted, each once. Patterns are
+/// shell globs (`*` and `?` within one path component, `[...]`, `**` for
+/// any depth; names starting with `.` only when the pattern spells the
+/// dot, so editors' hidden files are skipped); relative ones are resolved
+/// against `base`, the main file's directory. A glob that matches nothing
+/// adds nothing (an empty `targets.d` is fine); a path without wildcards
+/// must exist. Only regular files (or links to them) are read.
+fn include_files(patterns: &[String], base: &Path, main: &str) -> Result<Vec<PathBuf>, ConfigError> {
+    let err = |problem: String| ConfigError { file: main.to_string(), key: "worker.include".into(), problem };
+    let mut files = Vec::new();
+    for p in patterns {
+        if p.trim().is_empty() {
+            return Err(err("an empty pattern".into()));
+        }
+        if !p.contains(['*', '?', '[']) {
+            let path = base.join(p);
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => files.push(path),
+                Ok(_) => return Err(err(format!("{} is not a regular file", path.display()))),
+                Err(e) => return Err(err(format!("{}: {e}", path.display()))),
+            }
+            continue;
+        }
+        let full = if Path::new(p).is_absolute() || base.as_os_str().is_empty() {
+            p.clone()
+        } else {
+            let dir = base.to_str().ok_or_else(|| err(format!("{} is not UTF-8", base.display())))?;
+            format!("{}/{p}", glob::Pattern::escape(dir).trim_end_matches('/'))
+        };
+        let options = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: true,
+        };
+        let paths = glob::glob_with(&full, options).map_err(|e| err(format!("`{p}` is not a valid glob: {e}")))?;
+        for entry in paths {
+            let path = entry.map_err(|e| err(format!("{}: {}", e.path().display(), e.error())))?;
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => files.push(path),
+                Ok(_) => return Err(err(format!("{} (matched by `{p}`) is not a regular file", path.display()))),
+                Err(e) => return Err(err(format!("{}: {e}", path.display()))),
+            }
+        }
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// The `[targets.NAME]` tables of an include file; anything else in it is
+/// an error naming its line.
+fn parse_include(text: &str, file: &str) -> Result<BTreeMap<String, TargetConfig>, ConfigError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct IncludeFile {
+        #[serde(default)]
+        targets: BTreeMap<String, TargetConfig>,
+    }
+    let doc = toml::de::DeTable::parse(text).map_err(|e| toml_error(file, text, &e))?;
+    for (key, _) in doc.get_ref().iter() {
+        if key.get_ref() != "targets" {
+            let line = text[..key.span().start.min(text.len())].matches('\n').count() + 1;
+            let what = key.get_ref();
+            return Err(ConfigError {
+                file: file.to_string(),
+                key: format!("line {line}"),
+                problem: format!(
+                    "`{what}` is not allowed in an include file: it holds only [targets.NAME] tables \
+                     ([worker], [ssh] and [submit] belong in the main configuration file)"
+                ),
+            });
+        }
+    }
+    let inc: IncludeFile = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
+    Ok(inc.targets)
 }
 
 /// Glob match of host names with `*` (any run, including dots) and `?`
@@ -830,6 +1083,214 @@ reload_command = "systemctl reload nginx"
                 "{e}"
             );
         }
+    }
+
+    /// A target table named `name` on `host` with its files under `dir`.
+    fn target(name: &str, host: &str, dir: &str) -> String {
+        format!(
+            "[targets.{name}]\nhost = \"{host}\"\nuser = \"deploy\"\ncert_path = \"{dir}/site.pem\"\n\
+             key_path = \"{dir}/site.key\"\nreload_command = \"true\"\n"
+        )
+    }
+
+    /// A main file `certdeploy.toml` in a fresh directory with `extra`
+    /// after `[worker]` (e.g. an include line) and the given include files
+    /// (relative path, text).
+    fn tree(extra: &str, files: &[(&str, String)]) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in files {
+            let p = dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let main = dir.path().join("certdeploy.toml");
+        std::fs::write(
+            &main,
+            format!("[worker]\njournal_path = \"/tmp/j\"\n{extra}\n{}", target("m", "m.internal", "/m")),
+        )
+        .unwrap();
+        (dir, main.display().to_string())
+    }
+
+    fn load(main: &str) -> Result<Config, ConfigError> {
+        Config::parse(&std::fs::read_to_string(main).unwrap(), main, &[])
+    }
+
+    #[test]
+    fn includes_are_merged_in_sorted_order_with_the_main_files_targets() {
+        let (dir, main) = tree(
+            "include = \"targets.d/*.toml\"",
+            &[
+                ("targets.d/b.toml", target("b", "b.internal", "/b")),
+                ("targets.d/a.toml", target("a1", "a.internal", "/a1") + &target("a2", "a.internal", "/a2")),
+                ("targets.d/notes.txt", "not toml at all [".into()),
+                ("targets.d/.hidden.toml", "[worker]\n".into()),
+            ],
+        );
+        let c = load(&main).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.targets.keys().collect::<Vec<_>>(), ["a1", "a2", "b", "m"]);
+        let d = dir.path().join("targets.d");
+        assert_eq!(c.included, vec![d.join("a.toml"), d.join("b.toml")], "sorted, .toml only, hidden files skipped");
+        assert_eq!(c.origins["a2"], d.join("a.toml").display().to_string());
+        assert_eq!(c.origins["m"], main);
+        assert_eq!(c.targets["b"].host, "b.internal");
+        // A list of globs, one of them absolute; a file matched twice is read once.
+        let abs = format!("{}/targets.d/b*.toml", dir.path().display());
+        std::fs::write(&main, format!("[worker]\ninclude = [\"targets.d/a.toml\", \"{abs}\", \"targets.d/*.toml\"]\n"))
+            .unwrap();
+        let c = load(&main).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.targets.keys().collect::<Vec<_>>(), ["a1", "a2", "b"]);
+        assert_eq!(c.included.len(), 2);
+    }
+
+    #[test]
+    fn relative_includes_are_resolved_against_the_main_files_directory() {
+        let (dir, main) = tree("include = \"conf/*.toml\"", &[("conf/x.toml", target("x", "x.internal", "/x"))]);
+        // The tests run in the crate's directory, which has no conf/: only
+        // the main file's directory can give x.
+        assert!(!Path::new("conf").exists());
+        let c = load(&main);
+        let c = c.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.targets.keys().collect::<Vec<_>>(), ["m", "x"]);
+        assert_eq!(c.included, vec![dir.path().join("conf/x.toml")]);
+        // A path without wildcards is relative to the same directory, and must exist.
+        std::fs::write(&main, "[worker]\ninclude = \"conf/x.toml\"\n").unwrap();
+        assert!(load(&main).unwrap().targets.contains_key("x"));
+        std::fs::write(&main, "[worker]\ninclude = \"conf/missing.toml\"\n").unwrap();
+        let e = load(&main).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{main}: worker.include: {}/conf/missing.toml: ", dir.path().display())), "{e}");
+    }
+
+    #[test]
+    fn a_glob_that_matches_nothing_adds_nothing() {
+        for pattern in ["targets.d/*.toml", "no-such-dir/*.toml"] {
+            let (dir, main) = tree(&format!("include = \"{pattern}\""), &[]);
+            std::fs::create_dir(dir.path().join("targets.d")).unwrap();
+            let c = load(&main).unwrap_or_else(|e| panic!("{pattern}: {e}"));
+            assert_eq!(c.targets.keys().collect::<Vec<_>>(), ["m"], "{pattern}");
+            assert!(c.included.is_empty());
+        }
+        // The same from the environment.
+        let (_dir, main) = tree("", &[]);
+        let env = vec![("CERTDEPLOY_INCLUDE".to_string(), "none/*.toml, other/*.toml".to_string())];
+        let c = Config::parse(&std::fs::read_to_string(&main).unwrap(), &main, &env).unwrap();
+        assert_eq!(c.worker.include, vec!["none/*.toml", "other/*.toml"]);
+    }
+
+    #[test]
+    fn a_target_defined_twice_is_an_error_naming_both_files() {
+        let (dir, main) = tree(
+            "include = \"targets.d/*.toml\"",
+            &[
+                ("targets.d/a.toml", target("web", "a.internal", "/a")),
+                ("targets.d/b.toml", target("web", "b.internal", "/b")),
+            ],
+        );
+        let d = dir.path().join("targets.d");
+        let e = load(&main).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: targets.web: target web is defined twice: also in {} (each target name once)",
+                d.join("b.toml").display(),
+                d.join("a.toml").display()
+            )
+        );
+        // The main file and an include.
+        std::fs::write(d.join("b.toml"), target("m", "b.internal", "/b")).unwrap();
+        std::fs::remove_file(d.join("a.toml")).unwrap();
+        let e = load(&main).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: targets.m: target m is defined twice: also in {main} (each target name once)",
+                d.join("b.toml").display()
+            )
+        );
+    }
+
+    #[test]
+    fn an_include_holds_only_targets() {
+        for (text, what, line) in [
+            (format!("{}\n[worker]\nconcurrency = 1\n", target("a", "a.internal", "/a")), "worker", 8),
+            ("[ssh]\nconnect_timeout_s = 1\n".to_string(), "ssh", 1),
+            ("x = 1\n".to_string(), "x", 1),
+        ] {
+            let (dir, main) = tree("include = \"t/*.toml\"", &[("t/a.toml", text)]);
+            let file = dir.path().join("t/a.toml").display().to_string();
+            let e = load(&main).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{file}: line {line}: `{what}` is not allowed in an include file")), "{e}");
+        }
+        // The parser's own errors name the include file and the line.
+        let bad = target("a", "a.internal", "/a").replace("user = \"deploy\"", "user = deploy");
+        let (dir, main) = tree("include = \"t/*.toml\"", &[("t/a.toml", bad)]);
+        let e = load(&main).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: line 3: ", dir.path().join("t/a.toml").display())), "{e}");
+        let unknown = target("a", "a.internal", "/a") + "colour = \"red\"\n";
+        let (dir, main) = tree("include = \"t/*.toml\"", &[("t/a.toml", unknown)]);
+        let e = load(&main).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}: line 7: unknown field `colour`", dir.path().join("t/a.toml").display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_merged_set_is_validated_naming_each_targets_own_file() {
+        // One target's own problem: named in its file.
+        let bad = target("a", "a.internal", "/a").replace("/a/site.key", "a/site.key");
+        let (dir, main) = tree("include = \"t/*.toml\"", &[("t/a.toml", bad)]);
+        let e = load(&main).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: targets.a.key_path: `a/site.key` must be an absolute path",
+                dir.path().join("t/a.toml").display()
+            )
+        );
+        // A path shared across files on one host: both targets and both files named.
+        let (dir, main) = tree("include = \"t/*.toml\"", &[("t/z.toml", target("z", "M.internal", "/m"))]);
+        let e = load(&main).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: targets.z.cert_path: `/m/site.pem` is also targets.m.cert_path (in {main}) on the same host \
+                 (M.internal:22): targets m and z would overwrite each other's file (targets on one host and port \
+                 must not share a path)",
+                dir.path().join("t/z.toml").display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_reload_swaps_targets_and_refuses_worker_and_ssh_changes() {
+        let (dir, main) = tree("include = \"t/*.toml\"", &[("t/a.toml", target("a", "a.internal", "/a"))]);
+        let live = LiveConfig::new(load(&main).unwrap());
+        let before = live.get();
+        std::fs::write(dir.path().join("t/a.toml"), target("a", "a2.internal", "/a")).unwrap();
+        std::fs::write(dir.path().join("t/b.toml"), target("b", "b.internal", "/b")).unwrap();
+        let r = live.reload(load(&main).unwrap(), &main).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (r.added, r.changed, r.removed, r.targets, r.files),
+            (vec!["b".into()], vec!["a".into()], vec![], 3, 3)
+        );
+        assert_eq!(live.get().targets["a"].host, "a2.internal");
+        assert_eq!(before.targets["a"].host, "a.internal", "a snapshot taken before stays as it was");
+        // A [worker] or [ssh] key changed: refused, naming the keys; nothing swapped.
+        let text = std::fs::read_to_string(&main).unwrap();
+        std::fs::write(&main, text.replace("[worker]\n", "[ssh]\nidle_timeout_s = 5\n[worker]\nconcurrency = 8\n"))
+            .unwrap();
+        std::fs::remove_file(dir.path().join("t/b.toml")).unwrap();
+        let e = live.reload(load(&main).unwrap_or_else(|e| panic!("{e}")), &main).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{main}: worker.concurrency, ssh.idle_timeout_s: changed, and only targets")),
+            "{e}"
+        );
+        assert!(live.get().targets.contains_key("b"), "the running configuration stays whole");
+        // The include patterns themselves may change.
+        std::fs::write(&main, text.replace("t/*.toml", "t/a.toml")).unwrap();
+        let r = live.reload(load(&main).unwrap(), &main).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.removed, r.targets), (vec!["b".into()], 2));
     }
 
     #[test]
