@@ -66,7 +66,7 @@ pub fn request_with(data: &[u8], cfg: &Config) -> Result<(), Box<Rejection>> {
         }
     };
     // Accepted: it must plan, and every command is configured or allowlisted.
-    let (plan, _payload) = v.plan(cfg, 1).unwrap_or_else(|e| panic!("validated request does not plan: {e}"));
+    let (plan, _payload) = v.plan(1).unwrap_or_else(|e| panic!("validated request does not plan: {e}"));
     let allowed = |c: &str| {
         cfg.worker.inline_command_allowlist.iter().any(|a| a == c)
             || cfg.targets.values().any(|t| t.reload_command == c || t.validate_command.as_deref() == Some(c))

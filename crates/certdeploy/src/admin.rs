@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 
 /// The largest request line accepted.
 const MAX_REQUEST: u64 = 4096;
@@ -105,7 +105,12 @@ impl Default for Control {
 
 /// Bind the socket (replacing a stale socket of an earlier run, never any
 /// other kind of file) and answer requests until the process ends.
-pub async fn serve(path: PathBuf, j: Arc<SledJournal>, cfg: Config, control: Arc<Control>) -> std::io::Result<()> {
+pub async fn serve(
+    path: PathBuf,
+    j: Arc<SledJournal>,
+    config: Arc<LiveConfig>,
+    control: Arc<Control>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     match std::fs::symlink_metadata(&path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&path)?,
@@ -129,7 +134,8 @@ pub async fn serve(path: PathBuf, j: Arc<SledJournal>, cfg: Config, control: Arc
                 continue;
             }
         };
-        let (j, cfg, control) = (j.clone(), cfg.clone(), control.clone());
+        // The configured targets as of this request (a reload may add some).
+        let (j, cfg, control) = (j.clone(), config.get(), control.clone());
         tokio::spawn(async move {
             let (read, mut write) = sock.into_split();
             let mut line = String::new();
@@ -148,7 +154,7 @@ pub async fn serve(path: PathBuf, j: Arc<SledJournal>, cfg: Config, control: Arc
     }
 }
 
-async fn answer(req: &Value, j: &Arc<SledJournal>, cfg: &Config, control: &Control) -> Value {
+async fn answer(req: &Value, j: &Arc<SledJournal>, cfg: &Arc<Config>, control: &Control) -> Value {
     let err = |e: certdeploy_journal::Error| json!({ "error": e.to_string() });
     let blocking = |f: Box<dyn FnOnce() -> Value + Send>| async move {
         tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| json!({ "error": e.to_string() }))

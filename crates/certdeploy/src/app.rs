@@ -18,7 +18,7 @@ use certdeploy_journal::{DeploymentStatus, Durability, JournalOptions, SledJourn
 use certdeploy_ssh::{HostAddr, SshHost, SshPool};
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, LiveConfig, TargetConfig};
 use crate::intake::Validated;
 use crate::metrics as m;
 use crate::verify::{SystemClock, TlsVerifier};
@@ -57,7 +57,9 @@ impl Drop for KeyGuard<'_> {
 }
 
 pub struct Runtime {
-    pub cfg: Config,
+    /// The configuration, swapped whole by a reload: take a snapshot
+    /// ([`Runtime::cfg`]) and keep it for one request.
+    pub config: Arc<LiveConfig>,
     pub journal: Arc<SledJournal>,
     pub pool: Arc<SshPool>,
     pub verifier: TlsVerifier,
@@ -142,7 +144,7 @@ impl Runtime {
             journal_id: journal.id().to_string(),
             live_tokens: Mutex::default(),
             worker_name: cfg.worker_name(),
-            cfg,
+            config: Arc::new(LiveConfig::new(cfg)),
             journal: Arc::new(journal),
             pool: Arc::new(pool),
             verifier: TlsVerifier::new(Duration::from_secs(5)),
@@ -151,15 +153,22 @@ impl Runtime {
         })
     }
 
+    /// The configuration now. `[worker]` and `[ssh]` never change while the
+    /// process runs (a reload that changes them is refused); targets do.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
     /// Close every ssh master; the pool's own control directory goes too.
     pub async fn close_ssh(&self) {
         self.pool.close_all().await;
         self.pool.remove_control_dir();
     }
 
-    fn addr(&self, plan: &Plan) -> HostAddr {
-        let accept_new =
-            self.cfg.targets.get(&plan.target).is_some_and(|t| t.accept_new_host_key() && t.host == plan.remote.host);
+    /// The SSH account of a plan; `target` is the configured target the plan
+    /// was built from (none for an inline target).
+    fn addr(plan: &Plan, target: Option<&TargetConfig>) -> HostAddr {
+        let accept_new = target.is_some_and(|t| t.accept_new_host_key() && t.host == plan.remote.host);
         HostAddr {
             host: plan.remote.host.clone(),
             port: plan.remote.port,
@@ -170,8 +179,8 @@ impl Runtime {
 
     /// The target's rules for links and owners on its host (SPEC 8.1);
     /// an inline target has none of its own.
-    fn host_policy(&self, plan: &Plan) -> certdeploy_ssh::TargetPolicy {
-        match self.cfg.targets.get(&plan.target).filter(|t| t.host == plan.remote.host) {
+    fn host_policy(plan: &Plan, target: Option<&TargetConfig>) -> certdeploy_ssh::TargetPolicy {
+        match target.filter(|t| t.host == plan.remote.host) {
             Some(t) => t.host_policy(),
             None => certdeploy_ssh::TargetPolicy::default(),
         }
@@ -198,14 +207,19 @@ impl Runtime {
                 Some(DeploymentStatus::Abandoned { attempts, .. }) => attempts + 1,
                 None => 1,
             };
-            let (plan, payload) = v.plan(&self.cfg, attempt).map_err(|e| anyhow::anyhow!("{e}"))?;
+            // Everything the plan holds comes from the request as it was
+            // checked (the configuration then), whatever a reload did since.
+            let (plan, payload) = v.plan(attempt).map_err(|e| anyhow::anyhow!("{e}"))?;
             let _target_guard = self.targets.lock(&Self::target_key(&plan)).await;
             let span =
                 tracing::info_span!("deployment", deployment_id = %plan.deployment_id, target = %plan.target, attempt);
             let token =
                 certdeploy_core::lock::new_token(&self.journal_id, &plan.deployment_id, plan.attempt, token_entropy());
             let _live = LiveToken::new(&self.live_tokens, &token);
-            let host = Metered(SshHost::new(&self.pool, self.addr(&plan)).with_policy(self.host_policy(&plan)));
+            let target = v.target_config.as_ref();
+            let host = Metered(
+                SshHost::new(&self.pool, Self::addr(&plan, target)).with_policy(Self::host_policy(&plan, target)),
+            );
             let env = self.env(&host);
             let dead_own = |r: &LockRecord| self.dead_own(r);
             let w = self.worker(&dead_own);
@@ -234,10 +248,11 @@ impl Runtime {
     /// `max_deferrals` tries) instead of in the retry queue.
     pub async fn execute_waiting(&self, v: &Validated) -> anyhow::Result<Report> {
         let mut n = 0;
+        let w = self.cfg().worker.clone();
         loop {
             match self.execute(v).await? {
                 Executed::Report(r) => return Ok(r),
-                Executed::Deferred { holder } if n >= self.cfg.worker.max_deferrals => {
+                Executed::Deferred { holder } if n >= w.max_deferrals => {
                     let msg = format!(
                         "target locked by {holder}; gave up after {n} tries; the host was not changed by this request"
                     );
@@ -245,7 +260,7 @@ impl Runtime {
                 }
                 Executed::Deferred { .. } => {
                     n += 1;
-                    tokio::time::sleep(Duration::from_millis(self.cfg.worker.defer_delay_ms)).await;
+                    tokio::time::sleep(Duration::from_millis(w.defer_delay_ms)).await;
                 }
             }
         }
@@ -278,7 +293,7 @@ impl Runtime {
         Worker {
             name: &self.worker_name,
             journal_id: &self.journal_id,
-            lease_ms: self.cfg.worker.lock_lease_s * 1000,
+            lease_ms: self.cfg().worker.lock_lease_s * 1000,
             dead_own,
             notice: &notice,
             planted: Planted::None,
@@ -297,7 +312,12 @@ impl Runtime {
         let _target_guard = self.targets.lock(&Self::target_key(&plan)).await;
         let _live = plan.lock.as_deref().map(|t| LiveToken::new(&self.live_tokens, t));
         let span = tracing::info_span!("recovery", deployment_id = %plan.deployment_id, key, target = %plan.target);
-        let host = Metered(SshHost::new(&self.pool, self.addr(&plan)).with_policy(self.host_policy(&plan)));
+        // The journal holds the plan, not the target's SSH settings: those of
+        // the target as configured now (on the plan's host only).
+        let cfg = self.cfg();
+        let target = cfg.targets.get(&plan.target);
+        let host =
+            Metered(SshHost::new(&self.pool, Self::addr(&plan, target)).with_policy(Self::host_policy(&plan, target)));
         let env = self.env(&host);
         let dead_own = |r: &LockRecord| self.dead_own(r);
         let w = self.worker(&dead_own);
@@ -313,17 +333,21 @@ impl Runtime {
     /// by the connect timeout. Failures are only logged: the deployment
     /// itself reports them.
     pub async fn warm_masters(&self) {
-        let limit = Duration::from_secs(self.cfg.ssh.connect_timeout_s.max(1) + 2);
+        let cfg = self.cfg();
+        self.warm(cfg.targets.iter().map(|(n, t)| (n.clone(), t.host_addr())).collect()).await;
+    }
+
+    /// [`Self::warm_masters`] for the given targets (name, account).
+    pub async fn warm(&self, targets: Vec<(String, HostAddr)>) {
+        let limit = Duration::from_secs(self.cfg().ssh.connect_timeout_s.max(1) + 2);
         let mut set = tokio::task::JoinSet::new();
-        for (name, t) in &self.cfg.targets {
+        for (name, addr) in targets {
             let pool = self.pool.clone();
-            let addr = t.host_addr();
-            let name = name.clone();
             set.spawn(async move {
                 match tokio::time::timeout(limit, pool.warm(&addr)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(target = %name, "ssh master not opened at start: {e}"),
-                    Err(_) => tracing::warn!(target = %name, "ssh master not opened at start: timed out"),
+                    Ok(Err(e)) => tracing::warn!(target = %name, "ssh master not opened: {e}"),
+                    Err(_) => tracing::warn!(target = %name, "ssh master not opened: timed out"),
                 }
             });
         }

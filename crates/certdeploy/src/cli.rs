@@ -333,7 +333,7 @@ pub async fn dispatch(cli: Cli) -> u8 {
         return EXIT_USAGE;
     }
     let r = match cli.command {
-        Command::Worker => run_worker(cfg).await,
+        Command::Worker => run_worker(cfg, cli.config.clone()).await,
         Command::Deploy(a) => deploy(cfg, a).await,
         Command::Submit(a) => submit(cfg, a).await,
         Command::Journal(c) => journal(cfg, c),
@@ -366,10 +366,21 @@ fn keygen(a: &KeygenArgs) -> u8 {
     }
 }
 
-async fn run_worker(cfg: Config) -> anyhow::Result<u8> {
+async fn run_worker(cfg: Config, path: PathBuf) -> anyhow::Result<u8> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // SIGHUP reloads the configuration; its handler is in place before
+    // anything else, so an early SIGHUP never ends the process (the default
+    // action). Requests that arrive while one is pending are one reload.
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let _ = reload_tx.try_send(());
+        }
+    });
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return;
         };
@@ -380,7 +391,8 @@ async fn run_worker(cfg: Config) -> anyhow::Result<u8> {
         eprintln!("certdeploy: second signal: exiting now; unfinished deployments resume on next start");
         std::process::exit(130);
     });
-    crate::worker::run(cfg, rx).await?;
+    let reloads = crate::worker::Reloads { path, requests: reload_rx };
+    crate::worker::run(cfg, Some(reloads), rx).await?;
     Ok(EXIT_OK)
 }
 

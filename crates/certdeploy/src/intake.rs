@@ -3,7 +3,7 @@
 
 use certdeploy_core::wire::{DeployRequest, RequestError, decode_request, printable};
 use certdeploy_core::{
-    CertificateInfo, Digest, Material, MaterialFacts, Payload, Plan, PlanError, Secret, TargetSpec, Timestamp,
+    CertificateInfo, Digest, Material, MaterialFacts, Payload, Plan, PlanError, Policy, Secret, TargetSpec, Timestamp,
     build_plan, check_target_paths, parse_mode, target_paths,
 };
 
@@ -12,13 +12,17 @@ use crate::config::{Config, TargetConfig, check_endpoint, check_host, glob_match
 /// Clock skew tolerated on a certificate's notBefore.
 pub const NOT_BEFORE_SKEW_S: i64 = 300;
 
-/// A request that passed every check; ready to plan an attempt.
+/// A request that passed every check; ready to plan an attempt. It holds
+/// everything a plan is built from, as the configuration was when the
+/// request was checked: a reload after that changes none of its attempts.
 #[derive(Debug)]
 pub struct Validated {
     pub deployment_id: String,
     pub target_name: String,
     pub spec: TargetSpec,
     pub target_config: Option<TargetConfig>,
+    /// Timeouts, budgets and per-target policy.
+    pub policy: Policy,
     pub material: Material,
     pub facts: MaterialFacts,
     /// Subject and notAfter of the leaf, journaled with the plan.
@@ -34,14 +38,14 @@ pub struct Rejection {
 }
 
 impl Validated {
-    pub fn plan(&self, cfg: &Config, attempt: u32) -> Result<(Plan, Payload), RequestError> {
+    pub fn plan(&self, attempt: u32) -> Result<(Plan, Payload), RequestError> {
         let (mut plan, payload) = build_plan(
             &self.deployment_id,
             &self.target_name,
             &self.spec,
             &self.material,
             &self.facts,
-            cfg.policy(self.target_config.as_ref()),
+            self.policy.clone(),
             attempt,
         )
         .map_err(|PlanError::Target { field, problem }| {
@@ -157,6 +161,7 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
         deployment_id: req.deployment_id,
         target_name,
         spec,
+        policy: cfg.policy(target_config.as_ref()),
         target_config,
         material,
         facts: MaterialFacts { leaf_sha256: Some(Digest(facts.leaf_sha256)), not_before: Some(facts.not_before) },
@@ -165,7 +170,7 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
     // A request whose plan cannot be built is rejected here, never handed
     // to the runtime (which would return it to the queue, again and again).
     // The plan depends on the attempt number only in that field.
-    v.plan(cfg, 1).map(drop)?;
+    v.plan(1).map(drop)?;
     Ok(v)
 }
 

@@ -39,6 +39,9 @@ pub const JOURNAL_GC_PRUNED: &str = "certdeploy_journal_gc_pruned_total";
 /// notAfter (Unix seconds) of the certificate in place on each target, as
 /// certdeploy last deployed it.
 pub const CERT_EXPIRY: &str = "certdeploy_certificate_expiry_timestamp_seconds";
+/// Configuration reloads (SIGHUP), by `result`: `ok` (the new targets are
+/// in use) or `error` (refused; the running configuration stays).
+pub const CONFIG_RELOADS: &str = "certdeploy_config_reloads_total";
 /// Always 1, labelled with the version: which build a worker runs.
 pub const BUILD_INFO: &str = "certdeploy_build_info";
 
@@ -70,6 +73,7 @@ pub const ALL: &[&str] = &[
     JOURNAL_GC_LAST,
     JOURNAL_GC_PRUNED,
     CERT_EXPIRY,
+    CONFIG_RELOADS,
     BUILD_INFO,
 ];
 
@@ -130,6 +134,9 @@ fn register_at_zero() {
     for d in ["events", "reply_to"] {
         metrics::counter!(RESULTS_UNROUTABLE, "destination" => d).increment(0);
     }
+    for r in ["ok", "error"] {
+        metrics::counter!(CONFIG_RELOADS, "result" => r).increment(0);
+    }
     for g in [JOURNAL_SIZE, JOURNAL_DEPLOYMENTS, JOURNAL_GC_LAST] {
         metrics::gauge!(g).set(0.0);
     }
@@ -179,6 +186,10 @@ fn describe() {
     describe_gauge!(JOURNAL_GC_LAST, "Unix time of the worker's last completed journal gc (0: none yet)");
     describe_counter!(JOURNAL_GC_PRUNED, "Finished deployments whose records the worker's journal gc removed");
     describe_gauge!(CERT_EXPIRY, "notAfter (Unix seconds) of the certificate certdeploy last put in place, by target");
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Configuration reloads (SIGHUP), by result: ok, or error (refused, the running configuration stays)"
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build");
 }
 

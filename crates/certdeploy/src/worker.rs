@@ -8,6 +8,7 @@
 //! redelivery finds the terminal record and re-publishes the same result.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,10 +17,10 @@ use anyhow::Context;
 use certdeploy_amqp::{AmqpError, Broker, BrokerConfig, Delivery, Topology};
 use certdeploy_core::Report;
 use certdeploy_core::wire::ResultEvent;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::app::Runtime;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::intake;
 use crate::metrics::{self as m, Health};
 
@@ -47,9 +48,16 @@ pub fn broker_config(cfg: &Config, name: &str) -> BrokerConfig {
     b
 }
 
+/// Reload requests (SIGHUP) and the file to re-read on each.
+pub struct Reloads {
+    pub path: PathBuf,
+    pub requests: mpsc::Receiver<()>,
+}
+
 /// Runs until `shutdown` flips to true; then stops consuming, lets
 /// in-flight deployments finish (bounded by `shutdown_grace_s`) and returns.
-pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// Each reload request re-reads the configuration ([`reload`]).
+pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     if !cfg.worker.metrics_listen.is_empty() {
         let handle = m::install();
@@ -68,9 +76,17 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         let c = cfg.clone();
         Arc::new(tokio::task::spawn_blocking(move || Runtime::open(c)).await.context("opening the journal")??)
     };
+    if let Some(mut r) = reloads {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            while r.requests.recv().await.is_some() {
+                reload(&rt, &r.path).await;
+            }
+        });
+    }
     let control = Arc::new(crate::admin::Control::default());
     if let Some(sock) = crate::admin::socket_path(&cfg) {
-        let (j, cfg2, c) = (rt.journal.clone(), cfg.clone(), control.clone());
+        let (j, cfg2, c) = (rt.journal.clone(), rt.config.clone(), control.clone());
         tokio::spawn(async move {
             if let Err(e) = crate::admin::serve(sock.clone(), j, cfg2, c).await {
                 tracing::warn!(socket = %sock.display(), "admin endpoint unavailable: {e}");
@@ -131,13 +147,17 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             tokio::select! {
                 d = consumer.next() => match d {
                     Some(Ok(delivery)) => {
-                        let mut turn = order.enqueue(order_key(&delivery.body, &rt.cfg));
+                        // One configuration for everything about this
+                        // delivery: its place in line, its checks, its plan
+                        // (a reload is for the deliveries after it).
+                        let cfg = rt.cfg();
+                        let mut turn = order.enqueue(order_key(&delivery.body, &cfg));
                         let rt = rt.clone();
                         let brx = broker_rx.clone();
                         let control = control.clone();
                         control.in_flight.fetch_add(1, Ordering::SeqCst);
                         tasks.spawn(async move {
-                            handle(&rt, delivery, brx, &mut turn).await;
+                            handle(&rt, &cfg, delivery, brx, &mut turn).await;
                             // Never release the successor before the predecessor is done.
                             turn.wait().await;
                             control.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -243,6 +263,58 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     Ok(())
 }
 
+/// Re-read the configuration file and its includes, and swap in the new
+/// targets (see [`crate::config::LiveConfig::reload`]). Deliveries received
+/// from then on are checked against the new set; those received before keep
+/// the configuration they were checked with, through every attempt. A file
+/// that does not load, or that changes a `[worker]` or `[ssh]` key, is
+/// refused and logged, and the running configuration stays. Returns whether
+/// the new configuration is in use.
+pub async fn reload(rt: &Runtime, path: &Path) -> bool {
+    let file = path.display().to_string();
+    let p = path.to_path_buf();
+    let loaded = match tokio::task::spawn_blocking(move || Config::load(&p)).await {
+        Ok(r) => r,
+        Err(e) => Err(ConfigError { file: file.clone(), key: "-".into(), problem: format!("reading failed: {e}") }),
+    };
+    match loaded.and_then(|cfg| rt.config.reload(cfg, &file)) {
+        Ok(r) => {
+            metrics::counter!(m::CONFIG_RELOADS, "result" => "ok").increment(1);
+            tracing::info!(
+                targets = r.targets,
+                files = r.files,
+                "configuration reloaded from {file}: {} target(s); added: {}; removed: {}; changed: {}",
+                r.targets,
+                some_names(&r.added),
+                some_names(&r.removed),
+                some_names(&r.changed)
+            );
+            let cfg = rt.cfg();
+            if cfg.ssh.warm_masters {
+                let fresh = r.added.iter().chain(&r.changed);
+                let targets = fresh.filter_map(|n| cfg.targets.get(n).map(|t| (n.clone(), t.host_addr()))).collect();
+                rt.warm(targets).await;
+            }
+            publish_expiry(rt);
+            true
+        }
+        Err(e) => {
+            metrics::counter!(m::CONFIG_RELOADS, "result" => "error").increment(1);
+            tracing::error!("configuration reload refused; the running configuration stays: {e}");
+            false
+        }
+    }
+}
+
+/// Up to ten names, and how many more.
+fn some_names(names: &[String]) -> String {
+    match names.len() {
+        0 => "-".into(),
+        n if n <= 10 => names.join(", "),
+        n => format!("{} and {} more", names[..10].join(", "), n - 10),
+    }
+}
+
 /// Resolves once the flag is `want` (at once if it already is).
 async fn until(rx: &mut watch::Receiver<bool>, want: bool) {
     if rx.wait_for(|v| *v == want).await.is_err() {
@@ -272,7 +344,8 @@ async fn journal_metrics(rt: Arc<Runtime>) {
 /// a blocking thread (it walks the index), beside deployments, which it
 /// never touches while they are in flight.
 async fn journal_housekeeping(rt: Arc<Runtime>) {
-    let w = &rt.cfg.worker;
+    let cfg = rt.cfg();
+    let w = &cfg.worker;
     let interval = (w.journal_gc_interval_s > 0).then(|| Duration::from_secs(w.journal_gc_interval_s));
     let tick = interval.map_or(SIZE_EVERY, |i| i.min(SIZE_EVERY));
     let mut next_gc = interval.map(|i| tokio::time::Instant::now() + i);
@@ -536,9 +609,15 @@ fn last_delivery(delivery: &Delivery, limit: u32) -> bool {
     delivery.redelivered && delivery.delivery_count.is_some_and(|n| n >= u64::from(limit))
 }
 
-async fn handle(rt: &Arc<Runtime>, delivery: Delivery, brx: watch::Receiver<Option<Arc<Broker>>>, turn: &mut Turn) {
+async fn handle(
+    rt: &Arc<Runtime>,
+    cfg: &Arc<Config>,
+    delivery: Delivery,
+    brx: watch::Receiver<Option<Arc<Broker>>>,
+    turn: &mut Turn,
+) {
     let now = crate::verify::now();
-    let reply = Reply::of(&delivery, &rt.cfg);
+    let reply = Reply::of(&delivery, cfg);
     if delivery.redelivered {
         tracing::debug!(
             deployment_id = %certdeploy_core::wire::salvage_ids(&delivery.body).0.unwrap_or_default(),
@@ -564,7 +643,7 @@ async fn handle(rt: &Arc<Runtime>, delivery: Delivery, brx: watch::Receiver<Opti
     let unfinished = |id: &str| {
         matches!(rt.journal.status(id), Ok(Some(certdeploy_journal::DeploymentStatus::InFlight { .. })) | Err(_))
     };
-    if last_delivery(&delivery, rt.cfg.worker.delivery_limit)
+    if last_delivery(&delivery, cfg.worker.delivery_limit)
         && !certdeploy_core::wire::salvage_ids(&delivery.body).0.is_some_and(|id| unfinished(&id))
     {
         let (id, target) = certdeploy_core::wire::salvage_ids(&delivery.body);
@@ -584,9 +663,9 @@ async fn handle(rt: &Arc<Runtime>, delivery: Delivery, brx: watch::Receiver<Opti
     // Off the async threads: decoding, a sealed key's decryption and the
     // certificate and key checks take CPU time (an RSA key's check tens of
     // milliseconds), and those threads renew the target locks.
-    let shared = rt.clone();
+    let shared = cfg.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        let v = intake::validate_body(&delivery.body, &shared.cfg, now);
+        let v = intake::validate_body(&delivery.body, &shared, now);
         (delivery, v)
     })
     .await;
@@ -611,6 +690,7 @@ async fn handle(rt: &Arc<Runtime>, delivery: Delivery, brx: watch::Receiver<Opti
             return answer_and_dead_letter(rt, delivery, brx, report, &reply, &reason).await;
         }
     };
+    tracing::debug!(deployment_id = %validated.deployment_id, target = %validated.target_name, "request checked");
     #[cfg(feature = "failpoints")]
     if let Some(Some(poison)) = fail::eval("worker_crash_on", |arg| arg)
         && poison == validated.deployment_id
@@ -629,7 +709,7 @@ async fn handle(rt: &Arc<Runtime>, delivery: Delivery, brx: watch::Receiver<Opti
     let report = match rt.execute(&validated).await {
         Ok(crate::app::Executed::Report(r)) => r,
         Ok(crate::app::Executed::Deferred { holder }) => {
-            return defer(rt, delivery, brx, &validated, &holder, &reply).await;
+            return defer(rt, cfg, delivery, brx, &validated, &holder, &reply).await;
         }
         Err(e) => {
             // The journal (or the runtime) failed: nothing is lost, the
@@ -674,7 +754,7 @@ async fn answer_and_dead_letter(
 /// The expiry gauge of every target the journal knows, from what each last
 /// had put in place (after recovery, so recovered deployments count).
 fn publish_expiry(rt: &Runtime) {
-    let configured: Vec<String> = rt.cfg.targets.keys().cloned().collect();
+    let configured: Vec<String> = rt.cfg().targets.keys().cloned().collect();
     match crate::status::targets(&rt.journal, &configured) {
         Ok(rows) => {
             for r in rows {
@@ -692,6 +772,7 @@ fn publish_expiry(rt: &Runtime) {
 /// after `defer_delay_ms`), or give up with `failed` after `max_deferrals`.
 async fn defer(
     rt: &Runtime,
+    cfg: &Config,
     delivery: Delivery,
     mut brx: watch::Receiver<Option<Arc<Broker>>>,
     v: &intake::Validated,
@@ -699,11 +780,11 @@ async fn defer(
     reply: &Reply,
 ) {
     // Only the worker's own copies carry a count it believes.
-    let n = delivery.trusted_deferrals(&certdeploy_amqp::url_user(&rt.cfg.worker.broker_urls()[0]));
-    if n >= rt.cfg.worker.max_deferrals {
+    let n = delivery.trusted_deferrals(&certdeploy_amqp::url_user(&cfg.worker.broker_urls()[0]));
+    if n >= cfg.worker.max_deferrals {
         let msg = format!(
             "target locked by {holder}; gave up after {n} deferrals of {} ms; the host was not changed by this request",
-            rt.cfg.worker.defer_delay_ms
+            cfg.worker.defer_delay_ms
         );
         tracing::warn!(deployment_id = %v.deployment_id, "{msg}");
         let report = Report::lock_failed(&v.deployment_id, &v.target_name, "", msg, crate::verify::now());
@@ -712,10 +793,10 @@ async fn defer(
     }
     let Some(broker) = current_broker(&mut brx).await else { return };
     metrics::counter!(m::DEFERRALS).increment(1);
-    let delay = Duration::from_millis(rt.cfg.worker.defer_delay_ms);
+    let delay = Duration::from_millis(cfg.worker.defer_delay_ms);
     // The copy that waits on the bus holds no key in clear when the worker
     // can seal it (to its own first identity).
-    let body = match rt.cfg.keyring.first_recipient().and_then(|r| crate::sealed::seal_body(&delivery.body, &r)) {
+    let body = match cfg.keyring.first_recipient().and_then(|r| crate::sealed::seal_body(&delivery.body, &r)) {
         Some(Ok(sealed)) => sealed,
         Some(Err(e)) => {
             tracing::warn!(deployment_id = %v.deployment_id, "sealing the deferred copy failed: {e}; returning the message");

@@ -16,7 +16,7 @@ use common::*;
 /// validate → plan → driver, with the pki's `cert_facts` reading the host.
 fn deploy(rig: &Rig, cfg: &Config, id: &str, b: &Bundle) -> Report {
     let v = validate_body(&request(id, "web1", b, true), cfg, certdeploy::verify::now()).expect("valid request");
-    let (plan, payload) = v.plan(cfg, 1).expect("plan");
+    let (plan, payload) = v.plan(1).expect("plan");
     let env = Env {
         host: &rig.host,
         verifier: &rig.verifier,

@@ -35,7 +35,7 @@ fn pipeline(body: &[u8], cfg: &Config) -> (Result<Outcome, Rejection>, Vec<OpKin
     let rig = Rig::new(sim.clone());
     let decision = match validate_body(body, cfg, certdeploy::verify::now()) {
         Ok(v) => {
-            let (plan, payload) = v.plan(cfg, 1).expect("plan of a validated request");
+            let (plan, payload) = v.plan(1).expect("plan of a validated request");
             match rig.deploy(plan, &payload).expect("no crash") {
                 Terminal::Finished(r) => Ok(r.outcome),
                 Terminal::Abandoned(why) => panic!("abandoned: {why}"),
@@ -591,7 +591,7 @@ fn debug_of_a_request_and_its_errors_never_show_the_key() {
     assert!(shown.contains("[redacted]"), "{shown}");
     let cfg = config(true);
     let v = certdeploy::intake::validate_request(req, &cfg, certdeploy::verify::now()).expect("valid");
-    let (plan, payload) = v.plan(&cfg, 1).expect("plan");
+    let (plan, payload) = v.plan(1).expect("plan");
     let shown = format!("{shown} {v:?} {plan:?} {payload:?}");
     for s in key_slices(&b) {
         assert!(!shown.contains(&s), "Debug output holds key material `{s}`");
