@@ -43,7 +43,10 @@ pub enum Command {
     #[command(after_help = "Example:\n  certdeploy worker --config /etc/certdeploy/certdeploy.toml\n\n\
         Recovers every unfinished deployment from the journal first, then consumes.\n\
         SIGTERM/SIGINT: stop consuming, let in-flight deployments finish (shutdown_grace_s), exit 0.\n\
-        A second signal exits at once; unfinished work resumes on the next start.")]
+        A second signal exits at once; unfinished work resumes on the next start.\n\
+        SIGHUP: re-read the configuration and its include files and use the new targets for requests\n\
+        received from then on (in-flight ones keep theirs); a file that does not load, or that changes\n\
+        a [worker] or [ssh] key, is refused and logged, and the running configuration stays.")]
     Worker,
     /// Run one deployment right here (same state machine and journal, no broker).
     #[command(
