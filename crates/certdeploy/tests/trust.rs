@@ -6,14 +6,12 @@
 //! `intake::validate_body` → (only if accepted) plan → `Rig::deploy` on an
 //! in-memory host that logs every operation.
 
-mod common;
-
 use certdeploy::config::Config;
 use certdeploy::intake::{Rejection, validate_body};
 use certdeploy_core::testkit::{OpKind, Rig, Sim};
 use certdeploy_core::{Outcome, Terminal};
+use certdeploy_testbed::WEB1_CONFIG;
 use certdeploy_testbed::certs::{Bundle, TestCa, request};
-use common::WEB1_CONFIG;
 use serde_json::{Value, json};
 
 fn config(inline: bool) -> Config {

@@ -20,6 +20,20 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The unprivileged account the fixture's sshd lets in.
+/// A config with one target, `web1`, for tests that never contact a host
+/// (validation and in-memory deployments).
+pub const WEB1_CONFIG: &str = r#"
+[worker]
+journal_path = "/tmp/unused"
+[targets.web1]
+host = "web1.internal"
+user = "deploy"
+cert_path = "/etc/ssl/site.pem"
+key_path = "/etc/ssl/site.key"
+chain_path = "/etc/ssl/chain.pem"
+reload_command = "systemctl reload nginx"
+"#;
+
 pub const TEST_USER: &str = "certdeploy-test";
 const SSHD: &str = "/usr/sbin/sshd";
 const USER_LOCK: &str = "/tmp/certdeploy-testbed-useradd.lock";

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn config_with_metrics(fleet: &Fleet, opts: &Opts) -> (PathBuf, String) {
@@ -167,7 +167,7 @@ impl Notifications {
 #[tokio::test(flavor = "multi_thread")]
 async fn systemd_notify_ready_only_after_recovery_with_watchdog_and_stopping() {
     if !cfg!(feature = "failpoints") {
-        panic!("this test needs `--features certdeploy/failpoints` (it interrupts a deployment with a failpoint)");
+        panic!("this test needs `--features certdeploy-e2e/failpoints` (it interrupts a deployment with a failpoint)");
     }
     let fleet = Fleet::new(1, true);
     let cfg = fleet.write_config(&Opts::default());
@@ -181,7 +181,7 @@ async fn systemd_notify_ready_only_after_recovery_with_watchdog_and_stopping() {
     let b = ca.leaf("a.example", 2);
     write_file(&d.join("c.pem"), &b.cert_pem);
     write_file(&d.join("k.pem"), &b.key_pem);
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["--config", cfg.to_str().expect("utf-8"), "deploy", "--target", "t0", "--id", "crashed-1", "--cert"])
         .arg(d.join("c.pem"))
         .arg("--key")
@@ -225,7 +225,7 @@ fn spawn_in_pid_namespace(cfg: &Path, with_init: bool, log: &Path) -> Child {
     if with_init {
         cmd.args(["tini", "--"]);
     }
-    cmd.arg(BIN).arg("--config").arg(cfg).arg("worker");
+    cmd.arg(bin()).arg("--config").arg(cfg).arg("worker");
     cmd.env("RUST_LOG", "info,certdeploy=debug")
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("dup"))

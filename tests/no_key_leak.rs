@@ -2,7 +2,7 @@
 //! journal — checked at TRACE level (every crate, including the SSH/SFTP
 //! stack) through a real deploy and a real rollback over sshd.
 
-#![allow(clippy::type_complexity)] // tests/common/mod.rs (Fleet::files)
+#![allow(clippy::type_complexity)] // common/mod.rs (Fleet::files)
 
 mod common;
 
@@ -37,7 +37,7 @@ fn assert_clean(what: &str, text: &str, b: &Bundle) {
 }
 
 fn deploy_traced(config: &Path, id: &str, files: (&Path, &Path, &Path), format: &str) -> (i32, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--config")
         .arg(config)
         .args(["--log-format", format, "deploy", "--target", "t0", "--id", id, "--json"])

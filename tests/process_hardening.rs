@@ -2,7 +2,7 @@
 //! (keys live in its memory), and a metrics listener that a flood of idle
 //! connections cannot use to starve deployments of descriptors.
 
-#![allow(clippy::type_complexity)] // tests/common/mod.rs (Fleet::files)
+#![allow(clippy::type_complexity)] // common/mod.rs (Fleet::files)
 
 mod common;
 
@@ -38,7 +38,7 @@ fn the_worker_cannot_dump_core_and_is_not_dumpable() {
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
     let log = base.path().join("worker.log");
     let out = std::fs::File::create(&log).unwrap();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .arg("--config")
         .arg(&cfg)
         .arg("worker")
@@ -98,7 +98,7 @@ async fn idle_connections_to_the_metrics_port_do_not_stop_a_deployment() {
     let log = fleet.tmp.path().join("worker.log");
     let out = std::fs::File::create(&log).unwrap();
     let mut worker = Command::new("prlimit")
-        .args(["--nofile=300:300", "--", BIN, "--config"])
+        .args(["--nofile=300:300", "--", bin(), "--config"])
         .arg(&cfg)
         .arg("worker")
         .env("RUST_LOG", "info,certdeploy=debug")

@@ -64,7 +64,7 @@ fn site(served: &Bundle, reload: Option<&str>) -> Site {
 /// `certdeploy deploy --target t0 ... --id <id> --json` with `env`:
 /// (exit code, stdout, stderr).
 fn deploy_raw(s: &Site, id: &str, b: &Bundle, env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.arg("--config").arg(&s.cfg).args(deploy_args(s.fleet.tmp.path(), "t0", id, b, true, true));
     cmd.env("RUST_LOG", "info,certdeploy=debug");
     for (key, v) in env {
@@ -252,7 +252,7 @@ fn assert_verify_pending(j: &[(String, String)]) {
 /// recovers first: it verifies again from the journaled fingerprint (no
 /// second write, no second reload, no rollback) and commits `deployed`.
 #[test]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy-e2e/failpoints")]
 fn crash_between_reload_and_verify_recovers_to_deployed() {
     let ca = TestCa::new();
     let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));
@@ -291,7 +291,7 @@ fn crash_between_reload_and_verify_recovers_to_deployed() {
 /// right after the reload. Whatever the journal kept, the next `certdeploy
 /// deploy` recovers and ends `deployed` with B served.
 #[test]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy-e2e/failpoints")]
 fn abort_before_verify_recovers_to_deployed() {
     let ca = TestCa::new();
     let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));
@@ -321,7 +321,7 @@ fn abort_before_verify_recovers_to_deployed() {
 /// succeeded, verify pending" row: it only verifies — no restore, no extra
 /// reload, no new attempt.
 #[test]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy-e2e/failpoints")]
 fn abort_before_verify_recovery_only_verifies() {
     let ca = TestCa::new();
     let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));
@@ -342,7 +342,7 @@ fn abort_before_verify_recovery_only_verifies() {
 /// verify: recovery must not trust the journaled "reload succeeded"; its
 /// verify sees A, so it rolls back and confirms A is served.
 #[test]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy-e2e/failpoints")]
 fn crash_between_ineffective_reload_and_verify_recovers_to_rolled_back() {
     let ca = TestCa::new();
     let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));

@@ -9,7 +9,7 @@ use std::process::Command;
 use common::*;
 
 fn run_no_config(args: &[&str]) -> (i32, Vec<u8>, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["--config", "/nonexistent/certdeploy.toml"])
         .args(args)
         .output()

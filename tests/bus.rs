@@ -131,14 +131,14 @@ async fn sealed_keys_interoperate_with_the_age_cli_and_never_leak() {
     let ident = dir.join("worker.agekey");
 
     // keygen: an identity file 0600, only the recipient on stdout.
-    let out = Command::new(BIN).args(["keygen", "--out"]).arg(&ident).output().expect("keygen");
+    let out = Command::new(bin()).args(["keygen", "--out"]).arg(&ident).output().expect("keygen");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
     assert_eq!(stdout.lines().count(), 1, "only the recipient: {stdout}");
     let recipient = stdout.trim().to_string();
     assert!(recipient.starts_with("age1"), "{recipient}");
     assert_eq!(std::fs::metadata(&ident).unwrap().permissions().mode() & 0o777, 0o600);
-    let again = Command::new(BIN).args(["keygen", "--out"]).arg(&ident).output().expect("keygen");
+    let again = Command::new(bin()).args(["keygen", "--out"]).arg(&ident).output().expect("keygen");
     assert!(!again.status.success(), "keygen must not overwrite an identity");
     // age-keygen agrees on the recipient of that identity.
     let (ok, y, err) = age("age-keygen", &["-y", ident.to_str().unwrap()], b"");
@@ -270,7 +270,7 @@ async fn a_deferred_clear_request_waits_sealed_and_keeps_its_submitter() {
     let fleet = Fleet::new(1, true);
     let dir = fleet.tmp.path().to_path_buf();
     let ident = dir.join("worker.agekey");
-    let out = Command::new(BIN).args(["keygen", "--out"]).arg(&ident).output().expect("keygen");
+    let out = Command::new(bin()).args(["keygen", "--out"]).arg(&ident).output().expect("keygen");
     assert!(out.status.success());
     let t0 = fleet.targets[0].clone();
     let opts = Opts {

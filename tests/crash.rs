@@ -50,7 +50,7 @@ fn config(fleet: &Fleet, opts: &Opts, name: &str) -> PathBuf {
 
 /// Run the binary to completion with (or explicitly without) failpoints.
 fn run_bin(cfg: &Path, args: &[&str], failpoints: Option<&str>) -> (ExitStatus, String, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.arg("--config").arg(cfg).args(args).env_remove("FAILPOINTS").env("RUST_LOG", "info");
     if let Some(fp) = failpoints {
         cmd.env("FAILPOINTS", fp);
@@ -494,19 +494,19 @@ impl Rng {
 #[cfg(not(feature = "failpoints"))]
 mod failpoints {
     #[test]
-    #[ignore = "needs --features certdeploy/failpoints"]
+    #[ignore = "needs --features certdeploy-e2e/failpoints"]
     fn crash_at_every_failpoint_of_a_deployment() {}
 
     #[test]
-    #[ignore = "needs --features certdeploy/failpoints"]
+    #[ignore = "needs --features certdeploy-e2e/failpoints"]
     fn crash_during_rollback_ends_at_the_originals() {}
 
     #[test]
-    #[ignore = "needs --features certdeploy/failpoints"]
+    #[ignore = "needs --features certdeploy-e2e/failpoints"]
     fn crash_when_nothing_changes_and_during_recovery() {}
 
     #[test]
-    #[ignore = "needs --features certdeploy/failpoints"]
+    #[ignore = "needs --features certdeploy-e2e/failpoints"]
     fn crash_on_a_host_without_the_files() {}
 }
 

@@ -2,7 +2,7 @@
 //! newer one is `superseded` and writes nothing (SPEC §2), with real PEM
 //! and the real `cert_facts` (pki) — in memory and over a real sshd.
 
-#![allow(clippy::type_complexity)] // tests/common/mod.rs (Fleet::files)
+#![allow(clippy::type_complexity)] // common/mod.rs (Fleet::files)
 
 mod common;
 

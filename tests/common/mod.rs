@@ -15,9 +15,27 @@ use certdeploy_core::wire::ResultEvent;
 #[allow(unused_imports)]
 pub use certdeploy_testbed::certs::{Bundle, TestCa, request};
 pub use certdeploy_testbed::rabbit::Vhost;
-pub use certdeploy_testbed::{SshdFixture, TEST_USER};
+pub use certdeploy_testbed::{SshdFixture, TEST_USER, WEB1_CONFIG};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_certdeploy");
+/// The `certdeploy` binary of this build: `target/<profile>/certdeploy`,
+/// beside the `deps` directory that holds the test executables. A cargo
+/// build of the workspace's tests builds it too (the certdeploy package has
+/// tests of its own), with the same features.
+pub fn bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test's own path");
+        let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+        let bin = dir.join("certdeploy");
+        assert!(
+            bin.is_file(),
+            "{} is missing: build it first (cargo build -p certdeploy --features failpoints), or run the \
+             workspace's tests (cargo nextest run --workspace --features certdeploy-e2e/failpoints)",
+            bin.display()
+        );
+        bin.to_str().expect("a UTF-8 path").to_string()
+    })
+}
 
 /// One target per host address: files under the host's directory.
 #[derive(Clone, Debug)]
@@ -184,7 +202,7 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(config: &Path, args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Proc {
         let out = fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.arg("--config").arg(config).args(args);
         cmd.env("RUST_LOG", "info,certdeploy=debug");
         for (k, v) in env {
@@ -251,7 +269,7 @@ pub fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
 
 /// [`run`] with extra environment variables.
 pub fn run_env(config: &Path, args: &[&str], env: &[(&str, &Path)]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .envs(env.iter().copied())
         .arg("--config")
         .arg(config)
@@ -722,19 +740,6 @@ pub fn names_with(dir: &Path, needle: &str) -> Vec<String> {
     v
 }
 
-/// A config with one target, `web1`, for tests that never contact a host
-/// (validation and in-memory deployments).
-pub const WEB1_CONFIG: &str = r#"
-[worker]
-journal_path = "/tmp/unused"
-[targets.web1]
-host = "web1.internal"
-user = "deploy"
-cert_path = "/etc/ssl/site.pem"
-key_path = "/etc/ssl/site.key"
-chain_path = "/etc/ssl/chain.pem"
-reload_command = "systemctl reload nginx"
-"#;
 
 /// Write `b`'s certificate and key (and its chain, with `chain`) under
 /// `dir`, named after `id`, and return `certdeploy deploy` arguments for

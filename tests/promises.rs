@@ -105,7 +105,8 @@ async fn submit_wait_shows_a_progress_bar_on_a_terminal() {
     write_file(&d.join("c.pem"), &b.cert_pem);
     write_file(&d.join("k.pem"), &b.key_pem);
     let command = format!(
-        "{BIN} --config {} submit --target t0 --cert {} --key {} --wait --timeout 120",
+        "{} --config {} submit --target t0 --cert {} --key {} --wait --timeout 120",
+        bin(),
         cfg.display(),
         d.join("c.pem").display(),
         d.join("k.pem").display()
@@ -235,7 +236,7 @@ async fn accept_new_trusts_a_configured_target_once_and_never_an_inline_one() {
 /// published: the restarted worker publishes it for the redelivery,
 /// without deploying again.
 #[tokio::test(flavor = "multi_thread")]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy-e2e/failpoints")]
 async fn crash_between_durable_outcome_and_publish() {
     crash_around_the_result("before_result_publish", 1).await;
 }
@@ -244,7 +245,7 @@ async fn crash_between_durable_outcome_and_publish() {
 /// the redelivery is answered from the journal (a second, identical
 /// result), without deploying again.
 #[tokio::test(flavor = "multi_thread")]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy-e2e/failpoints")]
 async fn crash_between_publish_confirm_and_ack() {
     crash_around_the_result("before_ack", 2).await;
 }

@@ -4,7 +4,7 @@
 //! other, with a configured target, with certdeploy's own names) is
 //! `rejected` naming the field, once, never redelivered.
 
-#![allow(clippy::type_complexity)] // tests/common/mod.rs (Fleet::files)
+#![allow(clippy::type_complexity)] // common/mod.rs (Fleet::files)
 
 mod common;
 

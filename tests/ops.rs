@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().and_then(Path::parent).expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root")
 }
 
 /// Metric families in a Prometheus scrape (histogram series folded into
@@ -187,7 +187,7 @@ async fn readme_quick_start_deploys() {
         ("CERTDEPLOY_DEMO_ADDR", addr.clone()),
         ("CERTDEPLOY_DEMO_PORT", port.clone()),
         ("CERTDEPLOY_DEMO_METRICS", metrics.clone()),
-        ("CERTDEPLOY_BIN", BIN.to_string()),
+        ("CERTDEPLOY_BIN", bin().to_string()),
         ("CERTDEPLOY_AMQP_URL", vhost.url()),
         ("CERTDEPLOY_LOG_FORMAT", "json".to_string()),
     ];
@@ -205,7 +205,7 @@ async fn readme_quick_start_deploys() {
     assert_eq!(get(&metrics, "/healthz").map(|r| r.0), Some(200));
 
     // The submit command the README shows.
-    let submit = Command::new(BIN)
+    let submit = Command::new(bin())
         .args(["submit", "--config", cfg.to_str().unwrap(), "--target", "demo", "--cert"])
         .arg(dir.path().join("cert.pem"))
         .arg("--key")
@@ -249,7 +249,7 @@ async fn readme_quick_start_deploys() {
 /// /readyz is 503 until recovery is done, then 200; after a deploy and a
 /// rollback, /metrics shows both outcomes and the step histograms.
 #[tokio::test(flavor = "multi_thread")]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy/failpoints")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy-e2e/failpoints")]
 async fn metrics_and_readiness() {
     let fleet = Fleet::new(2, true);
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -273,7 +273,7 @@ async fn metrics_and_readiness() {
     let d = fleet.tmp.path();
     write_file(&d.join("c.pem"), &b.cert_pem);
     write_file(&d.join("k.pem"), &b.key_pem);
-    let mut crashed = Command::new(BIN);
+    let mut crashed = Command::new(bin());
     crashed
         .args(["--config", cfg.to_str().unwrap(), "deploy", "--target", "t0", "--id", "crashed-1", "--cert"])
         .arg(d.join("c.pem"))
