@@ -837,6 +837,7 @@ impl Deployment {
                 } else {
                     let w = where_(self);
                     self.fail(step, format!("{w} failed"), error.message.clone());
+                    self.wait_until = None;
                     self.phase = Phase::Cleanup(End::Outcome(Outcome::Failed));
                 }
             }
