@@ -13,6 +13,8 @@ use crate::lock::{
 };
 use crate::machine::{Deployment, Terminal};
 use crate::model::*;
+use crate::report::*;
+use crate::snapshot::*;
 
 /// Marks the journal key of a takeover's rollback (`<id>~takeover~<hash>`;
 /// `~` is not allowed in deployment ids).

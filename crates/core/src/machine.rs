@@ -12,6 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::event::*;
 use crate::lock::LockPhase;
 use crate::model::*;
+use crate::report::*;
+use crate::snapshot::*;
+use crate::step::*;
 
 /// What the driver must do next.
 #[allow(clippy::large_enum_variant)]

@@ -6,8 +6,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Outcome, Report};
 use crate::model::{Secret, TargetSpec, Timestamp, valid_deployment_id};
+use crate::report::{Outcome, Report};
 
 pub const REQUEST_SCHEMA: &str = "certdeploy.deploy-request.v1";
 pub const RESULT_SCHEMA: &str = "certdeploy.deploy-result.v1";

@@ -3,8 +3,9 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::event::{Snapshot, StepError};
 use crate::model::Role;
+use crate::snapshot::Snapshot;
+use crate::step::StepError;
 
 /// Suffix of the lock file next to the certificate.
 pub const LOCK_SUFFIX: &str = ".certdeploy-lock";
