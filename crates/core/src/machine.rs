@@ -996,52 +996,43 @@ impl Deployment {
     }
 
     fn report(&self, outcome: Outcome, now: Timestamp) -> Report {
-        let mut m: BTreeMap<String, String> = BTreeMap::new();
         let rolled_back = !self.restored.is_empty();
-        for role in Role::ALL {
-            let key = format!("backup_status_{role}");
-            let value = if self.plan.file(role).is_none() {
-                "n/a"
+        let backup = |role: Role| {
+            if self.plan.file(role).is_none() {
+                BackupStatus::NotApplicable
             } else if rolled_back {
-                self.restored.get(&role).map(|(s, _)| s.as_str()).unwrap_or("n/a")
+                self.restored.get(&role).map_or(BackupStatus::NotApplicable, |(s, _)| BackupStatus::Rollback(*s))
             } else {
                 match self.snaps.get(&role).map(|s| &s.pre) {
-                    Some(PreState::Existing { .. }) => "snapshotted",
-                    Some(PreState::Missing) => "no_pre_existing",
-                    None => "n/a",
+                    Some(PreState::Existing { .. }) => BackupStatus::Snapshotted,
+                    Some(PreState::Missing) => BackupStatus::NoPreExisting,
+                    None => BackupStatus::NotApplicable,
                 }
-            };
-            m.insert(key, value.to_string());
-        }
+            }
+        };
+        let mut details = Details {
+            backups: Role::ALL.into_iter().map(|r| (r, backup(r))).collect(),
+            backup_cleanup_error: self.cleanup_error.clone(),
+            prune_error: self.prune_error.clone(),
+            original_verified: self.original_verified,
+            recovered: self.recovering,
+            ..Details::default()
+        };
         let host = &self.plan.host;
         let failure = self.failure.clone().unwrap_or(Failure {
             step: self.current_step(),
             summary: "deployment failed".into(),
             detail: String::new(),
         });
-        let mut set = |k: &str, v: String| {
-            m.insert(k.to_string(), v);
-        };
-        if !outcome.success() && outcome != Outcome::Superseded {
-            set("failed_step", failure.step.to_string());
+        let failed = !outcome.success() && outcome != Outcome::Superseded;
+        if failed {
+            details.failed_step = Some(FailedStep::Step(failure.step));
         }
-        if matches!(failure.step, Step::Reload | Step::Verify) && !outcome.success() && outcome != Outcome::Superseded {
-            set("reload_error", truncate_output(&failure.detail));
+        if matches!(failure.step, Step::Reload | Step::Verify) && failed {
+            details.reload_error = Some(truncate_output(&failure.detail));
         }
         if failure.step == Step::Validate && !outcome.success() {
-            set("validate_error", truncate_output(&failure.detail));
-        }
-        if let Some(e) = &self.cleanup_error {
-            set("backup_cleanup_error", e.clone());
-        }
-        if let Some(e) = &self.prune_error {
-            set("prune_error", e.clone());
-        }
-        if let Some(v) = self.original_verified {
-            set("original_verified", v.to_string());
-        }
-        if self.recovering {
-            set("recovered", "true".into());
+            details.validate_error = Some(truncate_output(&failure.detail));
         }
         let detail = if failure.detail.is_empty() { String::new() } else { format!(": {}", failure.detail) };
         let message = match outcome {
@@ -1052,8 +1043,8 @@ impl Deployment {
                     (Some(PreState::Existing { cert: Some(c), .. }), Some(n)) => (c.not_before, n),
                     _ => (0, 0),
                 };
-                set("existing_not_before", old.to_string());
-                set("new_not_before", new.to_string());
+                details.existing_not_before = Some(old);
+                details.new_not_before = Some(new);
                 format!(
                     "{host} already has a newer certificate at {} (notBefore {old} > {new}); nothing written",
                     self.live_path(Role::Cert)
@@ -1061,25 +1052,25 @@ impl Deployment {
             }
             Outcome::Failed => format!("{} on {host}; nothing written{detail}", failure.summary),
             Outcome::RolledBack => {
-                set("rolled_back", "true".into());
+                details.rolled_back = Some(true);
                 format!("{}; rolled back to pre-deploy state{detail}", failure.summary)
             }
             Outcome::RolledBackDaemonUnknown => {
-                set("rolled_back", "true".into());
-                set("daemon_state_unknown", "true".into());
+                details.rolled_back = Some(true);
+                details.daemon_state_unknown = true;
                 let retry = match &self.retry_reload {
                     Some(Err(e)) => e.clone(),
                     _ => String::new(),
                 };
-                set("retry_reload_error", truncate_output(&retry));
+                details.retry_reload_error = Some(truncate_output(&retry));
                 format!(
                     "{}; rolled back files; retry-reload also failed; daemon may need manual restart{detail}; retry-reload: {retry}",
                     failure.summary
                 )
             }
             Outcome::RollbackFailed => {
-                set("rolled_back", "false".into());
-                set("manual_action_required", "true".into());
+                details.rolled_back = Some(false);
+                details.manual_action_required = true;
                 let errors: Vec<String> = self
                     .restored
                     .iter()
@@ -1087,13 +1078,13 @@ impl Deployment {
                     .map(|(r, (s, e))| format!("{r} {}: {}", s.as_str(), e.clone().unwrap_or_default()))
                     .collect();
                 let rollback_error = errors.join("; ");
-                set("rollback_error", truncate_output(&rollback_error));
+                details.rollback_error = Some(truncate_output(&rollback_error));
                 let mut left = Vec::new();
                 for (role, s) in &self.snaps {
                     if let PreState::Existing { backup_path, .. } = &s.pre
                         && self.restored.get(role).is_some_and(|(st, _)| !st.ok())
                     {
-                        set(&format!("backup_path_{role}"), backup_path.clone());
+                        details.backups_left.insert(*role, backup_path.clone());
                         left.push(backup_path.clone());
                     }
                 }
@@ -1112,7 +1103,7 @@ impl Deployment {
             host: self.plan.host.clone(),
             outcome,
             message,
-            metadata: m,
+            details: Box::new(details),
             attempts: self.plan.attempt,
             started_at: self.started_at,
             finished_at: now.max(self.last_at),

@@ -24,6 +24,19 @@ pub enum Step {
 }
 
 impl Step {
+    pub const ALL: [Step; 11] = [
+        Step::Snapshot,
+        Step::Write,
+        Step::Validate,
+        Step::Reload,
+        Step::Verify,
+        Step::Restore,
+        Step::RetryReload,
+        Step::VerifyOriginal,
+        Step::Cleanup,
+        Step::Commit,
+        Step::Lock,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Snapshot => "snapshot",

@@ -44,8 +44,8 @@ fn finished(t: Terminal) -> Report {
     }
 }
 
-fn meta<'a>(r: &'a Report, k: &str) -> &'a str {
-    r.metadata.get(k).map(String::as_str).unwrap_or("<absent>")
+fn meta(r: &Report, k: &str) -> String {
+    r.metadata().get(k).cloned().unwrap_or_else(|| "<absent>".into())
 }
 
 fn assert_originals(rig: &Rig) {

@@ -276,7 +276,7 @@ fn catalogue(plan: &Plan) -> Vec<Event> {
                 host: "h".into(),
                 outcome: Outcome::Deployed,
                 message: "m".into(),
-                metadata: Default::default(),
+                details: Default::default(),
                 attempts: 1,
                 started_at: Timestamp(1),
                 finished_at: Timestamp(2),
