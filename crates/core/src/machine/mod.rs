@@ -724,6 +724,7 @@ impl Deployment {
                     return Err(self.unexpected(&record.event));
                 }
                 self.prune_error = error.clone();
+                self.wait_until = None;
                 self.phase = Phase::Finishing(Outcome::Deployed);
             }
             Event::StepFailed { error, .. } if error.is_lock_lost() => {
