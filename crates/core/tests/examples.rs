@@ -1,6 +1,6 @@
-//! Named scenarios. The first four mirror, one for one, the tests of the
-//! seed change note (the Go tool's SSH rollback); the rest cover the paths
-//! the seed did not have.
+//! Named scenarios. The first four mirror, one for one, the SSH rollback
+//! tests of the Go tool certdeploy started from (named `Seed:` below); the
+//! rest cover the paths that tool did not have.
 
 use certdeploy_core::testkit::*;
 use certdeploy_core::*;
@@ -456,7 +456,7 @@ impl ClockNow for Rig {
     }
 }
 
-/// Issue 10: another worker takes over a dead worker's deployment from the
+/// Another worker takes over a dead worker's deployment from the
 /// snapshots its target lock carries (`TakenOver`), without the dead
 /// worker's journal: restore, retry-reload, abandon. Whether the dead
 /// worker got as far as the reload or only to the snapshots, the host ends
