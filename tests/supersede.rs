@@ -55,8 +55,8 @@ fn older_certificate_after_newer_is_superseded_in_memory() {
         !ops.iter().any(|o| matches!(o, OpKind::Write(_) | OpKind::Exec(_) | OpKind::Restore(_))),
         "nothing written, no reload: {ops:?}"
     );
-    assert_eq!(r.metadata.get("new_not_before"), Some(&older.not_before.to_string()));
-    assert_eq!(r.metadata.get("existing_not_before"), Some(&newer.not_before.to_string()));
+    assert_eq!(r.metadata().get("new_not_before"), Some(&older.not_before.to_string()));
+    assert_eq!(r.metadata().get("existing_not_before"), Some(&newer.not_before.to_string()));
     assert!(r.message.contains("already has a newer certificate"), "{}", r.message);
     assert!(sim.list().iter().all(|p| !p.contains(".certdeploy-bak.old-1")), "no backup left: {:?}", sim.list());
 

@@ -424,7 +424,7 @@ fn print_report(report: &Report, worker: &str, json: bool) {
         return;
     }
     println!("{}: {} ({})", report.deployment_id, report.outcome, report.message);
-    for (k, v) in &report.metadata {
+    for (k, v) in report.metadata() {
         println!("  {k} = {v}");
     }
 }

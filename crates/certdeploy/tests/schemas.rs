@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use certdeploy_core::testkit::{Rig, Sim, test_plan};
 use certdeploy_core::wire::{self, ResultEvent, decode_request};
-use certdeploy_core::{Outcome, Report, Terminal, Timestamp};
+use certdeploy_core::{Details, Outcome, Report, Terminal, Timestamp};
 use certdeploy_testbed::certs::{TestCa, request};
 use jsonschema::Validator;
 use serde_json::{Value, json};
@@ -163,7 +163,7 @@ fn report(outcome: Outcome) -> Report {
         host: "web1.internal:22".into(),
         outcome,
         message: format!("{outcome}: details"),
-        metadata,
+        details: Details::from_metadata(metadata).into(),
         attempts: 2,
         started_at: Timestamp(1_790_000_000_000),
         finished_at: Timestamp(1_790_000_000_412),

@@ -13,6 +13,8 @@ use crate::lock::{
 };
 use crate::machine::{Deployment, Terminal};
 use crate::model::*;
+use crate::report::*;
+use crate::snapshot::*;
 
 /// Marks the journal key of a takeover's rollback (`<id>~takeover~<hash>`;
 /// `~` is not allowed in deployment ids).
@@ -346,8 +348,10 @@ async fn check_instructions<H: Host>(host: &H, plan: &Plan, dead: &LockRecord) -
             match host.resolve_path(&file.path).await {
                 Ok(real) if real == snap.live_path => {}
                 Ok(_) => return refuse(format!("{role} path {} is not this target's {}", snap.live_path, file.path)),
-                // A path that resolves where a deployment may not go (SPEC
-                // 8.1): the instructions are not followed either.
+                // A path that resolves where a deployment may not go (other
+                // local users may write the target's directories, so a link
+                // there is not trusted): the instructions are not followed
+                // either.
                 Err(e) if !e.is_transient() => return refuse(format!("resolving {}: {}", file.path, e.message)),
                 Err(e) => {
                     return Err(format!(

@@ -14,6 +14,8 @@ use crate::event::*;
 use crate::lock::{Created, Held, LockFile};
 use crate::machine::*;
 use crate::model::*;
+use crate::snapshot::*;
+use crate::step::*;
 
 /// Asked by a host operation made of several requests, before the request
 /// that changes what others see: may this worker still change the host?

@@ -11,6 +11,9 @@ pub mod event;
 pub mod lock;
 pub mod machine;
 pub mod model;
+pub mod report;
+pub mod snapshot;
+pub mod step;
 pub mod wire;
 
 #[cfg(feature = "testkit")]
@@ -22,3 +25,6 @@ pub mod mutation;
 pub use event::*;
 pub use machine::*;
 pub use model::*;
+pub use report::*;
+pub use snapshot::*;
+pub use step::*;

@@ -21,6 +21,8 @@ use crate::event::*;
 use crate::lock::{Created, LockFile, LockRecord, Parsed};
 use crate::machine::*;
 use crate::model::*;
+use crate::snapshot::*;
+use crate::step::*;
 
 /// The panic payload of a simulated process death.
 #[derive(Debug, Clone, Copy)]

@@ -6,8 +6,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Outcome, Report};
-use crate::model::{Secret, TargetSpec, Timestamp, valid_deployment_id};
+use crate::model::{Role, Secret, TargetSpec, Timestamp, valid_deployment_id};
+use crate::report::{BackupStatus, Details, FailedStep, Outcome, Report};
+use crate::snapshot::RestoreStatus;
+use crate::step::Step;
 
 pub const REQUEST_SCHEMA: &str = "certdeploy.deploy-request.v1";
 pub const RESULT_SCHEMA: &str = "certdeploy.deploy-result.v1";
@@ -387,7 +389,7 @@ impl ResultEvent {
             outcome: r.outcome,
             success: r.outcome.success(),
             message: r.message.clone(),
-            metadata: r.metadata.clone(),
+            metadata: r.metadata(),
             attempts: r.attempts,
             started_at: r.started_at.rfc3339(),
             finished_at: r.finished_at.rfc3339(),
@@ -409,57 +411,255 @@ impl ResultEvent {
 }
 
 impl Report {
-    /// The report of a request refused before any remote contact.
-    pub fn rejected(deployment_id: &str, target: &str, host: &str, message: String, at: Timestamp) -> Report {
-        Report::before_any_step(Outcome::Rejected, "validate_request", deployment_id, target, host, message, at)
+    /// The result's `metadata` map: [`Report::details`] as strings.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        self.details.metadata()
     }
+}
 
-    /// `failed` before the deployment's first step: its target lock could
-    /// not be taken (unreachable host, deferred too often). The host was
-    /// not touched.
-    pub fn lock_failed(deployment_id: &str, target: &str, host: &str, message: String, at: Timestamp) -> Report {
-        Report::before_any_step(Outcome::Failed, "lock", deployment_id, target, host, message, at)
-    }
-
-    /// `failed` on the last delivery the broker will make of a request
-    /// (its delivery limit): earlier deliveries ended without an answer
-    /// (a worker died holding it). The host is in whatever state recovery
-    /// left it: never half-deployed.
-    pub fn delivery_limit(deployment_id: &str, target: &str, message: String, at: Timestamp) -> Report {
-        Report::before_any_step(Outcome::Failed, "delivery_limit", deployment_id, target, "", message, at)
-    }
-
-    fn before_any_step(
-        outcome: Outcome,
-        step: &str,
-        deployment_id: &str,
-        target: &str,
-        host: &str,
-        message: String,
-        at: Timestamp,
-    ) -> Report {
-        let mut metadata = BTreeMap::new();
-        for role in ["cert", "key", "chain"] {
-            metadata.insert(format!("backup_status_{role}"), "n/a".to_string());
+impl BackupStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupStatus::NotApplicable => "n/a",
+            BackupStatus::Snapshotted => "snapshotted",
+            BackupStatus::NoPreExisting => "no_pre_existing",
+            BackupStatus::Rollback(r) => r.as_str(),
         }
-        metadata.insert("failed_step".into(), step.into());
-        Report {
-            deployment_id: deployment_id.to_string(),
-            target: target.to_string(),
-            host: host.to_string(),
-            outcome,
-            message,
-            metadata,
-            attempts: 1,
-            started_at: at,
-            finished_at: at,
+    }
+
+    fn parse(s: &str) -> Option<BackupStatus> {
+        let restores = [
+            RestoreStatus::Restored,
+            RestoreStatus::Removed,
+            RestoreStatus::RestoreFailed,
+            RestoreStatus::RemoveFailed,
+        ];
+        [BackupStatus::NotApplicable, BackupStatus::Snapshotted, BackupStatus::NoPreExisting]
+            .into_iter()
+            .chain(restores.map(BackupStatus::Rollback))
+            .find(|b| b.as_str() == s)
+    }
+}
+
+impl FailedStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailedStep::Step(s) => s.as_str(),
+            FailedStep::Request => "validate_request",
+            FailedStep::DeliveryLimit => "delivery_limit",
         }
+    }
+
+    fn parse(s: &str) -> Option<FailedStep> {
+        Step::ALL
+            .map(FailedStep::Step)
+            .into_iter()
+            .chain([FailedStep::Request, FailedStep::DeliveryLimit])
+            .find(|f| f.as_str() == s)
+    }
+}
+
+/// Per-role keys: `backup_status_cert`, `backup_path_key`, ...
+const BACKUP_STATUS: &str = "backup_status_";
+const BACKUP_PATH: &str = "backup_path_";
+
+impl Details {
+    /// The result's `metadata` map.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        let mut m = self.other.clone();
+        let mut set = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        };
+        for (role, status) in &self.backups {
+            set(&format!("{BACKUP_STATUS}{role}"), Some(status.as_str().to_string()));
+        }
+        for (role, path) in &self.backups_left {
+            set(&format!("{BACKUP_PATH}{role}"), Some(path.clone()));
+        }
+        let flag = |b: bool| b.then(|| "true".to_string());
+        set("failed_step", self.failed_step.map(|s| s.as_str().to_string()));
+        set("reload_error", self.reload_error.clone());
+        set("validate_error", self.validate_error.clone());
+        set("retry_reload_error", self.retry_reload_error.clone());
+        set("rollback_error", self.rollback_error.clone());
+        set("backup_cleanup_error", self.backup_cleanup_error.clone());
+        set("prune_error", self.prune_error.clone());
+        set("rolled_back", self.rolled_back.map(|b| b.to_string()));
+        set("daemon_state_unknown", flag(self.daemon_state_unknown));
+        set("manual_action_required", flag(self.manual_action_required));
+        set("original_verified", self.original_verified.map(|b| b.to_string()));
+        set("recovered", flag(self.recovered));
+        set("existing_not_before", self.existing_not_before.map(|n| n.to_string()));
+        set("new_not_before", self.new_not_before.map(|n| n.to_string()));
+        m
+    }
+
+    /// Read a `metadata` map back. Lossless: a key this version does not
+    /// know, or a value that would not be spelled the same way again, is
+    /// kept in [`Details::other`], so `from_metadata(m).metadata() == m`.
+    pub fn from_metadata(map: BTreeMap<String, String>) -> Details {
+        /// Store `value` if there is one; say whether there was.
+        fn put<T>(field: &mut Option<T>, value: Option<T>) -> bool {
+            let read = value.is_some();
+            if read {
+                *field = value;
+            }
+            read
+        }
+        /// `v` read by `parse`, if writing it back gives `v` again.
+        fn exact<T: ToString>(v: &str, parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+            parse(v).filter(|t| t.to_string() == v)
+        }
+        /// A flag is spelled `true`; absent means false.
+        fn flag(field: &mut bool, v: &str) -> bool {
+            *field = v == "true";
+            *field
+        }
+        let role = |s: &str| Role::ALL.into_iter().find(|r| r.as_str() == s);
+        let boolean = |v: &str| exact(v, |v| v.parse::<bool>().ok());
+        let number = |v: &str| exact(v, |v| v.parse::<i64>().ok());
+        let mut d = Details::default();
+        for (k, v) in map {
+            let read = match k.as_str() {
+                "failed_step" => put(&mut d.failed_step, FailedStep::parse(&v)),
+                "reload_error" => put(&mut d.reload_error, Some(v.clone())),
+                "validate_error" => put(&mut d.validate_error, Some(v.clone())),
+                "retry_reload_error" => put(&mut d.retry_reload_error, Some(v.clone())),
+                "rollback_error" => put(&mut d.rollback_error, Some(v.clone())),
+                "backup_cleanup_error" => put(&mut d.backup_cleanup_error, Some(v.clone())),
+                "prune_error" => put(&mut d.prune_error, Some(v.clone())),
+                "rolled_back" => put(&mut d.rolled_back, boolean(&v)),
+                "daemon_state_unknown" => flag(&mut d.daemon_state_unknown, &v),
+                "manual_action_required" => flag(&mut d.manual_action_required, &v),
+                "original_verified" => put(&mut d.original_verified, boolean(&v)),
+                "recovered" => flag(&mut d.recovered, &v),
+                "existing_not_before" => put(&mut d.existing_not_before, number(&v)),
+                "new_not_before" => put(&mut d.new_not_before, number(&v)),
+                _ => {
+                    if let Some((r, s)) = k.strip_prefix(BACKUP_STATUS).and_then(role).zip(BackupStatus::parse(&v)) {
+                        d.backups.insert(r, s);
+                        true
+                    } else if let Some(r) = k.strip_prefix(BACKUP_PATH).and_then(role) {
+                        d.backups_left.insert(r, v.clone());
+                        true
+                    } else {
+                        false
+                    }
+                }
+            };
+            if !read {
+                d.other.insert(k, v);
+            }
+        }
+        d
+    }
+}
+
+impl From<Details> for BTreeMap<String, String> {
+    fn from(d: Details) -> Self {
+        d.metadata()
+    }
+}
+
+impl From<BTreeMap<String, String>> for Details {
+    fn from(m: BTreeMap<String, String>) -> Self {
+        Details::from_metadata(m)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Journals hold reports as the `metadata` map; a redelivery re-publishes
+    /// them from the typed [`Details`]. Whatever a map holds (keys of other
+    /// versions, values spelled otherwise) must come out exactly as it went in.
+    #[test]
+    fn metadata_reads_back_exactly_whatever_it_holds() {
+        let keys = [
+            "backup_status_cert",
+            "backup_status_key",
+            "backup_status_chain",
+            "backup_status_other",
+            "backup_path_cert",
+            "backup_path_chain",
+            "backup_path_",
+            "failed_step",
+            "reload_error",
+            "validate_error",
+            "retry_reload_error",
+            "rollback_error",
+            "backup_cleanup_error",
+            "prune_error",
+            "rolled_back",
+            "daemon_state_unknown",
+            "manual_action_required",
+            "original_verified",
+            "recovered",
+            "existing_not_before",
+            "new_not_before",
+            "attempt",
+            "",
+        ];
+        let values = [
+            "",
+            "true",
+            "false",
+            "True",
+            "n/a",
+            "snapshotted",
+            "no_pre_existing",
+            "restored",
+            "removed",
+            "restore_failed",
+            "remove_failed",
+            "lock",
+            "validate_request",
+            "delivery_limit",
+            "retry_reload",
+            "12",
+            "-3",
+            "0012",
+            "+5",
+            "9223372036854775808",
+            "exit status 1 (output: nginx: [emerg] ...)",
+        ];
+        let round_trip = |m: BTreeMap<String, String>| {
+            assert_eq!(Details::from_metadata(m.clone()).metadata(), m);
+        };
+        for k in keys {
+            for v in values {
+                round_trip(BTreeMap::from([(k.to_string(), v.to_string())]));
+            }
+        }
+        for shift in 0..values.len() {
+            round_trip(
+                keys.iter()
+                    .enumerate()
+                    .map(|(i, k)| (k.to_string(), values[(i + shift) % values.len()].to_string()))
+                    .collect(),
+            );
+        }
+        // What this version writes is read into the typed fields.
+        let m: BTreeMap<String, String> = [
+            ("backup_status_cert", "restore_failed"),
+            ("backup_path_cert", "/etc/ssl/site.pem.certdeploy-bak.d1"),
+            ("failed_step", "reload"),
+            ("rolled_back", "false"),
+            ("manual_action_required", "true"),
+            ("existing_not_before", "-5"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let d = Details::from_metadata(m);
+        assert!(d.other.is_empty(), "{:?}", d.other);
+        assert_eq!(d.backups[&Role::Cert], BackupStatus::Rollback(RestoreStatus::RestoreFailed));
+        assert_eq!(d.failed_step, Some(FailedStep::Step(Step::Reload)));
+        assert_eq!((d.rolled_back, d.manual_action_required, d.existing_not_before), (Some(false), true, Some(-5)));
+    }
 
     #[test]
     fn broken_json_is_reported_as_such_even_after_an_unknown_key() {

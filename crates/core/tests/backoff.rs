@@ -48,7 +48,7 @@ fn transient_errors_back_off_from_1s_doubling_to_60s_with_full_jitter_until_the_
     let last = *attempts.last().expect("attempts");
     assert!(last - started <= policy.deadline_ms, "an attempt after the deadline");
     assert!(last - started + policy.retry_max_ms > policy.deadline_ms, "gave up long before the deadline");
-    assert_eq!(report.metadata.get("failed_step").map(String::as_str), Some("snapshot"));
+    assert_eq!(report.metadata().get("failed_step").map(String::as_str), Some("snapshot"));
 }
 
 #[test]

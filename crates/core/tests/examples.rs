@@ -1,6 +1,6 @@
-//! Named scenarios. The first four mirror, one for one, the tests of the
-//! seed change note (the Go tool's SSH rollback); the rest cover the paths
-//! the seed did not have.
+//! Named scenarios. The first four mirror, one for one, the SSH rollback
+//! tests of the Go tool certdeploy started from (named `Seed:` below); the
+//! rest cover the paths that tool did not have.
 
 use certdeploy_core::testkit::*;
 use certdeploy_core::*;
@@ -44,8 +44,8 @@ fn finished(t: Terminal) -> Report {
     }
 }
 
-fn meta<'a>(r: &'a Report, k: &str) -> &'a str {
-    r.metadata.get(k).map(String::as_str).unwrap_or("<absent>")
+fn meta(r: &Report, k: &str) -> String {
+    r.metadata().get(k).cloned().unwrap_or_else(|| "<absent>".into())
 }
 
 fn assert_originals(rig: &Rig) {
@@ -277,6 +277,39 @@ fn snapshot_failure_is_failed_and_untouched() {
     assert!(!rig.sim.list().iter().any(|p| p.contains(".certdeploy-")), "backup links removed: {:?}", rig.sim.list());
 }
 
+/// A snapshot retried after a transient error fails for good, and its answer
+/// arrives after the deadline: the attempt still removes its backups and
+/// reports `failed`. (The retry's time must not outlive the snapshot phase:
+/// a stale one made the machine record a `GaveUp` for the cleanup that its
+/// own fold then refused, so neither this process nor a recovery could end
+/// the attempt.)
+#[test]
+fn snapshot_failing_for_good_after_a_retry_past_the_deadline_still_cleans_up() {
+    let (p, _) = plan("d-late-snap");
+    let t0 = Timestamp(1_800_000_000_000);
+    let past_deadline = t0.plus_ms(p.policy.deadline_ms + 5);
+    let snapshot = |role: Role| Snapshot { live_path: p.file(role).unwrap().path.clone(), pre: PreState::Missing };
+    let key_failed = |error| Event::StepFailed { step: Step::Snapshot, role: Some(Role::Key), error };
+    let mut d = Deployment::start(p.clone(), t0);
+    for (at, event) in [
+        (t0, Event::Snapshotted { role: Role::Cert, snapshot: snapshot(Role::Cert) }),
+        (t0, Event::Snapshotted { role: Role::Chain, snapshot: snapshot(Role::Chain) }),
+        (t0, key_failed(StepError::transient("connection reset"))),
+        (past_deadline, key_failed(StepError::permanent("permission denied"))),
+    ] {
+        d.apply(&Record { at, event }).unwrap();
+    }
+    let now = past_deadline.plus_ms(1);
+    assert!(matches!(d.next(now), Next::Perform(Action::RemoveBackups { .. })), "{:?}", d.next(now));
+    d.apply(&Record { at: now, event: Event::BackupsRemoved { error: None } }).unwrap();
+    let Next::Record(event) = d.next(now) else { panic!("{:?}", d.next(now)) };
+    d.apply(&Record { at: now, event }).unwrap();
+    let r = finished(d.terminal().cloned().expect("terminal"));
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert_eq!(meta(&r, "failed_step"), "snapshot");
+    assert!(r.message.ends_with("nothing written: permission denied"), "{}", r.message);
+}
+
 #[test]
 fn validate_failure_rolls_back_without_any_reload() {
     let rig = rig();
@@ -423,7 +456,7 @@ impl ClockNow for Rig {
     }
 }
 
-/// Issue 10: another worker takes over a dead worker's deployment from the
+/// Another worker takes over a dead worker's deployment from the
 /// snapshots its target lock carries (`TakenOver`), without the dead
 /// worker's journal: restore, retry-reload, abandon. Whether the dead
 /// worker got as far as the reload or only to the snapshots, the host ends

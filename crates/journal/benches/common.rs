@@ -16,7 +16,7 @@ pub fn deployment(id: &str) -> Vec<(Record, bool)> {
         host: plan.host.clone(),
         outcome: Outcome::Deployed,
         message: "certificate deployed to web1.internal:22".into(),
-        metadata: Default::default(),
+        details: Default::default(),
         attempts: 1,
         started_at: at,
         finished_at: at,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use certdeploy_core::driver::{self, Env, Journal};
 use certdeploy_core::testkit::{MemClock, MemHost, MemVerifier, Sim, fake_cert_facts, test_plan};
-use certdeploy_core::{Event, Outcome, Record, Report, Step, Terminal, Timestamp};
+use certdeploy_core::{Details, Event, Outcome, Record, Report, Step, Terminal, Timestamp};
 use certdeploy_journal::{
     DeploymentState, DeploymentStatus, Durability, Error, GcPolicy, JournalOpenError, JournalOptions, SledJournal,
 };
@@ -43,7 +43,7 @@ fn report(id: &str, outcome: Outcome, at: u64) -> Report {
         host: "web1.internal:22".into(),
         outcome,
         message: format!("{outcome} for {id}"),
-        metadata: BTreeMap::from([("backup_status_cert".into(), "snapshotted".into())]),
+        details: Details::from_metadata(BTreeMap::from([("backup_status_cert".into(), "snapshotted".into())])).into(),
         attempts: 1,
         started_at: Timestamp(at.saturating_sub(10)),
         finished_at: Timestamp(at),

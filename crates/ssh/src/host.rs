@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use certdeploy_core::driver::{Fence, Host, Snapped};
-use certdeploy_core::event::truncate_output;
+use certdeploy_core::step::truncate_output;
 use certdeploy_core::*;
 use futures_util::future::join_all;
 // Requests that leave together and are handled in order: each SFTP call

@@ -19,7 +19,7 @@ use super::Planted;
 use super::protocol::reacquire;
 use super::record::{LockPhase, LockRecord, Parsed};
 use crate::driver::{Clock, Host};
-use crate::event::StepError;
+use crate::step::StepError;
 
 /// The part of the lease kept as margin: a quarter, at least 0.5 s.
 pub fn margin_ms(lease_ms: u64) -> u64 {

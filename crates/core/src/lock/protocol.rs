@@ -5,7 +5,7 @@ use super::Planted;
 use super::held::{margin_ms, sweep};
 use super::record::{Created, LOCK_VERSION, LockPhase, LockRecord, Parsed, claim_path};
 use crate::driver::{Clock, Host};
-use crate::event::StepError;
+use crate::step::StepError;
 
 /// What [`acquire`] found.
 #[derive(Debug)]

@@ -3,8 +3,9 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::event::{Snapshot, StepError};
 use crate::model::Role;
+use crate::snapshot::Snapshot;
+use crate::step::StepError;
 
 /// Suffix of the lock file next to the certificate.
 pub const LOCK_SUFFIX: &str = ".certdeploy-lock";
@@ -143,10 +144,10 @@ impl LockRecord {
 
     /// [`Self::expired`] with the lease read from the host bounded by
     /// `max_lease_ms` (the taker's configured lease): the file lives in a
-    /// directory others may write, and a crafted lease must not hold a
-    /// target for ever (SPEC 8.1). A live holder renews every quarter
-    /// lease, well within a bound as long as the workers sharing a target
-    /// share `lock_lease_s`.
+    /// directory other local users may write, and a lease one of them
+    /// crafted must not hold a target for ever. A live holder renews every
+    /// quarter lease, well within a bound as long as the workers sharing a
+    /// target share `lock_lease_s`.
     pub fn expired_bounded(&self, mtime: u64, host_now: u64, max_lease_ms: u64) -> bool {
         let lease_ms = self.lease_ms.min(max_lease_ms);
         host_now > mtime.saturating_add(lease_ms.div_ceil(1000)).saturating_add(1)

@@ -46,6 +46,9 @@ use crate::event::*;
 use crate::lock::{Created, LockFile, LockRecord, Parsed, Planted, is_lock_litter, lock_path, margin_ms, new_token};
 use crate::machine::*;
 use crate::model::*;
+use crate::report::*;
+use crate::snapshot::*;
+use crate::step::*;
 
 use super::fake_cert_facts;
 

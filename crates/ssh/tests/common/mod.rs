@@ -3,7 +3,6 @@
 //! journal, and a real clock.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -152,8 +151,8 @@ pub fn key(name: &str) -> Vec<u8> {
     format!("-----BEGIN PRIVATE KEY-----\nSECRET-KEY-{name}\n-----END PRIVATE KEY-----\n").into_bytes()
 }
 
-pub fn meta<'a>(r: &'a Report, k: &str) -> &'a str {
-    r.metadata.get(k).map(String::as_str).unwrap_or("<absent>")
+pub fn meta(r: &Report, k: &str) -> String {
+    r.metadata().get(k).cloned().unwrap_or_else(|| "<absent>".into())
 }
 
 /// Names in `dir` that are backups or temps of certdeploy.
@@ -162,6 +161,5 @@ pub fn leftovers(sshd: &SshdFixture, dir: &Path) -> Vec<String> {
 }
 
 pub fn dump(r: &Report) -> String {
-    let m: BTreeMap<_, _> = r.metadata.iter().collect();
-    format!("{} — {} — {:?}", r.outcome, r.message, m)
+    format!("{} — {} — {:?}", r.outcome, r.message, r.metadata())
 }

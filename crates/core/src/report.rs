@@ -1,0 +1,198 @@
+//! The end of an attempt: its outcome and the report published for it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Role, Timestamp};
+use crate::snapshot::RestoreStatus;
+use crate::step::Step;
+
+/// Terminal outcomes, exact strings of the result contract.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Deployed,
+    Unchanged,
+    RolledBack,
+    RolledBackDaemonUnknown,
+    RollbackFailed,
+    Failed,
+    Rejected,
+    Superseded,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Deployed,
+        Outcome::Unchanged,
+        Outcome::RolledBack,
+        Outcome::RolledBackDaemonUnknown,
+        Outcome::RollbackFailed,
+        Outcome::Failed,
+        Outcome::Rejected,
+        Outcome::Superseded,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Deployed => "deployed",
+            Outcome::Unchanged => "unchanged",
+            Outcome::RolledBack => "rolled_back",
+            Outcome::RolledBackDaemonUnknown => "rolled_back_daemon_unknown",
+            Outcome::RollbackFailed => "rollback_failed",
+            Outcome::Failed => "failed",
+            Outcome::Rejected => "rejected",
+            Outcome::Superseded => "superseded",
+        }
+    }
+    pub fn success(self) -> bool {
+        matches!(self, Outcome::Deployed | Outcome::Unchanged)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The terminal report of a deployment attempt; the result event is built
+/// from it. Journaled in `Finished`, so redeliveries re-publish it verbatim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub deployment_id: String,
+    pub target: String,
+    pub host: String,
+    pub outcome: Outcome,
+    pub message: String,
+    /// The facts behind the outcome. The result event (and the journal)
+    /// spell them as the string map `metadata` ([`Report::metadata`]).
+    /// Boxed: they outweigh the rest of the report, which is moved whole
+    /// inside small enums.
+    #[serde(rename = "metadata")]
+    pub details: Box<Details>,
+    pub attempts: u32,
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
+}
+
+/// What a report states besides its outcome and message. Each field is
+/// one key (or one key per role) of the result's `metadata` map; absent
+/// fields are absent keys. The spelling is the wire's (`crate::wire`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "BTreeMap<String, String>", from = "BTreeMap<String, String>")]
+pub struct Details {
+    /// Per role: what became of the file that was there before
+    /// (`backup_status_<role>`).
+    pub backups: BTreeMap<Role, BackupStatus>,
+    /// Per role: the backup a failed rollback left for the operator
+    /// (`backup_path_<role>`).
+    pub backups_left: BTreeMap<Role, String>,
+    /// The step that failed: on every outcome but a success or `superseded`.
+    pub failed_step: Option<FailedStep>,
+    /// Why the new certificate is not served: the reload's (or the
+    /// verify's) error, truncated like command output.
+    pub reload_error: Option<String>,
+    /// The validate command's error, truncated like command output.
+    pub validate_error: Option<String>,
+    /// The retry-reload's error after a rollback, truncated.
+    pub retry_reload_error: Option<String>,
+    /// Every restore that failed, truncated.
+    pub rollback_error: Option<String>,
+    /// Removing this attempt's backups failed (nothing was written).
+    pub backup_cleanup_error: Option<String>,
+    /// Pruning old backups failed (the deployment itself succeeded).
+    pub prune_error: Option<String>,
+    /// Whether the host is back in its pre-deploy state, once a rollback ran.
+    pub rolled_back: Option<bool>,
+    /// The retry-reload failed: the daemon may still run the new files' config.
+    pub daemon_state_unknown: bool,
+    /// A rollback failed: an operator must put the host right.
+    pub manual_action_required: bool,
+    /// After a rollback: whether the original certificate is served again.
+    pub original_verified: Option<bool>,
+    /// A later process finished this attempt (after a crash or a takeover).
+    pub recovered: bool,
+    /// `superseded`: notBefore (unix seconds) of the certificate on the host.
+    pub existing_not_before: Option<i64>,
+    /// `superseded`: notBefore (unix seconds) of the certificate refused.
+    pub new_not_before: Option<i64>,
+    /// Keys this version does not know, or values it cannot read back, as
+    /// they came (from a journal written by another version).
+    pub other: BTreeMap<String, String>,
+}
+
+/// What became of a role's pre-deploy file.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum BackupStatus {
+    /// The target has no file of this role.
+    NotApplicable,
+    /// The file was backed up before anything was written.
+    Snapshotted,
+    /// There was no file at the path before.
+    NoPreExisting,
+    /// A rollback ran: what restoring the file did.
+    Rollback(RestoreStatus),
+}
+
+/// The step a failed attempt names (`failed_step`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FailedStep {
+    Step(Step),
+    /// The request was refused before any remote contact.
+    Request,
+    /// The broker's delivery limit ended the request.
+    DeliveryLimit,
+}
+
+impl Report {
+    /// The report of a request refused before any remote contact.
+    pub fn rejected(deployment_id: &str, target: &str, host: &str, message: String, at: Timestamp) -> Report {
+        Report::before_any_step(Outcome::Rejected, FailedStep::Request, deployment_id, target, host, message, at)
+    }
+
+    /// `failed` before the deployment's first step: its target lock could
+    /// not be taken (unreachable host, deferred too often). The host was
+    /// not touched.
+    pub fn lock_failed(deployment_id: &str, target: &str, host: &str, message: String, at: Timestamp) -> Report {
+        let step = FailedStep::Step(Step::Lock);
+        Report::before_any_step(Outcome::Failed, step, deployment_id, target, host, message, at)
+    }
+
+    /// `failed` on the last delivery the broker will make of a request
+    /// (its delivery limit): earlier deliveries ended without an answer
+    /// (a worker died holding it). The host is in whatever state recovery
+    /// left it: never half-deployed.
+    pub fn delivery_limit(deployment_id: &str, target: &str, message: String, at: Timestamp) -> Report {
+        let step = FailedStep::DeliveryLimit;
+        Report::before_any_step(Outcome::Failed, step, deployment_id, target, "", message, at)
+    }
+
+    fn before_any_step(
+        outcome: Outcome,
+        step: FailedStep,
+        deployment_id: &str,
+        target: &str,
+        host: &str,
+        message: String,
+        at: Timestamp,
+    ) -> Report {
+        let details = Details {
+            backups: Role::ALL.into_iter().map(|r| (r, BackupStatus::NotApplicable)).collect(),
+            failed_step: Some(step),
+            ..Details::default()
+        };
+        Report {
+            deployment_id: deployment_id.to_string(),
+            target: target.to_string(),
+            host: host.to_string(),
+            outcome,
+            message,
+            details: Box::new(details),
+            attempts: 1,
+            started_at: at,
+            finished_at: at,
+        }
+    }
+}
