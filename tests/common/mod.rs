@@ -15,7 +15,7 @@ use certdeploy_core::wire::ResultEvent;
 #[allow(unused_imports)]
 pub use certdeploy_testbed::certs::{Bundle, TestCa, request};
 pub use certdeploy_testbed::rabbit::Vhost;
-pub use certdeploy_testbed::{SshdFixture, TEST_USER, WEB1_CONFIG};
+pub use certdeploy_testbed::{SshdFixture, TEST_USER};
 
 /// The `certdeploy` binary of this build: `target/<profile>/certdeploy`,
 /// beside the `deps` directory that holds the test executables. A cargo
