@@ -386,8 +386,8 @@ async fn sudo_sftp(
     let text = if text.is_empty() { String::new() } else { format!(": {text}") };
     match exit {
         Ok(Ok(Ok(status))) => Err(StepError::permanent(format!(
-            "{host}: `{shown}` exited with status {}{text} (the SSH user needs a sudoers rule running {server} \
-             without a password; see `certdeploy check`)",
+            "{host}: `{shown}` exited with status {}{text} (sudo must let the SSH user run {server} without a \
+             password: `certdeploy check` prints the sudoers rule)",
             status.code().map_or_else(|| "unknown".to_string(), |c| c.to_string())
         ))),
         // The native mux client reports exit status 127 as an error.
