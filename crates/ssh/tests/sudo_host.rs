@@ -352,3 +352,43 @@ fn the_sudoers_rule_allows_exactly_its_commands() {
         assert_ne!(code, 0, "{argv:?} must be refused by\n{}\n{out}", rule.text());
     }
 }
+
+/// "The SSH user" of the link and owner rules is the user sudo runs as,
+/// whoever that is: here sudoers makes it `www-data` (`runas_default`),
+/// so a `www-data` key is kept as it is, the new files are `www-data`'s,
+/// the commands run as `www-data`, and a root-only directory is out of
+/// reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trusted_user_is_the_one_sudo_runs_as() {
+    let user = "cd-sudo-runas";
+    let rig = Rig::as_user(user);
+    let www = uid_of("www-data");
+    let d = root_dir(&rig, "svc");
+    std::os::unix::fs::chown(&d, Some(www), Some(0)).unwrap();
+    let c = commands(&d);
+    let rule = sudoers_rule(user, SERVER, &[&c.reload]).replace("ALL=(root)", "ALL=(www-data)");
+    let _rule = SudoersDropIn::install(user, &format!("Defaults:{user} runas_default=www-data\n{rule}"));
+    write_root(&d.join("site.key"), &key("old"), 0o600);
+    std::os::unix::fs::chown(d.join("site.key"), Some(www), None).unwrap();
+    let t = target(&d, &c.reload);
+    let host = sudo_host(&rig);
+
+    let lines = check(&rig.pool, &sudo_addr(&rig), &t, &TargetPolicy::default()).await;
+    let server = lines.iter().find(|l| l.name == "sudo sftp-server").expect("sudo line");
+    assert!(server.ok && server.detail.contains(&format!("as uid {www}")), "{lines:?}");
+
+    let r = rig.deploy_on(&host, &t, "runas-1", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+    // (Its group stays www-data's own: www-data may not give a file to
+    // group root, and keeping an owner is best effort.)
+    let (uid, _, mode) = owner(&d.join("site.key"));
+    assert_eq!((uid, mode), (www, 0o600), "the www-data key kept as www-data's");
+    assert_eq!(owner(&d.join("site.pem")).0, www, "a new file is the user sudo runs as's");
+    assert_eq!(std::fs::read_to_string(&c.log).unwrap(), format!("{www}\n"), "the reload ran as www-data");
+
+    // A key of the login account's is not trusted.
+    std::os::unix::fs::chown(d.join("site.key"), Some(rig.sshd.uid()), None).unwrap();
+    let r = rig.deploy_on(&host, &t, "runas-2", &cert("newer", 300), &key("newer")).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{}", dump(&r));
+    assert!(r.message.contains(&format!("neither root nor the user sudo runs as (uid {www})")), "{}", r.message);
+}
