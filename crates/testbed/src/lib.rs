@@ -1,7 +1,8 @@
 //! Test fixtures for certdeploy: a real OpenSSH server on loopback
 //! addresses, started by the (root) test process and serving one
-//! unprivileged user, `certdeploy-test`, whose files live in a per-host
-//! working directory. The test process can inspect and change anything on
+//! unprivileged user, `certdeploy-test` (or an account of a test's own,
+//! [`SshdFixture::start_as`]), whose files live in a per-host working
+//! directory; sudoers drop-ins for such accounts ([`sudo`]). The test process can inspect and change anything on
 //! "the host" directly, because the host is this machine.
 //!
 //! Requires root and `/usr/sbin/sshd` (package `openssh-server`).
