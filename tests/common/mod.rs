@@ -74,9 +74,15 @@ pub struct Opts {
 impl Fleet {
     /// `hosts` loopback addresses 127.0.0.2.., each one target `t<i>`.
     pub fn new(hosts: usize, with_broker: bool) -> Fleet {
+        Fleet::new_as(hosts, with_broker, TEST_USER)
+    }
+
+    /// [`Fleet::new`] whose sshd serves `user` (an account of the test's
+    /// own, created if missing) instead of [`TEST_USER`].
+    pub fn new_as(hosts: usize, with_broker: bool, user: &str) -> Fleet {
         let addrs: Vec<String> = (0..hosts).map(|i| format!("127.0.0.{}", i + 2)).collect();
         let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-        let sshd = SshdFixture::start(&refs);
+        let sshd = SshdFixture::start_as(&refs, user);
         let tmp = tempfile::Builder::new().prefix("certdeploy-e2e-").tempdir().expect("tmp");
         let targets = addrs
             .iter()
@@ -149,7 +155,7 @@ impl Fleet {
             t.name,
             t.addr,
             self.sshd.port(),
-            TEST_USER,
+            self.sshd.user(),
             t.cert.display(),
             t.key.display(),
             t.chain.display(),

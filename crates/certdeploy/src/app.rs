@@ -169,11 +169,14 @@ impl Runtime {
     /// was built from (none for an inline target).
     fn addr(plan: &Plan, target: Option<&TargetConfig>) -> HostAddr {
         let accept_new = target.is_some_and(|t| t.accept_new_host_key() && t.host == plan.remote.host);
+        // sudo, like the link and owner rules, only on the target's own host.
+        let sudo = target.filter(|t| t.sudo && t.host == plan.remote.host).map(|t| t.sftp_server.clone());
         HostAddr {
             host: plan.remote.host.clone(),
             port: plan.remote.port,
             user: plan.remote.user.clone(),
             accept_new_host_key: accept_new,
+            sudo,
         }
     }
 

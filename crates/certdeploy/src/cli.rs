@@ -612,7 +612,8 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
         let t = &cfg.targets[&name];
         let addr = t.host_addr();
         if !a.json {
-            println!("target {name} ({}@{}:{})", t.user, t.host, t.port);
+            let via = if t.sudo { format!(", through sudo -n {}", t.sftp_server) } else { String::new() };
+            println!("target {name} ({}@{}:{}{via})", t.user, t.host, t.port);
         }
         let mut checks = Vec::new();
         let mut target_ok = true;

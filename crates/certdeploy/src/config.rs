@@ -274,10 +274,22 @@ pub struct TargetConfig {
     pub key_owner: Option<String>,
     #[serde(default)]
     pub key_group: Option<String>,
+    /// Privilege without root login: the SFTP server runs as `sudo -n
+    /// <sftp_server>` and the validate and reload commands as `sudo -n
+    /// /bin/sh -c <command>`; the rules for links and owners then trust root
+    /// and the user sudo runs as instead of `user`.
+    #[serde(default)]
+    pub sudo: bool,
+    /// The SFTP server's path on the host, for `sudo = true`.
+    #[serde(default = "default_sftp_server")]
+    pub sftp_server: String,
 }
 
 fn default_exec_timeout() -> u64 {
     60
+}
+fn default_sftp_server() -> String {
+    "/usr/lib/openssh/sftp-server".into()
 }
 fn default_host_key_policy() -> String {
     "strict".into()
@@ -315,6 +327,7 @@ impl TargetConfig {
             port: self.port,
             user: self.user.clone(),
             accept_new_host_key: self.accept_new_host_key(),
+            sudo: self.sudo.then(|| self.sftp_server.clone()),
         }
     }
 
@@ -741,6 +754,20 @@ fn validate_target(name: &str, t: &TargetConfig) -> Result<(), (String, String)>
     if t.exec_timeout_s == 0 {
         return Err((key("exec_timeout_s"), "must be at least 1".into()));
     }
+    certdeploy_core::check_remote_path(&t.sftp_server)
+        .and_then(|()| match t.sftp_server.chars().any(char::is_whitespace) {
+            true => Err("contains whitespace".into()),
+            false => Ok(()),
+        })
+        .map_err(|p| (key("sftp_server"), format!("`{}` {p}", t.sftp_server)))?;
+    if t.sudo {
+        // The sudoers rule names each command exactly (see README, sudo).
+        for (k, c) in [("reload_command", Some(&t.reload_command)), ("validate_command", t.validate_command.as_ref())] {
+            if let Some(c) = c {
+                certdeploy_ssh::sudo_expressible(c).map_err(|p| (key(k), format!("with sudo = true, `{c}` {p}")))?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1016,6 +1043,47 @@ reload_command = "systemctl reload nginx"
         }
         let e = Config::parse("[worker]\nbogus = 1\n", "c.toml", &[]).unwrap_err().to_string();
         assert!(e.starts_with("c.toml: line 2: unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn sudo_keys_default_off_and_are_checked() {
+        let c = Config::parse(MIN, "c.toml", &[]).unwrap();
+        let t = &c.targets["web1"];
+        assert!(!t.sudo);
+        assert_eq!(t.sftp_server, "/usr/lib/openssh/sftp-server");
+        assert_eq!(t.host_addr().sudo, None);
+        let on = MIN.replace("[targets.web1]", "[targets.web1]\nsudo = true");
+        let c = Config::parse(&on, "c.toml", &[]).unwrap();
+        assert_eq!(c.targets["web1"].host_addr().sudo.as_deref(), Some("/usr/lib/openssh/sftp-server"));
+        let other = on.replace("sudo = true", "sudo = true\nsftp_server = \"/usr/libexec/sftp-server\"");
+        let c = Config::parse(&other, "c.toml", &[]).unwrap();
+        assert_eq!(c.targets["web1"].host_addr().sudo.as_deref(), Some("/usr/libexec/sftp-server"));
+        let cases = [
+            (
+                on.replace("sudo = true", "sudo = true\nsftp_server = \"sftp-server\""),
+                "c.toml: targets.web1.sftp_server: `sftp-server` must be an absolute path",
+            ),
+            (
+                on.replace("sudo = true", "sudo = true\nsftp_server = \"/usr/lib/../sftp-server\""),
+                "c.toml: targets.web1.sftp_server: `/usr/lib/../sftp-server` is not normalized (contains `..`)",
+            ),
+            (
+                on.replace("sudo = true", "sudo = true\nsftp_server = \"/usr/lib/sftp server\""),
+                "c.toml: targets.web1.sftp_server: `/usr/lib/sftp server` contains whitespace",
+            ),
+            (
+                on.replace("systemctl reload nginx", "systemctl reload nginx "),
+                "c.toml: targets.web1.reload_command: with sudo = true, `systemctl reload nginx ` starts or ends \
+                 with whitespace, which a sudoers rule cannot name exactly",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(Config::parse(&text, "c.toml", &[]).unwrap_err().to_string(), want);
+        }
+        // Without sudo the command runs as given.
+        assert!(
+            Config::parse(&MIN.replace("systemctl reload nginx", "systemctl reload nginx "), "c.toml", &[]).is_ok()
+        );
     }
 
     fn two_targets(host_b: &str, port_b: u16, cert_b: &str, chain_b: &str) -> String {

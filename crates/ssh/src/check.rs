@@ -37,6 +37,12 @@ fn parent_of(path: &str) -> String {
 /// and removed), that every configured path passes the link and owner
 /// rules of SPEC 8.1 under `policy` (the deployment's own checks, reads
 /// only), and that the validate and reload commands' programs exist.
+///
+/// A sudo target (`addr.sudo`) also gets: a `sudo sftp-server` line (the
+/// SFTP server started through `sudo -n`, and the uid it runs as), and per
+/// command a `sudo …` line from `sudo -n -l /bin/sh -c <command>` (sudo's
+/// own answer whether the rule allows exactly that, without running it);
+/// a refusal names sudo, quotes it, and shows the sudoers rule to grant.
 pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy: &TargetPolicy) -> Vec<CheckLine> {
     let mut lines = Vec::new();
     let lease = match pool.lease(addr).await {
@@ -48,10 +54,46 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy:
             ));
             l
         }
+        // The master came up (the message is sudo's): say so on a line of
+        // its own.
+        Err(e) if addr.sudo.as_ref().is_some_and(|s| e.message.contains(&format!("`sudo -n {s}`"))) => {
+            let commands: Vec<&str> =
+                target.validate_command.iter().chain([&target.reload_command]).map(String::as_str).collect();
+            let server = addr.sudo.as_deref().unwrap_or_default();
+            lines.push(CheckLine::new(
+                "sudo sftp-server",
+                false,
+                format!(
+                    "{}; a sudoers rule for this target: `{}`",
+                    e.message,
+                    crate::sudoers_rule(&addr.user, server, &commands)
+                ),
+            ));
+            return lines;
+        }
         Err(e) => {
             lines.push(CheckLine::new("connect", false, e.message));
             return lines;
         }
+    };
+    let host = crate::host::SshHost::new(pool, addr.clone()).with_policy(policy.clone());
+    // Who writes the files: the SSH user, or the user sudo runs as.
+    let writer = match &addr.sudo {
+        None => addr.user.clone(),
+        Some(server) => match host.server_ids(&lease).await {
+            Ok((uid, _)) => {
+                lines.push(CheckLine::new(
+                    "sudo sftp-server",
+                    true,
+                    format!("`sudo -n {server}` runs the SFTP server as uid {uid}"),
+                ));
+                format!("uid {uid} (through sudo)")
+            }
+            Err(e) => {
+                lines.push(CheckLine::new("sudo sftp-server", false, e.message));
+                "the user sudo runs as".to_string()
+            }
+        },
     };
     let sftp = lease.sftp();
     for (name, ok, need) in [
@@ -104,7 +146,7 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy:
                 let _ = f.close().await;
                 match fs.remove_file(Path::new(&probe)).await {
                     Ok(()) => {
-                        lines.push(CheckLine::new(name, true, format!("{dir} exists and is writable by {}", addr.user)))
+                        lines.push(CheckLine::new(name, true, format!("{dir} exists and is writable by {writer}")))
                     }
                     Err(e) => lines.push(CheckLine::new(
                         name,
@@ -116,14 +158,13 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy:
             Err(e) => lines.push(CheckLine::new(
                 name,
                 false,
-                format!("{addr}: {dir} is not writable by {}: {}", addr.user, sftp_detail(&e)),
+                format!("{addr}: {dir} is not writable by {writer}: {}", sftp_detail(&e)),
             )),
         }
     }
 
     // The link and owner rules (SPEC 8.1), one line per configured path,
     // with the reason a deployment's snapshot would fail.
-    let host = crate::host::SshHost::new(pool, addr.clone()).with_policy(policy.clone());
     let mut paths = vec![(Role::Cert, "cert", &target.cert_path), (Role::Key, "key", &target.key_path)];
     if let Some(c) = &target.chain_path {
         paths.push((Role::Chain, "chain", c));
@@ -153,7 +194,12 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy:
             lines.push(CheckLine::new(name, false, "empty command"));
             continue;
         };
-        let probe = format!("command -v {}", shell_quote(program));
+        // Under sudo the program is looked up by root's usual PATH (sudo's
+        // secure_path on most systems), which the SSH user's lacks.
+        let probe = match addr.sudo {
+            Some(_) => format!("PATH=$PATH:{ROOT_PATH} command -v {}", shell_quote(program)),
+            None => format!("command -v {}", shell_quote(program)),
+        };
         match lease.exec(&probe, Duration::from_secs(30)).await {
             Ok((Some(0), out, _)) => lines.push(CheckLine::new(
                 name,
@@ -172,6 +218,53 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy:
                 lines.push(CheckLine::new(name, false, format!("{addr}: `{probe}` failed: {e}")))
             }
         }
+        if addr.sudo.is_some() {
+            lines.push(sudo_allows(&lease, addr, name, cmd).await);
+        }
     }
     lines
+}
+
+/// The directories root's PATH holds on common systems (sudo's default
+/// `secure_path`).
+const ROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Whether sudo lets the SSH user run `command` as a sudo target runs it,
+/// asked with `sudo -n -l /bin/sh -c <command>`: sudo answers from its
+/// rules (exit 0 and the command when allowed) without running anything.
+async fn sudo_allows(lease: &crate::pool::Lease, addr: &HostAddr, name: &str, command: &str) -> CheckLine {
+    let name = format!("sudo {name}");
+    let shown = format!("/bin/sh -c {command}");
+    if let Err(why) = crate::sudo_expressible(command) {
+        return CheckLine::new(name, false, format!("`{command}` {why}"));
+    }
+    let probe = format!("sudo -n -l /bin/sh -c {} </dev/null", shell_quote(command));
+    match lease.exec(&probe, Duration::from_secs(30)).await {
+        Ok((Some(0), _, _)) => {
+            CheckLine::new(name, true, format!("sudo lets {} run `{shown}` without a password", addr.user))
+        }
+        Ok((code, out, err)) => {
+            let said: String =
+                String::from_utf8_lossy(&[err, out].concat()).split_whitespace().collect::<Vec<_>>().join(" ");
+            let said = match (said.is_empty(), code) {
+                (_, Some(127)) => format!("sudo is not installed ({said})"),
+                (true, _) => "no sudoers rule allows it".to_string(),
+                (false, _) => said,
+            };
+            CheckLine::new(
+                name,
+                false,
+                format!(
+                    "{addr}: sudo -n refuses `{shown}` for {}: {said}; grant it in sudoers: `{} ALL=(root) NOPASSWD: {}`",
+                    addr.user,
+                    addr.user,
+                    crate::sudoers_command(command)
+                ),
+            )
+        }
+        Err(ExecFailure::TimedOut) => CheckLine::new(name, false, format!("{addr}: `{probe}` timed out")),
+        Err(ExecFailure::Lost(e) | ExecFailure::NoChannel(e)) => {
+            CheckLine::new(name, false, format!("{addr}: `{probe}` failed: {e}"))
+        }
+    }
 }

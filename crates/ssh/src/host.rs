@@ -933,15 +933,22 @@ impl SshHost<'_> {
         // silent (best effort, like `sync_dirs`), on its own line so that
         // the command is parsed exactly as given.
         let dirs = self.take_pending_sync();
+        // Under sudo, only the command itself runs privileged; the sync
+        // (which needs no privilege: it opens the directories read-only)
+        // runs as the SSH user.
+        let command = match &self.addr.sudo {
+            Some(_) => std::borrow::Cow::Owned(sudo_command(command)),
+            None => std::borrow::Cow::Borrowed(command),
+        };
         let script = if dirs.is_empty() {
             None
         } else {
             let mut s = sync_command(&dirs);
             s.push_str(" >/dev/null 2>&1\n");
-            s.push_str(command);
+            s.push_str(&command);
             Some(s)
         };
-        match lease.exec(script.as_deref().unwrap_or(command), timeout).await {
+        match lease.exec(script.as_deref().unwrap_or(&command), timeout).await {
             Ok((exit_code, out, err)) => {
                 let mut s = String::from_utf8_lossy(&out).into_owned();
                 s.push_str(&String::from_utf8_lossy(&err));
@@ -961,21 +968,67 @@ impl SshHost<'_> {
 const LOCK_LOST_EXIT: i32 = 75;
 const LOCK_LOST_MARK: &str = "certdeploy: target lock lost";
 
+/// What a lock file holding this guard's token contains (the lock is
+/// compact JSON; tokens are made of deployment-id characters, `/` and hex).
+fn guard_needle(guard: &ExecGuard) -> String {
+    format!("\"token\":\"{}\"", guard.token)
+}
+
 /// The shell prefix of a guarded command: run nothing unless the lock file
-/// still holds this token (the lock is compact JSON; tokens are made of
-/// deployment-id characters, `/` and hex).
+/// still holds this token.
 fn guard_prefix(guard: &ExecGuard) -> String {
-    let needle = format!("\"token\":\"{}\"", guard.token);
     format!(
         "grep -qF -e {} -- {} 2>/dev/null || {{ echo {} >&2; exit {LOCK_LOST_EXIT}; }}\n",
-        shell_quote(&needle),
+        shell_quote(&guard_needle(guard)),
         shell_quote(&guard.lock_path),
         shell_quote(LOCK_LOST_MARK)
     )
 }
 
+/// A configured command as a sudo target runs it: `sudo -n /bin/sh -c
+/// '<command>'`, so that sudo sees exactly the argument vector `/bin/sh`,
+/// `-c`, `<command>` and a sudoers rule can name it exactly (see
+/// [`crate::sudoers_rule`]). Nothing else is added to the privileged
+/// command line: the lock guard and the directory sync run outside sudo.
+pub(crate) fn sudo_command(command: &str) -> String {
+    format!("sudo -n /bin/sh -c {}", shell_quote(command))
+}
+
+impl SshHost<'_> {
+    /// The guard of a sudo target: the lock file belongs to the user sudo
+    /// runs as (mode 0600), out of the SSH user's reach, so it is read over
+    /// the (privileged) SFTP session, just before the command is sent;
+    /// putting the check into the privileged command line would make it
+    /// different for every deployment, and no sudoers rule could name it.
+    async fn sudo_guard(&self, command: &str, guard: &ExecGuard) -> Result<(), StepError> {
+        let lost = |why: String| {
+            StepError::lock_lost(format!(
+                "{}: the target lock {} {why}; `{command}` was not run",
+                self.addr, guard.lock_path
+            ))
+        };
+        match self.lock_file_read(&guard.lock_path).await {
+            Ok(Some(lock)) => {
+                let needle = guard_needle(guard);
+                if lock.bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    Ok(())
+                } else {
+                    Err(lost("no longer holds this deployment's token".into()))
+                }
+            }
+            Ok(None) => Err(lost("no longer holds this deployment's token (it is gone)".into())),
+            Err(e) if e.is_transient() => Err(e),
+            Err(e) => Err(lost(format!("cannot be read ({})", e.message))),
+        }
+    }
+}
+
 impl Host for SshHost<'_> {
     async fn exec_guarded(&self, command: &str, timeout_ms: u64, guard: &ExecGuard) -> Result<ExecResult, StepError> {
+        if self.addr.sudo.is_some() {
+            self.sudo_guard(command, guard).await?;
+            return self.exec_script(command, command, timeout_ms).await;
+        }
         let script = format!("{}{command}", guard_prefix(guard));
         let r = self.exec_script(&script, command, timeout_ms).await?;
         if r.exit_code == Some(LOCK_LOST_EXIT) && r.output.trim() == LOCK_LOST_MARK {

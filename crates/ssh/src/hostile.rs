@@ -77,7 +77,8 @@ pub fn valid_id_name(s: &str) -> bool {
 /// The ids the written files get, resolved on the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Ids {
-    /// The SSH user's uid (the user the SFTP server runs as).
+    /// The uid the SFTP server runs as: the SSH user's, or under sudo the
+    /// user sudo runs as ("the SSH user" of the rules for links and owners).
     pub ssh_uid: u32,
     /// Its primary group.
     pub ssh_gid: u32,
@@ -108,8 +109,12 @@ impl Ids {
     }
 }
 
-/// The SSH user's uid per host account: asked once per process.
+/// The uid and gid of the SFTP server per host account (and sudo
+/// setting): asked once per process.
 static SSH_UIDS: Mutex<Option<HashMap<String, (u32, u32)>>> = Mutex::new(None);
+
+/// Most bytes of `/proc/self/status` read.
+const STATUS_MAX: usize = 64 * 1024;
 
 fn parent_of(path: &str) -> &str {
     match path.rfind('/') {
@@ -124,13 +129,65 @@ fn join(dir: &str, name: &str) -> String {
 }
 
 impl SshHost<'_> {
-    /// The SSH user's uid and the configured owners and groups, resolved on
-    /// the host (`id -u`, `id -u NAME`, `getent group NAME`) in one command.
+    /// Who the SFTP server runs as, in messages: the SSH user, or under sudo
+    /// the user sudo runs as.
+    pub(crate) fn acting_user(&self) -> &'static str {
+        if self.addr().sudo.is_some() { "the user sudo runs as" } else { "the SSH user" }
+    }
+
+    /// The uid and gid the SFTP server runs as, read from its own
+    /// `/proc/self/status` over SFTP (effective ids): under sudo that is the
+    /// user sudo runs as (root unless sudoers says otherwise), which no
+    /// command of the SSH user's could tell without a sudoers rule of its
+    /// own.
+    pub(crate) async fn server_ids(&self, lease: &Lease) -> Result<(u32, u32), StepError> {
+        let path = "/proc/self/status";
+        let fail = |why: String| {
+            StepError::permanent(format!(
+                "{}: cannot tell the uid the SFTP server runs as under sudo: {path}: {why}",
+                self.addr()
+            ))
+        };
+        let mut f = match lease.sftp().open(p(path)).await {
+            Ok(f) => f,
+            Err(e) => {
+                let e = lease.sftp_err("open", path, &e);
+                return Err(if e.is_transient() { e } else { fail(e.message) });
+            }
+        };
+        let mut text = Vec::new();
+        while text.len() < STATUS_MAX {
+            match f.read(16 * 1024, Default::default()).await {
+                Ok(Some(chunk)) => text.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(e) => return Err(lease.sftp_err("read", path, &e)),
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
+        // `Uid:\treal\teffective\tsaved\tfs`
+        let effective = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok())
+        };
+        match (effective("Uid:"), effective("Gid:")) {
+            (Some(u), Some(g)) => Ok((u, g)),
+            _ => Err(fail("no Uid:/Gid: lines".into())),
+        }
+    }
+
+    /// The uid and gid the SFTP server runs as (the SSH user's, or under
+    /// sudo those of the user sudo runs as) and the configured owners and
+    /// groups, resolved on the host (`id -u`, `id -g`, `id -u NAME`,
+    /// `getent group NAME`, as the SSH user, in one command; under sudo the
+    /// server's own ids from [`Self::server_ids`]).
     pub(crate) async fn ids(&self, lease: &Lease) -> Result<Ids, StepError> {
         if let Some(ids) = *self.ids.lock().unwrap_or_else(|e| e.into_inner()) {
             return Ok(ids);
         }
-        let key = self.addr().to_string();
+        let addr = self.addr();
+        let key = format!("{}@{addr} sudo={:?}", addr.user, addr.sudo);
         let cached = SSH_UIDS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(&key).copied());
         let pol = self.policy.clone();
         let names: Vec<(bool, &str)> = [
@@ -147,26 +204,32 @@ impl SshHost<'_> {
                 return Err(StepError::permanent(format!("{}: {n:?} is not a valid user or group name", self.addr())));
             }
         }
+        let mut own = match (cached, &addr.sudo) {
+            (Some(ids), _) => Some(ids),
+            (None, Some(_)) => Some(self.server_ids(lease).await?),
+            (None, None) => None,
+        };
         let mut answers: HashMap<(bool, &str), u32> = HashMap::new();
-        let (ssh_uid, ssh_gid) = match (cached, names.is_empty()) {
-            (Some(uid), true) => uid,
-            _ => {
-                let mut script = String::from("id -u && id -g\n");
-                for (user, n) in &names {
-                    let q = shell_quote(n);
-                    if *user {
-                        script.push_str(&format!("id -u -- {q} 2>/dev/null || echo '?'\n"));
-                    } else {
-                        script
-                            .push_str(&format!("getent group -- {q} 2>/dev/null | cut -d: -f3 | grep . || echo '?'\n"));
-                    }
+        if own.is_none() || !names.is_empty() {
+            let mut script = String::new();
+            if own.is_none() {
+                script.push_str("id -u && id -g\n");
+            }
+            for (user, n) in &names {
+                let q = shell_quote(n);
+                if *user {
+                    script.push_str(&format!("id -u -- {q} 2>/dev/null || echo '?'\n"));
+                } else {
+                    script.push_str(&format!("getent group -- {q} 2>/dev/null | cut -d: -f3 | grep . || echo '?'\n"));
                 }
-                let timeout = std::time::Duration::from_secs(30);
-                let (code, out, _) = lease.exec(&script, timeout).await.map_err(|_| {
-                    StepError::transient(format!("{}: looking up user ids: connection lost or timed out", self.addr()))
-                })?;
-                let out = String::from_utf8_lossy(&out);
-                let mut lines = out.lines().map(str::trim);
+            }
+            let timeout = std::time::Duration::from_secs(30);
+            let (code, out, _) = lease.exec(&script, timeout).await.map_err(|_| {
+                StepError::transient(format!("{}: looking up user ids: connection lost or timed out", self.addr()))
+            })?;
+            let out = String::from_utf8_lossy(&out);
+            let mut lines = out.lines().map(str::trim);
+            if own.is_none() {
                 let uid = lines.next().and_then(|l| l.parse::<u32>().ok()).filter(|_| code == Some(0));
                 let gid = lines.next().and_then(|l| l.parse::<u32>().ok());
                 let (Some(uid), Some(gid)) = (uid, gid) else {
@@ -175,28 +238,33 @@ impl SshHost<'_> {
                         self.addr()
                     )));
                 };
-                for (user, n) in &names {
-                    match lines.next().and_then(|l| l.parse::<u32>().ok()) {
-                        Some(id) => {
-                            answers.insert((*user, n), id);
-                        }
-                        None => {
-                            return Err(StepError::permanent(format!(
-                                "{}: {} {n:?} does not exist on the host",
-                                self.addr(),
-                                if *user { "user" } else { "group" }
-                            )));
-                        }
+                own = Some((uid, gid));
+            }
+            for (user, n) in &names {
+                match lines.next().and_then(|l| l.parse::<u32>().ok()) {
+                    Some(id) => {
+                        answers.insert((*user, n), id);
+                    }
+                    None => {
+                        return Err(StepError::permanent(format!(
+                            "{}: {} {n:?} does not exist on the host",
+                            self.addr(),
+                            if *user { "user" } else { "group" }
+                        )));
                     }
                 }
-                SSH_UIDS
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert_with(HashMap::new)
-                    .insert(key, (uid, gid));
-                (uid, gid)
             }
+        }
+        let Some((ssh_uid, ssh_gid)) = own else {
+            return Err(StepError::permanent(format!("{}: the SSH user's uid is unknown", self.addr())));
         };
+        if cached.is_none() {
+            SSH_UIDS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(key, (ssh_uid, ssh_gid));
+        }
         let id = |user: bool, n: Option<&str>| -> Option<u32> {
             let n = n?;
             n.parse::<u32>().ok().or_else(|| answers.get(&(user, n)).copied())
@@ -262,8 +330,9 @@ impl SshHost<'_> {
             return Ok(());
         }
         Err(StepError::permanent(format!(
-            "{}: {live} is owned by uid {uid}, neither root nor the SSH user (uid {}); refusing to write it (it would stay theirs: set {}_owner to hand it to a chosen account)",
+            "{}: {live} is owned by uid {uid}, neither root nor {} (uid {}); refusing to write it (it would stay theirs: set {}_owner to hand it to a chosen account)",
             self.addr(),
+            self.acting_user(),
             ids.ssh_uid,
             if role == Role::Key { "key" } else { "cert" }
         )))
@@ -373,8 +442,9 @@ impl SshHost<'_> {
                     let ids = self.ids(lease).await?;
                     if !ids.trusted(uid) {
                         return Err(StepError::permanent(format!(
-                            "{}: {shown}: the symlink {cand} is owned by uid {uid}, neither root nor the SSH user (uid {}); refusing to follow it",
+                            "{}: {shown}: the symlink {cand} is owned by uid {uid}, neither root nor {} (uid {}); refusing to follow it",
                             self.addr(),
+                            self.acting_user(),
                             ids.ssh_uid
                         )));
                     }

@@ -9,6 +9,9 @@
 //! - [`SshHost`] implements [`certdeploy_core::driver::Host`] for one host
 //!   with the semantics of the core's in-memory `MemHost`.
 //! - [`check`] probes a target without changing anything.
+//! - A [`HostAddr`] with `sudo` set gains privilege through `sudo -n` (the
+//!   SFTP server and the configured commands), for an unprivileged SSH
+//!   user with the sudoers rule [`sudoers_rule`] gives.
 #![forbid(unsafe_code)]
 
 mod check;
@@ -18,6 +21,7 @@ mod hostile;
 mod live;
 mod lock;
 mod pool;
+mod sudo;
 
 pub use check::{CheckLine, check};
 pub use error::shell_quote;
@@ -25,3 +29,4 @@ pub use host::SshHost;
 pub use hostile::{TargetPolicy, valid_id_name};
 pub use live::read_public_file;
 pub use pool::{HostAddr, SshConfig, SshPool};
+pub use sudo::{sudo_expressible, sudoers_command, sudoers_escape, sudoers_rule};

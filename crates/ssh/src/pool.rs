@@ -25,7 +25,7 @@ use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder};
 use openssh_sftp_client::{Sftp, SftpOptions};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::error::{connect_error, sftp_error, sftp_is_connection_loss};
+use crate::error::{connect_error, sftp_error, sftp_is_connection_loss, shell_quote};
 
 /// How certdeploy talks SSH. Host keys are checked strictly against
 /// `known_hosts` unless a host opts into accept-new.
@@ -55,17 +55,38 @@ pub struct HostAddr {
     pub user: String,
     /// `StrictHostKeyChecking=accept-new` instead of `yes`.
     pub accept_new_host_key: bool,
+    /// `Some(sftp_server)`: privilege through sudo. The SFTP server runs as
+    /// `sudo -n <sftp_server>` (over an exec channel, not the `sftp`
+    /// subsystem) and the validate and reload commands as `sudo -n /bin/sh
+    /// -c <command>`, so `user` can be an unprivileged account with a
+    /// sudoers rule for exactly these. The rules for links and owners then
+    /// trust root and the user sudo runs as, not `user`.
+    pub sudo: Option<String>,
 }
 
 impl HostAddr {
     pub fn new(host: impl Into<String>, port: u16, user: impl Into<String>) -> HostAddr {
-        HostAddr { host: host.into(), port, user: user.into(), accept_new_host_key: false }
+        HostAddr { host: host.into(), port, user: user.into(), accept_new_host_key: false, sudo: None }
     }
     /// From a target of the configuration.
     pub fn of_target(t: &certdeploy_core::TargetSpec) -> HostAddr {
         HostAddr::new(t.host.clone(), t.port, t.user.clone())
     }
+    /// This account with privilege through `sudo -n`, the SFTP server being
+    /// `sftp_server` (an absolute path on the host).
+    pub fn with_sudo(mut self, sftp_server: impl Into<String>) -> HostAddr {
+        self.sudo = Some(sftp_server.into());
+        self
+    }
+    /// The key of this account's connection in a pool: a sudo and a plain
+    /// session to the same account are different SFTP servers (running as
+    /// different users), so they never share one.
+    fn slot_key(&self) -> SlotKey {
+        (self.host.clone(), self.port, self.user.clone(), self.sudo.clone())
+    }
 }
+
+type SlotKey = (String, u16, String, Option<String>);
 
 impl fmt::Display for HostAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -79,7 +100,7 @@ pub enum PoolError {
     ControlDir { path: PathBuf, source: std::io::Error },
 }
 
-/// A pool of master connections, one per (host, port, user).
+/// A pool of master connections, one per (host, port, user, sudo).
 #[derive(Clone)]
 pub struct SshPool {
     inner: Arc<PoolInner>,
@@ -90,7 +111,7 @@ struct PoolInner {
     /// The pool's own control directory (see [`SshPool::new`]).
     dir: PathBuf,
     config_file: PathBuf,
-    slots: Mutex<HashMap<(String, u16, String), Arc<Slot>>>,
+    slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
     masters_opened: AtomicU64,
 }
 
@@ -116,6 +137,10 @@ pub(crate) struct Conn {
     pub(crate) session: Arc<Session>,
     pub(crate) sftp: Sftp,
     dead: AtomicBool,
+    /// Under sudo: the task that owns the `sudo -n <sftp_server>` process
+    /// (drains its stderr, waits for its exit). It ends when the SFTP
+    /// session's stdin closes.
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl fmt::Debug for SshPool {
@@ -194,7 +219,7 @@ impl SshPool {
     fn slot(&self, addr: &HostAddr) -> Arc<Slot> {
         let mut slots = lock(&self.inner.slots);
         slots
-            .entry((addr.host.clone(), addr.port, addr.user.clone()))
+            .entry(addr.slot_key())
             .or_insert_with(|| {
                 Arc::new(Slot {
                     conn: tokio::sync::Mutex::new(None),
@@ -276,17 +301,106 @@ impl SshPool {
             }
         };
         let session = Arc::new(Session::new_native_mux(dir));
-        let sftp = match tokio::time::timeout(limit, Sftp::from_clonable_session(session.clone(), sftp_options())).await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let e = sftp_error(&host, "open", "SFTP session", &e);
-                return Err(if e.is_transient() { e } else { StepError::permanent(e.message) });
+        let (sftp, server) = match &addr.sudo {
+            None => {
+                match tokio::time::timeout(limit, Sftp::from_clonable_session(session.clone(), sftp_options())).await {
+                    Ok(Ok(s)) => (s, None),
+                    Ok(Err(e)) => {
+                        let e = sftp_error(&host, "open", "SFTP session", &e);
+                        return Err(if e.is_transient() { e } else { StepError::permanent(e.message) });
+                    }
+                    Err(_) => return Err(StepError::transient(format!("{host}: SFTP session: timed out"))),
+                }
             }
-            Err(_) => return Err(StepError::transient(format!("{host}: SFTP session: timed out"))),
+            Some(server) => {
+                let (sftp, task) = sudo_sftp(&session, &host, server, limit).await?;
+                (sftp, Some(task))
+            }
         };
         tracing::debug!(host = %host, ms = started.elapsed().as_millis() as u64, "ssh master opened");
-        Ok(Conn { session, sftp, dead: AtomicBool::new(false) })
+        Ok(Conn { session, sftp, dead: AtomicBool::new(false), server })
+    }
+}
+
+/// Most of the sudo'ed SFTP server's stderr kept for an error message.
+const SUDO_STDERR_MAX: usize = 4096;
+
+/// The SFTP session of a sudo target: `sudo -n <server>` over an exec
+/// channel of the master, the SFTP protocol over its stdin and stdout.
+/// When it does not start (sudo asks for a password, the rule is missing,
+/// sudo or the server is not installed), the error is permanent and quotes
+/// what sudo said: retrying cannot help until someone fixes the sudoers
+/// rule.
+async fn sudo_sftp(
+    session: &Arc<Session>,
+    host: &str,
+    server: &str,
+    limit: Duration,
+) -> Result<(Sftp, tokio::task::JoinHandle<()>), StepError> {
+    use tokio::io::AsyncReadExt as _;
+    let shown = format!("sudo -n {server}");
+    let command = format!("sudo -n {}", shell_quote(server));
+    let mut cmd = Session::to_raw_command(session.clone(), &command);
+    cmd.stdin(openssh::Stdio::piped()).stdout(openssh::Stdio::piped()).stderr(openssh::Stdio::piped());
+    let mut child = match tokio::time::timeout(limit, cmd.spawn()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return Err(StepError::transient(format!("{host}: `{shown}`: cannot start: {}", error_chain(&e))));
+        }
+        Err(_) => return Err(StepError::transient(format!("{host}: `{shown}`: timed out starting it"))),
+    };
+    let (Some(stdin), Some(stdout)) = (child.stdin().take(), child.stdout().take()) else {
+        return Err(StepError::transient(format!("{host}: `{shown}`: no stdin or stdout")));
+    };
+    let stderr = child.stderr().take();
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    let kept = said.clone();
+    let task = tokio::spawn(async move {
+        // Drained for the session's life (a full pipe would stall the
+        // server); the first few KiB kept for an error message.
+        if let Some(mut e) = stderr {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = e.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let mut k = lock(&kept);
+                let room = SUDO_STDERR_MAX.saturating_sub(k.len());
+                k.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+        let _ = exit_tx.send(child.wait().await);
+    });
+    let e = match tokio::time::timeout(limit, Sftp::new(stdin, stdout, sftp_options())).await {
+        Ok(Ok(s)) => return Ok((s, task)),
+        Ok(Err(e)) => e,
+        Err(_) => {
+            task.abort();
+            return Err(StepError::transient(format!("{host}: `{shown}`: no SFTP greeting: timed out")));
+        }
+    };
+    // Why: the process's exit status and what it said.
+    let exit = tokio::time::timeout(Duration::from_secs(5), exit_rx).await;
+    let text = String::from_utf8_lossy(&lock(&said)).split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = if text.is_empty() { String::new() } else { format!(": {text}") };
+    match exit {
+        Ok(Ok(Ok(status))) => Err(StepError::permanent(format!(
+            "{host}: `{shown}` exited with status {}{text} (sudo must let the SSH user run {server} without a \
+             password: `certdeploy check` prints the sudoers rule)",
+            status.code().map_or_else(|| "unknown".to_string(), |c| c.to_string())
+        ))),
+        // The native mux client reports exit status 127 as an error.
+        Ok(Ok(Err(openssh::Error::Remote(r)))) if r.kind() == std::io::ErrorKind::NotFound => Err(
+            StepError::permanent(format!("{host}: `{shown}`: command not found (exit 127){text}: is sudo installed?")),
+        ),
+        _ => {
+            task.abort();
+            Err(StepError::transient(format!(
+                "{host}: `{shown}`: SFTP session lost before its greeting{text} ({})",
+                error_chain(&e)
+            )))
+        }
     }
 }
 
@@ -360,13 +474,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn close_conn(c: Arc<Conn>) {
     // Others may still hold it: the last holder's drop shuts the master.
     if let Ok(c) = Arc::try_unwrap(c) {
-        let Conn { session, sftp, .. } = c;
+        let Conn { session, sftp, server, .. } = c;
         // Dropped, not `Sftp::close`d: openssh-sftp-client 0.15's `close`
         // unwraps its session `Arc` and panics while any handle derived from
         // it is still alive (an operation abandoned at its timeout, seen
         // under load at the end of a `deploy`). Dropping ends its tasks too;
         // an idle connection has no request left to flush.
         drop(sftp);
+        // A sudo'ed server exits once its stdin closes; its task holds a
+        // reference to the session.
+        if let Some(mut t) = server
+            && tokio::time::timeout(Duration::from_secs(2), &mut t).await.is_err()
+        {
+            t.abort();
+            let _ = t.await;
+        }
         if let Ok(s) = Arc::try_unwrap(session) {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.close()).await;
         }

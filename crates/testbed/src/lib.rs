@@ -1,7 +1,8 @@
 //! Test fixtures for certdeploy: a real OpenSSH server on loopback
 //! addresses, started by the (root) test process and serving one
-//! unprivileged user, `certdeploy-test`, whose files live in a per-host
-//! working directory. The test process can inspect and change anything on
+//! unprivileged user, `certdeploy-test` (or an account of a test's own,
+//! [`SshdFixture::start_as`]), whose files live in a per-host working
+//! directory; sudoers drop-ins for such accounts ([`sudo`]). The test process can inspect and change anything on
 //! "the host" directly, because the host is this machine.
 //!
 //! Requires root and `/usr/sbin/sshd` (package `openssh-server`).
@@ -10,6 +11,7 @@
 pub mod certs;
 pub mod nginx;
 pub mod rabbit;
+pub mod sudo;
 
 use std::fs;
 use std::io::Write as _;
@@ -64,6 +66,7 @@ pub struct SshdFixture {
     known_hosts: PathBuf,
     identity: PathBuf,
     log: PathBuf,
+    user: String,
     uid: u32,
     gid: u32,
 }
@@ -81,8 +84,8 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-fn id_of(flag: &str) -> Option<u32> {
-    let out = Command::new("id").arg(flag).arg(TEST_USER).stderr(Stdio::null()).output().ok()?;
+fn id_of(flag: &str, user: &str) -> Option<u32> {
+    let out = Command::new("id").arg(flag).arg(user).stderr(Stdio::null()).output().ok()?;
     if !out.status.success() {
         return None;
     }
@@ -92,6 +95,12 @@ fn id_of(flag: &str) -> Option<u32> {
 /// Create the test user once. Race-safe across parallel test processes: the
 /// check-and-create runs under an exclusive lock on a file in /tmp.
 pub fn ensure_test_user() -> (u32, u32) {
+    ensure_user(TEST_USER)
+}
+
+/// Create an unprivileged account `user` (home directory, `/bin/sh`) once,
+/// race-safe like [`ensure_test_user`]. Returns its uid and gid.
+pub fn ensure_user(user: &str) -> (u32, u32) {
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -99,18 +108,18 @@ pub fn ensure_test_user() -> (u32, u32) {
         .open(USER_LOCK)
         .unwrap_or_else(|e| panic!("testbed: cannot open {USER_LOCK}: {e}"));
     lock.lock().unwrap_or_else(|e| panic!("testbed: cannot lock {USER_LOCK}: {e}"));
-    if id_of("-u").is_none() {
-        run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", TEST_USER]));
+    if id_of("-u", user).is_none() {
+        run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", user]));
     }
     // With `UsePAM no`, sshd refuses accounts whose password is locked
     // ("!..."), which is how useradd creates them. "*" means: no password
     // login possible, but the account is not locked.
-    run(Command::new("usermod").args(["-p", "*", TEST_USER]));
-    let ids = (id_of("-u"), id_of("-g"));
+    run(Command::new("usermod").args(["-p", "*", user]));
+    let ids = (id_of("-u", user), id_of("-g", user));
     drop(lock);
     match ids {
         (Some(u), Some(g)) => (u, g),
-        _ => panic!("testbed: user {TEST_USER} missing after useradd"),
+        _ => panic!("testbed: user {user} missing after useradd"),
     }
 }
 
@@ -131,11 +140,18 @@ impl SshdFixture {
     /// `["127.0.0.2", "127.0.0.3"]`). Panics with a clear message when
     /// sshd is not installed or does not come up.
     pub fn start(addrs: &[&str]) -> SshdFixture {
+        SshdFixture::start_as(addrs, TEST_USER)
+    }
+
+    /// [`SshdFixture::start`] serving the account `user` (created with
+    /// [`ensure_user`]) instead of [`TEST_USER`]: a test that changes what
+    /// the account may do (a sudoers rule) has an account of its own.
+    pub fn start_as(addrs: &[&str], user: &str) -> SshdFixture {
         assert!(!addrs.is_empty(), "testbed: give at least one listen address");
         if !Path::new(SSHD).exists() {
             panic!("testbed: {SSHD} is missing: install openssh-server (apt-get install -y openssh-server)");
         }
-        let (uid, gid) = ensure_test_user();
+        let (uid, gid) = ensure_user(user);
         // sshd refuses to start without its privilege separation directory.
         fs::create_dir_all("/run/sshd").expect("testbed: create /run/sshd");
 
@@ -175,7 +191,7 @@ impl SshdFixture {
                 c.push_str(&format!(
                     "HostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\nStrictModes no\n\
                      PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                     UsePAM no\nPermitRootLogin no\nAllowUsers {TEST_USER}\nMaxSessions 64\nMaxStartups 100\n\
+                     UsePAM no\nPermitRootLogin no\nAllowUsers {user}\nMaxSessions 64\nMaxStartups 100\n\
                      LogLevel VERBOSE\nSubsystem sftp internal-sftp\n",
                     hk = host_key.display(),
                     pid = root.join(if n == 0 { "sshd.pid".to_string() } else { format!("sshd.{n}.pid") }).display(),
@@ -218,6 +234,7 @@ impl SshdFixture {
                         known_hosts,
                         identity,
                         log,
+                        user: user.to_string(),
                         uid,
                         gid,
                         dir,
@@ -245,12 +262,14 @@ impl SshdFixture {
     pub fn known_hosts_path(&self) -> &Path {
         &self.known_hosts
     }
-    /// The client's private key (authorized for [`TEST_USER`]).
+    /// The client's private key (authorized for [`SshdFixture::user`]).
     pub fn identity_path(&self) -> &Path {
         &self.identity
     }
-    pub fn user(&self) -> &'static str {
-        TEST_USER
+    /// The account sshd lets in ([`TEST_USER`] unless started with
+    /// [`SshdFixture::start_as`]).
+    pub fn user(&self) -> &str {
+        &self.user
     }
     pub fn uid(&self) -> u32 {
         self.uid
@@ -266,8 +285,8 @@ impl SshdFixture {
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
-    /// A per-host working directory owned by the test user, where target
-    /// files of that "host" live.
+    /// A per-host working directory owned by the fixture's user, where
+    /// target files of that "host" live.
     pub fn root_dir_for(&self, addr: &str) -> PathBuf {
         self.dir.path().join("hosts").join(addr)
     }

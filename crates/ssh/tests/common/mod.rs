@@ -53,7 +53,15 @@ impl Rig {
 
     /// A rig whose pool trusts `known_hosts` (default: the fixture's).
     pub fn with(addrs: &[&str], known_hosts: Option<fn(&SshdFixture) -> PathBuf>) -> Rig {
-        let sshd = SshdFixture::start(addrs);
+        Rig::on(SshdFixture::start(addrs), known_hosts)
+    }
+
+    /// A rig whose sshd lets in `user` (an account of the test's own).
+    pub fn as_user(user: &str) -> Rig {
+        Rig::on(SshdFixture::start_as(&[ADDR], user), None)
+    }
+
+    fn on(sshd: SshdFixture, known_hosts: Option<fn(&SshdFixture) -> PathBuf>) -> Rig {
         let control = tempfile::Builder::new().prefix("cdc").tempdir_in("/tmp").expect("control dir");
         let kh = match known_hosts {
             Some(f) => f(&sshd),
