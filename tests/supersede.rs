@@ -11,6 +11,7 @@ use certdeploy::intake::validate_body;
 use certdeploy_core::driver::{self, Env};
 use certdeploy_core::testkit::{OpKind, Rig, Sim, block_on};
 use certdeploy_core::{Outcome, Report, Terminal};
+use certdeploy_testbed::WEB1_CONFIG;
 use common::*;
 
 /// validate → plan → driver, with the pki's `cert_facts` reading the host.

@@ -746,7 +746,6 @@ pub fn names_with(dir: &Path, needle: &str) -> Vec<String> {
     v
 }
 
-
 /// Write `b`'s certificate and key (and its chain, with `chain`) under
 /// `dir`, named after `id`, and return `certdeploy deploy` arguments for
 /// them and target `target` (`--json` with `json`).
