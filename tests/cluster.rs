@@ -7,7 +7,7 @@
 //!
 //! Starting three nodes takes about a minute and ~150 MB each, too heavy
 //! for every CI run: the test is `#[ignore]`d; run it with
-//! `cargo nextest run -p certdeploy --test cluster --run-ignored only --no-capture`.
+//! `cargo nextest run -p certdeploy-e2e --test cluster --run-ignored only --no-capture`.
 //! It prints the batch size, the failover time and the redeliveries.
 //!
 //! Every wait is bounded and names what it waited for when it gives up;
