@@ -227,10 +227,7 @@ async fn lost<H, V, J: Journal, C: Clock>(
     key: &str,
     held: &Held,
 ) -> Result<String, DriveError> {
-    let why = format!(
-        "the target lock {} was lost (not renewed in time, or taken over by another worker); this worker stopped touching the host for this attempt",
-        held.path()
-    );
+    let why = format!("{}; this worker stopped touching the host for this attempt", held.lost_reason());
     tracing::warn!(key, "{why}");
     (w.notice)(Notice::LockLost(why.clone()));
     abandon(env, key, &why).await?;

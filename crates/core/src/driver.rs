@@ -270,7 +270,7 @@ pub async fn run_keyed<H: Host, V: Verifier, J: Journal, C: Clock>(
                     Some(l) if !l.valid(env.clock.mono_ms()) => vec![Event::StepFailed {
                         step: Step::Lock,
                         role: None,
-                        error: StepError::lock_lost(format!("target lock {} is no longer ours", l.path())),
+                        error: StepError::lock_lost(l.lost_reason()),
                     }],
                     _ => perform(env, &action, payload, lock).await?,
                 };

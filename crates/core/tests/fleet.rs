@@ -390,6 +390,85 @@ fn a_killed_holder_is_taken_over_after_the_lease_and_rolled_back() {
     f.check_end().unwrap();
 }
 
+/// The shape of a failure of `multi_worker.rs::restarted_worker_does_not_double_take_over`
+/// on a machine loaded far beyond its two cores: the taker of a killed
+/// holder's lock rolls its deployment back, then stalls (the fsync of the
+/// rollback's last journal record) past its own lease before it rewrites
+/// the lock for its own request. Its fence stops it, and says that its
+/// lease overran; the lock still describes the dead deployment, so the
+/// next taker (the same worker, at once: the lock is its own dead one)
+/// rolls that deployment back a second time, with the same files live and
+/// nothing in between, then deploys. Two rollbacks of one deployment, one
+/// holder at a time, all within the timing assumption.
+#[test]
+fn a_taker_whose_lease_overruns_after_its_rollback_rolls_back_again() {
+    let mut f = Fleet::new(config(Planted::None));
+    f.world().tracing = true;
+    let first = f.submit(0, false);
+    let served = |f: &Fleet| f.world().served.get("/srv/t0/cert.pem").and_then(|c| generation(c));
+    for _ in 0..200 {
+        f.poll(0);
+        f.tick(10);
+        if served(&f) == Some(1) {
+            break;
+        }
+    }
+    assert_eq!(served(&f), Some(1), "worker 0 wrote and reloaded");
+    f.crash(0);
+    // Rollbacks of the first deployment worker 1 has journaled to their end.
+    let rollbacks = |f: &Fleet| {
+        let j = f.workers[1].journal.lock().unwrap();
+        let keys: std::collections::BTreeSet<String> = j
+            .records
+            .iter()
+            .map(|(k, _, _)| k.clone())
+            .filter(|k| k.starts_with(&format!("{first}~takeover~")))
+            .collect();
+        keys.iter()
+            .filter(|k| matches!(j.of(k).last().map(|r| &r.event), Some(certdeploy_core::Event::Abandoned { .. })))
+            .count()
+    };
+    let check = |f: &Fleet| {
+        if let Err(e) = f.check() {
+            panic!("{e}\n{}", f.world().trace.join("\n"));
+        }
+    };
+    // Worker 1 takes over once the lease has run out and rolls back; it is
+    // stopped right after appending the rollback's last record.
+    for _ in 0..2_000 {
+        f.poll(1);
+        check(&f);
+        if rollbacks(&f) == 1 {
+            break;
+        }
+        f.tick(50);
+    }
+    assert_eq!(rollbacks(&f), 1, "worker 1 rolled the first deployment back");
+    assert_eq!(served(&f), Some(0), "the original certificate is live again");
+    assert_eq!(f.world().takeovers, 1);
+    // The stall: longer than the lease.
+    f.pause(1, LEASE_MS);
+    f.tick(LEASE_MS);
+    for _ in 0..2_000 {
+        if f.broker.results.contains_key(&first) {
+            break;
+        }
+        f.poll(1);
+        check(&f);
+        f.tick(50);
+    }
+    let overruns: Vec<String> =
+        f.world().abandoned.iter().filter(|(w, _)| *w == 1).map(|(_, why)| why.clone()).collect();
+    assert_eq!(overruns.len(), 1, "{overruns:?}");
+    assert!(overruns[0].contains("lost after a takeover") && overruns[0].contains("lease overrun"), "{overruns:?}");
+    assert_eq!(rollbacks(&f), 2, "the lock still described the first deployment: rolled back again");
+    assert_eq!(f.world().takeovers, 2, "worker 1 took its own dead lock over at once");
+    let r = &f.broker.results[&first];
+    assert_eq!(r[0].outcome, certdeploy_core::Outcome::Deployed, "{}", r[0].message);
+    f.drain().unwrap();
+    f.check_end().unwrap();
+}
+
 /// Replay a schedule step by step, then finish as the property test does;
 /// a failure prints the host's trace.
 fn replay(steps: &[Step]) {

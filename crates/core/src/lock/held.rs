@@ -37,6 +37,10 @@ struct State {
     host_now: u64,
     lost: bool,
     released: bool,
+    /// Set (once) when the lease was found run out by the holder's own
+    /// clock while the lock was still meant to be used: how long it had
+    /// been since the write that last extended it started.
+    overrun_ms: Option<u64>,
     /// A rewrite (renewal or phase) is in flight: they never overlap, or
     /// an older content could land after a newer one.
     busy: bool,
@@ -116,6 +120,7 @@ impl Held {
                 host_now,
                 lost: false,
                 released: false,
+                overrun_ms: None,
                 busy: false,
             }),
         }
@@ -139,8 +144,53 @@ impl Held {
     }
     /// May this worker still touch the host at `now_mono`?
     pub fn valid(&self, now_mono: u64) -> bool {
-        let st = self.st();
+        let mut st = self.st();
+        self.note_overrun(&mut st, now_mono);
         !st.lost && !st.released && now_mono < st.valid_until
+    }
+
+    /// Note, once, that the lease has run out by this holder's own clock
+    /// while the lock was still meant to be used (not lost to another
+    /// token, not released): the holder stalled longer than `lease −
+    /// margin` since the write that last extended the lease started. The
+    /// fence keeps that safe (no host operation starts from now on), but
+    /// the attempt ends and the next taker redoes what the lock still
+    /// describes (a rollback, say): a warning names it, so that a slow
+    /// machine is told apart from a protocol fault.
+    fn note_overrun(&self, st: &mut State, now_mono: u64) {
+        if st.lost || st.released || st.overrun_ms.is_some() || now_mono < st.valid_until {
+            return;
+        }
+        let stalled = now_mono.saturating_sub(st.written_at);
+        st.overrun_ms = Some(stalled);
+        tracing::warn!(
+            lock = %self.path,
+            stalled_ms = stalled,
+            lease_ms = self.lease_ms,
+            "lease overrun: {stalled} ms passed since the lock write that last extended this worker's lease started \
+             (it may touch the host for {} ms of its {} ms lease); this worker stops touching the host, and whoever \
+             takes the lock next deals with what it describes",
+            self.lease_ms.saturating_sub(margin_ms(self.lease_ms)),
+            self.lease_ms
+        );
+    }
+
+    /// Why this lock can no longer be relied on, for the attempt's record.
+    pub fn lost_reason(&self) -> String {
+        let st = self.st();
+        if st.lost {
+            format!("target lock {} was taken over by another worker (a renewal found another token in it)", self.path)
+        } else if let Some(ms) = st.overrun_ms {
+            format!(
+                "target lock {}: lease overrun: this worker's lease ran out by its own clock, {ms} ms after the lock \
+                 write that last extended it started (it may touch the host for {} ms of its {} ms lease)",
+                self.path,
+                self.lease_ms.saturating_sub(margin_ms(self.lease_ms)),
+                self.lease_ms
+            )
+        } else {
+            format!("target lock {} is no longer ours", self.path)
+        }
     }
     pub fn valid_until(&self) -> u64 {
         self.st().valid_until
@@ -186,10 +236,12 @@ impl Held {
     ) -> Result<(), StepError> {
         let started = clock.mono_ms();
         let (next, durable) = {
-            let st = self.st();
+            let mut st = self.st();
+            self.note_overrun(&mut st, started);
             let fenced = st.lost || st.released || started >= st.valid_until;
             if fenced && !skip_fence {
-                return Err(StepError::lock_lost(format!("target lock {} is no longer ours", self.path)));
+                drop(st);
+                return Err(StepError::lock_lost(self.lost_reason()));
             }
             let mut next = st.record.clone();
             edit(&mut next);
@@ -205,13 +257,15 @@ impl Held {
         #[cfg(feature = "testkit")]
         let skip_fence = skip_fence || self.planted == Planted::RewriteRenameSkipsFence;
         let fence = || {
-            let st = self.st();
-            skip_fence || (!st.lost && !st.released && clock.mono_ms() < st.valid_until)
+            let now = clock.mono_ms();
+            let mut st = self.st();
+            self.note_overrun(&mut st, now);
+            skip_fence || (!st.lost && !st.released && now < st.valid_until)
         };
         let Some(host_now) = host.lock_replace(&self.path, &next.bytes(), durable, &fence).await? else {
             return Err(StepError::lock_lost(format!(
-                "target lock {}: the lease ran out while it was being rewritten",
-                self.path
+                "{} (the lease ran out while the lock was being rewritten)",
+                self.lost_reason()
             )));
         };
         let mut st = self.st();
@@ -293,14 +347,16 @@ impl Held {
     /// lock was found lost); never after a release.
     pub async fn expired<C: Clock>(&self, clock: &C) {
         loop {
+            let now = clock.mono_ms();
             let (lost, released, until) = {
-                let st = self.st();
+                let mut st = self.st();
+                self.note_overrun(&mut st, now);
                 (st.lost, st.released, st.valid_until)
             };
             if released {
                 std::future::pending::<()>().await;
             }
-            if lost || clock.mono_ms() >= until {
+            if lost || now >= until {
                 return;
             }
             clock.sleep_mono_until(until).await;
@@ -360,6 +416,7 @@ impl Held {
                 st.released = true;
                 return Ok(());
             }
+            self.note_overrun(&mut st, now);
             st.released = true;
             (now < st.valid_until, st.host_now, st.record.token.clone())
         };

@@ -123,6 +123,8 @@ pub struct HostWorld {
     temp_seq: u64,
     pub takeovers: u64,
     pub locks_lost: u64,
+    /// (worker, why) of every attempt that ended abandoned, in order.
+    pub abandoned: Vec<(usize, String)>,
     /// Lock operations on their way to the host: they land when due,
     /// whatever becomes of the worker that sent them.
     in_flight: InFlight,
@@ -929,7 +931,7 @@ impl Parts {
             match r? {
                 Executed::Report(r) => return Ok(TaskOut::Report(r)),
                 Executed::Deferred { holder } => return Ok(TaskOut::Deferred(holder)),
-                Executed::Abandoned(_) => {}
+                Executed::Abandoned(why) => world(&self.world).abandoned.push((self.index, why)),
             }
         }
         panic!("{}: 100 attempts abandoned in a row", msg.id)
