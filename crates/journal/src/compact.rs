@@ -130,6 +130,9 @@ pub(crate) fn open_sled(path: &Path, cache_capacity: u64) -> sled::Result<sled::
     }
 }
 
+/// The page cache of the copy being written.
+const COPY_CACHE: u64 = 8 << 20;
+
 /// Write every tree of `src` into a new sled database at `dir` (created
 /// 0700, locked like a journal), close it, and make every file and
 /// directory of it durable with its mode fixed. Returns the lock on the
@@ -142,7 +145,9 @@ pub(crate) fn write_copy(src: &sled::Db, dir: &Path, cache_capacity: u64) -> Res
     let lock = crate::files::lock(dir).map_err(|e| Error::Compaction(e.to_string()))?;
     let mut copied = 0u64;
     {
-        let db = open_sled(dir, cache_capacity)?;
+        // Written once and closed: its cache only adds to the memory the
+        // journal's own cache takes meanwhile.
+        let db = open_sled(dir, cache_capacity.min(COPY_CACHE))?;
         for name in src.tree_names() {
             let from = src.open_tree(&name)?;
             let to = db.open_tree(&name)?;
