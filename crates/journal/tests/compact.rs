@@ -182,10 +182,13 @@ fn compaction_keeps_every_entry_and_gives_the_space_back() {
     assert_eq!(j.records("blob").unwrap().len(), 2, "a record sled keeps as a blob file");
     assert!(!sibling(&path).exists(), "the old copy is removed");
     modes_are_private(&path);
-    // Still the one process that holds it.
+    // Still the one process that holds it, by the journal's own lock (the
+    // lock file at the path names this process), not only sled's.
+    let pid = format!("pid {}", std::process::id());
     let err = SledJournal::open(&path, JournalOptions::default()).unwrap_err();
-    assert!(matches!(err, JournalOpenError::Locked { .. }), "{err:?}");
-    assert!(lock_child(&path).contains("in use by another process"));
+    assert!(matches!(&err, JournalOpenError::Locked { holder, .. } if holder.contains(&pid)), "{err:?}");
+    let child = lock_child(&path);
+    assert!(child.contains("in use by another process") && child.contains(&pid), "{child}");
 
     // Appends go on, with higher sequence numbers, and are durable.
     let seq = j.append("after", &started("after", 300 * HOUR)).unwrap();
