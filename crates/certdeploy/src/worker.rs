@@ -355,6 +355,7 @@ async fn compact_when_due(rt: &Runtime, control: &crate::admin::Control, floor: 
     control.compacting.send_replace(true);
     let idle = wait_idle(control, COMPACT_DRAIN_WAIT).await;
     let done = if idle {
+        tracing::info!(size, "compacting the journal: consumption held, nothing in flight");
         let j = rt.journal.clone();
         Some(tokio::task::spawn_blocking(move || j.compact()).await)
     } else {

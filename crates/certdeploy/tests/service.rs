@@ -456,8 +456,26 @@ async fn the_worker_compacts_its_journal_while_it_runs_and_deploys_and_dedupes_a
     }
     let body = scrape();
     assert!(sample(&body, "certdeploy_journal_last_compaction_duration_seconds").unwrap_or(0.0) > 0.0, "{body}");
+    // Every compaction ran with consumption held and nothing in flight,
+    // and ended before consumption resumed.
     let log = w.log_text();
-    assert!(log.contains("journal compacted") && log.contains("consumption paused"), "{}", tail(&log, 40));
+    let (mut held, mut compacting, mut compacted) = (false, false, 0);
+    for l in log.lines() {
+        if l.contains("consumption paused") {
+            held = true;
+        } else if l.contains("consumption resumed") {
+            assert!(!compacting, "resumed during a compaction:\n{}", tail(&log, 60));
+            held = false;
+        } else if l.contains("compacting the journal") {
+            assert!(held, "compacting while consuming:\n{}", tail(&log, 60));
+            compacting = true;
+        } else if l.contains("journal compacted") {
+            assert!(held && compacting, "{}", tail(&log, 60));
+            compacting = false;
+            compacted += 1;
+        }
+    }
+    assert!(compacted >= 2 && f64::from(compacted) <= compactions(), "{compacted}: {}", tail(&log, 60));
     drop(w);
     // Stopped: the journal opens, and holds every result.
     let (code, out, err) = run(&cfg, &["journal", "list", "--json"]);
