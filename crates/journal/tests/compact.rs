@@ -181,6 +181,9 @@ fn compaction_keeps_every_entry_and_gives_the_space_back() {
     assert!(matches!(j.status("old-00042").unwrap(), Some(DeploymentStatus::Finished { .. })));
     assert_eq!(j.records("blob").unwrap().len(), 2, "a record sled keeps as a blob file");
     assert!(!sibling(&path).exists(), "the old copy is removed");
+    // sled may add a file at any time (a blob it relocates); each flush
+    // secures what appeared (`journal.rs` tests).
+    j.flush_now().unwrap();
     modes_are_private(&path);
     // Still the one process that holds it, by the journal's own lock (the
     // lock file at the path names this process), not only sled's.
@@ -268,6 +271,37 @@ fn appends_during_a_compaction_wait_and_are_all_kept() {
     check(&j);
     assert_eq!(j.append("next", &started("next", 300 * HOUR)).unwrap(), max + 1);
     j.close().unwrap();
+}
+
+/// What sits at `<journal>.compact` is removed at open only when it is
+/// what a compaction writes; anything else is refused, named, and kept.
+#[test]
+fn open_removes_a_compactions_leftover_and_refuses_anything_else_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    open(&path).close().unwrap();
+    let beside = sibling(&path);
+    // Half a copy: sled's files and a lock file.
+    std::fs::create_dir_all(beside.join("blobs")).unwrap();
+    for f in ["db", "conf", "certdeploy.lock", "snap.0000000000000042"] {
+        std::fs::write(beside.join(f), b"x").unwrap();
+    }
+    open(&path).close().unwrap();
+    assert!(!beside.exists(), "the leftover was not removed");
+    // Someone else's file in there.
+    std::fs::create_dir_all(&beside).unwrap();
+    std::fs::write(beside.join("db"), b"x").unwrap();
+    std::fs::write(beside.join("notes.txt"), b"mine").unwrap();
+    let err = SledJournal::open(&path, JournalOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&beside.display().to_string()) && msg.contains("notes.txt"), "{msg}");
+    assert_eq!(std::fs::read(beside.join("notes.txt")).unwrap(), b"mine");
+    std::fs::remove_dir_all(&beside).unwrap();
+    // Not a directory.
+    std::fs::write(&beside, b"a file").unwrap();
+    let err = SledJournal::open(&path, JournalOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("is not a directory"), "{err}");
+    assert_eq!(std::fs::read(&beside).unwrap(), b"a file");
 }
 
 const LOCK_CHILD: &str = "CERTDEPLOY_COMPACT_LOCK_CHILD";
