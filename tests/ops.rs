@@ -355,6 +355,16 @@ fn journal_and_check_commands() {
     let (code, out, _) = run(&cfg, &["journal", "show", "j-1"]);
     assert_eq!(code, 0);
     assert!(out.contains("result kept for redelivery") && out.contains("deployed"), "{out}");
+    // Compacted by hand (the worker is stopped): the same answers after.
+    let (_, list_before, _) = run(&cfg, &["journal", "list", "--json"]);
+    let (code, out, err) = run(&cfg, &["journal", "compact"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("compacted ") && out.contains(" MiB -> "), "{out}");
+    let (_, list_after, _) = run(&cfg, &["journal", "list", "--json"]);
+    assert_eq!(list_after, list_before);
+    let (code, out, _) = run(&cfg, &["journal", "show", "j-1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("result kept for redelivery") && out.contains("deployed"), "{out}");
 
     // Without `[ssh] control_dir`, `check` and `deploy` make their own
     // under TMPDIR and leave nothing there when they are done.

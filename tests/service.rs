@@ -388,6 +388,105 @@ async fn the_worker_collects_its_journal_by_itself_and_keeps_what_is_in_place() 
     assert!(sample(&scrape, "certdeploy_journal_size_bytes").unwrap_or(0.0) > 0.0, "{scrape}");
 }
 
+/// With a gc every second, zero retention and a 1 MiB compaction floor, the
+/// worker compacts its journal while it runs (consumption held, nothing in
+/// flight, compacted, resumed), more than once; deployments go on across
+/// the compactions, and requests of before them, delivered again, get
+/// their recorded result (same attempt, same times) without a second
+/// deployment.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_compacts_its_journal_while_it_runs_and_deploys_and_dedupes_after() {
+    let fleet = Fleet::new(2, true);
+    let opts = Opts {
+        worker_extra: "journal_gc_interval_s = 1\njournal_retention_days = 0\njournal_compact_min_mb = 1\n".into(),
+        ..Opts::default()
+    };
+    let (cfg, metrics) = config_with_metrics(&fleet, &opts);
+    let mut client = Client::connect(&fleet).await;
+    let w = Proc::worker(&fleet, &cfg, &[], "worker");
+    let scrape = || get(&metrics, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    let compactions = || sample(&scrape(), "certdeploy_journal_compactions_total").unwrap_or(0.0);
+    // One batch, notBefore rising in publish order per target: the first
+    // half before any compaction, the second half after.
+    let batch = Batch::new(&fleet, "cmp", 600);
+    let (first, second) = batch.items.split_at(300);
+    let ids = |items: &[Item]| items.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+    for it in first {
+        client.publish(&it.body).await;
+    }
+    let seen = client.collect(Duration::from_secs(300), all_ids(&ids(first))).await;
+    // A request the broker had sent but the worker not yet taken when it
+    // held consumption is delivered again later, after newer ones for its
+    // target: it is `superseded` then, the host never going back.
+    let in_place = |r: &certdeploy_core::wire::ResultEvent| {
+        matches!(r.outcome, certdeploy_core::Outcome::Deployed | certdeploy_core::Outcome::Superseded)
+    };
+    for it in first {
+        assert!(seen.get(&it.id).is_some_and(|v| in_place(&v[0])), "{}: {:?}", it.id, seen.get(&it.id));
+    }
+    assert_eq!(scrape().lines().filter(|l| l.starts_with("certdeploy_journal_compactions_total")).count(), 1);
+    wait_for("the worker's first compaction", Duration::from_secs(120), || compactions() >= 1.0);
+    let after_first = compactions();
+
+    // The second half, and the first ten of the first half again.
+    for it in second.iter().chain(&first[..10]) {
+        client.publish(&it.body).await;
+    }
+    let again = ids(&first[..10]);
+    let more = client
+        .collect(Duration::from_secs(300), |s| {
+            second.iter().all(|i| s.contains_key(&i.id)) && again.iter().all(|id| s.contains_key(id))
+        })
+        .await;
+    for it in second {
+        assert!(more.get(&it.id).is_some_and(|v| in_place(&v[0])), "{}: {:?}", it.id, more.get(&it.id));
+    }
+    for id in &again {
+        let (was, now) = (&seen[id][0], &more[id][0]);
+        assert_eq!(
+            (now.outcome, now.attempts, &now.started_at, &now.finished_at),
+            (was.outcome, was.attempts, &was.started_at, &was.finished_at),
+            "{id}: delivered again after a compaction, it was not answered from the journal"
+        );
+    }
+    wait_for("a compaction while the second half ran", Duration::from_secs(120), || compactions() > after_first);
+    for t in 0..fleet.targets.len() {
+        let holds = host_state(&fleet, &batch, t).unwrap();
+        assert_eq!(holds.as_deref(), batch.last_for(t).map(|i| i.id.as_str()), "{}", fleet.targets[t].name);
+    }
+    let body = scrape();
+    assert!(sample(&body, "certdeploy_journal_last_compaction_duration_seconds").unwrap_or(0.0) > 0.0, "{body}");
+    // Every compaction ran with consumption held and nothing in flight,
+    // and ended before consumption resumed.
+    let log = w.log_text();
+    let (mut held, mut compacting, mut compacted) = (false, false, 0);
+    for l in log.lines() {
+        if l.contains("consumption paused") {
+            held = true;
+        } else if l.contains("consumption resumed") {
+            assert!(!compacting, "resumed during a compaction:\n{}", tail(&log, 60));
+            held = false;
+        } else if l.contains("compacting the journal") {
+            assert!(held, "compacting while consuming:\n{}", tail(&log, 60));
+            compacting = true;
+        } else if l.contains("journal compacted") {
+            assert!(held && compacting, "{}", tail(&log, 60));
+            compacting = false;
+            compacted += 1;
+        }
+    }
+    assert!(compacted >= 2 && f64::from(compacted) <= compactions(), "{compacted}: {}", tail(&log, 60));
+    drop(w);
+    // Stopped: the journal opens, and holds every result.
+    let (code, out, err) = run(&cfg, &["journal", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(rows.as_array().map(Vec::len), Some(600), "{rows}");
+    let mut sibling = fleet.journal_path().into_os_string();
+    sibling.push(".compact");
+    assert!(!Path::new(&sibling).exists(), "a compaction's copy left beside the journal");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_worker_answers_journal_and_status_and_pauses_resumes_drains() {
     let fleet = Fleet::new(1, true);

@@ -55,6 +55,10 @@ struct Args {
     /// the running worker (0: the worker's defaults, no sampling).
     #[arg(long, default_value_t = 0)]
     gc_interval_s: u64,
+    /// Soak mode: the worker's `journal_compact_min_mb` (default: the
+    /// worker's default; 0 turns compaction off).
+    #[arg(long)]
+    compact_min_mb: Option<u64>,
 }
 
 struct Fleet {
@@ -90,7 +94,8 @@ fn config(f: &Fleet, args: &Args, amqp_url: &str, durability: &str, metrics: &st
         f.sshd.identity_path().display(),
         f.tmp.path().join(format!("ssh-{durability}")).display(),
         gc = if args.gc_interval_s > 0 {
-            format!("journal_gc_interval_s = {}\njournal_retention_days = 0\n", args.gc_interval_s)
+            let compact = args.compact_min_mb.map_or(String::new(), |mb| format!("journal_compact_min_mb = {mb}\n"));
+            format!("journal_gc_interval_s = {}\njournal_retention_days = 0\n{compact}", args.gc_interval_s)
         } else {
             String::new()
         },
@@ -110,14 +115,39 @@ fn config(f: &Fleet, args: &Args, amqp_url: &str, durability: &str, metrics: &st
     c
 }
 
-/// One sample of a soak run: seconds since the start, the journal's size
-/// on disk and deployments (the worker's gauges), and how long `journal
-/// list` took against the running worker (`None`: it failed).
-type Sample = (f64, f64, f64, Option<f64>);
+/// One sample of a soak run.
+struct Sample {
+    /// Seconds since the start.
+    t: f64,
+    /// The journal's size on disk and its deployments (the worker's gauges,
+    /// exported after each gc and compaction).
+    size: f64,
+    deployments: f64,
+    /// How long `journal list` took against the running worker (`None`: it
+    /// failed).
+    list_ms: Option<f64>,
+    /// Bytes of the journal directory and of a compaction's copy beside it,
+    /// walked by the benchmark itself (between compactions too).
+    disk: f64,
+    /// The worker's compactions so far, and the last one's duration.
+    compactions: f64,
+    compact_s: f64,
+}
 
 static SOAK: std::sync::Mutex<Vec<Sample>> = std::sync::Mutex::new(Vec::new());
 
-async fn soak_sampler(bin: PathBuf, cfg: PathBuf, metrics: String, t0: Instant) {
+fn dir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+async fn soak_sampler(bin: PathBuf, cfg: PathBuf, metrics: String, journal: PathBuf, t0: Instant) {
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let body = http_get(&metrics, "/metrics").map(|r| r.1).unwrap_or_default();
@@ -137,21 +167,32 @@ async fn soak_sampler(bin: PathBuf, cfg: PathBuf, metrics: String, t0: Instant) 
         .await
         .ok()
         .flatten();
-        let sample = (
-            t0.elapsed().as_secs_f64(),
-            metric(&body, "certdeploy_journal_size_bytes"),
-            metric(&body, "certdeploy_journal_deployments"),
-            listed,
-        );
+        let mut beside = journal.clone().into_os_string();
+        beside.push(".compact");
+        let sample = Sample {
+            t: t0.elapsed().as_secs_f64(),
+            size: metric(&body, "certdeploy_journal_size_bytes"),
+            deployments: metric(&body, "certdeploy_journal_deployments"),
+            list_ms: listed,
+            disk: (dir_size(&journal) + dir_size(Path::new(&beside))) as f64,
+            compactions: metric(&body, "certdeploy_journal_compactions_total"),
+            compact_s: metric(&body, "certdeploy_journal_last_compaction_duration_seconds"),
+        };
         SOAK.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
     }
 }
 
 fn print_soak(samples: &[Sample]) {
-    let answered: Vec<f64> = samples.iter().filter_map(|s| s.3).collect();
-    let max_mib = samples.iter().map(|s| s.1).fold(0.0, f64::max) / (1024.0 * 1024.0);
+    let answered: Vec<f64> = samples.iter().filter_map(|s| s.list_ms).collect();
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    let max_mib = mib(samples.iter().map(|s| s.size).fold(0.0, f64::max));
+    let max_disk = mib(samples.iter().map(|s| s.disk).fold(0.0, f64::max));
+    let compactions = samples.last().map_or(0.0, |s| s.compactions);
+    let longest = samples.iter().map(|s| s.compact_s).fold(0.0, f64::max);
     println!(
-        "  soak: {} samples; journal size max {max_mib:.1} MiB; `journal list` answered {}/{} times (max {:.0} ms)",
+        "  soak: {} samples; journal size max {max_mib:.1} MiB (gauge), {max_disk:.1} MiB on disk (walked, copy \
+         included); {compactions:.0} compactions (longest seen {longest:.2} s); `journal list` answered {}/{} times \
+         (max {:.0} ms)",
         samples.len(),
         answered.len(),
         samples.len(),
@@ -159,11 +200,13 @@ fn print_soak(samples: &[Sample]) {
     );
     for s in samples.iter().step_by((samples.len() / 12).max(1)) {
         println!(
-            "    t={:>6.0} s  journal {:>7.1} MiB  deployments {:>6.0}  list {}",
-            s.0,
-            s.1 / (1024.0 * 1024.0),
-            s.2,
-            s.3.map_or("failed".to_string(), |ms| format!("{ms:.0} ms"))
+            "    t={:>6.0} s  journal {:>7.1} MiB  on disk {:>7.1} MiB  deployments {:>6.0}  compactions {:>3.0}  list {}",
+            s.t,
+            mib(s.size),
+            mib(s.disk),
+            s.deployments,
+            s.compactions,
+            s.list_ms.map_or("failed".to_string(), |ms| format!("{ms:.0} ms"))
         );
     }
 }
@@ -302,7 +345,9 @@ async fn broker_run(
         .arg("--config")
         .arg(&cfg_path)
         .arg("worker")
-        .env("RUST_LOG", "warn,certdeploy::app=info")
+        // BENCH_WORKER_LOG: another filter for the worker's log, which is
+        // kept (with the journals) under $TMPDIR when BENCH_KEEP is set.
+        .env("RUST_LOG", std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn,certdeploy::app=info".into()))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -326,7 +371,7 @@ async fn broker_run(
         Some(tokio::spawn(publish_all(broker.clone(), bundles.to_vec(), args.rate)))
     };
     let sampler = (args.gc_interval_s > 0)
-        .then(|| tokio::spawn(soak_sampler(bin.clone(), cfg_path.clone(), metrics.clone(), t0)));
+        .then(|| tokio::spawn(soak_sampler(bin.clone(), cfg_path.clone(), metrics.clone(), journal.clone(), t0)));
     let mut got: BTreeMap<String, (Instant, ResultEvent)> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     while got.len() < bundles.len() {
@@ -495,7 +540,12 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("starting sshd on {} addresses; generating {} certificates per run", args.hosts, args.n);
     let sshd = SshdFixture::start(&refs);
     let dirs = addrs.iter().map(|a| sshd.root_dir_for(a)).collect();
-    let fleet = Fleet { sshd, dirs, tmp: tempfile::Builder::new().prefix("certdeploy-bench-").tempdir()? };
+    let mut tmp = tempfile::Builder::new().prefix("certdeploy-bench-").tempdir()?;
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        tmp.disable_cleanup(true);
+        eprintln!("keeping {}", tmp.path().display());
+    }
+    let fleet = Fleet { sshd, dirs, tmp };
     let ca = TestCa::new();
     let mut table = Vec::new();
     for (k, run) in args.runs.iter().enumerate() {

@@ -91,15 +91,27 @@ pub fn status(j: &SledJournal, cfg: &Config) -> Result<Value, certdeploy_journal
 /// What the admin endpoint can change in the worker's main loop.
 #[derive(Debug)]
 pub struct Control {
-    /// True while consumption is paused (no new deliveries).
+    /// True while consumption is paused (no new deliveries): the
+    /// operator's `pause`, `resume`, `drain`.
     pub paused: watch::Sender<bool>,
+    /// True while the journal housekeeping holds consumption for a
+    /// compaction; apart from `paused`, so that neither undoes the other.
+    pub compacting: watch::Sender<bool>,
+    /// True while the main loop takes no deliveries (its consumer
+    /// cancelled) because of `paused` or `compacting`.
+    pub held: watch::Sender<bool>,
     /// Deliveries being handled right now.
     pub in_flight: AtomicUsize,
 }
 
 impl Default for Control {
     fn default() -> Self {
-        Control { paused: watch::channel(false).0, in_flight: AtomicUsize::new(0) }
+        Control {
+            paused: watch::channel(false).0,
+            compacting: watch::channel(false).0,
+            held: watch::channel(false).0,
+            in_flight: AtomicUsize::new(0),
+        }
     }
 }
 

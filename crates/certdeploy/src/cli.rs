@@ -101,6 +101,9 @@ pub enum JournalCommand {
         #[arg(long)]
         retention_days: Option<u64>,
     },
+    /// Rewrite the journal into fresh files, giving back the space gc freed
+    /// (a stopped worker's; a running worker compacts by itself).
+    Compact,
 }
 
 #[derive(Args, Debug)]
@@ -575,7 +578,10 @@ fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
     let j = match SledJournal::open(&cfg.worker.journal_path, JournalOptions::default()) {
         Ok(j) => j,
         Err(e @ certdeploy_journal::JournalOpenError::Locked { .. }) => {
-            anyhow::bail!("{e}: a running worker collects its journal itself (journal_gc_interval_s)")
+            anyhow::bail!(
+                "{e}: a running worker collects its journal itself, and compacts it (journal_gc_interval_s, \
+                 journal_compact_min_mb)"
+            )
         }
         Err(e) => return Err(e.into()),
     };
@@ -589,6 +595,18 @@ fn journal(cfg: Config, c: JournalCommand) -> anyhow::Result<u8> {
                 "pruned {} finished deployment(s) ({} records; their results are kept for redelivery); \
                  dropped {} expired result(s)",
                 stats.deployments_pruned, stats.records_removed, stats.dedupe_entries_removed
+            );
+        }
+        JournalCommand::Compact => {
+            let stats = j.compact()?;
+            let mib = |b: u64| b as f64 / 1048576.0;
+            println!(
+                "compacted {}: {:.1} MiB -> {:.1} MiB ({} keys, {:.1} s)",
+                cfg.worker.journal_path.display(),
+                mib(stats.size_before),
+                mib(stats.size_after),
+                stats.entries,
+                stats.duration.as_secs_f64()
             );
         }
     }

@@ -113,6 +113,11 @@ pub struct WorkerConfig {
     /// How often the worker collects its journal by itself (0: never; then
     /// only `certdeploy journal gc` does).
     pub journal_gc_interval_s: u64,
+    /// After a gc, the worker compacts its journal (rewrites it into fresh
+    /// files; sled never gives back the space gc frees) once its size on
+    /// disk reaches this many MiB and twice its size after the last
+    /// compaction; 0: never (then only `certdeploy journal compact`).
+    pub journal_compact_min_mb: u64,
     /// `fsync` (default), `flush` (sled flush only) or `off` (benchmarks only).
     pub journal_durability: String,
     pub requests_queue: String,
@@ -165,6 +170,7 @@ impl Default for WorkerConfig {
             shutdown_grace_s: 30,
             journal_retention_days: 7,
             journal_gc_interval_s: 3600,
+            journal_compact_min_mb: 256,
             admin_socket: None,
             journal_durability: "fsync".into(),
             requests_queue: "certdeploy.requests".into(),
@@ -494,6 +500,7 @@ impl Config {
                 "shutdown_grace_s" => w.shutdown_grace_s = v.parse().map_err(|_| bad("a number"))?,
                 "journal_retention_days" => w.journal_retention_days = v.parse().map_err(|_| bad("a number"))?,
                 "journal_gc_interval_s" => w.journal_gc_interval_s = v.parse().map_err(|_| bad("a number"))?,
+                "journal_compact_min_mb" => w.journal_compact_min_mb = v.parse().map_err(|_| bad("a number"))?,
                 "admin_socket" => w.admin_socket = Some(v.clone()),
                 "journal_durability" => w.journal_durability = v.clone(),
                 "requests_queue" => w.requests_queue = v.clone(),

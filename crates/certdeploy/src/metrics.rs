@@ -36,6 +36,10 @@ pub const JOURNAL_DEPLOYMENTS: &str = "certdeploy_journal_deployments";
 pub const JOURNAL_GC_LAST: &str = "certdeploy_journal_last_gc_timestamp_seconds";
 /// Finished deployments whose records the worker's gc removed.
 pub const JOURNAL_GC_PRUNED: &str = "certdeploy_journal_gc_pruned_total";
+/// Compactions of the journal by the worker, and how long the last one
+/// took (consumption held meanwhile).
+pub const JOURNAL_COMPACTIONS: &str = "certdeploy_journal_compactions_total";
+pub const JOURNAL_COMPACT_SECONDS: &str = "certdeploy_journal_last_compaction_duration_seconds";
 /// notAfter (Unix seconds) of the certificate in place on each target, as
 /// certdeploy last deployed it.
 pub const CERT_EXPIRY: &str = "certdeploy_certificate_expiry_timestamp_seconds";
@@ -72,6 +76,8 @@ pub const ALL: &[&str] = &[
     JOURNAL_DEPLOYMENTS,
     JOURNAL_GC_LAST,
     JOURNAL_GC_PRUNED,
+    JOURNAL_COMPACTIONS,
+    JOURNAL_COMPACT_SECONDS,
     CERT_EXPIRY,
     CONFIG_RELOADS,
     BUILD_INFO,
@@ -126,8 +132,16 @@ fn register_at_zero() {
     let _ = metrics::histogram!(DEPLOY_SECONDS);
     let _ = metrics::histogram!(PUBLISH_SECONDS);
     metrics::gauge!(IN_FLIGHT).set(0.0);
-    for c in [JOURNAL_FLUSHES, AMQP_RECONNECTS, SSH_MASTERS_OPENED, TAKEOVERS, LOCKS_LOST, DEFERRALS, JOURNAL_GC_PRUNED]
-    {
+    for c in [
+        JOURNAL_FLUSHES,
+        AMQP_RECONNECTS,
+        SSH_MASTERS_OPENED,
+        TAKEOVERS,
+        LOCKS_LOST,
+        DEFERRALS,
+        JOURNAL_GC_PRUNED,
+        JOURNAL_COMPACTIONS,
+    ] {
         metrics::counter!(c).increment(0);
     }
     metrics::gauge!(READY).set(0.0);
@@ -137,7 +151,7 @@ fn register_at_zero() {
     for r in ["ok", "error"] {
         metrics::counter!(CONFIG_RELOADS, "result" => r).increment(0);
     }
-    for g in [JOURNAL_SIZE, JOURNAL_DEPLOYMENTS, JOURNAL_GC_LAST] {
+    for g in [JOURNAL_SIZE, JOURNAL_DEPLOYMENTS, JOURNAL_GC_LAST, JOURNAL_COMPACT_SECONDS] {
         metrics::gauge!(g).set(0.0);
     }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -185,6 +199,11 @@ fn describe() {
     describe_gauge!(JOURNAL_DEPLOYMENTS, "Deployments the journal's index holds (finished ones included)");
     describe_gauge!(JOURNAL_GC_LAST, "Unix time of the worker's last completed journal gc (0: none yet)");
     describe_counter!(JOURNAL_GC_PRUNED, "Finished deployments whose records the worker's journal gc removed");
+    describe_counter!(JOURNAL_COMPACTIONS, "Compactions of the journal by the worker (rewritten into fresh files)");
+    describe_gauge!(
+        JOURNAL_COMPACT_SECONDS,
+        "Duration of the worker's last journal compaction, consumption held meanwhile (0: none yet)"
+    );
     describe_gauge!(CERT_EXPIRY, "notAfter (Unix seconds) of the certificate certdeploy last put in place, by target");
     describe_counter!(
         CONFIG_RELOADS,

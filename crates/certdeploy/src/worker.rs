@@ -94,10 +94,11 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
         });
     }
     let mut paused = control.paused.subscribe();
+    let mut compacting = control.compacting.subscribe();
     health.journal.store(true, Ordering::Relaxed);
     let _ = health.journal_handle.set(rt.journal.clone());
     tokio::spawn(journal_metrics(rt.clone()));
-    tokio::spawn(journal_housekeeping(rt.clone()));
+    tokio::spawn(journal_housekeeping(rt.clone(), control.clone()));
 
     // Finish every interrupted deployment before taking new work.
     let recovered = rt.recover_all().await;
@@ -186,20 +187,24 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                () = until(&mut paused, true) => {
-                    // Paused: cancelling the consumer stops new deliveries
-                    // (other workers get them); what was taken finishes and
-                    // is acked on this connection.
-                    tracing::info!(in_flight = tasks.len(), "consumption paused");
+                () = until_held(&mut paused, &mut compacting, true) => {
+                    // Paused (by the operator, or for a journal
+                    // compaction): cancelling the consumer stops new
+                    // deliveries (other workers get them); what was taken
+                    // finishes and is acked on this connection.
+                    let compaction = *compacting.borrow();
+                    tracing::info!(in_flight = tasks.len(), compaction, "consumption paused");
                     let _ = tokio::time::timeout(Duration::from_secs(5), consumer.cancel()).await;
+                    control.held.send_replace(true);
                     let lost = loop {
                         tokio::select! {
-                            () = until(&mut paused, false) => break false,
+                            () = until_held(&mut paused, &mut compacting, false) => break false,
                             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                             _ = broker.closed() => break true,
                             _ = shutdown.changed() => if *shutdown.borrow() { break 'outer },
                         }
                     };
+                    control.held.send_replace(false);
                     if lost {
                         tracing::warn!("broker connection lost while paused; reconnecting");
                         break;
@@ -315,10 +320,18 @@ fn some_names(names: &[String]) -> String {
     }
 }
 
-/// Resolves once the flag is `want` (at once if it already is).
-async fn until(rx: &mut watch::Receiver<bool>, want: bool) {
-    if rx.wait_for(|v| *v == want).await.is_err() {
-        std::future::pending::<()>().await;
+/// Resolves once "consumption held" (the operator's pause, or a journal
+/// compaction) is `want` (at once if it already is).
+async fn until_held(paused: &mut watch::Receiver<bool>, compacting: &mut watch::Receiver<bool>, want: bool) {
+    loop {
+        if (*paused.borrow_and_update() || *compacting.borrow_and_update()) == want {
+            return;
+        }
+        // The senders live as long as the worker (in `Control`).
+        tokio::select! {
+            r = paused.changed() => if r.is_err() { std::future::pending::<()>().await },
+            r = compacting.changed() => if r.is_err() { std::future::pending::<()>().await },
+        }
     }
 }
 
@@ -340,15 +353,17 @@ async fn journal_metrics(rt: Arc<Runtime>) {
 }
 
 /// The journal looks after itself: gc every `journal_gc_interval_s` with
-/// the retention policy, and its size exported every minute. The gc runs on
-/// a blocking thread (it walks the index), beside deployments, which it
+/// the retention policy, then a compaction when it is due (see
+/// [`compact_when_due`]), and its size exported every minute. The gc runs
+/// on a blocking thread (it walks the index), beside deployments, which it
 /// never touches while they are in flight.
-async fn journal_housekeeping(rt: Arc<Runtime>) {
+async fn journal_housekeeping(rt: Arc<Runtime>, control: Arc<crate::admin::Control>) {
     let cfg = rt.cfg();
     let w = &cfg.worker;
     let interval = (w.journal_gc_interval_s > 0).then(|| Duration::from_secs(w.journal_gc_interval_s));
     let tick = interval.map_or(SIZE_EVERY, |i| i.min(SIZE_EVERY));
     let mut next_gc = interval.map(|i| tokio::time::Instant::now() + i);
+    let mut compacted: Option<u64> = None;
     loop {
         if next_gc.is_some_and(|t| tokio::time::Instant::now() >= t) {
             let j = rt.journal.clone();
@@ -370,6 +385,9 @@ async fn journal_housekeeping(rt: Arc<Runtime>) {
                 Ok(Err(e)) => tracing::warn!("journal gc failed: {e}"),
                 Err(e) => tracing::warn!("journal gc task: {e}"),
             }
+            if w.journal_compact_min_mb > 0 {
+                compact_when_due(&rt, &control, w.journal_compact_min_mb.saturating_mul(1 << 20), &mut compacted).await;
+            }
             next_gc = interval.map(|i| tokio::time::Instant::now() + i);
         }
         let j = rt.journal.clone();
@@ -380,6 +398,74 @@ async fn journal_housekeeping(rt: Arc<Runtime>) {
             metrics::gauge!(m::JOURNAL_DEPLOYMENTS).set(n as f64);
         }
         tokio::time::sleep(tick).await;
+    }
+}
+
+/// A compaction is due when the journal's size on disk has reached both
+/// `journal_compact_min_mb` and this multiple of its size right after the
+/// last compaction: the disk it takes stays below about twice what its
+/// live entries need (or the floor), and the cost of a compaction (a copy
+/// of the live entries) is spread over at least as many bytes of growth.
+const COMPACT_GROWTH: u64 = 2;
+
+/// How long a compaction waits for the deployments in flight to finish
+/// (consumption held meanwhile) before it gives up until the next gc.
+const COMPACT_DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// Compact the journal if it is due (see [`COMPACT_GROWTH`]): hold
+/// consumption, wait (bounded) until nothing is in flight, compact on a
+/// blocking thread, resume. Nothing appends to the journal meanwhile: every
+/// append comes from a delivery being handled (recovery is over before the
+/// main loop first holds consumption). `compacted` is the size after the
+/// last compaction of this process.
+async fn compact_when_due(rt: &Runtime, control: &crate::admin::Control, floor: u64, compacted: &mut Option<u64>) {
+    let j = rt.journal.clone();
+    let Ok(Ok(size)) = tokio::task::spawn_blocking(move || j.size_on_disk()).await else { return };
+    let due = floor.max(compacted.map_or(0, |c| c.saturating_mul(COMPACT_GROWTH)));
+    if size < due {
+        return;
+    }
+    control.compacting.send_replace(true);
+    let idle = wait_idle(control, COMPACT_DRAIN_WAIT).await;
+    let done = if idle {
+        tracing::info!(size, "compacting the journal: consumption held, nothing in flight");
+        let j = rt.journal.clone();
+        Some(tokio::task::spawn_blocking(move || j.compact()).await)
+    } else {
+        None
+    };
+    control.compacting.send_replace(false);
+    match done {
+        None => tracing::info!(
+            size,
+            in_flight = control.in_flight.load(Ordering::SeqCst),
+            "journal compaction put off: deployments still in flight after {COMPACT_DRAIN_WAIT:?}; the next gc tries again"
+        ),
+        Some(Ok(Ok(stats))) => {
+            metrics::counter!(m::JOURNAL_COMPACTIONS).increment(1);
+            metrics::gauge!(m::JOURNAL_COMPACT_SECONDS).set(stats.duration.as_secs_f64());
+            metrics::gauge!(m::JOURNAL_SIZE).set(stats.size_after as f64);
+            *compacted = Some(stats.size_after);
+        }
+        Some(Ok(Err(e))) => tracing::warn!(size, "journal compaction failed: {e}"),
+        Some(Err(e)) => tracing::warn!("journal compaction task: {e}"),
+    }
+}
+
+/// Wait until the main loop holds consumption and no delivery is in
+/// flight; false if that does not happen within `wait`.
+async fn wait_idle(control: &crate::admin::Control, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut held = control.held.subscribe();
+    loop {
+        if *held.borrow_and_update() && control.in_flight.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        // The in-flight count has no notification: looked at every 50 ms.
+        let _ = tokio::time::timeout(Duration::from_millis(50), held.changed()).await;
     }
 }
 

@@ -43,7 +43,8 @@ fn rss_mib() -> f64 {
 
 /// `-- rounds`: 6 rounds of 10,000 deployments, each followed by a gc with
 /// zero retention (records go, results stay): the size it settles at.
-fn rounds() {
+/// `-- rounds compact`: each gc followed by a compaction, with its time.
+fn rounds(compact: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("journal");
     let j =
@@ -53,7 +54,10 @@ fn rounds() {
         dedupe_retention: std::time::Duration::from_secs(30 * 86_400),
         keep_last_per_target: true,
     };
-    println!("{:>6} {:>12} {:>10} {:>14} {:>12}", "round", "deployments", "disk MiB", "sled size MiB", "pruned");
+    println!(
+        "{:>6} {:>12} {:>10} {:>14} {:>12} {:>16} {:>12}",
+        "round", "deployments", "disk MiB", "sled size MiB", "pruned", "compacted MiB", "compact s"
+    );
     for round in 0..6 {
         for i in 0..10_000 {
             let id = format!("r{round}-{i:06}");
@@ -63,11 +67,16 @@ fn rounds() {
         }
         let stats = j.gc_with(&policy, certdeploy_core::Timestamp(1_000)).expect("gc");
         j.flush_now().expect("flush");
+        let (disk, size) = (dir_size(&path) as f64 / 1048576.0, j.size_on_disk().expect("size") as f64 / 1048576.0);
+        let (after, secs) = if compact {
+            let c = j.compact().expect("compact");
+            (format!("{:.1}", c.size_after as f64 / 1048576.0), format!("{:.2}", c.duration.as_secs_f64()))
+        } else {
+            ("-".into(), "-".into())
+        };
         println!(
-            "{round:>6} {:>12} {:>10.1} {:>14.1} {:>12}",
+            "{round:>6} {:>12} {disk:>10.1} {size:>14.1} {:>12} {after:>16} {secs:>12}",
             j.deployment_count(),
-            dir_size(&path) as f64 / 1048576.0,
-            j.size_on_disk().expect("size") as f64 / 1048576.0,
             stats.deployments_pruned
         );
     }
@@ -75,7 +84,7 @@ fn rounds() {
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("rounds") {
-        return rounds();
+        return rounds(std::env::args().nth(2).as_deref() == Some("compact"));
     }
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![10_000, 100_000] } else { sizes };

@@ -56,6 +56,8 @@ pub enum Error {
     UnknownSeq { seq: u64, last: u64 },
     #[error("journal: invalid deployment id {0:?}")]
     InvalidId(String),
+    #[error("journal compaction: {0}")]
+    Compaction(String),
 }
 
 impl From<Error> for certdeploy_core::driver::JournalError {

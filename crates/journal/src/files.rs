@@ -55,29 +55,52 @@ fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
 
 /// The process lock: an exclusive `flock` on `certdeploy.lock` holding the
 /// holder's pid (for the error message of the next one).
+///
+/// A compaction swaps the whole journal directory for a new one whose lock
+/// file the holder has locked too, then releases the old one. A process
+/// that opened the old lock file just before the swap could take that
+/// released lock; so a lock counts only while the file it is on is still
+/// the one at the journal path, and is tried again on the new file
+/// otherwise.
 pub(crate) fn lock(dir: &Path) -> Result<File, JournalOpenError> {
+    use std::os::unix::fs::MetadataExt;
     let path = dir.join(LOCK_FILE);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(FILE_MODE)
-        .open(&path)
-        .map_err(io_err(dir, "opening the lock file"))?;
-    match f.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => {
-            let mut s = String::new();
-            let _ = f.read_to_string(&mut s);
-            let holder = match s.trim().parse::<u32>() {
-                Ok(pid) => format!(" (pid {pid})"),
-                Err(_) => String::new(),
-            };
-            return Err(JournalOpenError::Locked { path: dir.to_path_buf(), holder });
+    let mut tries = 0;
+    let mut f = loop {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(&path)
+            .map_err(io_err(dir, "opening the lock file"))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut s = String::new();
+                let _ = f.read_to_string(&mut s);
+                let holder = match s.trim().parse::<u32>() {
+                    Ok(pid) => format!(" (pid {pid})"),
+                    Err(_) => String::new(),
+                };
+                return Err(JournalOpenError::Locked { path: dir.to_path_buf(), holder });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(dir, "locking the lock file")(e)),
         }
-        Err(fs::TryLockError::Error(e)) => return Err(io_err(dir, "locking the lock file")(e)),
-    }
+        let held = f.metadata().map_err(io_err(dir, "reading the lock file"))?;
+        match fs::metadata(&path) {
+            Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => break f,
+            // Swapped away by a compaction since it was opened.
+            _ if tries < 100 => tries += 1,
+            _ => {
+                return Err(JournalOpenError::Locked {
+                    path: dir.to_path_buf(),
+                    holder: " (its lock file keeps being replaced)".into(),
+                });
+            }
+        }
+    };
     f.set_len(0)
         .and_then(|_| f.rewind())
         .and_then(|_| writeln!(f, "{}", std::process::id()))
@@ -137,6 +160,14 @@ impl SledFiles {
                 }
             }
         }
+    }
+
+    /// Every file of `dir` (sled's, closed by now) made 0600 and fsynced,
+    /// every directory made 0700 and fsynced: a copy written elsewhere
+    /// made durable before it takes the journal's place.
+    pub(crate) fn secure_and_sync(dir: &Path) -> io::Result<()> {
+        let db = File::open(dir.join("db"))?;
+        SledFiles { dir: dir.to_path_buf(), db, seen: BTreeSet::new(), changes: None }.sweep(true)
     }
 
     /// [`SledFiles::sweep`] if a watched directory changed. Returns whether

@@ -19,7 +19,7 @@
 //! many deployments in flight, one fsync then serves many of them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -42,8 +42,22 @@ pub(crate) struct Requests {
     pub shutdown: bool,
 }
 
-pub(crate) struct Shared {
+/// The open sled database: swapped whole by a compaction, so every use
+/// goes through [`Shared::store`].
+pub(crate) struct Store {
     pub db: sled::Db,
+    pub records: sled::Tree,
+    pub index: sled::Tree,
+    /// Held for the whole of a flush (the flusher's or `flush_now`'s).
+    pub files: Mutex<SledFiles>,
+}
+
+pub(crate) struct Shared {
+    /// Read-locked by every append, query and flush (uncontended: one
+    /// atomic operation); write-locked only by a compaction, which swaps
+    /// the database. `None` only after a compaction that could not reopen
+    /// the journal, which also poisons it.
+    pub store: RwLock<Option<Store>>,
     pub durability: Durability,
     pub group_window: Duration,
     pub counters: Counters,
@@ -52,13 +66,22 @@ pub(crate) struct Shared {
     pub requests: Mutex<Requests>,
     pub wake: Condvar,
     pub durable: watch::Sender<Durable>,
-    /// Held for the whole of a flush (the flusher's or `flush_now`'s).
-    pub files: Mutex<SledFiles>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+pub(crate) fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why the journal has no open database (see [`Shared::store`]).
+pub(crate) const NO_STORE: &str = "the journal could not be reopened after a compaction; restart the worker";
 
 impl Shared {
     /// Flush everything appended so far; publish it as durable.
@@ -66,10 +89,12 @@ impl Shared {
         if let Some(p) = self.durable.borrow().poisoned.clone() {
             return Err(p);
         }
-        let mut files = lock(&self.files);
+        let guard = read(&self.store);
+        let Some(store) = guard.as_ref() else { return Err(NO_STORE.into()) };
+        let mut files = lock(&store.files);
         let target = self.appended.load(Ordering::Acquire);
         let t0 = Instant::now();
-        let r = self.db.flush().map_err(|e| format!("sled flush: {e}")).and_then(|_| {
+        let r = store.db.flush().map_err(|e| format!("sled flush: {e}")).and_then(|_| {
             match self.durability {
                 Durability::Fsync => files.fsync(),
                 Durability::Flush | Durability::Off => files.sweep_if_changed(false),
@@ -77,6 +102,7 @@ impl Shared {
             .map_err(|e| format!("fsync of the journal files: {e}"))
         });
         drop(files);
+        drop(guard);
         match r {
             Ok(walked) => {
                 if walked {

@@ -4,9 +4,9 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use certdeploy_core::driver::{Journal, JournalError, event_name};
 use certdeploy_core::{Deployment, Event, Outcome, Record, Report, Timestamp};
@@ -16,9 +16,10 @@ use tokio::sync::watch;
 
 use crate::FORMAT_VERSION;
 use crate::codec::{decode, encode, printable_key, record_key, record_prefix, record_seq};
+use crate::compact::{self, crash_point};
 use crate::error::{Error, JournalOpenError};
 use crate::files::{self, SledFiles};
-use crate::flusher::{Durable, Requests, Shared, lock};
+use crate::flusher::{Durable, NO_STORE, Requests, Shared, Store, lock, read, write};
 use crate::stats::{Counters, JournalStats};
 
 const RECORDS: &str = "records";
@@ -213,6 +214,43 @@ fn records_after(records: &sled::Tree, id: &[u8], after: u64) -> impl Iterator<I
     })
 }
 
+fn records_in(s: &Store, deployment_id: &str) -> Result<Vec<Record>, Error> {
+    s.records
+        .scan_prefix(record_prefix(deployment_id))
+        .map(|kv| {
+            let (k, v) = kv?;
+            decode("record", &k, &v)
+        })
+        .collect()
+}
+
+fn entry_in(s: &Store, deployment_id: &str) -> Result<Option<Entry>, Error> {
+    s.index.get(deployment_id)?.map(|v| decode("index entry", deployment_id.as_bytes(), &v)).transpose()
+}
+
+/// The entry with the records after its `last_seq` applied: what it
+/// would hold if every append rewrote it. Only an in-flight entry can be
+/// behind (every end of an attempt rewrites it).
+fn current_in(s: &Store, deployment_id: &str, entry: Option<Entry>) -> Result<Option<Entry>, Error> {
+    let Some(mut e) = entry else { return Ok(None) };
+    if e.state != DeploymentState::InFlight {
+        return Ok(Some(e));
+    }
+    for r in records_after(&s.records, deployment_id.as_bytes(), e.last_seq) {
+        let (seq, rec) = r?;
+        e.apply(&rec, seq);
+    }
+    Ok(Some(e))
+}
+
+fn entries_in(s: &Store) -> impl Iterator<Item = Result<(String, Entry), Error>> + '_ {
+    s.index.iter().map(|kv| {
+        let (k, v) = kv?;
+        let e = decode("index entry", &k, &v)?;
+        Ok((String::from_utf8_lossy(&k).into_owned(), e))
+    })
+}
+
 impl Entry {
     fn empty(at: Timestamp) -> Entry {
         Entry {
@@ -286,13 +324,16 @@ impl Entry {
 pub struct SledJournal {
     path: PathBuf,
     shared: Arc<Shared>,
-    records: sled::Tree,
-    index: sled::Tree,
     /// Next sequence number; held across an append's insert so that
     /// `appended` only ever covers completed inserts.
     next_seq: Mutex<u64>,
     flusher: Mutex<Option<JoinHandle<()>>>,
-    _lock: File,
+    /// The process lock on the journal directory's lock file (replaced by
+    /// the new directory's when a compaction swaps it in).
+    lock: Mutex<File>,
+    /// One compaction at a time.
+    compacting: Mutex<()>,
+    cache_capacity: u64,
     id: String,
     /// Entries of the index: counted once at open, then kept up to date
     /// by `append` (a new id) and `gc` (an entry dropped), so that the
@@ -319,6 +360,28 @@ fn sled_err(path: &Path) -> impl Fn(sled::Error) -> JournalOpenError + '_ {
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
+
+/// The open database, read-locked for as long as it is used.
+struct StoreRef<'a>(RwLockReadGuard<'a, Option<Store>>);
+
+impl std::ops::Deref for StoreRef<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        self.0.as_ref().expect("checked when taken")
+    }
+}
+
+/// What [`SledJournal::compact`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompactStats {
+    /// Bytes sled's files took before, and after.
+    pub size_before: u64,
+    pub size_after: u64,
+    /// Keys copied (records, index entries, meta).
+    pub entries: u64,
+    /// From the call to the return, waiting for the journal included.
+    pub duration: Duration,
+}
 
 fn tx_err(e: TransactionError<Error>) -> Error {
     match e {
@@ -427,7 +490,21 @@ impl SledJournal {
     pub fn open(path: &Path, opts: JournalOptions) -> Result<SledJournal, JournalOpenError> {
         files::prepare_dir(path)?;
         let lock_file = files::lock(path)?;
-        let db = sled::Config::new().path(path).cache_capacity(opts.cache_capacity).open().map_err(sled_err(path))?;
+        // A compaction interrupted by a crash leaves its sibling directory:
+        // the journal path is whole whenever the crash came, the sibling is
+        // garbage (see `compact`).
+        if let Some(sibling) = compact::sibling(path) {
+            match compact::remove_leftover(&sibling) {
+                Ok(true) => tracing::info!(
+                    path = %path.display(),
+                    removed = %sibling.display(),
+                    "removed what an interrupted journal compaction left"
+                ),
+                Ok(false) => {}
+                Err(problem) => return Err(JournalOpenError::Corrupt { path: path.to_path_buf(), problem }),
+            }
+        }
+        let db = compact::open_sled(path, opts.cache_capacity).map_err(sled_err(path))?;
         let meta = db.open_tree(META).map_err(sled_err(path))?;
         let records = db.open_tree(RECORDS).map_err(sled_err(path))?;
         let index = db.open_tree(INDEX).map_err(sled_err(path))?;
@@ -490,8 +567,10 @@ impl SledJournal {
 
         let files = SledFiles::open(path)?;
         let (durable, _) = watch::channel(Durable { seq: last_seq, poisoned: None });
+        let deployments = AtomicUsize::new(index.len());
+        let store = Store { db, records, index, files: Mutex::new(files) };
         let shared = Arc::new(Shared {
-            db,
+            store: RwLock::new(Some(store)),
             durability: opts.durability,
             group_window: opts.group_window,
             counters: Counters::default(),
@@ -499,7 +578,6 @@ impl SledJournal {
             requests: Mutex::new(Requests { requested: last_seq, shutdown: false }),
             wake: Condvar::new(),
             durable,
-            files: Mutex::new(files),
         });
         let flusher = {
             let shared = shared.clone();
@@ -512,18 +590,26 @@ impl SledJournal {
             )?
         };
         tracing::info!(path = %path.display(), durability = opts.durability.as_str(), last_seq, "journal opened");
-        let deployments = AtomicUsize::new(index.len());
         Ok(SledJournal {
             deployments,
             path: path.to_path_buf(),
             shared,
-            records,
-            index,
             next_seq: Mutex::new(last_seq + 1),
             flusher: Mutex::new(Some(flusher)),
-            _lock: lock_file,
+            lock: Mutex::new(lock_file),
+            compacting: Mutex::new(()),
+            cache_capacity: opts.cache_capacity,
             id,
         })
+    }
+
+    /// The open database, read-locked (waits while a compaction runs).
+    fn store(&self) -> Result<StoreRef<'_>, Error> {
+        let g = read(&self.shared.store);
+        if g.is_none() {
+            return Err(Error::Poisoned(NO_STORE.into()));
+        }
+        Ok(StoreRef(g))
     }
 
     /// The journal's random id, created with it (128 bits, hex): unique
@@ -546,6 +632,7 @@ impl SledJournal {
             return Err(Error::InvalidId(deployment_id.to_string()));
         }
         let value = encode("record", record)?;
+        let s = self.store()?;
         let mut next = lock(&self.next_seq);
         let seq = *next;
         let key = record_key(deployment_id, seq);
@@ -556,11 +643,11 @@ impl SledJournal {
         // the index entry alone (see `Entry`).
         // One index lookup per append, as before the deployments counter:
         // a checkpoint reads the entry anyway, and tells whether it is new.
-        let (entry, new_id) = if is_checkpoint(&record.event) || !self.index.contains_key(deployment_id)? {
+        let (entry, new_id) = if is_checkpoint(&record.event) || !s.index.contains_key(deployment_id)? {
             // The skipped records since the last checkpoint changed only
             // what this one overwrites (last event, last seq; `updated_at`
             // unless the clock went back).
-            let existing = self.entry(deployment_id)?;
+            let existing = entry_in(&s, deployment_id)?;
             let new_id = existing.is_none();
             let mut entry = existing.unwrap_or_else(|| Entry::empty(record.at));
             entry.apply(record, seq);
@@ -568,9 +655,9 @@ impl SledJournal {
         } else {
             (None, false)
         };
-        self.records.insert(key.as_slice(), value.as_slice())?;
+        s.records.insert(key.as_slice(), value.as_slice())?;
         if let Some(ev) = entry {
-            self.index.insert(deployment_id.as_bytes(), ev)?;
+            s.index.insert(deployment_id.as_bytes(), ev)?;
         }
         if new_id {
             self.deployments.fetch_add(1, Ordering::Relaxed);
@@ -578,6 +665,7 @@ impl SledJournal {
         *next = seq + 1;
         self.shared.appended.store(seq, Ordering::Release);
         drop(next);
+        drop(s);
         self.shared.counters.appends.fetch_add(1, Ordering::Relaxed);
         Ok(seq)
     }
@@ -627,53 +715,22 @@ impl SledJournal {
 
     /// All records of `id` in append order (empty if unknown or pruned by gc).
     pub fn records(&self, deployment_id: &str) -> Result<Vec<Record>, Error> {
-        self.records
-            .scan_prefix(record_prefix(deployment_id))
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode("record", &k, &v)
-            })
-            .collect()
-    }
-
-    fn entry(&self, deployment_id: &str) -> Result<Option<Entry>, Error> {
-        self.index.get(deployment_id)?.map(|v| decode("index entry", deployment_id.as_bytes(), &v)).transpose()
-    }
-
-    /// The entry with the records after its `last_seq` applied: what it
-    /// would hold if every append rewrote it. Only an in-flight entry can be
-    /// behind (every end of an attempt rewrites it).
-    fn current(&self, deployment_id: &str, entry: Option<Entry>) -> Result<Option<Entry>, Error> {
-        let Some(mut e) = entry else { return Ok(None) };
-        if e.state != DeploymentState::InFlight {
-            return Ok(Some(e));
-        }
-        for r in records_after(&self.records, deployment_id.as_bytes(), e.last_seq) {
-            let (seq, rec) = r?;
-            e.apply(&rec, seq);
-        }
-        Ok(Some(e))
-    }
-
-    fn entries(&self) -> impl Iterator<Item = Result<(String, Entry), Error>> + '_ {
-        self.index.iter().map(|kv| {
-            let (k, v) = kv?;
-            let e = decode("index entry", &k, &v)?;
-            Ok((String::from_utf8_lossy(&k).into_owned(), e))
-        })
+        records_in(&*self.store()?, deployment_id)
     }
 
     /// Where deployment `id` stands; `None` if the journal never saw it (or
     /// its dedupe entry was pruned).
     pub fn status(&self, deployment_id: &str) -> Result<Option<DeploymentStatus>, Error> {
-        Ok(self.current(deployment_id, self.entry(deployment_id)?)?.map(|e| e.status()))
+        let s = self.store()?;
+        Ok(current_in(&s, deployment_id, entry_in(&s, deployment_id)?)?.map(|e| e.status()))
     }
 
     /// Ids whose latest attempt has no `Finished`/`Abandoned` record, in id
     /// order: what recovery must resume before consuming new messages.
     pub fn unfinished(&self) -> Result<Vec<String>, Error> {
+        let s = self.store()?;
         let mut out = Vec::new();
-        for r in self.entries() {
+        for r in entries_in(&s) {
             let (id, e) = r?;
             if e.state == DeploymentState::InFlight {
                 out.push(id);
@@ -685,26 +742,28 @@ impl SledJournal {
     /// Note that the result of `id` was published and the message acked.
     /// Returns false for an unknown id. Durable with the next flush.
     pub fn mark_acked(&self, deployment_id: &str) -> Result<bool, Error> {
+        let s = self.store()?;
         let _g = lock(&self.next_seq);
-        let Some(mut e) = self.entry(deployment_id)? else {
+        let Some(mut e) = entry_in(&s, deployment_id)? else {
             return Ok(false);
         };
         if !e.acked {
             e.acked = true;
-            self.index.insert(deployment_id, encode("index entry", &e)?)?;
+            s.index.insert(deployment_id, encode("index entry", &e)?)?;
         }
         Ok(true)
     }
 
     /// Every deployment, in id order.
     pub fn list(&self) -> Result<Vec<Summary>, Error> {
+        let s = self.store()?;
         let mut out = Vec::new();
-        for r in self.entries() {
+        for r in entries_in(&s) {
             let (id, e) = r?;
-            let Some(e) = self.current(&id, Some(e))? else { continue };
+            let Some(e) = current_in(&s, &id, Some(e))? else { continue };
             let phase = match e.state {
                 DeploymentState::InFlight => {
-                    let replayed = self.records(&id).ok().and_then(|rs| Deployment::replay(&rs).ok());
+                    let replayed = records_in(&s, &id).ok().and_then(|rs| Deployment::replay(&rs).ok());
                     Some(replayed.map_or_else(|| e.last_event.clone(), |d| d.phase_name().to_string()))
                 }
                 _ => None,
@@ -739,7 +798,10 @@ impl SledJournal {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let (retention, dedupe) = (ms(policy.retention), ms(policy.dedupe_retention).max(ms(policy.retention)));
         let mut stats = GcStats::default();
-        let candidates: Vec<(String, Entry)> = self.entries().collect::<Result<_, _>>()?;
+        let candidates: Vec<(String, Entry)> = {
+            let s = self.store()?;
+            entries_in(&s).collect::<Result<_, _>>()?
+        };
         let kept: HashSet<String> = if policy.keep_last_per_target {
             last_in_place_per_target(&candidates).into_iter().map(str::to_string).collect()
         } else {
@@ -755,16 +817,18 @@ impl SledJournal {
                 continue;
             }
             // No append may interleave; re-check the entry under the lock.
+            // The store is taken per deployment: a compaction waits for one
+            // removal, not for the whole gc.
+            let s = self.store()?;
             let _g = lock(&self.next_seq);
-            let Some(mut cur) = self.entry(&id)? else { continue };
+            let Some(mut cur) = entry_in(&s, &id)? else { continue };
             if cur.last_seq != e.last_seq || cur.state == DeploymentState::InFlight {
                 continue;
             }
-            let keys: Vec<sled::IVec> =
-                self.records.scan_prefix(record_prefix(&id)).keys().collect::<Result<_, _>>()?;
+            let keys: Vec<sled::IVec> = s.records.scan_prefix(record_prefix(&id)).keys().collect::<Result<_, _>>()?;
             cur.records_pruned = true;
             let new_entry = if drop_entry { None } else { Some(encode("index entry", &cur)?) };
-            (&self.records, &self.index)
+            (&s.records, &s.index)
                 .transaction(|(records, index)| -> TxResult<()> {
                     for k in &keys {
                         records.remove(k.as_ref())?;
@@ -796,7 +860,151 @@ impl SledJournal {
 
     /// Bytes sled's files take on disk.
     pub fn size_on_disk(&self) -> Result<u64, Error> {
-        Ok(self.shared.db.size_on_disk()?)
+        Ok(self.store()?.db.size_on_disk()?)
+    }
+
+    /// Rewrite the journal into a fresh sled database and swap it in.
+    /// sled 0.34 never gives back the space of the keys gc removes; a copy
+    /// of the live keys takes only what they need.
+    ///
+    /// Appends, queries and flushes wait while it runs (it holds the
+    /// journal's write lock), so it must not run on an async thread; the
+    /// worker runs it on a blocking thread while it takes no deliveries and
+    /// none are in flight. Afterwards every key, the id, the sequence and
+    /// the lock are as before, and every record appended before it is
+    /// durable.
+    ///
+    /// Crash-safe at every instant: the copy is written beside the journal
+    /// (`<path>.compact`), flushed, closed, and every file and directory of
+    /// it fsynced; then the two directories are exchanged in one
+    /// `renameat2(RENAME_EXCHANGE)` and the parent directory is fsynced;
+    /// then the old one is removed. The journal path always names a whole
+    /// journal with the same entries; [`SledJournal::open`] removes what
+    /// the sibling holds.
+    ///
+    /// A failure before the exchange (a file system without
+    /// `RENAME_EXCHANGE`, say) leaves the journal as it was, open. A failed
+    /// flush of the old database or fsync of the parent directory poisons
+    /// the journal like a failed flush would.
+    pub fn compact(&self) -> Result<CompactStats, Error> {
+        let _one = lock(&self.compacting);
+        let t0 = Instant::now();
+        let sibling = compact::sibling(&self.path).ok_or_else(|| {
+            Error::Compaction(format!("{}: no directory name to compact beside", self.path.display()))
+        })?;
+        let mut guard = write(&self.shared.store);
+        if let Some(p) = self.shared.durable.borrow().poisoned.clone() {
+            return Err(Error::Poisoned(p.to_string()));
+        }
+        let Some(store) = guard.as_ref() else { return Err(Error::Poisoned(NO_STORE.into())) };
+        let size_before = store.db.size_on_disk()?;
+        // Everything appended is in the old database too, should the swap
+        // not happen.
+        if let Err(e) = store.db.flush() {
+            let e = Error::Compaction(format!("sled flush before compacting: {e}"));
+            self.poison(&e);
+            return Err(e);
+        }
+        compact::remove_leftover(&sibling).map_err(Error::Compaction)?;
+        let (new_lock, entries) = match compact::write_copy(&store.db, &sibling, self.cache_capacity) {
+            Ok(c) => c,
+            Err(e) => {
+                self.discard_copy(&sibling);
+                return Err(e);
+            }
+        };
+        crash_point!("journal_compact_copied");
+        // No append can run: every one so far is in the copy.
+        let appended = self.shared.appended.load(Ordering::Acquire);
+        // sled finds its blob and snapshot files by path, and the path is
+        // about to name the copy: the old database is closed before the
+        // exchange, the copy opened at the path after it.
+        drop(guard.take());
+        crash_point!("journal_compact_closed");
+        if let Err(e) = compact::exchange(&self.path, &sibling) {
+            // Nothing moved: the journal path holds the old database.
+            drop(new_lock);
+            self.discard_copy(&sibling);
+            let e = Error::Compaction(format!("exchanging the copy with the journal: {e}"));
+            if let Err(r) = self.reopen(&mut guard) {
+                self.poison(&r);
+                return Err(r);
+            }
+            return Err(e);
+        }
+        // The path names the copy, and its lock file: locked since it was
+        // made, it is the journal's lock now. The old one goes with the
+        // old directory.
+        drop(std::mem::replace(&mut *lock(&self.lock), new_lock));
+        crash_point!("journal_compact_swapped");
+        let reopened = compact::sync_parent(&self.path)
+            .map_err(|e| Error::Compaction(format!("fsync of the journal's parent directory: {e}")))
+            .and_then(|()| {
+                crash_point!("journal_compact_synced");
+                self.reopen(&mut guard)
+            });
+        if let Err(e) = reopened {
+            // Both directories hold the whole journal; which one a crash
+            // keeps is not known. A restart opens the path and removes the
+            // sibling.
+            self.poison(&e);
+            return Err(e);
+        }
+        // Flushed, fsynced and swapped in: durable.
+        self.shared.durable.send_if_modified(|d| {
+            let raise = appended > d.seq;
+            d.seq = d.seq.max(appended);
+            raise
+        });
+        let size_after = guard.as_ref().map_or(Ok(0), |s| s.db.size_on_disk())?;
+        drop(guard);
+        if let Err(e) = compact::remove(&sibling) {
+            tracing::warn!(dir = %sibling.display(), error = %e, "removing the journal's old copy failed; the next open removes it");
+        }
+        let stats = CompactStats { size_before, size_after, entries, duration: t0.elapsed() };
+        tracing::info!(
+            path = %self.path.display(),
+            size_before, size_after, entries,
+            duration_ms = stats.duration.as_millis() as u64,
+            "journal compacted"
+        );
+        Ok(stats)
+    }
+
+    /// Open the database at the journal path into `slot` (after a
+    /// compaction closed it), checking that it is this journal.
+    fn reopen(&self, slot: &mut Option<Store>) -> Result<(), Error> {
+        let db = compact::open_sled(&self.path, self.cache_capacity)?;
+        let meta = db.open_tree(META)?;
+        let records = db.open_tree(RECORDS)?;
+        let index = db.open_tree(INDEX)?;
+        let id = meta.get(ID_KEY)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        if id.as_deref() != Some(self.id.as_str()) {
+            return Err(Error::Compaction(format!(
+                "{} reopened with journal id {id:?}, expected {}",
+                self.path.display(),
+                self.id
+            )));
+        }
+        let files = SledFiles::open(&self.path).map_err(|e| Error::Compaction(e.to_string()))?;
+        *slot = Some(Store { db, records, index, files: Mutex::new(files) });
+        Ok(())
+    }
+
+    /// Remove a copy that will not be swapped in.
+    fn discard_copy(&self, sibling: &Path) {
+        if let Err(e) = compact::remove_leftover(sibling) {
+            tracing::warn!(error = %e, "removing an unfinished journal compaction failed; the next open removes it");
+        }
+    }
+
+    /// As a failed flush: every later sync fails.
+    fn poison(&self, e: &Error) {
+        tracing::error!(error = %e, "journal compaction failed; the journal is now read-only for this process");
+        let msg: Arc<str> = e.to_string().into();
+        self.shared.durable.send_modify(|d| {
+            d.poisoned.get_or_insert(msg);
+        });
     }
 
     pub fn appends(&self) -> u64 {

@@ -81,6 +81,27 @@
 //! that no redelivery can arrive later than that (RabbitMQ's delivery limit
 //! and message TTL bound it).
 //!
+//! # Compaction
+//!
+//! sled 0.34 never gives back the space of the keys gc removes (its
+//! `segment_cleanup_threshold` does nothing in this version).
+//! [`SledJournal::compact`] rewrites the live keys of every tree into a
+//! fresh sled database beside the journal (`<path>.compact`, the walk of
+//! `Db::export`/`Db::import`), closes it and fsyncs every file and directory
+//! of it, closes the old database, exchanges the two directories in one
+//! `renameat2(RENAME_EXCHANGE)`, fsyncs the parent directory, reopens the
+//! journal path and removes the old copy. The journal path names a whole
+//! journal with the same keys at every instant; whatever a crash leaves at
+//! `<path>.compact` is removed by the next open. The copy's lock file is
+//! locked before the exchange, and a lock counts only while its file is the
+//! one at the journal path, so the one-process lock holds throughout.
+//!
+//! Appends, queries and flushes take a read lock on the database handle
+//! (uncontended: one atomic operation); a compaction takes the write lock,
+//! so they wait for it, never see half of it, and never lose a record. The
+//! worker compacts only while it takes no deliveries and none are in
+//! flight, on a blocking thread.
+//!
 //! # Security
 //!
 //! The journal stores only `Record`s, which by construction of the core
@@ -92,6 +113,7 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+mod compact;
 mod error;
 mod files;
 mod flusher;
@@ -100,8 +122,8 @@ mod stats;
 
 pub use error::{Error, JournalOpenError};
 pub use journal::{
-    DEFAULT_GROUP_WINDOW, DeploymentState, DeploymentStatus, Durability, GcPolicy, GcStats, JournalOptions,
-    SledJournal, Summary,
+    CompactStats, DEFAULT_GROUP_WINDOW, DeploymentState, DeploymentStatus, Durability, GcPolicy, GcStats,
+    JournalOptions, SledJournal, Summary,
 };
 pub use stats::{FLUSH_LATENCY_BUCKETS_US, JournalStats, LatencyHistogram};
 
