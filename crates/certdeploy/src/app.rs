@@ -172,7 +172,7 @@ impl Runtime {
         }
     }
 
-    /// The target's rules for links and owners on its host (SPEC 8.1);
+    /// The target's rules for links and owners on its host;
     /// an inline target has none of its own.
     fn host_policy(plan: &Plan, target: Option<&TargetConfig>) -> certdeploy_ssh::TargetPolicy {
         match target.filter(|t| t.host == plan.remote.host) {

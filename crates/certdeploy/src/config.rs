@@ -340,7 +340,7 @@ pub struct TargetConfig {
     pub keep_backups: u32,
     /// Globs (absolute) a symlinked path may resolve to outside its own
     /// directory; links are followed only when root or the SSH user owns
-    /// every one of them (SPEC 8.1).
+    /// every one of them.
     #[serde(default)]
     pub link_targets: Vec<String>,
     /// Owner and group (names or numeric ids) of the certificate and chain;
@@ -412,7 +412,7 @@ impl TargetConfig {
         }
     }
 
-    /// This target's rules for links and owners on its host (SPEC 8.1).
+    /// This target's rules for links and owners on its host.
     pub fn host_policy(&self) -> certdeploy_ssh::TargetPolicy {
         certdeploy_ssh::TargetPolicy {
             link_targets: self.link_targets.clone(),
