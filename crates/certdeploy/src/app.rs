@@ -14,7 +14,7 @@ use certdeploy_core::{
     CertFacts, Deployment, Digest, ExecGuard, ExecResult, Plan, Report, RestoreRequest, RestoreStatus, SnapshotRequest,
     StepError, Terminal, WriteRequest,
 };
-use certdeploy_journal::{DeploymentStatus, Durability, JournalOptions, SledJournal};
+use certdeploy_journal::{DeploymentStatus, JournalOptions, SledJournal};
 use certdeploy_ssh::{HostAddr, SshHost, SshPool};
 use tracing::Instrument;
 
@@ -121,19 +121,11 @@ pub fn cert_facts(pem: &[u8]) -> Option<CertFacts> {
     certdeploy_pki::cert_facts(pem).map(|f| CertFacts { not_before: f.not_before, leaf_sha256: Digest(f.leaf_sha256) })
 }
 
-fn durability(s: &str) -> Durability {
-    match s {
-        "off" => Durability::Off,
-        "flush" => Durability::Flush,
-        _ => Durability::Fsync,
-    }
-}
-
 impl Runtime {
     pub fn open(cfg: Config) -> anyhow::Result<Runtime> {
         let journal = SledJournal::open(
             &cfg.worker.journal_path,
-            JournalOptions { durability: durability(&cfg.worker.journal_durability), ..JournalOptions::default() },
+            JournalOptions { durability: cfg.worker.journal_durability.into(), ..JournalOptions::default() },
         )?;
         // The pool makes a directory of its own, of a random name, in the
         // configured one (default: TMPDIR; Unix socket paths are short).
@@ -180,7 +172,7 @@ impl Runtime {
         }
     }
 
-    /// The target's rules for links and owners on its host (SPEC 8.1);
+    /// The target's rules for links and owners on its host;
     /// an inline target has none of its own.
     fn host_policy(plan: &Plan, target: Option<&TargetConfig>) -> certdeploy_ssh::TargetPolicy {
         match target.filter(|t| t.host == plan.remote.host) {

@@ -119,7 +119,7 @@ pub struct WorkerConfig {
     /// compaction; 0: never (then only `certdeploy journal compact`).
     pub journal_compact_min_mb: u64,
     /// `fsync` (default), `flush` (sled flush only) or `off` (benchmarks only).
-    pub journal_durability: String,
+    pub journal_durability: JournalDurability,
     pub requests_queue: String,
     pub events_exchange: String,
     pub dead_exchange: String,
@@ -172,7 +172,7 @@ impl Default for WorkerConfig {
             journal_gc_interval_s: 3600,
             journal_compact_min_mb: 256,
             admin_socket: None,
-            journal_durability: "fsync".into(),
+            journal_durability: JournalDurability::Fsync,
             requests_queue: "certdeploy.requests".into(),
             events_exchange: "certdeploy.events".into(),
             dead_exchange: "certdeploy.dead".into(),
@@ -196,6 +196,81 @@ impl WorkerConfig {
     /// The broker URLs to try, in order: `amqp_urls`, or `amqp_url` alone.
     pub fn broker_urls(&self) -> Vec<String> {
         if self.amqp_urls.is_empty() { vec![self.amqp_url.clone()] } else { self.amqp_urls.clone() }
+    }
+}
+
+/// How far the journal goes to make a write durable (`[worker]
+/// journal_durability`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum JournalDurability {
+    /// sled flush, then `fsync` of its files: survives power loss.
+    #[default]
+    Fsync,
+    /// sled flush only: survives a process crash.
+    Flush,
+    /// No flush at all: for overhead benchmarks only.
+    Off,
+}
+
+impl std::str::FromStr for JournalDurability {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fsync" => Ok(JournalDurability::Fsync),
+            "flush" => Ok(JournalDurability::Flush),
+            "off" => Ok(JournalDurability::Off),
+            _ => Err("must be `fsync`, `flush` or `off`"),
+        }
+    }
+}
+
+impl TryFrom<String> for JournalDurability {
+    type Error = &'static str;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<JournalDurability> for &'static str {
+    fn from(d: JournalDurability) -> &'static str {
+        match d {
+            JournalDurability::Fsync => "fsync",
+            JournalDurability::Flush => "flush",
+            JournalDurability::Off => "off",
+        }
+    }
+}
+
+impl From<JournalDurability> for certdeploy_journal::Durability {
+    fn from(d: JournalDurability) -> Self {
+        match d {
+            JournalDurability::Fsync => certdeploy_journal::Durability::Fsync,
+            JournalDurability::Flush => certdeploy_journal::Durability::Flush,
+            JournalDurability::Off => certdeploy_journal::Durability::Off,
+        }
+    }
+}
+
+/// What the SSH client does with a host key it does not know
+/// (`host_key_policy` of a target).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HostKeyPolicy {
+    /// Refuse it: the key must already be in `known_hosts`.
+    #[default]
+    Strict,
+    /// Trust it once and record it (`accept-new`).
+    AcceptNew,
+}
+
+impl std::str::FromStr for HostKeyPolicy {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "strict" => Ok(HostKeyPolicy::Strict),
+            "accept-new" => Ok(HostKeyPolicy::AcceptNew),
+            _ => Err("must be `strict` or `accept-new`"),
+        }
     }
 }
 
@@ -257,15 +332,21 @@ pub struct TargetConfig {
     /// Allow deploying a certificate older than the one on the host.
     #[serde(default)]
     pub allow_downgrade: bool,
-    /// `strict` (default) or `accept-new` (trust an unknown host key once).
-    #[serde(default = "default_host_key_policy")]
-    pub host_key_policy: String,
+    /// `strict` (default) or `accept-new` (trust an unknown host key once);
+    /// set from the file's spelling when the target is validated.
+    #[serde(skip)]
+    pub host_key_policy: HostKeyPolicy,
+    /// The `host_key_policy` key as written; [`validate_target`] parses it
+    /// into [`TargetConfig::host_key_policy`] (so that a typo is reported
+    /// under the key's name).
+    #[serde(rename = "host_key_policy", default = "default_host_key_policy")]
+    host_key_policy_spelled: String,
     /// Backups kept per path after a deployment (default 1).
     #[serde(default = "default_keep")]
     pub keep_backups: u32,
     /// Globs (absolute) a symlinked path may resolve to outside its own
     /// directory; links are followed only when root or the SSH user owns
-    /// every one of them (SPEC 8.1).
+    /// every one of them.
     #[serde(default)]
     pub link_targets: Vec<String>,
     /// Owner and group (names or numeric ids) of the certificate and chain;
@@ -323,7 +404,7 @@ impl TargetConfig {
     }
 
     pub fn accept_new_host_key(&self) -> bool {
-        self.host_key_policy == "accept-new"
+        self.host_key_policy == HostKeyPolicy::AcceptNew
     }
 
     /// The SSH account of this target.
@@ -337,7 +418,7 @@ impl TargetConfig {
         }
     }
 
-    /// This target's rules for links and owners on its host (SPEC 8.1).
+    /// This target's rules for links and owners on its host.
     pub fn host_policy(&self) -> certdeploy_ssh::TargetPolicy {
         certdeploy_ssh::TargetPolicy {
             link_targets: self.link_targets.clone(),
@@ -459,10 +540,10 @@ impl Config {
 
     /// Each target on its own, then the shared paths across targets; the
     /// error names the file the target is defined in.
-    fn validate_targets(&self) -> Result<(), ConfigError> {
-        for (name, t) in &self.targets {
+    fn validate_targets(&mut self) -> Result<(), ConfigError> {
+        for (name, t) in &mut self.targets {
             validate_target(name, t).map_err(|(key, problem)| ConfigError {
-                file: self.origin(name).to_string(),
+                file: self.origins.get(name).map_or("-", String::as_str).to_string(),
                 key,
                 problem,
             })?;
@@ -502,7 +583,9 @@ impl Config {
                 "journal_gc_interval_s" => w.journal_gc_interval_s = v.parse().map_err(|_| bad("a number"))?,
                 "journal_compact_min_mb" => w.journal_compact_min_mb = v.parse().map_err(|_| bad("a number"))?,
                 "admin_socket" => w.admin_socket = Some(v.clone()),
-                "journal_durability" => w.journal_durability = v.clone(),
+                "journal_durability" => {
+                    w.journal_durability = v.parse().map_err(|p| (k.clone(), format!("`{v}`: {p}")))?
+                }
                 "requests_queue" => w.requests_queue = v.clone(),
                 "events_exchange" => w.events_exchange = v.clone(),
                 "dead_exchange" => w.dead_exchange = v.clone(),
@@ -576,9 +659,6 @@ impl Config {
         }
         if w.per_host_concurrency == 0 || w.per_host_concurrency > 10 {
             return e("worker.per_host_concurrency", "must be between 1 and 10 (sshd MaxSessions is 10)");
-        }
-        if !["fsync", "flush", "off"].contains(&w.journal_durability.as_str()) {
-            return e("worker.journal_durability", "must be `fsync`, `flush` or `off`");
         }
         if w.deadline_s == 0 {
             return e("worker.deadline_s", "must be at least 1");
@@ -725,7 +805,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
-fn validate_target(name: &str, t: &TargetConfig) -> Result<(), (String, String)> {
+fn validate_target(name: &str, t: &mut TargetConfig) -> Result<(), (String, String)> {
     let key = |k: &str| format!("targets.{name}.{k}");
     if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c)) {
         return Err((format!("targets.{name}"), "target names are 1-128 characters of [A-Za-z0-9._:-]".into()));
@@ -755,9 +835,7 @@ fn validate_target(name: &str, t: &TargetConfig) -> Result<(), (String, String)>
     if let Some(ep) = &t.verify_endpoint {
         check_endpoint(ep).map_err(|p| (key("verify_endpoint"), p))?;
     }
-    if !["strict", "accept-new"].contains(&t.host_key_policy.as_str()) {
-        return Err((key("host_key_policy"), "must be `strict` or `accept-new`".into()));
-    }
+    t.host_key_policy = t.host_key_policy_spelled.parse().map_err(|p: &str| (key("host_key_policy"), p.to_string()))?;
     if t.exec_timeout_s == 0 {
         return Err((key("exec_timeout_s"), "must be at least 1".into()));
     }

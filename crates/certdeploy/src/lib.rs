@@ -31,8 +31,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "CERTDEPLOY_CONFIG", default_value = "/etc/certdeploy/certdeploy.toml")]
     pub config: PathBuf,
     /// Log format: `human` or `json`. Filter with RUST_LOG (default info).
-    #[arg(long, global = true, env = "CERTDEPLOY_LOG_FORMAT", default_value = "human")]
-    pub log_format: String,
+    #[arg(long, global = true, env = "CERTDEPLOY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -139,7 +139,16 @@ pub fn broker_log_caps() -> tracing_subscriber::filter::Targets {
         .with_targets(BROKER_LOG_CAPS.iter().copied())
 }
 
-pub fn init_logging(format: &str) -> Result<(), String> {
+/// How log lines are written to stderr (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line per event, for a person.
+    Human,
+    /// One JSON object per event, with its spans.
+    Json,
+}
+
+pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only for a person at a terminal: files, pipes and journald get
@@ -149,9 +158,9 @@ pub fn init_logging(format: &str) -> Result<(), String> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     match format {
-        "json" => builder.json().with_current_span(true).with_span_list(true).finish().with(broker_log_caps()).init(),
-        "human" => builder.finish().with(broker_log_caps()).init(),
-        other => return Err(format!("--log-format: `{other}` is not `human` or `json`")),
+        LogFormat::Json => {
+            builder.json().with_current_span(true).with_span_list(true).finish().with(broker_log_caps()).init()
+        }
+        LogFormat::Human => builder.finish().with(broker_log_caps()).init(),
     }
-    Ok(())
 }

@@ -14,10 +14,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
         }
     };
-    if let Err(e) = init_logging(&cli.log_format) {
-        eprintln!("certdeploy: {e}");
-        return ExitCode::from(EXIT_USAGE);
-    }
+    init_logging(cli.log_format);
     if let Err(e) = harden_process() {
         eprintln!("certdeploy: {e}");
         return ExitCode::from(EXIT_FAILED);
