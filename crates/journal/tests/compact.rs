@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use certdeploy_core::driver::Journal;
 use certdeploy_core::testkit::test_plan;
-use certdeploy_core::{Event, Outcome, Record, Report, Step, Timestamp};
+use certdeploy_core::{Details, Event, Outcome, Record, Report, Step, Timestamp};
 use certdeploy_journal::{DeploymentStatus, JournalOpenError, JournalOptions, SledJournal, Summary};
 
 const NEW_CERT: &[u8] = b"CERT new nb=200\nnew-body\n";
@@ -39,7 +39,7 @@ fn finished(id: &str, outcome: Outcome, at: u64) -> Record {
         host: "web1.internal:22".into(),
         outcome,
         message: format!("{outcome} for {id}"),
-        metadata: BTreeMap::from([("backup_status_cert".into(), "snapshotted".into())]),
+        details: Details::from_metadata(BTreeMap::from([("backup_status_cert".into(), "snapshotted".into())])).into(),
         attempts: 1,
         started_at: Timestamp(at.saturating_sub(10)),
         finished_at: Timestamp(at),
