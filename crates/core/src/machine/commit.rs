@@ -45,12 +45,7 @@ impl Committing {
             }
             Event::Pruned { error } if self.begun => Ok(Some(Ending::Deployed { prune_error: error.clone() }.state())),
             Event::StepFailed { step: Step::Lock, error, .. } => {
-                if error.is_transient() {
-                    self.retry = Some(cx.retry(Step::Lock, error));
-                    return Ok(None);
-                }
-                let summary = "recording the deployment in the target lock failed";
-                Ok(Some(rollback::start(Failure::new(Step::Lock, summary, &error.message), false)))
+                rollback::after_lock_step_failed(&mut self.retry, cx, error)
             }
             // Deployed, but the target lock cannot say so: not committed.
             Event::GaveUp { step, reason } => {

@@ -11,7 +11,7 @@ use super::{Action, Failure, Fold, Next, RestoreRequest, Shared, State, Unfit, b
 use crate::event::Event;
 use crate::model::{Role, Timestamp};
 use crate::snapshot::{PreState, RestoreStatus};
-use crate::step::Step;
+use crate::step::{Step, StepError};
 
 /// Per file: what restoring it did (and why it failed).
 pub(super) type Restored = BTreeMap<Role, (RestoreStatus, Option<String>)>;
@@ -41,6 +41,18 @@ impl Rollback {
 pub(super) fn start(failure: Failure, abandon: bool) -> State {
     let rollback = Rollback { failure, abandon, restored: BTreeMap::new() };
     State::Restore(Restoring { rollback, begun: false, retry: None })
+}
+
+/// The target lock could not be rewritten while this attempt's files may be
+/// on the host (before the write's renames, or to say `committing`): a
+/// transient error waits for `retry`, any other rolls back.
+pub(super) fn after_lock_step_failed(retry: &mut Option<Retry>, cx: &mut Shared, error: &StepError) -> Fold {
+    if error.is_transient() {
+        *retry = Some(cx.retry(Step::Lock, error));
+        return Ok(None);
+    }
+    let summary = "recording the deployment in the target lock failed";
+    Ok(Some(start(Failure::new(Step::Lock, summary, &error.message), false)))
 }
 
 /// Restoring every file from its snapshot (a file that did not exist is

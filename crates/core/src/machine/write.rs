@@ -71,12 +71,7 @@ impl Writing {
                 Ok(Some(rollback::start(Failure::new(Step::Write, summary, &error.message), false)))
             }
             Event::StepFailed { step: Step::Lock, error, .. } => {
-                if error.is_transient() {
-                    self.retry = Some(cx.retry(Step::Lock, error));
-                    return Ok(None);
-                }
-                let summary = "recording the deployment in the target lock failed";
-                Ok(Some(rollback::start(Failure::new(Step::Lock, summary, &error.message), false)))
+                rollback::after_lock_step_failed(&mut self.retry, cx, error)
             }
             Event::GaveUp { step, reason } => {
                 let failure = Failure::new(*step, format!("{step} gave up"), reason);
