@@ -4,6 +4,8 @@
 //! crash at any step of the swap reopens to exactly the journal it started
 //! from.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -12,39 +14,16 @@ use std::time::Duration;
 
 use certdeploy_core::driver::Journal;
 use certdeploy_core::testkit::test_plan;
-use certdeploy_core::{Details, Event, Outcome, Record, Report, Step, Timestamp};
+use certdeploy_core::{Event, Outcome, Record, Step, Timestamp};
 use certdeploy_journal::{DeploymentStatus, JournalOpenError, JournalOptions, SledJournal, Summary};
+use common::{NEW_CERT, begun, finished, open};
 
-const NEW_CERT: &[u8] = b"CERT new nb=200\nnew-body\n";
 const HOUR: u64 = 3_600_000;
-
-fn open(path: &Path) -> SledJournal {
-    SledJournal::open(path, JournalOptions::default()).expect("open journal")
-}
 
 fn started(id: &str, at: u64) -> Record {
     let key = b"-----BEGIN PRIVATE KEY-----\nk\n-----END PRIVATE KEY-----\n";
     let (plan, _) = test_plan(id, NEW_CERT, key, None, false, false);
     Record { at: Timestamp(at), event: Event::Started { plan } }
-}
-
-fn begun(step: Step, at: u64) -> Record {
-    Record { at: Timestamp(at), event: Event::Begun { step } }
-}
-
-fn finished(id: &str, outcome: Outcome, at: u64) -> Record {
-    let report = Report {
-        deployment_id: id.into(),
-        target: "web1".into(),
-        host: "web1.internal:22".into(),
-        outcome,
-        message: format!("{outcome} for {id}"),
-        details: Details::from_metadata(BTreeMap::from([("backup_status_cert".into(), "snapshotted".into())])).into(),
-        attempts: 1,
-        started_at: Timestamp(at.saturating_sub(10)),
-        finished_at: Timestamp(at),
-    };
-    Record { at: Timestamp(at), event: Event::Finished { report } }
 }
 
 /// One deployment's eight records, finished at `at`.

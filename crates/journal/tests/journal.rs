@@ -2,7 +2,8 @@
 //! recovery queries, retention, format versions, permissions, locking and
 //! the absence of key bytes on disk.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -10,48 +11,22 @@ use std::time::Duration;
 
 use certdeploy_core::driver::{self, Env, Journal};
 use certdeploy_core::testkit::{MemClock, MemHost, MemVerifier, Sim, fake_cert_facts, test_plan};
-use certdeploy_core::{Details, Event, Outcome, Record, Report, Step, Terminal, Timestamp};
+use certdeploy_core::{Event, Outcome, Record, Step, Terminal, Timestamp};
 use certdeploy_journal::{
     DeploymentState, DeploymentStatus, Durability, Error, GcPolicy, JournalOpenError, JournalOptions, SledJournal,
 };
+use common::{NEW_CERT, begun, finished, open, report};
 
 const RELOAD: &str = "systemctl reload nginx";
 const KEY_MARKER: &str = "SECRET-KEY-MARKER-c0ffee-9d41";
-const NEW_CERT: &[u8] = b"CERT new nb=200\nnew-body\n";
 
 fn new_key() -> Vec<u8> {
     format!("-----BEGIN PRIVATE KEY-----\n{KEY_MARKER}\n-----END PRIVATE KEY-----\n").into_bytes()
 }
 
-fn open(path: &Path) -> SledJournal {
-    SledJournal::open(path, JournalOptions::default()).expect("open journal")
-}
-
 fn started(id: &str, at: u64) -> Record {
     let (plan, _) = test_plan(id, NEW_CERT, &new_key(), None, false, false);
     Record { at: Timestamp(at), event: Event::Started { plan } }
-}
-
-fn begun(step: Step, at: u64) -> Record {
-    Record { at: Timestamp(at), event: Event::Begun { step } }
-}
-
-fn report(id: &str, outcome: Outcome, at: u64) -> Report {
-    Report {
-        deployment_id: id.into(),
-        target: "web1".into(),
-        host: "web1.internal:22".into(),
-        outcome,
-        message: format!("{outcome} for {id}"),
-        details: Details::from_metadata(BTreeMap::from([("backup_status_cert".into(), "snapshotted".into())])).into(),
-        attempts: 1,
-        started_at: Timestamp(at.saturating_sub(10)),
-        finished_at: Timestamp(at),
-    }
-}
-
-fn finished(id: &str, outcome: Outcome, at: u64) -> Record {
-    Record { at: Timestamp(at), event: Event::Finished { report: report(id, outcome, at) } }
 }
 
 fn append_sync(j: &SledJournal, id: &str, rec: &Record) -> u64 {
