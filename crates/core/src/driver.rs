@@ -124,9 +124,53 @@ impl Verifier for NoVerifier {
     }
 }
 
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("journal: {0}")]
-pub struct JournalError(pub String);
+/// A journal that failed to append or to make records durable. The
+/// journal's own error is kept as the source; its kind is what a caller
+/// decides on (never the text).
+#[derive(Debug, Clone)]
+pub struct JournalError {
+    kind: JournalErrorKind,
+    source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl std::fmt::Display for JournalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "journal: {}", self.source)
+    }
+}
+
+impl std::error::Error for JournalError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// What kind of journal failure a [`JournalError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalErrorKind {
+    /// A flush or fsync failed earlier: what reached the disk is unknown,
+    /// every later sync fails too, and only a restart (recovering from what
+    /// is on disk) makes the journal trustworthy again.
+    Poisoned,
+    /// Any other failure (storage, I/O, encoding, a closed journal...).
+    Other,
+}
+
+impl JournalError {
+    pub fn new(kind: JournalErrorKind, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        JournalError { kind, source: std::sync::Arc::from(source.into()) }
+    }
+
+    pub fn kind(&self) -> JournalErrorKind {
+        self.kind
+    }
+
+    /// The journal can no longer be trusted to make anything durable: the
+    /// process must stop and recover from what is on disk.
+    pub fn is_poisoned(&self) -> bool {
+        self.kind == JournalErrorKind::Poisoned
+    }
+}
 
 /// Where records go. `append` returns a sequence number; `sync(seq)`
 /// returns once every record up to `seq` is durable (group commit: many

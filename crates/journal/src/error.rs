@@ -62,6 +62,11 @@ pub enum Error {
 
 impl From<Error> for certdeploy_core::driver::JournalError {
     fn from(e: Error) -> Self {
-        certdeploy_core::driver::JournalError(e.to_string())
+        use certdeploy_core::driver::{JournalError, JournalErrorKind};
+        let kind = match e {
+            Error::Poisoned(_) => JournalErrorKind::Poisoned,
+            _ => JournalErrorKind::Other,
+        };
+        JournalError::new(kind, e)
     }
 }
