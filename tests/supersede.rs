@@ -1,5 +1,5 @@
 //! Supersede protection end to end: deploying an older certificate after a
-//! newer one is `superseded` and writes nothing (SPEC §2), with real PEM
+//! newer one (later notBefore) is `superseded` and writes nothing, with real PEM
 //! and the real `cert_facts` (pki) — in memory and over a real sshd.
 
 #![allow(clippy::type_complexity)] // common/mod.rs (Fleet::files)
@@ -16,14 +16,14 @@ use common::*;
 
 /// validate → plan → driver, with the pki's `cert_facts` reading the host.
 fn deploy(rig: &Rig, cfg: &Config, id: &str, b: &Bundle) -> Report {
-    let v = validate_body(&request(id, "web1", b, true), cfg, certdeploy::verify::now()).expect("valid request");
+    let v = validate_body(&request(id, "web1", b, true), cfg, certdeploy::clock::now()).expect("valid request");
     let (plan, payload) = v.plan(1).expect("plan");
     let env = Env {
         host: &rig.host,
         verifier: &rig.verifier,
         journal: &rig.journal,
         clock: &rig.clock,
-        cert_facts: certdeploy::app::cert_facts,
+        cert_facts: certdeploy::runtime::cert_facts,
     };
     match block_on(driver::start(&env, plan, &payload)).expect("driver") {
         Terminal::Finished(r) => r,

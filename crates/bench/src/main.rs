@@ -347,7 +347,7 @@ async fn broker_run(
         .arg("worker")
         // BENCH_WORKER_LOG: another filter for the worker's log, which is
         // kept (with the journals) under $TMPDIR when BENCH_KEEP is set.
-        .env("RUST_LOG", std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn,certdeploy::app=info".into()))
+        .env("RUST_LOG", std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn,certdeploy::runtime=info".into()))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -462,8 +462,8 @@ async fn direct_run(
     let journal = f.tmp.path().join(format!("journal-direct-{durability}"));
     let text = config(f, args, "amqp://guest:guest@127.0.0.1:5672/%2f", durability, "", &journal);
     let cfg = certdeploy::config::Config::parse(&text, "bench.toml", &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rt = Arc::new(certdeploy::app::Runtime::open(cfg.clone())?);
-    let now = certdeploy::verify::now();
+    let rt = Arc::new(certdeploy::runtime::Runtime::open(cfg.clone())?);
+    let now = certdeploy::clock::now();
     let mut validated = Vec::new();
     for (id, h, b) in bundles {
         let v = certdeploy::intake::validate_body(&request(id, &format!("h{h}"), b, true), &cfg, now)

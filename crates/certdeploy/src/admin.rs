@@ -84,7 +84,7 @@ pub fn show(j: &SledJournal, id: &str) -> Result<Option<Value>, certdeploy_journ
 /// `status` rows.
 pub fn status(j: &SledJournal, cfg: &Config) -> Result<Value, certdeploy_journal::Error> {
     let configured: Vec<String> = cfg.targets.keys().cloned().collect();
-    let now = crate::verify::now();
+    let now = crate::clock::now();
     Ok(Value::Array(crate::status::targets(j, &configured)?.iter().map(|r| r.to_json(now)).collect()))
 }
 

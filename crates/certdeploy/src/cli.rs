@@ -14,10 +14,10 @@ use certdeploy_journal::{JournalOptions, SledJournal};
 use clap::{Args, Subcommand};
 use tokio::sync::watch;
 
-use crate::app::Runtime;
+use crate::clock::now;
 use crate::config::Config;
 use crate::intake;
-use crate::verify::now;
+use crate::runtime::Runtime;
 use crate::{Cli, Command, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 
 #[derive(Args, Debug)]

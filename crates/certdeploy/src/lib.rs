@@ -4,12 +4,13 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod intake;
 pub mod metrics;
 pub mod notify;
+pub mod runtime;
 pub mod sealed;
 pub mod status;
 pub mod verify;

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certdeploy_core::Digest;
-use certdeploy_core::driver::{Clock, Verifier};
-use certdeploy_core::model::Timestamp;
+use certdeploy_core::driver::Verifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -89,7 +88,7 @@ fn unreachable_config() -> rustls::ClientConfig {
 
 impl Verifier for TlsVerifier {
     async fn served_leaf(&self, endpoint: &str, sni: Option<&str>) -> Result<Digest, String> {
-        crate::app::timed("verify", async {
+        crate::runtime::timed("verify", async {
             match tokio::time::timeout(self.timeout, self.fetch(endpoint, sni)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("{endpoint}: TLS handshake timed out after {} ms", self.timeout.as_millis())),
@@ -97,36 +96,4 @@ impl Verifier for TlsVerifier {
         })
         .await
     }
-}
-
-/// Wall-clock time and tokio sleeps; the monotonic clock is `Instant`
-/// (CLOCK_MONOTONIC), counted from the first use in this process.
-pub struct SystemClock;
-
-fn mono_anchor() -> std::time::Instant {
-    static ANCHOR: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *ANCHOR.get_or_init(std::time::Instant::now)
-}
-
-impl Clock for SystemClock {
-    fn now(&self) -> Timestamp {
-        now()
-    }
-    async fn sleep_until(&self, t: Timestamp) {
-        let wait = t.since(now());
-        if wait > 0 {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-        }
-    }
-    fn mono_ms(&self) -> u64 {
-        mono_anchor().elapsed().as_millis() as u64
-    }
-    async fn sleep_mono_until(&self, ms: u64) {
-        tokio::time::sleep_until((mono_anchor() + Duration::from_millis(ms)).into()).await;
-    }
-}
-
-pub fn now() -> Timestamp {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    Timestamp(d.as_millis() as u64)
 }

@@ -7,7 +7,6 @@
 //! recorded. A crash anywhere in between leaves the message unacked; its
 //! redelivery finds the terminal record and re-publishes the same result.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,12 +16,12 @@ use anyhow::Context;
 use certdeploy_amqp::{AmqpError, Broker, BrokerConfig, Delivery, Topology};
 use certdeploy_core::Report;
 use certdeploy_core::wire::ResultEvent;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
-use crate::app::Runtime;
 use crate::config::{Config, ConfigError};
 use crate::intake;
 use crate::metrics::{self as m, Health};
+use crate::runtime::{Executed, Runtime, TargetOrder, Turn, order_key};
 
 pub fn broker_config(cfg: &Config, name: &str) -> BrokerConfig {
     let w = &cfg.worker;
@@ -368,7 +367,7 @@ async fn journal_housekeeping(rt: Arc<Runtime>, control: Arc<crate::admin::Contr
         if next_gc.is_some_and(|t| tokio::time::Instant::now() >= t) {
             let j = rt.journal.clone();
             let policy = w.gc_policy(w.journal_retention_days);
-            match tokio::task::spawn_blocking(move || j.gc_with(&policy, crate::verify::now())).await {
+            match tokio::task::spawn_blocking(move || j.gc_with(&policy, crate::clock::now())).await {
                 Ok(Ok(stats)) => {
                     metrics::counter!(m::JOURNAL_GC_PRUNED).increment(stats.deployments_pruned);
                     let unix_s = std::time::SystemTime::now()
@@ -587,81 +586,6 @@ async fn publish(broker: &Broker, report: &Report, worker: &str, reply: &Reply) 
     Ok(())
 }
 
-/// Deliveries for one target (host, port, certificate path) are deployed in
-/// the order the broker delivered them, like the queue promises: a batch
-/// with renewals r1, r2 for the same host must end with r2 on the host, and
-/// r1 must not be reported `superseded` because r2 happened to win a race
-/// for the target lock. Validation still runs in parallel; only the
-/// deployment waits for its turn.
-#[derive(Default)]
-struct TargetOrder {
-    /// Per key, the completion signal of the last delivery queued for it.
-    tails: HashMap<String, oneshot::Receiver<()>>,
-    prune_at: usize,
-}
-
-/// A place in a target's line: wait for `prev`, release the next one by
-/// dropping `_next`.
-struct Turn {
-    prev: Option<oneshot::Receiver<()>>,
-    _next: Option<oneshot::Sender<()>>,
-}
-
-impl Turn {
-    async fn wait(&mut self) {
-        if let Some(prev) = self.prev.take() {
-            // The sender is only ever dropped, never used: Err is "done".
-            let _ = prev.await;
-        }
-    }
-}
-
-impl TargetOrder {
-    fn enqueue(&mut self, key: Option<String>) -> Turn {
-        let Some(key) = key else { return Turn { prev: None, _next: None } };
-        if self.tails.len() >= self.prune_at.max(64) {
-            // Drop lines whose last delivery has finished.
-            self.tails.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
-            self.prune_at = self.tails.len() * 2;
-        }
-        let (tx, rx) = oneshot::channel();
-        let prev = self.tails.insert(key, rx);
-        Turn { prev, _next: Some(tx) }
-    }
-}
-
-/// The ordering key of a message body: the same key as the runtime's
-/// per-target lock, read without validating anything (a body that does not
-/// name a target is rejected later and needs no place in any line).
-fn order_key(body: &[u8], cfg: &Config) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Inline {
-        host: String,
-        #[serde(default)]
-        port: Option<u16>,
-        cert_path: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Keys {
-        #[serde(default)]
-        target: Option<String>,
-        #[serde(default)]
-        target_spec: Option<Inline>,
-    }
-    if body.len() > certdeploy_core::wire::MAX_MESSAGE_BYTES {
-        return None;
-    }
-    let keys: Keys = serde_json::from_slice(body).ok()?;
-    match (keys.target, keys.target_spec) {
-        (Some(name), None) => {
-            let t = cfg.targets.get(&name)?;
-            Some(crate::app::target_key(&t.host, t.port, &t.cert_path))
-        }
-        (None, Some(s)) => Some(crate::app::target_key(&s.host, s.port.unwrap_or(22), &s.cert_path)),
-        _ => None,
-    }
-}
-
 /// What the answer to a delivery carries besides the result: who asked
 /// (`submitted_by`), and where else it goes (`reply_to`).
 struct Reply {
@@ -702,7 +626,7 @@ async fn handle(
     brx: watch::Receiver<Option<Arc<Broker>>>,
     turn: &mut Turn,
 ) {
-    let now = crate::verify::now();
+    let now = crate::clock::now();
     let reply = Reply::of(&delivery, cfg);
     if delivery.redelivered {
         tracing::debug!(
@@ -793,14 +717,23 @@ async fn handle(
     // renewal redelivered after a newer one ends `superseded`.
     turn.wait().await;
     let report = match rt.execute(&validated).await {
-        Ok(crate::app::Executed::Report(r)) => r,
-        Ok(crate::app::Executed::Deferred { holder }) => {
+        Ok(Executed::Report(r)) => r,
+        Ok(Executed::Deferred { holder }) => {
             return defer(rt, cfg, delivery, brx, &validated, &holder, &reply).await;
         }
         Err(e) => {
             // The journal (or the runtime) failed: nothing is lost, the
             // deployment stays unfinished and is resumed on redelivery.
-            tracing::error!(deployment_id = %validated.deployment_id, "deployment could not run: {e:#}");
+            if e.is_journal_poisoned() {
+                // Every later journal write fails too: only a restart
+                // (recovering from what is on disk) makes progress again.
+                tracing::error!(
+                    deployment_id = %validated.deployment_id,
+                    "deployment could not run: the journal is poisoned (a flush or fsync failed); restart the worker: {e}"
+                );
+            } else {
+                tracing::error!(deployment_id = %validated.deployment_id, "deployment could not run: {e}");
+            }
             tokio::time::sleep(Duration::from_secs(1)).await;
             let _ = delivery.reject_requeue().await;
             return;
@@ -873,7 +806,7 @@ async fn defer(
             cfg.worker.defer_delay_ms
         );
         tracing::warn!(deployment_id = %v.deployment_id, "{msg}");
-        let report = Report::lock_failed(&v.deployment_id, &v.target_name, "", msg, crate::verify::now());
+        let report = Report::lock_failed(&v.deployment_id, &v.target_name, "", msg, crate::clock::now());
         metrics::counter!(m::DEPLOYMENTS, "outcome" => "failed").increment(1);
         return finish(rt, delivery, brx, report, reply).await;
     }

@@ -1,6 +1,7 @@
 //! The trust boundary as a table: hostile or broken requests, each refused
 //! with a message naming the field and the problem, and none of them ever
-//! reaching a host (SPEC §1, §7).
+//! reaching a host (a request is checked whole before any host is
+//! contacted, and no key byte shows in a refusal).
 //!
 //! Every case runs through the same tiny pipeline as the worker:
 //! `intake::validate_body` → (only if accepted) plan → `Rig::deploy` on an
@@ -31,7 +32,7 @@ fn config(inline: bool) -> Config {
 fn pipeline(body: &[u8], cfg: &Config) -> (Result<Outcome, Rejection>, Vec<OpKind>) {
     let sim = Sim::new();
     let rig = Rig::new(sim.clone());
-    let decision = match validate_body(body, cfg, certdeploy::verify::now()) {
+    let decision = match validate_body(body, cfg, certdeploy::clock::now()) {
         Ok(v) => {
             let (plan, payload) = v.plan(1).expect("plan of a validated request");
             match rig.deploy(plan, &payload).expect("no crash") {
@@ -572,11 +573,11 @@ fn rejection_salvages_only_valid_ids() {
     let b = ca.leaf("web1.example", 1);
     let cfg = config(false);
     // A request that decodes but fails later keeps its id and target.
-    let r = validate_body(&request("keep-me", "db7", &b, false), &cfg, certdeploy::verify::now()).unwrap_err();
+    let r = validate_body(&request("keep-me", "db7", &b, false), &cfg, certdeploy::clock::now()).unwrap_err();
     assert_eq!((r.deployment_id.as_deref(), r.target.as_deref()), (Some("keep-me"), Some("db7")));
     // A hostile id is never echoed into the result.
     let v = with(valid(&b), "deployment_id", json!("x\n{\"outcome\":\"deployed\"}"));
-    let r = validate_body(&body(&v), &cfg, certdeploy::verify::now()).unwrap_err();
+    let r = validate_body(&body(&v), &cfg, certdeploy::clock::now()).unwrap_err();
     assert_eq!(r.deployment_id, None);
 }
 
@@ -588,7 +589,7 @@ fn debug_of_a_request_and_its_errors_never_show_the_key() {
     let shown = format!("{req:?} {:?}", req.private_key_pem);
     assert!(shown.contains("[redacted]"), "{shown}");
     let cfg = config(true);
-    let v = certdeploy::intake::validate_request(req, &cfg, certdeploy::verify::now()).expect("valid");
+    let v = certdeploy::intake::validate_request(req, &cfg, certdeploy::clock::now()).expect("valid");
     let (plan, payload) = v.plan(1).expect("plan");
     let shown = format!("{shown} {v:?} {plan:?} {payload:?}");
     for s in key_slices(&b) {

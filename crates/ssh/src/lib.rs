@@ -28,5 +28,5 @@ pub use error::shell_quote;
 pub use host::SshHost;
 pub use hostile::{TargetPolicy, valid_id_name};
 pub use live::read_public_file;
-pub use pool::{HostAddr, SshConfig, SshPool};
+pub use pool::{HostAddr, PoolError, SshConfig, SshPool};
 pub use sudo::{sudo_expressible, sudoers_command, sudoers_escape, sudoers_rule};
