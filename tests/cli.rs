@@ -89,7 +89,9 @@ fn json_output_of_journal_list_show_and_check() {
     assert!(!checks.is_empty() && checks.iter().all(|c| c["ok"] == true && c["name"].is_string()), "{report}");
 }
 
-/// `certdeploy check` reports what the link and owner rules of SPEC 8.1
+/// `certdeploy check` reports what the link and owner rules (a link only
+/// when owned by root or the SSH user and leading where allowed; a file
+/// kept only when owned by them)
 /// would refuse, one line per configured path, and exits 1; a clean target
 /// passes. Nothing on the host changes.
 #[test]

@@ -1,8 +1,9 @@
-//! Crash tests (issue 3, "must be true"): the real binary is killed at every
-//! failpoint of the driver (and, in the randomized variant, by SIGKILL at
-//! random instants), restarted, and the host must end in one of the two
-//! states the recovery table of SPEC §3 allows: all new files with the
-//! configured modes, or exactly the originals. Never a mix, never a temp
+//! Crash tests: the real binary is killed at every failpoint of the
+//! driver (and, in the randomized variant, by SIGKILL at random instants),
+//! restarted, and the host must end in one of the two states recovery
+//! allows (it rolls back anything a confirmed reload did not settle, and
+//! finishes what one did): all new files with the configured modes, or
+//! exactly the originals. Never a mix, never a temp
 //! file, never an in-flight deployment left in the journal, and never key
 //! bytes in the journal.
 //!

@@ -1,4 +1,5 @@
-//! SPEC §8.1, last bullet: targets never share a path. Two configured
+//! Targets never share a path: two targets on one host and port may not
+//! write the same file, nor one target use a path twice. Two configured
 //! targets on one host and port sharing a path stop the worker at start
 //! (exit 2, naming both); an inline target whose paths collide (with each
 //! other, with a configured target, with certdeploy's own names) is

@@ -1,7 +1,7 @@
-//! Issue 10 ("many workers"), end to end: several `certdeploy worker`
-//! processes of the real binary (each with its own journal, SSH control
-//! directory and name) consume one RabbitMQ vhost and deploy to one sshd
-//! fleet. What must hold:
+//! Several workers sharing one queue and one fleet, end to end: several
+//! `certdeploy worker` processes of the real binary (each with its own
+//! journal, SSH control directory and name) consume one RabbitMQ vhost and
+//! deploy to one sshd fleet. What must hold:
 //!
 //! - deployments to one target never overlap, across workers: every
 //!   deployment holds the host lock (`<cert_path>.certdeploy-lock`) while it

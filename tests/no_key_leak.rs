@@ -1,4 +1,4 @@
-//! SPEC §7: private key bytes never appear in logs, traces, results or the
+//! Private key bytes never appear in logs, traces, results or the
 //! journal — checked at TRACE level (every crate, including the SSH/SFTP
 //! stack) through a real deploy and a real rollback over sshd.
 
@@ -125,7 +125,7 @@ fn trace_logs_of_deploy_and_rollback_hold_no_key_material() {
     assert_clean("journal files", &journal, &b2);
 }
 
-/// The worker at TRACE over a real RabbitMQ (issue 18): lapin logs every
+/// The worker at TRACE over a real RabbitMQ: lapin logs every
 /// frame with its body at trace, which would print each request, key
 /// included, as a list of bytes. The log holds neither the key nor any
 /// rendering of the request body.

@@ -1,4 +1,4 @@
-//! The worker process itself (issue 18): no core dump and no attaching
+//! The worker process itself: no core dump and no attaching
 //! (keys live in its memory), and a metrics listener that a flood of idle
 //! connections cannot use to starve deployments of descriptors.
 

@@ -1,4 +1,5 @@
-//! Issue 5's "must be true" tests: the real `certdeploy worker` binary
+//! The worker's promises (nothing lost, no host half-deployed, each id
+//! deployed once, order per target kept): the real `certdeploy worker` binary
 //! against the machine's RabbitMQ (a vhost per test) and a real sshd fleet
 //! on loopback addresses. Every test checks results *and* what the hosts
 //! hold afterwards (files byte for byte, key matching certificate, reload

@@ -1,5 +1,6 @@
 //! `schemas/deploy-request.v1.json` and `schemas/deploy-result.v1.json`
-//! agree with SPEC §1/§2 and with the serde types: the SPEC examples and
+//! agree with the documented request and result examples and with the
+//! serde types: those examples and
 //! everything the code produces validate; invalid bodies are refused by
 //! both the schema and `decode_request`.
 
@@ -29,7 +30,7 @@ fn errors(v: &Validator, instance: &Value) -> Vec<String> {
     v.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path())).collect()
 }
 
-/// SPEC §1, verbatim.
+/// The documented example of a deploy request, verbatim.
 const SPEC_REQUEST: &str = r#"{
   "schema": "certdeploy.deploy-request.v1",
   "deployment_id": "renew-2026-11-27-web1-0001",
@@ -40,7 +41,7 @@ const SPEC_REQUEST: &str = r#"{
   "requested_at": "2026-11-27T21:00:00Z"
 }"#;
 
-/// SPEC §2, verbatim.
+/// The documented example of a result event, verbatim.
 const SPEC_RESULT: &str = r#"{
   "schema": "certdeploy.deploy-result.v1",
   "deployment_id": "...", "target": "web1", "host": "web1.internal:22",
@@ -76,10 +77,10 @@ fn spec_examples_validate_and_decode() {
     let res = validator("deploy-result.v1.json");
     let example: Value = serde_json::from_str(SPEC_REQUEST).unwrap();
     assert_eq!(errors(&req, &example), Vec::<String>::new());
-    decode_request(SPEC_REQUEST.as_bytes()).expect("SPEC request decodes");
+    decode_request(SPEC_REQUEST.as_bytes()).expect("the documented request decodes");
     let example: Value = serde_json::from_str(SPEC_RESULT).unwrap();
     assert_eq!(errors(&res, &example), Vec::<String>::new());
-    let ev: ResultEvent = serde_json::from_str(SPEC_RESULT).expect("SPEC result is a ResultEvent");
+    let ev: ResultEvent = serde_json::from_str(SPEC_RESULT).expect("the documented result is a ResultEvent");
     assert_eq!(ev.outcome, Outcome::Deployed);
     // The inline form, with every optional field (null counts as absent).
     let inline = inline_request();

@@ -35,7 +35,7 @@ fn parent_of(path: &str) -> String {
 /// Connect (host key, authentication), check the SFTP extensions, that
 /// every target directory exists and is writable (a probe file is created
 /// and removed), that every configured path passes the link and owner
-/// rules of SPEC 8.1 under `policy` (the deployment's own checks, reads
+/// rules under `policy` (the deployment's own checks, reads
 /// only), and that the validate and reload commands' programs exist.
 ///
 /// A sudo target (`addr.sudo`) also gets: a `sudo sftp-server` line (the
@@ -163,7 +163,7 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy:
         }
     }
 
-    // The link and owner rules (SPEC 8.1), one line per configured path,
+    // The link and owner rules, one line per configured path,
     // with the reason a deployment's snapshot would fail.
     let mut paths = vec![(Role::Cert, "cert", &target.cert_path), (Role::Key, "key", &target.key_path)];
     if let Some(c) = &target.chain_path {

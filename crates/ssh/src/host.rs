@@ -58,7 +58,8 @@ pub struct SshHost<'a> {
     /// Owner of each live path as the snapshot saw it (`None`: no file), so
     /// the write keeps it without another stat.
     owners: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Owner>>>,
-    /// The target's rules for links and owners (SPEC 8.1).
+    /// The target's rules for links and owners (other local users may
+    /// write its directories).
     pub(crate) policy: std::sync::Arc<TargetPolicy>,
     /// The SSH user's uid and the configured ids, once looked up.
     pub(crate) ids: std::sync::Arc<std::sync::Mutex<Option<crate::hostile::Ids>>>,
@@ -422,7 +423,8 @@ impl<'a> SshHost<'a> {
     }
 
     /// [`Self::resolve`], with the final path's metadata when it exists;
-    /// links are followed only as SPEC 8.1 allows
+    /// a link is followed only when owned by root or the SSH user and
+    /// leading into the path's directory or `link_targets`
     /// ([`Self::resolve_checked`]).
     async fn resolve_stat(&self, lease: &Lease, path: &str) -> Result<(String, Option<MetaData>), StepError> {
         self.resolve_checked(lease, path).await
@@ -469,7 +471,7 @@ impl<'a> SshHost<'a> {
     }
 
     async fn snapshot_one(&self, lease: &Lease, id: &str, req: &SnapshotRequest) -> Result<Snapped, StepError> {
-        // Links and owners first (SPEC 8.1): nothing is written, not even a
+        // Links and owners first: nothing is written, not even a
         // backup, for a path that resolves where it may not or a file that
         // belongs to someone else.
         let (live, known) = self.path_rules(lease, req.role, &req.path).await?;
@@ -680,7 +682,7 @@ impl<'a> SshHost<'a> {
         strict: bool,
     ) -> Result<Temp, StepError> {
         // A file found at the path is kept as its owner's only when that
-        // owner is root or the SSH user (SPEC 8.1); otherwise the new file
+        // owner is root or the SSH user; otherwise the new file
         // is the SSH user's.
         let trusted = *self.ids.lock().unwrap_or_else(|e| e.into_inner());
         let lookup = async {
@@ -1092,7 +1094,7 @@ impl Host for SshHost<'_> {
             Err(e) => return vec![Err(e)],
         };
         let temps: Vec<String> = files.iter().map(|(f, _)| fresh_temp(&f.live_path, deployment_id)).collect();
-        // Owners (SPEC 8.1): configured ids, or an existing file's when its
+        // Owners: configured ids, or an existing file's when its
         // owner is root or the SSH user, or the SSH user's.
         let ids = if self.needs_ids() || files.iter().any(|(f, _)| self.known_owner(&f.live_path).is_err()) {
             match self.ids(&lease).await {

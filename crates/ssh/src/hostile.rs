@@ -1,4 +1,4 @@
-//! The target host as hostile ground (SPEC 8.1): other local users may
+//! The target host as hostile ground: other local users may
 //! write the target's directories. What a live path may resolve to through
 //! symlinks, whose files may be kept as they are, and the ids the written
 //! files get.
@@ -284,7 +284,7 @@ impl SshHost<'_> {
         self.policy.any_ids()
     }
 
-    /// Every rule of SPEC 8.1 a snapshot of `path` (configured for `role`)
+    /// Every link and owner rule a snapshot of `path` (configured for `role`)
     /// applies before anything is written: the links met resolving it
     /// ([`Self::resolve_checked`]), the owner of an existing regular file
     /// ([`Self::check_owner`]), and the configured owners and groups
@@ -308,7 +308,7 @@ impl SshHost<'_> {
         Ok((live, known))
     }
 
-    /// The owner check of SPEC 8.1 on an existing file at `live` (as
+    /// The owner check on an existing file at `live` (as
     /// configured for `role`): kept only if owned by root or the SSH user,
     /// unless the configuration names the owner.
     pub(crate) async fn check_owner(
@@ -338,7 +338,7 @@ impl SshHost<'_> {
         )))
     }
 
-    /// The path a deployment to `path` writes, with the checks of SPEC 8.1:
+    /// The path a deployment to `path` writes, with the link checks:
     /// every link met while resolving it (any component) belongs to root
     /// or the SSH user, and the final path lies in the directory of `path`
     /// (as configured or resolved) or matches `link_targets`. With the

@@ -42,7 +42,8 @@ fn temp_name(path: &str) -> String {
 }
 
 /// A lock path that is not a regular file (a FIFO would hang the SFTP
-/// server's open, a link could lead anywhere) is refused (SPEC 8.1).
+/// server's open, a link could lead anywhere) is refused: others may
+/// write the target's directories, and plant anything at the lock path.
 fn not_regular(addr: &crate::HostAddr, path: &str, m: &openssh_sftp_client::metadata::MetaData) -> Option<StepError> {
     let t = m.file_type();
     if t.is_some_and(|t| t.is_file()) {

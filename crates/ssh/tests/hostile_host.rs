@@ -1,8 +1,11 @@
-//! SPEC 8.1 over a real sshd: the target directory is writable by a group
-//! that a second local account, the attacker, belongs to; the deploying
+//! The target host as hostile ground, over a real sshd: the target
+//! directory is writable by a group that a second local account, the
+//! attacker, belongs to; the deploying
 //! SSH user owns the directory and can write more than the attacker (the
-//! canary files next to it). Each attack ends as the SPEC says, and the
-//! canary files and the target directory are left as they were.
+//! canary files next to it). Each attack gets nowhere: no write outside
+//! the target's files, no key byte readable by the attacker, no file
+//! handed to their ownership, no hang; the canary files and the target
+//! directory are left as they were.
 
 mod common;
 

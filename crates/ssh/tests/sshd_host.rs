@@ -170,7 +170,7 @@ async fn symlinked_cert_is_written_through() {
     rig.sshd.write(real.join("site-2026.pem"), &cert("old", 100), 0o644);
     rig.sshd.symlink("../link-real/site-2026.pem", d.join("site.pem"));
     // A link owned by the SSH user, out of its directory into one that
-    // the target's link_targets allow (SPEC 8.1; the refusals are in
+    // the target's link_targets allow (such a link is followed; the refusals are in
     // hostile_host.rs).
     let host = rig.host().with_policy(certdeploy_ssh::TargetPolicy {
         link_targets: vec![format!("{}/*.pem", real.display())],
