@@ -370,6 +370,11 @@ pub struct TargetConfig {
     /// The SFTP server's path on the host, for `sudo = true`.
     #[serde(default = "default_sftp_server")]
     pub sftp_server: String,
+    /// Host names this target serves: a request whose certificate does not
+    /// cover every one of them (by its subject alternative names, as a TLS
+    /// client matches them) is rejected before any host is contacted.
+    #[serde(default)]
+    pub server_names: Vec<String>,
 }
 
 fn default_exec_timeout() -> u64 {
@@ -845,6 +850,9 @@ fn validate_target(name: &str, t: &mut TargetConfig) -> Result<(), (String, Stri
             false => Ok(()),
         })
         .map_err(|p| (key("sftp_server"), format!("`{}` {p}", t.sftp_server)))?;
+    for n in &t.server_names {
+        check_server_name(n).map_err(|p| (key("server_names"), p))?;
+    }
     if t.sudo {
         // The sudoers rule names each command exactly (see README, sudo).
         for (k, c) in [("reload_command", Some(&t.reload_command)), ("validate_command", t.validate_command.as_ref())] {
@@ -866,6 +874,25 @@ pub fn check_host(h: &str) -> Result<(), String> {
     }
     if !h.chars().all(|c| c.is_ascii_alphanumeric() || ".-_:[]".contains(c)) {
         return Err(format!("`{}` is not a host name or IP address", certdeploy_core::wire::printable(h)));
+    }
+    Ok(())
+}
+
+/// A DNS name a target serves, as a certificate would name it: labels of
+/// letters, digits, `-` and `_`, optionally a wildcard as the whole first
+/// label (`*.example.com`).
+fn check_server_name(n: &str) -> Result<(), String> {
+    let shown = certdeploy_core::wire::printable(n);
+    let rest = n.strip_prefix("*.").unwrap_or(n);
+    let labels: Vec<&str> = rest.trim_end_matches('.').split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if n.len() > 253 || !labels.iter().all(label_ok) || (n.starts_with("*.") && labels.len() < 2) {
+        return Err(format!("`{shown}` is not a DNS name (a wildcard only as the whole first label, `*.example.com`)"));
     }
     Ok(())
 }
@@ -1117,6 +1144,18 @@ reload_command = "systemctl reload nginx"
             (
                 MIN.replace("journal_path", "retry_queue = \"certdeploy.requests\"\njournal_path"),
                 "c.toml: worker.retry_queue: must be set and differ from requests_queue",
+            ),
+            (
+                MIN.replace(
+                    "[targets.web1]",
+                    "[targets.web1]\nserver_names = [\"www.example.com\", \"*.example.com\"]",
+                ),
+                "",
+            ),
+            (
+                MIN.replace("[targets.web1]", "[targets.web1]\nserver_names = [\"www.*.example.com\"]"),
+                "c.toml: targets.web1.server_names: `www.*.example.com` is not a DNS name (a wildcard only as the \
+                 whole first label, `*.example.com`)",
             ),
         ];
         for (text, want) in cases {

@@ -156,6 +156,9 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
         };
         RequestError::new(field, e.problem)
     })?;
+    if let Some(t) = &target_config {
+        check_server_names(&t.server_names, &facts.dns_names, &target_name)?;
+    }
     let material = Material { certificate_pem: req.certificate_pem, private_key_pem: key, chain_pem: req.chain_pem };
     let v = Validated {
         deployment_id: req.deployment_id,
@@ -172,6 +175,29 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
     // The plan depends on the attempt number only in that field.
     v.plan(1).map(drop)?;
     Ok(v)
+}
+
+/// The certificate must cover every name the target serves: in a batch of
+/// thousands this is what stops a certificate from landing on the wrong
+/// service (rejected before any host is contacted).
+fn check_server_names(wanted: &[String], dns_names: &[String], target: &str) -> Result<(), RequestError> {
+    let missing: Vec<&str> =
+        wanted.iter().filter(|n| !certdeploy_pki::names_cover(dns_names, n)).map(String::as_str).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let has = match dns_names {
+        [] => "no DNS names".to_string(),
+        names => names.iter().map(|n| printable(n)).collect::<Vec<_>>().join(", "),
+    };
+    Err(RequestError::new(
+        "certificate_pem",
+        format!(
+            "does not cover {} of target `{target}`'s server_names ({}); the certificate names {has}",
+            missing.len(),
+            missing.join(", ")
+        ),
+    ))
 }
 
 /// Inline targets: whoever can publish must not gain command execution or

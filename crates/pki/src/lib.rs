@@ -83,6 +83,9 @@ pub struct CertFacts {
     pub leaf_sha256: [u8; 32],
     /// Subject distinguished name, RFC 4514-like (`CN=www.example.com, O=...`).
     pub subject: String,
+    /// The DNS names of the subject alternative name extension, as written
+    /// in the certificate (empty when it has none).
+    pub dns_names: Vec<String>,
 }
 
 /// A validation failure: which request field, and what is wrong with it.
@@ -457,7 +460,46 @@ fn facts_of(cert: &X509Certificate<'_>, der: &[u8]) -> CertFacts {
         not_after: cert.validity().not_after.timestamp(),
         leaf_sha256: Sha256::digest(der).into(),
         subject: cert.subject().to_string(),
+        dns_names: dns_names(cert),
     }
+}
+
+fn dns_names(cert: &X509Certificate<'_>) -> Vec<String> {
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Does a certificate whose DNS names are `dns_names` cover `name`?
+///
+/// Clients match a host name against the subject alternative names only
+/// (the common name is not consulted), ASCII case-insensitively, ignoring a
+/// trailing dot. A wildcard is honoured only as the whole left-most label
+/// (`*.example.com` covers `www.example.com`, not `example.com` nor
+/// `a.b.example.com`). A wildcard `name` (a target that serves every
+/// subdomain) is covered only by the same wildcard in the certificate.
+pub fn names_cover(dns_names: &[String], name: &str) -> bool {
+    let want = normalize_name(name);
+    dns_names.iter().any(|have| {
+        let have = normalize_name(have);
+        if have == want {
+            return true;
+        }
+        match (have.strip_prefix("*."), want.split_once('.')) {
+            (Some(parent), Some((first, rest))) => first != "*" && !first.is_empty() && rest == parent,
+            _ => false,
+        }
+    })
+}
+
+fn normalize_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 // ---------------------------------------------------------------------------
@@ -788,6 +830,22 @@ mod unit {
         assert_eq!(rfc3339(951_827_696), "2000-02-29T12:34:56Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
         assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn names_are_covered_as_tls_clients_match_them() {
+        let san = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cert = san(&["www.example.com", "*.api.example.com", "Shop.Example.org."]);
+        for ok in ["www.example.com", "WWW.example.com.", "v1.api.example.com", "shop.example.org"] {
+            assert!(names_cover(&cert, ok), "{ok} should be covered");
+        }
+        for no in ["example.com", "api.example.com", "a.b.api.example.com", "mail.example.com", "*.example.com"] {
+            assert!(!names_cover(&cert, no), "{no} should not be covered");
+        }
+        // A wildcard target name needs the same wildcard in the certificate.
+        assert!(names_cover(&cert, "*.api.example.com"));
+        assert!(!names_cover(&san(&["www.example.com"]), "*.example.com"));
+        assert!(!names_cover(&[], "www.example.com"));
     }
 
     #[test]

@@ -74,7 +74,20 @@ impl TestCa {
 
     /// A leaf with explicit validity (unix seconds).
     pub fn leaf_at(&self, cn: &str, not_before: i64, not_after: i64) -> Bundle {
-        let p = params(cn, not_before, not_after, false);
+        self.signed(params(cn, not_before, not_after, false), not_before)
+    }
+
+    /// A leaf whose subject alternative names are exactly `names` (the
+    /// first is also its common name), valid from a day ago for a year.
+    pub fn leaf_for_names(&self, names: &[&str]) -> Bundle {
+        let nb = now() - DAY;
+        let mut p = params(names[0], nb, nb + 365 * DAY, false);
+        p.subject_alt_names =
+            names.iter().map(|n| rcgen::SanType::DnsName((*n).try_into().expect("a DNS name"))).collect();
+        self.signed(p, nb)
+    }
+
+    fn signed(&self, p: CertificateParams, not_before: i64) -> Bundle {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         let issuer = Issuer::from_params(&self.inter_params, &self.inter_key);
         let cert = p.signed_by(&key, &issuer).expect("leaf");
