@@ -577,3 +577,48 @@ fn submit_batch_wait_reports_failures_in_exit_code() {
     assert_eq!(std::fs::read_to_string(&t0.cert).unwrap(), second[1].2.cert_pem);
     assert_eq!(fleet.reloads(t0), 5);
 }
+
+/// A failed fsync poisons the journal: every later write fails too, so the
+/// worker stops (exit 1, the reason in its log) instead of taking delivery
+/// after delivery it cannot journal; the request goes back to the queue and
+/// the restarted worker deploys it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poisoned_journal_stops_the_worker_and_the_restart_deploys() {
+    let fleet = Fleet::new(1, true);
+    let t0 = &fleet.targets[0];
+    let cfg = fleet.write_config(&Opts::default());
+    let mut client = Client::connect(&fleet).await;
+    let ca = TestCa::new();
+    let b = ca.leaf("poisoned.example.test", 1);
+    // The worker's first journal fsync fails.
+    let mut w = Proc::worker(&fleet, &cfg, &[("FAILPOINTS", "journal_fsync=return")], "poisoned");
+    client.publish(&request("poisoned-1", &t0.name, &b, true)).await;
+    let status = w
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the worker keeps running on a poisoned journal:\n{}", tail(&w.log_text(), 40)));
+    let log = w.log_text();
+    assert_eq!(status.code(), Some(1), "exit status {status}:\n{}", tail(&log, 40));
+    assert!(log.contains("the journal is poisoned"), "the log says why:\n{}", tail(&log, 40));
+    assert!(
+        log.contains("deployment_id=poisoned-1") && log.contains("deployment could not run"),
+        "the deployment met the poisoned journal (not the start):\n{}",
+        tail(&log, 40)
+    );
+    assert_eq!(fleet.reloads(t0), 0, "nothing reloaded without a journal");
+    drop(w);
+
+    let mut w = Proc::worker(&fleet, &cfg, &[], "restarted");
+    let ids = vec!["poisoned-1".to_string()];
+    let seen = client.collect(Duration::from_secs(90), all_ids(&ids)).await;
+    let r = seen.get("poisoned-1").and_then(|v| v.first()).unwrap_or_else(|| panic!("no result:\n{}", w.log_text()));
+    assert_eq!(r.outcome, Outcome::Deployed, "{r:?}");
+    assert_eq!(std::fs::read_to_string(&t0.cert).unwrap(), b.cert_pem);
+    w.signal("TERM");
+    assert!(w.wait_timeout(Duration::from_secs(30)).is_some());
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[test]
+#[ignore = "needs --features certdeploy-e2e/failpoints"]
+fn a_poisoned_journal_stops_the_worker_and_the_restart_deploys() {}

@@ -119,6 +119,12 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
     // original that may still be running.
     let mut order = TargetOrder::default();
     let mut connects = 0u64;
+    // Set by a delivery that met a poisoned journal: every later journal
+    // write fails too, so the worker stops (its deliveries go back to the
+    // queue) and only a restart, recovering from what is on disk, makes
+    // progress again.
+    let (fatal_tx, mut fatal) = watch::channel::<Option<String>>(None);
+    let fatal_tx = Arc::new(fatal_tx);
     'outer: loop {
         let stop = wait_true(shutdown.clone());
         let broker = match certdeploy_amqp::connect_with_backoff(&bcfg, stop).await {
@@ -155,9 +161,12 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
                         let rt = rt.clone();
                         let brx = broker_rx.clone();
                         let control = control.clone();
+                        let fatal_tx = fatal_tx.clone();
                         control.in_flight.fetch_add(1, Ordering::SeqCst);
                         tasks.spawn(async move {
-                            handle(&rt, &cfg, delivery, brx, &mut turn).await;
+                            if let Err(JournalPoisoned(reason)) = handle(&rt, &cfg, delivery, brx, &mut turn).await {
+                                fatal_tx.send_if_modified(|f| f.is_none() && f.replace(reason).is_none());
+                            }
                             // Never release the successor before the predecessor is done.
                             turn.wait().await;
                             control.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -175,6 +184,16 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
                 _ = broker.closed() => {
                     tracing::warn!("broker connection lost; reconnecting");
                     break;
+                }
+                _ = fatal.changed() => {
+                    tracing::error!(
+                        "stopping: the journal is poisoned (a flush or fsync failed); no new deliveries; waiting for \
+                         {} in-flight; restart the worker",
+                        tasks.len()
+                    );
+                    crate::notify::stopping();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), consumer.cancel()).await;
+                    break 'outer;
                 }
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
@@ -263,9 +282,15 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
     }
     let _ = rt.journal.flush_now();
     rt.close_ssh().await;
+    if let Some(reason) = fatal.borrow().clone() {
+        anyhow::bail!("the journal is poisoned, restart the worker: {reason}");
+    }
     tracing::info!("worker stopped");
     Ok(())
 }
+
+/// A delivery met a poisoned journal (the reason): the worker must stop.
+struct JournalPoisoned(String);
 
 /// Re-read the configuration file and its includes, and swap in the new
 /// targets (see [`crate::config::LiveConfig::reload`]). Deliveries received
@@ -625,7 +650,7 @@ async fn handle(
     delivery: Delivery,
     brx: watch::Receiver<Option<Arc<Broker>>>,
     turn: &mut Turn,
-) {
+) -> Result<(), JournalPoisoned> {
     let now = crate::clock::now();
     let reply = Reply::of(&delivery, cfg);
     if delivery.redelivered {
@@ -642,7 +667,8 @@ async fn handle(
         && let Ok(Some(certdeploy_journal::DeploymentStatus::Finished { report, .. })) = rt.journal.status(&id)
     {
         tracing::info!(deployment_id = %id, outcome = %report.outcome, "already finished: re-publishing its result");
-        return finish(rt, delivery, brx, report, &reply).await;
+        finish(rt, delivery, brx, report, &reply).await;
+        return Ok(());
     }
     // Every message is answered: on the broker's last delivery the worker
     // answers `failed` itself rather than risk dying with it once more.
@@ -668,7 +694,8 @@ async fn handle(
         tracing::error!(deployment_id = %id, target = %target, "{msg}");
         metrics::counter!(m::DEPLOYMENTS, "outcome" => "failed").increment(1);
         let report = Report::delivery_limit(&id, &target, msg.clone(), now);
-        return answer_and_dead_letter(rt, delivery, brx, report, &reply, &format!("delivery_limit: {msg}")).await;
+        answer_and_dead_letter(rt, delivery, brx, report, &reply, &format!("delivery_limit: {msg}")).await;
+        return Ok(());
     }
     // Off the async threads: decoding, a sealed key's decryption and the
     // certificate and key checks take CPU time (an RSA key's check tens of
@@ -685,7 +712,7 @@ async fn handle(
             // The delivery went with the task: unacked, it comes back when
             // the channel closes.
             tracing::error!("request validation did not finish: {e}");
-            return;
+            return Ok(());
         }
     };
     let validated = match checked {
@@ -697,7 +724,8 @@ async fn handle(
             tracing::warn!(deployment_id = %id, target = %target, "rejected: {reason}");
             let report = Report::rejected(&id, &target, "", format!("request rejected: {reason}"), now);
             metrics::counter!(m::DEPLOYMENTS, "outcome" => "rejected").increment(1);
-            return answer_and_dead_letter(rt, delivery, brx, report, &reply, &reason).await;
+            answer_and_dead_letter(rt, delivery, brx, report, &reply, &reason).await;
+            return Ok(());
         }
     };
     tracing::debug!(deployment_id = %validated.deployment_id, target = %validated.target_name, "request checked");
@@ -719,24 +747,21 @@ async fn handle(
     let report = match rt.execute(&validated).await {
         Ok(Executed::Report(r)) => r,
         Ok(Executed::Deferred { holder }) => {
-            return defer(rt, cfg, delivery, brx, &validated, &holder, &reply).await;
+            defer(rt, cfg, delivery, brx, &validated, &holder, &reply).await;
+            return Ok(());
         }
         Err(e) => {
             // The journal (or the runtime) failed: nothing is lost, the
             // deployment stays unfinished and is resumed on redelivery.
+            tracing::error!(deployment_id = %validated.deployment_id, "deployment could not run: {e}");
             if e.is_journal_poisoned() {
-                // Every later journal write fails too: only a restart
-                // (recovering from what is on disk) makes progress again.
-                tracing::error!(
-                    deployment_id = %validated.deployment_id,
-                    "deployment could not run: the journal is poisoned (a flush or fsync failed); restart the worker: {e}"
-                );
-            } else {
-                tracing::error!(deployment_id = %validated.deployment_id, "deployment could not run: {e}");
+                // Back to the queue at once: this worker stops.
+                let _ = delivery.reject_requeue().await;
+                return Err(JournalPoisoned(e.to_string()));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
             let _ = delivery.reject_requeue().await;
-            return;
+            return Ok(());
         }
     };
     if report.outcome.success() {
@@ -744,6 +769,7 @@ async fn handle(
             .set(validated.certificate.not_after as f64);
     }
     finish(rt, delivery, brx, report, &reply).await;
+    Ok(())
 }
 
 /// Publish a result for a request that will not run (rejected, delivery
