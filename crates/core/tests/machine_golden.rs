@@ -88,6 +88,8 @@ fn plan(rng: &mut Rng, id: &str) -> (Plan, bool) {
         retry_max_ms: rng.pick(&[1_000, 60_000]),
         verify_initial_ms: rng.pick(&[50, 200]),
         verify_budget_ms: rng.pick(&[500, 3_000, 10_000]),
+        verify_consecutive: rng.pick(&[1, 3]),
+        verify_window_ms: rng.pick(&[0, 400, 1_000]),
         keep_backups: rng.pick(&[0, 1, 3]),
         allow_downgrade: rng.chance(20),
     };
