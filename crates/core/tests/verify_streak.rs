@@ -75,7 +75,8 @@ fn plan(id: &str, budget_ms: u64) -> (Plan, Payload) {
 }
 
 fn deploy(rig: &Rig, v: &Graceful, plan: Plan, payload: &Payload) -> Report {
-    let env = Env { host: &rig.host, verifier: v, journal: &rig.journal, clock: &rig.clock, cert_facts: fake_cert_facts };
+    let env =
+        Env { host: &rig.host, verifier: v, journal: &rig.journal, clock: &rig.clock, cert_facts: fake_cert_facts };
     match block_on(driver::start(&env, plan, payload)).expect("driver") {
         Terminal::Finished(r) => r,
         Terminal::Abandoned(why) => panic!("abandoned: {why}"),
