@@ -7,9 +7,12 @@
 
 mod common;
 
+use std::io::BufRead as _;
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use certdeploy_core::Outcome;
 use certdeploy_core::driver::Verifier as _;
@@ -45,6 +48,12 @@ fn assert_files(fleet: &Fleet, b: &Bundle) {
 /// `served`; certdeploy configured with nginx's validate/reload commands
 /// (or `reload` instead) and verify on.
 fn site(served: &Bundle, reload: Option<&str>) -> Site {
+    site_with(served, reload, "verify_budget_ms = 3000\n", "")
+}
+
+/// [`site`] with these `[worker]` lines (instead of a 3 s verify budget)
+/// and more target lines.
+fn site_with(served: &Bundle, reload: Option<&str>, worker_extra: &str, target_extra: &str) -> Site {
     let fleet = Fleet::new(1, false);
     install(&fleet, served);
     let t = &fleet.targets[0];
@@ -54,8 +63,8 @@ fn site(served: &Bundle, reload: Option<&str>) -> Site {
     let cfg = fleet.write_config(&Opts {
         validate_command: Some(nginx.validate_command()),
         reload_command: Some(reload.map(str::to_string).unwrap_or_else(|| nginx.reload_command())),
-        worker_extra: "verify_budget_ms = 3000\n".into(),
-        target_extra: format!("verify_endpoint = \"{}\"\nverify_sni = \"{SNI}\"\n", nginx.endpoint()),
+        worker_extra: worker_extra.into(),
+        target_extra: format!("verify_endpoint = \"{}\"\nverify_sni = \"{SNI}\"\n{target_extra}", nginx.endpoint()),
         ..Opts::default()
     });
     Site { fleet, nginx, cfg }
@@ -395,4 +404,156 @@ fn unchanged_files_not_served_are_reloaded() {
     assert_eq!(s.nginx.reloads(), 1);
     assert_eq!(s.nginx.served_leaf_sha256(), b.leaf_sha256);
     assert_files(&s.fleet, &b);
+}
+
+/// What one client connection saw: when it was opened, and the leaf it was
+/// served (hex SHA-256) or why the handshake failed.
+type Seen = (Instant, Result<String, String>);
+
+/// A client that opens a new TLS connection every few ms (a tokio task
+/// looping connect + handshake with certdeploy's rustls verifier) and
+/// records each one.
+struct Prober {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    fn start(endpoint: String) -> Prober {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let stop: Arc<AtomicBool> = Arc::default();
+        let (log, halt) = (seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let task = tokio::spawn(async move {
+                    let v = certdeploy::verify::TlsVerifier::new(Duration::from_secs(5));
+                    while !halt.load(Ordering::Relaxed) {
+                        let opened = Instant::now();
+                        let leaf = v.served_leaf(&endpoint, Some(SNI)).await.map(|d| d.to_hex());
+                        log.lock().unwrap().push((opened, leaf));
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                });
+                task.await.expect("prober task");
+            });
+        });
+        Prober { seen, stop, thread: Some(thread) }
+    }
+
+    /// Connections opened at or after `t`, in order.
+    fn since(&self, t: Instant) -> Vec<Seen> {
+        self.seen.lock().unwrap().iter().filter(|(at, _)| *at >= t).cloned().collect()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `certdeploy deploy --json`, returning the result and the instant its
+/// line arrived on stdout (before the process has even exited).
+fn deploy_timed(s: &Site, id: &str, b: &Bundle) -> (ResultEvent, Instant) {
+    let d = s.fleet.tmp.path();
+    let log = std::fs::File::create(d.join(format!("{id}.log"))).expect("log file");
+    let mut child = Command::new(bin())
+        .arg("--config")
+        .arg(&s.cfg)
+        .args(deploy_args(d, "t0", id, b, true, true))
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("run certdeploy deploy");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read the result");
+    let received = Instant::now();
+    let status = child.wait().expect("wait for certdeploy");
+    let ev: ResultEvent = serde_json::from_str(line.trim()).unwrap_or_else(|e| {
+        let err = std::fs::read_to_string(d.join(format!("{id}.log"))).unwrap_or_default();
+        panic!("json result ({e}); {status}\nstdout: {line}\nstderr: {}", tail(&err, 40))
+    });
+    (ev, received)
+}
+
+/// What the client saw around `runs` deployments alternating two
+/// certificates, with these `[worker]` verify settings.
+#[derive(Debug, Default)]
+struct Race {
+    /// Connections opened after `deployed` was received that got the
+    /// certificate being replaced.
+    old_after_result: usize,
+    /// ... and all connections opened after it (up to the next deployment).
+    after_result: usize,
+    /// Connections that got the replaced certificate although an earlier
+    /// connection of the same deployment already got the new one: the
+    /// graceful reload's race, whatever verify made of it.
+    old_after_new: usize,
+    failed_handshakes: usize,
+}
+
+fn race(worker_extra: &str, runs: usize, prefix: &str) -> Race {
+    let ca = TestCa::new();
+    let (a, b) = (ca.leaf(SNI, 3), ca.leaf(SNI, 2));
+    let s = site_with(&a, None, worker_extra, "allow_downgrade = true\n");
+    let prober = Prober::start(s.nginx.endpoint());
+    let mut r = Race::default();
+    let mut served = &a;
+    for i in 0..runs {
+        let new = if i % 2 == 0 { &b } else { &a };
+        let start = Instant::now();
+        let (ev, received) = deploy_timed(&s, &format!("{prefix}-{i}"), new);
+        assert_eq!(ev.outcome, Outcome::Deployed, "deployment {i}: {}", ev.message);
+        // Let the client open enough connections after the result (and
+        // nginx's old worker leave) before the next deployment.
+        wait_for("client connections after the result", Duration::from_secs(60), || prober.since(received).len() >= 40);
+        s.nginx.wait_settled(Duration::from_secs(30));
+        let during = prober.since(start);
+        let mut saw_new = false;
+        for (at, leaf) in &during {
+            match leaf {
+                Ok(l) if *l == new.leaf_sha256 => saw_new = true,
+                Ok(l) if *l == served.leaf_sha256 => {
+                    r.old_after_new += usize::from(saw_new);
+                    r.old_after_result += usize::from(*at >= received);
+                }
+                Ok(l) => panic!("deployment {i}: a connection got neither certificate: {l}"),
+                Err(_) => r.failed_handshakes += 1,
+            }
+            r.after_result += usize::from(*at >= received);
+        }
+        served = new;
+    }
+    drop(prober);
+    eprintln!("{prefix}: {runs} deployments with [{}]: {r:?}", worker_extra.trim().replace('\n', ", "));
+    r
+}
+
+/// A graceful reload keeps nginx's old worker accepting for a moment: verify
+/// passes only after 3 handshakes in a row over 1 s present the new leaf, so
+/// once `deployed` is received no new client connection gets the replaced
+/// certificate. 20 deployments alternating two certificates, a client
+/// connecting every few ms throughout.
+#[test]
+fn no_client_gets_the_old_certificate_after_deployed() {
+    let r = race("verify_consecutive = 3\nverify_window_ms = 1000\n", 20, "ngx-race");
+    assert!(r.after_result >= 20 * 40, "{r:?}");
+    assert_eq!(r.old_after_result, 0, "connections opened after `deployed` got the old certificate: {r:?}");
+}
+
+/// The same with one handshake deciding (`verify_consecutive = 1`, window
+/// 0): how often does a client still get the old certificate after
+/// `deployed`? A measurement, not a guarantee (two runs here: 64 and 33 of
+/// about 930 connections opened after `deployed`): run it with
+/// `--run-ignored only` and read its output.
+#[test]
+#[ignore = "measurement of the race a single-handshake verify leaves open"]
+fn single_handshake_verify_race_measurement() {
+    let r = race("verify_consecutive = 1\nverify_window_ms = 0\n", 20, "ngx-race1");
+    assert!(r.after_result >= 20 * 40, "{r:?}");
 }

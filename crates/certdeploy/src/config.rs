@@ -127,6 +127,12 @@ pub struct WorkerConfig {
     pub delivery_limit: u32,
     /// Verify: total time to wait for the new certificate to be served.
     pub verify_budget_ms: u64,
+    /// Verify passes only after this many handshakes in a row present the
+    /// new leaf (a graceful reload keeps the old worker accepting for a
+    /// moment); also decides `original_verified` after a rollback.
+    pub verify_consecutive: u32,
+    /// ... spread over at least this long (at most `verify_budget_ms`).
+    pub verify_window_ms: u64,
     /// Target lock on the host: a holder that has not renewed
     /// it for this long is presumed dead and is taken over.
     pub lock_lease_s: u64,
@@ -179,6 +185,8 @@ impl Default for WorkerConfig {
             dead_queue: "certdeploy.dead".into(),
             delivery_limit: 20,
             verify_budget_ms: 10_000,
+            verify_consecutive: 3,
+            verify_window_ms: 1_000,
             lock_lease_s: 30,
             defer_delay_ms: 2_000,
             max_deferrals: 300,
@@ -443,6 +451,8 @@ impl Config {
             deadline_ms: self.worker.deadline_s.saturating_mul(1000),
             rollback_budget_ms: self.worker.deadline_s.saturating_mul(1000),
             verify_budget_ms: self.worker.verify_budget_ms,
+            verify_consecutive: self.worker.verify_consecutive,
+            verify_window_ms: self.worker.verify_window_ms,
             keep_backups: t.map_or(1, |t| t.keep_backups.max(1)),
             allow_downgrade: t.is_some_and(|t| t.allow_downgrade),
             ..Policy::default()
@@ -597,6 +607,8 @@ impl Config {
                 "dead_queue" => w.dead_queue = v.clone(),
                 "delivery_limit" => w.delivery_limit = v.parse().map_err(|_| bad("a number"))?,
                 "verify_budget_ms" => w.verify_budget_ms = v.parse().map_err(|_| bad("a number"))?,
+                "verify_consecutive" => w.verify_consecutive = v.parse().map_err(|_| bad("a number"))?,
+                "verify_window_ms" => w.verify_window_ms = v.parse().map_err(|_| bad("a number"))?,
                 "lock_lease_s" => w.lock_lease_s = v.parse().map_err(|_| bad("a number"))?,
                 "defer_delay_ms" => w.defer_delay_ms = v.parse().map_err(|_| bad("a number"))?,
                 "max_deferrals" => w.max_deferrals = v.parse().map_err(|_| bad("a number"))?,
@@ -664,6 +676,15 @@ impl Config {
         }
         if w.per_host_concurrency == 0 || w.per_host_concurrency > 10 {
             return e("worker.per_host_concurrency", "must be between 1 and 10 (sshd MaxSessions is 10)");
+        }
+        if w.verify_consecutive == 0 {
+            return e("worker.verify_consecutive", "must be at least 1");
+        }
+        if w.verify_window_ms > w.verify_budget_ms {
+            return e(
+                "worker.verify_window_ms",
+                "must not exceed verify_budget_ms: verify could never see enough handshakes within its budget",
+            );
         }
         if w.deadline_s == 0 {
             return e("worker.deadline_s", "must be at least 1");
@@ -1089,6 +1110,21 @@ reload_command = "systemctl reload nginx"
         let bad = vec![("CERTDEPLOY_CONCURRENCY".to_string(), "many".to_string())];
         let e = Config::parse(MIN, "c.toml", &bad).unwrap_err().to_string();
         assert_eq!(e, "c.toml: CERTDEPLOY_CONCURRENCY: `many` is not a number");
+    }
+
+    #[test]
+    fn a_verify_window_longer_than_the_verify_budget_is_rejected() {
+        let c = Config::parse(MIN, "c.toml", &[]).unwrap();
+        let p = c.policy(c.targets.get("web1"));
+        assert_eq!((p.verify_consecutive, p.verify_window_ms, p.verify_budget_ms), (3, 1_000, 10_000));
+        let text = MIN.replace("[worker]\n", "[worker]\nverify_budget_ms = 500\nverify_window_ms = 501\n");
+        let e = Config::parse(&text, "c.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: worker.verify_window_ms: must not exceed verify_budget_ms"), "{e}");
+        let text = MIN.replace("[worker]\n", "[worker]\nverify_budget_ms = 500\nverify_window_ms = 500\n");
+        assert!(Config::parse(&text, "c.toml", &[]).is_ok());
+        let text = MIN.replace("[worker]\n", "[worker]\nverify_consecutive = 0\n");
+        let e = Config::parse(&text, "c.toml", &[]).unwrap_err().to_string();
+        assert_eq!(e, "c.toml: worker.verify_consecutive: must be at least 1");
     }
 
     #[test]

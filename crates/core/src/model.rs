@@ -284,9 +284,25 @@ pub struct Policy {
     pub verify_initial_ms: u64,
     /// Total time verify may retry after a reload before it counts as a mismatch.
     pub verify_budget_ms: u64,
+    /// Verify passes only after this many handshakes in a row present the
+    /// expected leaf (a graceful reload lets the old worker accept for a
+    /// moment). Journals written before this existed read the default.
+    #[serde(default = "default_verify_consecutive")]
+    pub verify_consecutive: u32,
+    /// ... and only once those handshakes span at least this long.
+    #[serde(default = "default_verify_window_ms")]
+    pub verify_window_ms: u64,
     /// Backups to keep per path after a successful deployment (>= 1).
     pub keep_backups: u32,
     pub allow_downgrade: bool,
+}
+
+fn default_verify_consecutive() -> u32 {
+    3
+}
+
+fn default_verify_window_ms() -> u64 {
+    1_000
 }
 
 impl Default for Policy {
@@ -299,6 +315,8 @@ impl Default for Policy {
             retry_max_ms: 60_000,
             verify_initial_ms: 200,
             verify_budget_ms: 10_000,
+            verify_consecutive: default_verify_consecutive(),
+            verify_window_ms: default_verify_window_ms(),
             keep_backups: 1,
             allow_downgrade: false,
         }

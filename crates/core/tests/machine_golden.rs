@@ -25,7 +25,7 @@ use certdeploy_core::wire::ResultEvent;
 use certdeploy_core::*;
 
 /// SHA-256 of the log of [`run_all`].
-const GOLDEN: &str = "ad324905840dd9432f31674f2f5d88d8d28cbc1233b554fef8eb579bd44232ef";
+const GOLDEN: &str = "f1ac34845be8655beee3971a86c0b42eaa0684f6d810655f7ee01501dcee3af7";
 
 const SCENARIOS: u64 = 1500;
 /// Scenarios whose every state is also probed with the whole catalogue.
@@ -88,6 +88,8 @@ fn plan(rng: &mut Rng, id: &str) -> (Plan, bool) {
         retry_max_ms: rng.pick(&[1_000, 60_000]),
         verify_initial_ms: rng.pick(&[50, 200]),
         verify_budget_ms: rng.pick(&[500, 3_000, 10_000]),
+        verify_consecutive: rng.pick(&[1, 3]),
+        verify_window_ms: rng.pick(&[0, 400, 1_000]),
         keep_backups: rng.pick(&[0, 1, 3]),
         allow_downgrade: rng.chance(20),
     };

@@ -203,10 +203,10 @@ impl VerifyingOriginal {
         self.check.next(cx, now)
     }
 
-    pub(super) fn apply(&mut self, event: &Event) -> Fold {
+    pub(super) fn apply(&mut self, cx: &Shared, event: &Event) -> Fold {
         let verified = match event {
             Event::GaveUp { .. } => false,
-            event => match self.check.matched(event) {
+            event => match self.check.matched(&cx.plan.policy, cx.last_at, event) {
                 Some(true) => true,
                 Some(false) => return Ok(None),
                 None => return Err(Unfit),
