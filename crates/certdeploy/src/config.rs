@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use certdeploy_core::{PlanError, Policy, TargetSpec, check_target_paths, parse_mode, same_host, target_paths};
+use certdeploy_core::{PlanError, Policy, Secret, TargetSpec, check_paths, parse_mode, same_host};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -370,6 +370,32 @@ pub struct TargetConfig {
     /// The SFTP server's path on the host, for `sudo = true`.
     #[serde(default = "default_sftp_server")]
     pub sftp_server: String,
+    /// One more file: certificate, chain and key concatenated (PEM, in
+    /// that order), for HAProxy or Postfix. Owner and group as the key's.
+    #[serde(default)]
+    pub bundle_path: Option<String>,
+    #[serde(default = "certdeploy_core::model::default_key_mode")]
+    pub bundle_mode: String,
+    /// One more file: a PKCS#12 keystore holding key, certificate and chain
+    /// under `pkcs12_alias`, for Java services. Owner and group as the key's.
+    #[serde(default)]
+    pub pkcs12_path: Option<String>,
+    #[serde(default = "certdeploy_core::model::default_key_mode")]
+    pub pkcs12_mode: String,
+    /// A file on the worker's machine holding the keystore's password (its
+    /// content without the trailing newline); no group or other permission
+    /// bits. Read when the configuration is loaded (and reloaded).
+    #[serde(default)]
+    pub pkcs12_password_file: Option<PathBuf>,
+    #[serde(default = "default_pkcs12_alias")]
+    pub pkcs12_alias: String,
+    /// The password `pkcs12_password_file` held when it was read.
+    #[serde(skip)]
+    pub pkcs12_password: Option<Secret>,
+}
+
+fn default_pkcs12_alias() -> String {
+    "certdeploy".into()
 }
 
 fn default_exec_timeout() -> u64 {
@@ -401,6 +427,22 @@ impl TargetConfig {
             verify_endpoint: self.verify_endpoint.clone(),
             verify_sni: self.verify_sni.clone(),
         }
+    }
+
+    /// Every path this target writes, by field: certificate, key, chain,
+    /// and the extra files.
+    pub fn paths(&self) -> Vec<(&'static str, &str)> {
+        let mut v = vec![("cert_path", self.cert_path.as_str()), ("key_path", self.key_path.as_str())];
+        if let Some(c) = &self.chain_path {
+            v.push(("chain_path", c.as_str()));
+        }
+        if let Some(b) = &self.bundle_path {
+            v.push(("bundle_path", b.as_str()));
+        }
+        if let Some(p) = &self.pkcs12_path {
+            v.push(("pkcs12_path", p.as_str()));
+        }
+        v
     }
 
     pub fn accept_new_host_key(&self) -> bool {
@@ -689,11 +731,7 @@ impl Config {
         let mut seen: HashMap<(String, u16, &str), (&str, &'static str)> = HashMap::new();
         for (b, tb) in &self.targets {
             let host = tb.host.to_ascii_lowercase();
-            for (fb, pb) in [("cert_path", Some(&tb.cert_path)), ("key_path", Some(&tb.key_path))]
-                .into_iter()
-                .chain([("chain_path", tb.chain_path.as_ref())])
-                .filter_map(|(f, p)| p.map(|p| (f, p.as_str())))
-            {
+            for (fb, pb) in tb.paths() {
                 if let Some((a, fa)) = seen.get(&(host.clone(), tb.port, pb)) {
                     let (file_a, file_b) = (self.origin(a), self.origin(b));
                     let where_a = if file_a == file_b { String::new() } else { format!(" (in {file_a})") };
@@ -717,7 +755,7 @@ impl Config {
     /// files, if any: `(target name, field)`.
     pub fn target_using_path(&self, host: &str, port: u16, path: &str) -> Option<(&str, &'static str)> {
         self.targets.iter().filter(|(_, t)| t.port == port && same_host(&t.host, host)).find_map(|(name, t)| {
-            target_paths(&t.spec()).into_iter().find(|(_, p)| *p == path).map(|(f, _)| (name.as_str(), f))
+            t.paths().into_iter().find(|(_, p)| *p == path).map(|(f, _)| (name.as_str(), f))
         })
     }
 }
@@ -819,12 +857,18 @@ fn validate_target(name: &str, t: &mut TargetConfig) -> Result<(), (String, Stri
     if t.user.is_empty() || t.user.starts_with('-') || t.user.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err((key("user"), "must be a plain user name".into()));
     }
-    check_target_paths(&t.spec()).map_err(|PlanError::Target { field, problem }| (key(field), problem))?;
-    for (k, m) in [("cert_mode", &t.cert_mode), ("key_mode", &t.key_mode)] {
+    check_paths(&t.paths()).map_err(|PlanError::Target { field, problem }| (key(field), problem))?;
+    for (k, m) in [
+        ("cert_mode", &t.cert_mode),
+        ("key_mode", &t.key_mode),
+        ("bundle_mode", &t.bundle_mode),
+        ("pkcs12_mode", &t.pkcs12_mode),
+    ] {
         if parse_mode(m).is_none() {
             return Err((key(k), format!("`{m}` is not an octal mode like 0644")));
         }
     }
+    check_pkcs12(t).map_err(|(k, p)| (key(k), p))?;
     for (k, c) in [("reload_command", Some(&t.reload_command)), ("validate_command", t.validate_command.as_ref())] {
         if let Some(c) = c
             && (c.trim().is_empty() || c.chars().any(|ch| ch == '\0' || ch == '\n' || ch == '\r'))
@@ -854,6 +898,56 @@ fn validate_target(name: &str, t: &mut TargetConfig) -> Result<(), (String, Stri
         }
     }
     Ok(())
+}
+
+/// The keystore's settings: a password file (read here, with the
+/// permission rule of the age identities) exactly when there is a
+/// keystore, and an alias keytool can name. The error is `(key, problem)`.
+fn check_pkcs12(t: &mut TargetConfig) -> Result<(), (&'static str, String)> {
+    t.pkcs12_password = None;
+    let alias = &t.pkcs12_alias;
+    if alias.is_empty() || alias.len() > 128 || alias.chars().any(|c| c.is_control()) {
+        return Err(("pkcs12_alias", "must be 1-128 characters, none of them a control character".into()));
+    }
+    let file = match (&t.pkcs12_path, &t.pkcs12_password_file) {
+        (None, None) => return Ok(()),
+        (Some(_), None) => {
+            return Err(("pkcs12_password_file", "missing: a PKCS#12 keystore (pkcs12_path) needs a password".into()));
+        }
+        (None, Some(_)) => return Err(("pkcs12_password_file", "set without pkcs12_path".into())),
+        (Some(_), Some(file)) => file,
+    };
+    if !file.is_absolute() {
+        return Err(("pkcs12_password_file", format!("{}: must be an absolute path", file.display())));
+    }
+    let secret = read_secret_file(file).map_err(|p| ("pkcs12_password_file", format!("{}: {p}", file.display())))?;
+    t.pkcs12_password = Some(secret);
+    Ok(())
+}
+
+/// The content of a file holding a password, without its trailing newline:
+/// a regular file with no group or other permission bits (as the age
+/// identities), UTF-8, not empty. Messages never hold its content.
+fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "mode {mode:04o} gives group or others access; a password file must have no group or other permission \
+             bits (chmod 0600 or 0400)"
+        ));
+    }
+    let bytes = Secret::new(std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?);
+    let text = std::str::from_utf8(bytes.expose()).map_err(|_| "is not UTF-8 text".to_string())?;
+    let password = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(text);
+    if password.is_empty() {
+        return Err("is empty (a keystore needs a password)".into());
+    }
+    Ok(Secret::new(password.as_bytes().to_vec()))
 }
 
 /// A host name or IP address: no spaces, no option-looking values.
