@@ -65,8 +65,8 @@ impl Setup {
             .output()
             .expect("run certdeploy");
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let ev: ResultEvent = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", tail(&stderr, 40)));
+        let ev: ResultEvent =
+            serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", tail(&stderr, 40)));
         (ev, format!("{stdout}\n{stderr}"))
     }
 }

@@ -754,9 +754,10 @@ impl Config {
     /// The configured target on `host`:`port` with a path `path` among its
     /// files, if any: `(target name, field)`.
     pub fn target_using_path(&self, host: &str, port: u16, path: &str) -> Option<(&str, &'static str)> {
-        self.targets.iter().filter(|(_, t)| t.port == port && same_host(&t.host, host)).find_map(|(name, t)| {
-            t.paths().into_iter().find(|(_, p)| *p == path).map(|(f, _)| (name.as_str(), f))
-        })
+        self.targets
+            .iter()
+            .filter(|(_, t)| t.port == port && same_host(&t.host, host))
+            .find_map(|(name, t)| t.paths().into_iter().find(|(_, p)| *p == path).map(|(f, _)| (name.as_str(), f)))
     }
 }
 
@@ -1131,6 +1132,55 @@ cert_path = "/etc/ssl/site.pem"
 key_path = "/etc/ssl/site.key"
 reload_command = "systemctl reload nginx"
 "#;
+
+    #[test]
+    fn a_keystore_needs_a_private_password_file_read_at_load() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("p12.pass");
+        std::fs::write(&pw, "s3cret-pw\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |extra: &str| MIN.replace("reload_command", &format!("{extra}reload_command"));
+        let p12 = format!("pkcs12_path = \"/etc/java/site.p12\"\npkcs12_password_file = \"{}\"\n", pw.display());
+        let c = Config::parse(&with(&p12), "c.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+        let t = &c.targets["web1"];
+        assert_eq!(t.pkcs12_password.as_ref().map(|p| p.expose().to_vec()), Some(b"s3cret-pw".to_vec()));
+        assert_eq!(
+            (t.pkcs12_mode.as_str(), t.pkcs12_alias.as_str(), t.bundle_mode.as_str()),
+            ("0600", "certdeploy", "0600")
+        );
+        assert!(!format!("{c:?}").contains("s3cret-pw"), "Debug of the configuration shows no password");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = Config::parse(&with(&p12), "c.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: targets.web1.pkcs12_password_file: ") && e.contains("mode 0640"), "{e}");
+        assert!(!e.contains("s3cret-pw"), "{e}");
+        let cases = [
+            ("pkcs12_path = \"/etc/java/site.p12\"\n".to_string(), "targets.web1.pkcs12_password_file: missing"),
+            (
+                format!("pkcs12_password_file = \"{}\"\n", pw.display()),
+                "targets.web1.pkcs12_password_file: set without",
+            ),
+            ("bundle_path = \"/etc/ssl/site.key\"\n".into(), "targets.web1.bundle_path: `/etc/ssl/site.key` is also"),
+            ("bundle_path = \"/h/b.pem\"\nbundle_mode = \"600\"\n".into(), "targets.web1.bundle_mode: `600` is not"),
+        ];
+        for (extra, want) in cases {
+            let e = Config::parse(&with(&extra), "c.toml", &[]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("c.toml: {want}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn extra_files_share_no_path_with_another_target_on_the_host() {
+        let text = format!(
+            "{MIN}bundle_path = \"/etc/ssl/shared.pem\"\n[targets.web2]\nhost = \"web1.internal\"\nuser = \"d\"\n\
+             cert_path = \"/etc/ssl/shared.pem\"\nkey_path = \"/etc/ssl/w2.key\"\nreload_command = \"true\"\n"
+        );
+        let e = Config::parse(&text, "c.toml", &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("c.toml: targets.web2.cert_path: `/etc/ssl/shared.pem` is also targets.web1.bundle_path"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_minimal_with_defaults() {

@@ -551,10 +551,8 @@ pub fn build_plan_with(
     paths.extend(formats.paths());
     check_paths(&paths)?;
     let extra_mode = |field: &'static str, f: &ExtraFile| {
-        parse_mode(&f.mode).ok_or_else(|| PlanError::Target {
-            field,
-            problem: format!("`{}` is not an octal mode like 0600", f.mode),
-        })
+        parse_mode(&f.mode)
+            .ok_or_else(|| PlanError::Target { field, problem: format!("`{}` is not an octal mode like 0600", f.mode) })
     };
     let bundle_mode = formats.bundle.as_ref().map(|b| extra_mode("bundle_mode", b)).transpose()?;
     let pkcs12_mode = formats.pkcs12.as_ref().map(|(f, _)| extra_mode("pkcs12_mode", f)).transpose()?;
@@ -575,9 +573,10 @@ pub fn build_plan_with(
 
     if let (Some(b), Some(mode)) = (&formats.bundle, bundle_mode) {
         let mut bytes = Vec::new();
-        for part in [Some(material.certificate_pem.as_bytes()), chain_of(material), Some(material.private_key_pem.expose())]
-            .into_iter()
-            .flatten()
+        for part in
+            [Some(material.certificate_pem.as_bytes()), chain_of(material), Some(material.private_key_pem.expose())]
+                .into_iter()
+                .flatten()
         {
             bytes.extend_from_slice(part);
             if !bytes.ends_with(b"\n") {

@@ -675,6 +675,20 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_target_may_not_have_a_bundle_or_a_keystore() {
+        for key in CONFIG_ONLY_FIELDS {
+            let body = serde_json::json!({
+                "schema": REQUEST_SCHEMA, "deployment_id": "d1", "certificate_pem": "c", "private_key_pem": "k",
+                "target_spec": { "host": "h", "user": "u", "cert_path": "/a", "key_path": "/b",
+                                 "reload_command": "true", *key: "/etc/certdeploy/amqp.pass" },
+            });
+            let e = decode_request(&serde_json::to_vec(&body).unwrap()).unwrap_err();
+            assert_eq!(e.field, format!("target_spec.{key}"), "{e}");
+            assert!(e.problem.starts_with("only a configured target"), "{e}");
+        }
+    }
+
+    #[test]
     fn broken_json_is_reported_as_such_even_after_an_unknown_key() {
         for body in [&br#"{"this is": not json"#[..], b"{\"schema\": ", b"not json at all"] {
             let e = decode_request(body).unwrap_err();

@@ -125,7 +125,10 @@ fn extra_files_are_written_and_rolled_back_with_the_others() {
     assert_eq!(r.outcome, Outcome::Deployed, "{}", r.message);
     assert_eq!(rig.sim.get(BUNDLE).unwrap().1, 0o640);
     assert_eq!(rig.sim.get(P12), Some((fake_keystore("pw", "s1", "c"), 0o600)));
-    assert_eq!((meta(&r, "backup_status_bundle"), meta(&r, "backup_status_pkcs12")), ("snapshotted".into(), "snapshotted".into()));
+    assert_eq!(
+        (meta(&r, "backup_status_bundle"), meta(&r, "backup_status_pkcs12")),
+        ("snapshotted".into(), "snapshotted".into())
+    );
 
     // A failed reload puts every file back, the extra ones too.
     let (p, payload) = plan("d-fail", "pw", "s2", "c2");

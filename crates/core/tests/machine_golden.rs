@@ -126,7 +126,10 @@ fn snapshot_of(rng: &mut Rng, plan: &Plan, role: Role, identical: bool) -> Snaps
         leaf_sha256: if identical { Digest::of(b"CERT new nb=1000") } else { Digest::of(b"CERT old") },
     });
     let backup_path = backup_path(&live_path, &plan.deployment_id);
-    Snapshot { live_path, pre: PreState::Existing { backup_path, sha256, size: 10, mode, uid: 0, gid: 0, cert, holds: None } }
+    Snapshot {
+        live_path,
+        pre: PreState::Existing { backup_path, sha256, size: 10, mode, uid: 0, gid: 0, cert, holds: None },
+    }
 }
 
 /// Like the driver: within a batch, every success first, then the one

@@ -36,7 +36,9 @@
 //! drop.
 
 mod keystore;
-pub use keystore::{KEYSTORE_ITERATIONS, MAX_KEYSTORE_BYTES, MAX_MAC_ITERATIONS, Pkcs12, keystore_holds, pkcs12_keystore};
+pub use keystore::{
+    KEYSTORE_ITERATIONS, MAX_KEYSTORE_BYTES, MAX_MAC_ITERATIONS, Pkcs12, keystore_holds, pkcs12_keystore,
+};
 
 use std::collections::HashSet;
 use std::fmt;
