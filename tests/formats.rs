@@ -232,4 +232,11 @@ fn a_bundle_is_certificate_chain_and_key_that_openssl_reads_and_is_restored_on_r
     assert_eq!(ev.metadata.get("backup_status_bundle").map(String::as_str), Some("restored"));
     assert_eq!(std::fs::read(&s.bundle).unwrap(), before);
     assert_eq!(mode(&s.bundle), 0o640);
+
+    // `certdeploy check` checks the extra files as the others.
+    let (code, out, err) = run(&cfg, &["check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for (what, p) in [("bundle", &s.bundle), ("pkcs12", &s.p12)] {
+        assert!(out.contains(&format!("[ok] {what} {}: ", p.display())), "{out}");
+    }
 }
