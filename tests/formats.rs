@@ -28,7 +28,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let fleet = Fleet::new(1, false);
+    setup_with(false)
+}
+
+fn setup_with(broker: bool) -> Setup {
+    let fleet = Fleet::new(1, broker);
     let t = fleet.targets[0].clone();
     let pw = fleet.tmp.path().join("keystore.pass");
     std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
@@ -239,4 +243,41 @@ fn a_bundle_is_certificate_chain_and_key_that_openssl_reads_and_is_restored_on_r
     for (what, p) in [("bundle", &s.bundle), ("pkcs12", &s.p12)] {
         assert!(out.contains(&format!("[ok] {what} {}: ", p.display())), "{out}");
     }
+}
+
+/// The worker over RabbitMQ: the keystore deployed, the same request again
+/// `unchanged`; its TRACE log, the results and the journal hold neither the
+/// password nor a key.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_deploys_a_keystore_and_its_log_results_and_journal_hold_no_password_or_key() {
+    let s = setup_with(true);
+    let ca = TestCa::new();
+    let cfg = s.config(None);
+    let mut client = Client::connect(&s.fleet).await;
+    let w = Proc::worker(&s.fleet, &cfg, &[("RUST_LOG", "trace"), ("CERTDEPLOY_LOG_FORMAT", "json")], "worker-formats");
+    let b = ca.leaf("java.example.com", 2);
+    let mut results = Vec::new();
+    for (id, want) in [("w-p12-1", Outcome::Deployed), ("w-p12-2", Outcome::Unchanged)] {
+        client.publish(&certdeploy_testbed::certs::request(id, &s.t.name, &b, true)).await;
+        let ids = vec![id.to_string()];
+        let seen = client.collect(std::time::Duration::from_secs(120), all_ids(&ids)).await;
+        let ev = seen.get(id).and_then(|v| v.first()).unwrap_or_else(|| panic!("no result for {id}"));
+        assert_eq!(ev.outcome, want, "{}", ev.message);
+        results.push(serde_json::to_string(ev).unwrap());
+    }
+    let listed = tool(
+        "keytool",
+        &["-list", "-keystore", s.p12.to_str().unwrap(), "-storetype", "PKCS12", "-storepass", PASSWORD],
+    );
+    assert!(listed.contains(&format!("{ALIAS}, ")), "{listed}");
+    for id in ["w-p12-1", "w-p12-2"] {
+        let (code, shown, err) = run(&cfg, &["journal", "show", id, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(shown.contains("\"pkcs12\""), "{shown}");
+        assert_clean(&format!("journal show {id}"), &shown, &[&b]);
+    }
+    let log = w.log_text();
+    assert!(log.contains("TRACE"), "trace level is on: {}", tail(&log, 20));
+    assert_clean("worker log", &log, &[&b]);
+    assert_clean("results", &results.join("\n"), &[&b]);
 }
