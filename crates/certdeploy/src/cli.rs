@@ -635,7 +635,14 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
         }
         let mut checks = Vec::new();
         let mut target_ok = true;
-        for line in certdeploy_ssh::check(&pool, &addr, &t.spec(), &t.host_policy()).await {
+        let extra: Vec<(certdeploy_core::Role, &str)> = [
+            (certdeploy_core::Role::Bundle, t.bundle_path.as_deref()),
+            (certdeploy_core::Role::Pkcs12, t.pkcs12_path.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(r, p)| p.map(|p| (r, p)))
+        .collect();
+        for line in certdeploy_ssh::check_with_extra(&pool, &addr, &t.spec(), &extra, &t.host_policy()).await {
             target_ok &= line.ok;
             if a.json {
                 checks.push(serde_json::json!({ "name": line.name, "ok": line.ok, "detail": line.detail }));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use certdeploy_core::{PlanError, Policy, TargetSpec, check_target_paths, parse_mode, same_host, target_paths};
+use certdeploy_core::{PlanError, Policy, Secret, TargetSpec, check_paths, parse_mode, same_host};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -383,6 +383,32 @@ pub struct TargetConfig {
     /// client matches them) is rejected before any host is contacted.
     #[serde(default)]
     pub server_names: Vec<String>,
+    /// One more file: certificate, chain and key concatenated (PEM, in
+    /// that order), for HAProxy or Postfix. Owner and group as the key's.
+    #[serde(default)]
+    pub bundle_path: Option<String>,
+    #[serde(default = "certdeploy_core::model::default_key_mode")]
+    pub bundle_mode: String,
+    /// One more file: a PKCS#12 keystore holding key, certificate and chain
+    /// under `pkcs12_alias`, for Java services. Owner and group as the key's.
+    #[serde(default)]
+    pub pkcs12_path: Option<String>,
+    #[serde(default = "certdeploy_core::model::default_key_mode")]
+    pub pkcs12_mode: String,
+    /// A file on the worker's machine holding the keystore's password (its
+    /// content without the trailing newline); no group or other permission
+    /// bits. Read when the configuration is loaded (and reloaded).
+    #[serde(default)]
+    pub pkcs12_password_file: Option<PathBuf>,
+    #[serde(default = "default_pkcs12_alias")]
+    pub pkcs12_alias: String,
+    /// The password `pkcs12_password_file` held when it was read.
+    #[serde(skip)]
+    pub pkcs12_password: Option<Secret>,
+}
+
+fn default_pkcs12_alias() -> String {
+    "certdeploy".into()
 }
 
 fn default_exec_timeout() -> u64 {
@@ -414,6 +440,22 @@ impl TargetConfig {
             verify_endpoint: self.verify_endpoint.clone(),
             verify_sni: self.verify_sni.clone(),
         }
+    }
+
+    /// Every path this target writes, by field: certificate, key, chain,
+    /// and the extra files.
+    pub fn paths(&self) -> Vec<(&'static str, &str)> {
+        let mut v = vec![("cert_path", self.cert_path.as_str()), ("key_path", self.key_path.as_str())];
+        if let Some(c) = &self.chain_path {
+            v.push(("chain_path", c.as_str()));
+        }
+        if let Some(b) = &self.bundle_path {
+            v.push(("bundle_path", b.as_str()));
+        }
+        if let Some(p) = &self.pkcs12_path {
+            v.push(("pkcs12_path", p.as_str()));
+        }
+        v
     }
 
     pub fn accept_new_host_key(&self) -> bool {
@@ -715,11 +757,7 @@ impl Config {
         let mut seen: HashMap<(String, u16, &str), (&str, &'static str)> = HashMap::new();
         for (b, tb) in &self.targets {
             let host = tb.host.to_ascii_lowercase();
-            for (fb, pb) in [("cert_path", Some(&tb.cert_path)), ("key_path", Some(&tb.key_path))]
-                .into_iter()
-                .chain([("chain_path", tb.chain_path.as_ref())])
-                .filter_map(|(f, p)| p.map(|p| (f, p.as_str())))
-            {
+            for (fb, pb) in tb.paths() {
                 if let Some((a, fa)) = seen.get(&(host.clone(), tb.port, pb)) {
                     let (file_a, file_b) = (self.origin(a), self.origin(b));
                     let where_a = if file_a == file_b { String::new() } else { format!(" (in {file_a})") };
@@ -742,9 +780,10 @@ impl Config {
     /// The configured target on `host`:`port` with a path `path` among its
     /// files, if any: `(target name, field)`.
     pub fn target_using_path(&self, host: &str, port: u16, path: &str) -> Option<(&str, &'static str)> {
-        self.targets.iter().filter(|(_, t)| t.port == port && same_host(&t.host, host)).find_map(|(name, t)| {
-            target_paths(&t.spec()).into_iter().find(|(_, p)| *p == path).map(|(f, _)| (name.as_str(), f))
-        })
+        self.targets
+            .iter()
+            .filter(|(_, t)| t.port == port && same_host(&t.host, host))
+            .find_map(|(name, t)| t.paths().into_iter().find(|(_, p)| *p == path).map(|(f, _)| (name.as_str(), f)))
     }
 }
 
@@ -845,12 +884,18 @@ fn validate_target(name: &str, t: &mut TargetConfig) -> Result<(), (String, Stri
     if t.user.is_empty() || t.user.starts_with('-') || t.user.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err((key("user"), "must be a plain user name".into()));
     }
-    check_target_paths(&t.spec()).map_err(|PlanError::Target { field, problem }| (key(field), problem))?;
-    for (k, m) in [("cert_mode", &t.cert_mode), ("key_mode", &t.key_mode)] {
+    check_paths(&t.paths()).map_err(|PlanError::Target { field, problem }| (key(field), problem))?;
+    for (k, m) in [
+        ("cert_mode", &t.cert_mode),
+        ("key_mode", &t.key_mode),
+        ("bundle_mode", &t.bundle_mode),
+        ("pkcs12_mode", &t.pkcs12_mode),
+    ] {
         if parse_mode(m).is_none() {
             return Err((key(k), format!("`{m}` is not an octal mode like 0644")));
         }
     }
+    check_pkcs12(t).map_err(|(k, p)| (key(k), p))?;
     for (k, c) in [("reload_command", Some(&t.reload_command)), ("validate_command", t.validate_command.as_ref())] {
         if let Some(c) = c
             && (c.trim().is_empty() || c.chars().any(|ch| ch == '\0' || ch == '\n' || ch == '\r'))
@@ -883,6 +928,56 @@ fn validate_target(name: &str, t: &mut TargetConfig) -> Result<(), (String, Stri
         }
     }
     Ok(())
+}
+
+/// The keystore's settings: a password file (read here, with the
+/// permission rule of the age identities) exactly when there is a
+/// keystore, and an alias keytool can name. The error is `(key, problem)`.
+fn check_pkcs12(t: &mut TargetConfig) -> Result<(), (&'static str, String)> {
+    t.pkcs12_password = None;
+    let alias = &t.pkcs12_alias;
+    if alias.is_empty() || alias.len() > 128 || alias.chars().any(|c| c.is_control()) {
+        return Err(("pkcs12_alias", "must be 1-128 characters, none of them a control character".into()));
+    }
+    let file = match (&t.pkcs12_path, &t.pkcs12_password_file) {
+        (None, None) => return Ok(()),
+        (Some(_), None) => {
+            return Err(("pkcs12_password_file", "missing: a PKCS#12 keystore (pkcs12_path) needs a password".into()));
+        }
+        (None, Some(_)) => return Err(("pkcs12_password_file", "set without pkcs12_path".into())),
+        (Some(_), Some(file)) => file,
+    };
+    if !file.is_absolute() {
+        return Err(("pkcs12_password_file", format!("{}: must be an absolute path", file.display())));
+    }
+    let secret = read_secret_file(file).map_err(|p| ("pkcs12_password_file", format!("{}: {p}", file.display())))?;
+    t.pkcs12_password = Some(secret);
+    Ok(())
+}
+
+/// The content of a file holding a password, without its trailing newline:
+/// a regular file with no group or other permission bits (as the age
+/// identities), UTF-8, not empty. Messages never hold its content.
+fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "mode {mode:04o} gives group or others access; a password file must have no group or other permission \
+             bits (chmod 0600 or 0400)"
+        ));
+    }
+    let bytes = Secret::new(std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?);
+    let text = std::str::from_utf8(bytes.expose()).map_err(|_| "is not UTF-8 text".to_string())?;
+    let password = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(text);
+    if password.is_empty() {
+        return Err("is empty (a keystore needs a password)".into());
+    }
+    Ok(Secret::new(password.as_bytes().to_vec()))
 }
 
 /// A host name or IP address: no spaces, no option-looking values.
@@ -1085,6 +1180,55 @@ cert_path = "/etc/ssl/site.pem"
 key_path = "/etc/ssl/site.key"
 reload_command = "systemctl reload nginx"
 "#;
+
+    #[test]
+    fn a_keystore_needs_a_private_password_file_read_at_load() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("p12.pass");
+        std::fs::write(&pw, "s3cret-pw\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |extra: &str| MIN.replace("reload_command", &format!("{extra}reload_command"));
+        let p12 = format!("pkcs12_path = \"/etc/java/site.p12\"\npkcs12_password_file = \"{}\"\n", pw.display());
+        let c = Config::parse(&with(&p12), "c.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+        let t = &c.targets["web1"];
+        assert_eq!(t.pkcs12_password.as_ref().map(|p| p.expose().to_vec()), Some(b"s3cret-pw".to_vec()));
+        assert_eq!(
+            (t.pkcs12_mode.as_str(), t.pkcs12_alias.as_str(), t.bundle_mode.as_str()),
+            ("0600", "certdeploy", "0600")
+        );
+        assert!(!format!("{c:?}").contains("s3cret-pw"), "Debug of the configuration shows no password");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = Config::parse(&with(&p12), "c.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: targets.web1.pkcs12_password_file: ") && e.contains("mode 0640"), "{e}");
+        assert!(!e.contains("s3cret-pw"), "{e}");
+        let cases = [
+            ("pkcs12_path = \"/etc/java/site.p12\"\n".to_string(), "targets.web1.pkcs12_password_file: missing"),
+            (
+                format!("pkcs12_password_file = \"{}\"\n", pw.display()),
+                "targets.web1.pkcs12_password_file: set without",
+            ),
+            ("bundle_path = \"/etc/ssl/site.key\"\n".into(), "targets.web1.bundle_path: `/etc/ssl/site.key` is also"),
+            ("bundle_path = \"/h/b.pem\"\nbundle_mode = \"600\"\n".into(), "targets.web1.bundle_mode: `600` is not"),
+        ];
+        for (extra, want) in cases {
+            let e = Config::parse(&with(&extra), "c.toml", &[]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("c.toml: {want}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn extra_files_share_no_path_with_another_target_on_the_host() {
+        let text = format!(
+            "{MIN}bundle_path = \"/etc/ssl/shared.pem\"\n[targets.web2]\nhost = \"web1.internal\"\nuser = \"d\"\n\
+             cert_path = \"/etc/ssl/shared.pem\"\nkey_path = \"/etc/ssl/w2.key\"\nreload_command = \"true\"\n"
+        );
+        let e = Config::parse(&text, "c.toml", &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("c.toml: targets.web2.cert_path: `/etc/ssl/shared.pem` is also targets.web1.bundle_path"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_minimal_with_defaults() {

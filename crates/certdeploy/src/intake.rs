@@ -3,8 +3,8 @@
 
 use certdeploy_core::wire::{DeployRequest, RequestError, decode_request, printable};
 use certdeploy_core::{
-    CertificateInfo, Digest, Material, MaterialFacts, Payload, Plan, PlanError, Policy, Secret, TargetSpec, Timestamp,
-    build_plan, check_target_paths, parse_mode, target_paths,
+    CertificateInfo, Digest, ExtraFile, Formats, Keystore, Material, MaterialFacts, Payload, Plan, PlanError, Policy,
+    Secret, TargetSpec, Timestamp, build_plan_with, check_target_paths, parse_mode, target_paths,
 };
 
 use crate::config::{Config, TargetConfig, check_endpoint, check_host, glob_match, path_glob_match};
@@ -27,6 +27,9 @@ pub struct Validated {
     pub facts: MaterialFacts,
     /// Subject and notAfter of the leaf, journaled with the plan.
     pub certificate: CertificateInfo,
+    /// The configured target's extra files (bundle, keystore built for
+    /// this request): every attempt writes the same keystore.
+    pub formats: Formats,
 }
 
 /// Why a request is refused, with what could be salvaged for the result.
@@ -39,7 +42,7 @@ pub struct Rejection {
 
 impl Validated {
     pub fn plan(&self, attempt: u32) -> Result<(Plan, Payload), RequestError> {
-        let (mut plan, payload) = build_plan(
+        let (mut plan, payload) = build_plan_with(
             &self.deployment_id,
             &self.target_name,
             &self.spec,
@@ -47,6 +50,7 @@ impl Validated {
             &self.facts,
             self.policy.clone(),
             attempt,
+            &self.formats,
         )
         .map_err(|PlanError::Target { field, problem }| {
             if self.target_config.is_some() {
@@ -159,8 +163,13 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
     if let Some(t) = &target_config {
         check_server_names(&t.server_names, &facts.dns_names, &target_name)?;
     }
+    let formats = match &target_config {
+        Some(t) => formats(t, &req.certificate_pem, key_text, req.chain_pem.as_deref())?,
+        None => Formats::default(),
+    };
     let material = Material { certificate_pem: req.certificate_pem, private_key_pem: key, chain_pem: req.chain_pem };
     let v = Validated {
+        formats,
         deployment_id: req.deployment_id,
         target_name,
         spec,
@@ -198,6 +207,35 @@ fn check_server_names(wanted: &[String], dns_names: &[String], target: &str) -> 
             missing.join(", ")
         ),
     ))
+}
+
+/// A configured target's extra files for this request's material: the
+/// bundle's place, and the keystore built under the configured alias and
+/// password.
+fn formats(t: &TargetConfig, cert: &str, key: &str, chain: Option<&str>) -> Result<Formats, RequestError> {
+    let bundle = t.bundle_path.as_ref().map(|path| ExtraFile { path: path.clone(), mode: t.bundle_mode.clone() });
+    let pkcs12 = match (&t.pkcs12_path, &t.pkcs12_password) {
+        (Some(path), Some(password)) => {
+            let text = std::str::from_utf8(password.expose()).unwrap_or("");
+            let ks = certdeploy_pki::pkcs12_keystore(cert, key, chain, &t.pkcs12_alias, text)
+                .map_err(|e| RequestError::new(e.field, e.problem))?;
+            let keystore = Keystore {
+                bytes: Secret::new(ks.bytes.to_vec()),
+                holds: Digest(ks.holds),
+                password: password.clone(),
+                open: open_keystore,
+            };
+            Some((ExtraFile { path: path.clone(), mode: t.pkcs12_mode.clone() }, keystore))
+        }
+        _ => None,
+    };
+    Ok(Formats { bundle, pkcs12 })
+}
+
+/// [`certdeploy_core::OpenKeystore`]: what a keystore found on a host holds.
+fn open_keystore(bytes: &[u8], password: &Secret) -> Option<Digest> {
+    let password = std::str::from_utf8(password.expose()).ok()?;
+    certdeploy_pki::keystore_holds(bytes, password).map(Digest)
 }
 
 /// Inline targets: whoever can publish must not gain command execution or

@@ -366,10 +366,14 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
                 .zip(results)
                 .map(|(req, r)| match r {
                     Ok(mut s) => {
-                        if let (Role::Cert, PreState::Existing { cert, .. }, Some(bytes)) =
-                            (req.role, &mut s.snapshot.pre, s.content.as_deref())
-                        {
-                            *cert = (env.cert_facts)(bytes);
+                        match (req.role, &mut s.snapshot.pre, s.content.as_deref()) {
+                            (Role::Cert, PreState::Existing { cert, .. }, Some(bytes)) => {
+                                *cert = (env.cert_facts)(bytes);
+                            }
+                            (Role::Pkcs12, PreState::Existing { holds, .. }, Some(bytes)) => {
+                                *holds = payload.and_then(|p| p.keystore_holds(bytes));
+                            }
+                            _ => {}
                         }
                         Event::Snapshotted { role: req.role, snapshot: s.snapshot }
                     }

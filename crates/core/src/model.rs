@@ -35,16 +35,40 @@ pub enum Role {
     Cert,
     Key,
     Chain,
+    /// Certificate, chain and key in one PEM file (HAProxy, Postfix).
+    Bundle,
+    /// A PKCS#12 keystore holding key, certificate and chain (Java).
+    Pkcs12,
 }
 
 impl Role {
+    /// The roles every result reports a backup status for (`n/a` when the
+    /// target has no such file).
     pub const ALL: [Role; 3] = [Role::Cert, Role::Key, Role::Chain];
+    /// The extra files a configured target may add; a result reports them
+    /// only when the deployment's plan has them.
+    pub const EXTRA: [Role; 2] = [Role::Bundle, Role::Pkcs12];
+    /// Every role.
+    pub const EVERY: [Role; 5] = [Role::Cert, Role::Key, Role::Chain, Role::Bundle, Role::Pkcs12];
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Cert => "cert",
             Role::Key => "key",
             Role::Chain => "chain",
+            Role::Bundle => "bundle",
+            Role::Pkcs12 => "pkcs12",
         }
+    }
+    /// Whether the file holds the private key (in clear or encrypted): it
+    /// is written through the private staging directory and gets the key's
+    /// owner and group.
+    pub fn holds_key(self) -> bool {
+        matches!(self, Role::Key | Role::Bundle | Role::Pkcs12)
+    }
+    /// Whether a snapshot reads the existing file's content (the
+    /// certificate for its facts, a keystore to see what it holds).
+    pub fn reads_content(self) -> bool {
+        matches!(self, Role::Cert | Role::Pkcs12)
     }
 }
 
@@ -234,7 +258,12 @@ pub fn target_paths(t: &TargetSpec) -> Vec<(&'static str, &str)> {
 /// and no path is used for two files. The error names the field (for a
 /// path used twice, the later one).
 pub fn check_target_paths(t: &TargetSpec) -> Result<(), PlanError> {
-    let paths = target_paths(t);
+    check_paths(&target_paths(t))
+}
+
+/// [`check_target_paths`] on a list of `(field, path)`: a target's paths
+/// with its extra files ([`Formats::paths`]).
+pub fn check_paths(paths: &[(&'static str, &str)]) -> Result<(), PlanError> {
     for (i, (field, p)) in paths.iter().enumerate() {
         check_target_path(p).map_err(|problem| PlanError::Target { field, problem: format!("`{p}` {problem}") })?;
         if let Some((first, _)) = paths[..i].iter().find(|(_, q)| q == p) {
@@ -261,6 +290,11 @@ pub struct FilePlan {
     pub mode: u32,
     pub sha256: Digest,
     pub size: u64,
+    /// A keystore only: the digest of what it holds ([`Keystore::holds`]).
+    /// Its bytes differ at every build (random salts), so an existing
+    /// keystore that holds the same is as good as identical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holds: Option<Digest>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,6 +427,8 @@ impl Plan {
 #[derive(Clone, Debug, Default)]
 pub struct Payload {
     contents: BTreeMap<Role, Secret>,
+    /// How to open the keystore already on the host, when the plan writes one.
+    keystore: Option<KeystoreReader>,
 }
 
 impl Payload {
@@ -401,6 +437,72 @@ impl Payload {
     }
     pub fn insert(&mut self, role: Role, bytes: Vec<u8>) {
         self.contents.insert(role, Secret::new(bytes));
+    }
+    /// What the keystore `bytes` (found on the host) holds, opened with the
+    /// configured password: `None` without a keystore in the plan, or when
+    /// it does not open with it.
+    pub fn keystore_holds(&self, bytes: &[u8]) -> Option<Digest> {
+        let r = self.keystore.as_ref()?;
+        (r.open)(bytes, &r.password)
+    }
+}
+
+/// Opens a PKCS#12 keystore with a password and tells the digest of what it
+/// holds (aliases, keys, certificates): supplied by the caller (the pki
+/// crate), so that this crate needs no PKCS#12 code.
+pub type OpenKeystore = fn(bytes: &[u8], password: &Secret) -> Option<Digest>;
+
+#[derive(Clone)]
+struct KeystoreReader {
+    password: Secret,
+    open: OpenKeystore,
+}
+
+impl fmt::Debug for KeystoreReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeystoreReader([redacted])")
+    }
+}
+
+/// The extra files of a configured target, besides certificate, key and
+/// chain. Never journaled (the keystore and its password are secrets).
+#[derive(Clone, Debug, Default)]
+pub struct Formats {
+    /// `bundle_path`: certificate, chain and key in one PEM file.
+    pub bundle: Option<ExtraFile>,
+    /// `pkcs12_path`: the keystore, built for this request.
+    pub pkcs12: Option<(ExtraFile, Keystore)>,
+}
+
+/// Where an extra file goes, and its mode (octal text, as configured).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraFile {
+    pub path: String,
+    pub mode: String,
+}
+
+/// A PKCS#12 keystore built for one request.
+#[derive(Clone, Debug)]
+pub struct Keystore {
+    pub bytes: Secret,
+    /// The digest of what it holds, as [`Keystore::open`] tells it of these
+    /// very bytes.
+    pub holds: Digest,
+    pub password: Secret,
+    pub open: OpenKeystore,
+}
+
+impl Formats {
+    /// The extra files' `(field, path)`, in plan order.
+    pub fn paths(&self) -> Vec<(&'static str, &str)> {
+        let mut v = Vec::new();
+        if let Some(b) = &self.bundle {
+            v.push(("bundle_path", b.path.as_str()));
+        }
+        if let Some((p, _)) = &self.pkcs12 {
+            v.push(("pkcs12_path", p.path.as_str()));
+        }
+        v
     }
 }
 
@@ -437,6 +539,24 @@ pub fn build_plan(
     policy: Policy,
     attempt: u32,
 ) -> Result<(Plan, Payload), PlanError> {
+    let formats = Formats::default();
+    build_plan_with(deployment_id, target_name, target, material, facts, policy, attempt, &formats)
+}
+
+/// [`build_plan`] with a configured target's extra files: the bundle
+/// (certificate, chain, key: the chain as given, whether or not the target
+/// has a `chain_path`) and the keystore.
+#[allow(clippy::too_many_arguments)]
+pub fn build_plan_with(
+    deployment_id: &str,
+    target_name: &str,
+    target: &TargetSpec,
+    material: &Material,
+    facts: &MaterialFacts,
+    policy: Policy,
+    attempt: u32,
+    formats: &Formats,
+) -> Result<(Plan, Payload), PlanError> {
     let cert_mode = parse_mode(&target.cert_mode).ok_or_else(|| PlanError::Target {
         field: "cert_mode",
         problem: format!("`{}` is not an octal mode like 0644", target.cert_mode),
@@ -445,7 +565,15 @@ pub fn build_plan(
         field: "key_mode",
         problem: format!("`{}` is not an octal mode like 0600", target.key_mode),
     })?;
-    check_target_paths(target)?;
+    let mut paths = target_paths(target);
+    paths.extend(formats.paths());
+    check_paths(&paths)?;
+    let extra_mode = |field: &'static str, f: &ExtraFile| {
+        parse_mode(&f.mode)
+            .ok_or_else(|| PlanError::Target { field, problem: format!("`{}` is not an octal mode like 0600", f.mode) })
+    };
+    let bundle_mode = formats.bundle.as_ref().map(|b| extra_mode("bundle_mode", b)).transpose()?;
+    let pkcs12_mode = formats.pkcs12.as_ref().map(|(f, _)| extra_mode("pkcs12_mode", f)).transpose()?;
 
     let mut payload = Payload::default();
     let mut files = Vec::with_capacity(3);
@@ -456,12 +584,31 @@ pub fn build_plan(
             mode,
             sha256: Digest::of(&bytes),
             size: bytes.len() as u64,
+            holds: None,
         });
         payload.insert(role, bytes);
     };
 
+    if let (Some(b), Some(mode)) = (&formats.bundle, bundle_mode) {
+        let mut bytes = Vec::new();
+        for part in
+            [Some(material.certificate_pem.as_bytes()), chain_of(material), Some(material.private_key_pem.expose())]
+                .into_iter()
+                .flatten()
+        {
+            bytes.extend_from_slice(part);
+            if !bytes.ends_with(b"\n") {
+                bytes.push(b'\n');
+            }
+        }
+        push(Role::Bundle, &b.path, mode, bytes);
+    }
+    if let (Some((f, ks)), Some(mode)) = (&formats.pkcs12, pkcs12_mode) {
+        push(Role::Pkcs12, &f.path, mode, ks.bytes.expose().to_vec());
+    }
+
     let mut cert = material.certificate_pem.clone().into_bytes();
-    let chain = material.chain_pem.as_deref().filter(|c| !c.trim().is_empty());
+    let chain = chain_of(material).and_then(|c| std::str::from_utf8(c).ok());
     match (chain, &target.chain_path) {
         (Some(chain), Some(chain_path)) => {
             push(Role::Cert, &target.cert_path, cert_mode, cert);
@@ -478,6 +625,12 @@ pub fn build_plan(
     }
     push(Role::Key, &target.key_path, key_mode, material.private_key_pem.expose().to_vec());
     files.sort_by_key(|f| f.role);
+    if let Some((_, ks)) = &formats.pkcs12 {
+        for f in files.iter_mut().filter(|f| f.role == Role::Pkcs12) {
+            f.holds = Some(ks.holds);
+        }
+        payload.keystore = Some(KeystoreReader { password: ks.password.clone(), open: ks.open });
+    }
 
     let verify = match (&target.verify_endpoint, facts.leaf_sha256) {
         (Some(endpoint), Some(expected)) => {
@@ -508,6 +661,11 @@ pub fn build_plan(
         certificate: None,
     };
     Ok((plan, payload))
+}
+
+/// The request's chain, when it has one that is not blank.
+fn chain_of(material: &Material) -> Option<&[u8]> {
+    material.chain_pem.as_deref().filter(|c| !c.trim().is_empty()).map(str::as_bytes)
 }
 
 /// Is this a valid deployment id (1–128 chars of `[A-Za-z0-9._:-]`)?

@@ -13,7 +13,7 @@ pub struct CertFacts {
 }
 
 /// What was at a path before this deployment touched it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum PreState {
     Missing,
@@ -26,7 +26,35 @@ pub enum PreState {
         gid: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cert: Option<CertFacts>,
+        /// A keystore that opens with the configured password: the digest
+        /// of what it holds (as `FilePlan::holds`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holds: Option<Digest>,
     },
+}
+
+/// As derived, but `holds` only when there is one (a keystore), so that
+/// what every other file's snapshot prints stays as it was.
+impl std::fmt::Debug for PreState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PreState::Missing => f.write_str("Missing"),
+            PreState::Existing { backup_path, sha256, size, mode, uid, gid, cert, holds } => {
+                let mut d = f.debug_struct("Existing");
+                d.field("backup_path", backup_path)
+                    .field("sha256", sha256)
+                    .field("size", size)
+                    .field("mode", mode)
+                    .field("uid", uid)
+                    .field("gid", gid)
+                    .field("cert", cert);
+                if holds.is_some() {
+                    d.field("holds", holds);
+                }
+                d.finish()
+            }
+        }
+    }
 }
 
 /// The journaled result of snapshotting one path.

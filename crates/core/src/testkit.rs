@@ -402,9 +402,10 @@ impl Host for MemHost {
                                 uid: i.uid,
                                 gid: i.gid,
                                 cert: None,
+                                holds: None,
                             },
                         },
-                        content: (f.role == Role::Cert).then(|| i.bytes.clone()),
+                        content: f.role.reads_content().then(|| i.bytes.clone()),
                     })
                 }
             };

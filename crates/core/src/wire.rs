@@ -205,6 +205,12 @@ const TARGET_SPEC_FIELDS: &[(&str, bool, Kind)] = &[
     ("verify_sni", false, Kind::Str),
 ];
 
+/// Keys of a `[targets.NAME]` table that an inline `target_spec` may not
+/// have: the extra files (a keystore's password file would be a file on the
+/// worker's machine named by whoever can publish).
+const CONFIG_ONLY_FIELDS: &[&str] =
+    &["bundle_path", "bundle_mode", "pkcs12_path", "pkcs12_mode", "pkcs12_password_file", "pkcs12_alias"];
+
 #[derive(Copy, Clone, PartialEq, Eq)]
 enum Kind {
     Str,
@@ -235,6 +241,13 @@ fn check_fields(
             let expected: Vec<&str> = fields.iter().map(|(n, _, _)| *n).collect();
             // An empty name is shown as `""`, so the error still names it.
             let name = if k.is_empty() { "\"\"".to_string() } else { printable(k) };
+            if !prefix.is_empty() && CONFIG_ONLY_FIELDS.contains(&k.as_str()) {
+                return Some(RequestError::new(
+                    format!("{prefix}{name}"),
+                    "only a configured target ([targets.NAME] in the worker's configuration) may write a bundle or \
+                     a PKCS#12 keystore: an inline target writes certificate, key and chain only",
+                ));
+            }
             return Some(RequestError::new(
                 format!("{prefix}{name}"),
                 format!("unknown field (expected one of: {})", expected.join(", ")),
@@ -517,7 +530,7 @@ impl Details {
             *field = v == "true";
             *field
         }
-        let role = |s: &str| Role::ALL.into_iter().find(|r| r.as_str() == s);
+        let role = |s: &str| Role::EVERY.into_iter().find(|r| r.as_str() == s);
         let boolean = |v: &str| exact(v, |v| v.parse::<bool>().ok());
         let number = |v: &str| exact(v, |v| v.parse::<i64>().ok());
         let mut d = Details::default();
@@ -582,9 +595,12 @@ mod tests {
             "backup_status_cert",
             "backup_status_key",
             "backup_status_chain",
+            "backup_status_bundle",
+            "backup_status_pkcs12",
             "backup_status_other",
             "backup_path_cert",
             "backup_path_chain",
+            "backup_path_pkcs12",
             "backup_path_",
             "failed_step",
             "reload_error",
@@ -659,6 +675,20 @@ mod tests {
         assert_eq!(d.backups[&Role::Cert], BackupStatus::Rollback(RestoreStatus::RestoreFailed));
         assert_eq!(d.failed_step, Some(FailedStep::Step(Step::Reload)));
         assert_eq!((d.rolled_back, d.manual_action_required, d.existing_not_before), (Some(false), true, Some(-5)));
+    }
+
+    #[test]
+    fn an_inline_target_may_not_have_a_bundle_or_a_keystore() {
+        for key in CONFIG_ONLY_FIELDS {
+            let body = serde_json::json!({
+                "schema": REQUEST_SCHEMA, "deployment_id": "d1", "certificate_pem": "c", "private_key_pem": "k",
+                "target_spec": { "host": "h", "user": "u", "cert_path": "/a", "key_path": "/b",
+                                 "reload_command": "true", *key: "/etc/certdeploy/amqp.pass" },
+            });
+            let e = decode_request(&serde_json::to_vec(&body).unwrap()).unwrap_err();
+            assert_eq!(e.field, format!("target_spec.{key}"), "{e}");
+            assert!(e.problem.starts_with("only a configured target"), "{e}");
+        }
     }
 
     #[test]

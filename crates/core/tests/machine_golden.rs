@@ -128,7 +128,10 @@ fn snapshot_of(rng: &mut Rng, plan: &Plan, role: Role, identical: bool) -> Snaps
         leaf_sha256: if identical { Digest::of(b"CERT new nb=1000") } else { Digest::of(b"CERT old") },
     });
     let backup_path = backup_path(&live_path, &plan.deployment_id);
-    Snapshot { live_path, pre: PreState::Existing { backup_path, sha256, size: 10, mode, uid: 0, gid: 0, cert } }
+    Snapshot {
+        live_path,
+        pre: PreState::Existing { backup_path, sha256, size: 10, mode, uid: 0, gid: 0, cert, holds: None },
+    }
 }
 
 /// Like the driver: within a batch, every success first, then the one
@@ -241,6 +244,7 @@ fn catalogue(plan: &Plan) -> Vec<Event> {
         uid: 0,
         gid: 0,
         cert: (role == Role::Cert).then(|| CertFacts { not_before: 900, leaf_sha256: Digest::of(b"CERT old") }),
+        holds: None,
     };
     let steps = [
         Step::Snapshot,

@@ -249,6 +249,7 @@ fn content_of(role: Role, c: Content) -> Option<Vec<u8>> {
         Role::Cert => cert_bytes(g),
         Role::Key => key_bytes(g),
         Role::Chain => chain_bytes(g),
+        Role::Bundle | Role::Pkcs12 => unreachable!("the model's targets have no extra files"),
     })
 }
 fn mode_of(role: Role, c: Content) -> u32 {
@@ -423,6 +424,7 @@ impl StateMachineTest for DeployTest {
                     Role::Cert => CERT,
                     Role::Key => KEY,
                     Role::Chain => CHAIN,
+                    Role::Bundle | Role::Pkcs12 => unreachable!("the model's targets have no extra files"),
                 };
                 sim.put(path, &content_of(r, Content::Original).unwrap(), mode_of(r, Content::Original));
             }

@@ -35,6 +35,11 @@
 //! line numbers and sanitized block labels). Decoded key bytes are zeroized on
 //! drop.
 
+mod keystore;
+pub use keystore::{
+    KEYSTORE_ITERATIONS, MAX_KEYSTORE_BYTES, MAX_MAC_ITERATIONS, Pkcs12, keystore_holds, pkcs12_keystore,
+};
+
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{LazyLock, Mutex};

@@ -762,3 +762,39 @@ fn rsa_keys_above_8192_bits_are_rejected_before_any_arithmetic() {
     let e = err(&p.leaf.pem(), &pem_encode("RSA PRIVATE KEY", &rsa_pkcs1_der_of_bits(8192)), None);
     assert!(!e.contains("bit limit"), "{e}");
 }
+
+// ---------------------------------------------------------------------------
+// PKCS#12 keystores
+
+#[test]
+fn a_keystore_opens_to_what_it_was_built_with_and_a_rebuild_holds_the_same() {
+    use certdeploy_pki::{keystore_holds, pkcs12_keystore};
+    let rsa = pki(Alg::Rsa);
+    let p256 = pki(Alg::P256);
+    let p384 = pki(Alg::P384);
+    let rsa_pkcs1 = rsa_pkcs1_pem();
+    let p256_sec1 = p256_sec1_pem(&p256.leaf.key_pem());
+    let p384_sec1 = p384_sec1_pem(&p384.leaf.key_pem());
+    // RSA as its leaf's key: the leaf of `rsa` is signed with the shared RSA key.
+    let cases: [(&Pki, &str); 4] =
+        [(&rsa, &rsa_pkcs1), (&p256, &p256.leaf.key_pem()), (&p256, &p256_sec1), (&p384, &p384_sec1)];
+    for (i, (p, key)) in cases.into_iter().enumerate() {
+        let chain = p.chain();
+        let ks = pkcs12_keystore(&p.leaf.pem(), key, Some(&chain), "certdeploy", "s3cret").unwrap();
+        assert_eq!(keystore_holds(&ks.bytes, "s3cret"), Some(ks.holds), "case {i}");
+        let again = pkcs12_keystore(&p.leaf.pem(), key, Some(&chain), "certdeploy", "s3cret").unwrap();
+        assert_ne!(*again.bytes, *ks.bytes, "case {i}: random salts");
+        assert_eq!(again.holds, ks.holds, "case {i}: the same content");
+        assert_eq!(keystore_holds(&ks.bytes, "other"), None, "case {i}: wrong password");
+        let other_alias = pkcs12_keystore(&p.leaf.pem(), key, Some(&chain), "tomcat", "s3cret").unwrap();
+        assert_ne!(other_alias.holds, ks.holds, "case {i}: another alias");
+        let no_chain = pkcs12_keystore(&p.leaf.pem(), key, None, "certdeploy", "s3cret").unwrap();
+        assert_ne!(no_chain.holds, ks.holds, "case {i}: another chain");
+        assert_eq!(keystore_holds(&ks.bytes[..ks.bytes.len() - 1], "s3cret"), None, "case {i}: truncated");
+        assert_eq!(keystore_holds(b"not a keystore", "s3cret"), None);
+    }
+    // A PKCS#1 key and its PKCS#8 form are the same key in the keystore.
+    let pkcs8 = pkcs12_keystore(&rsa.leaf.pem(), rsa_pkcs8_pem(), None, "a", "pw").unwrap();
+    let pkcs1 = pkcs12_keystore(&rsa.leaf.pem(), &rsa_pkcs1, None, "a", "pw").unwrap();
+    assert_eq!(pkcs8.holds, pkcs1.holds);
+}

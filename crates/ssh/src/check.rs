@@ -44,6 +44,18 @@ fn parent_of(path: &str) -> String {
 /// own answer whether the rule allows exactly that, without running it);
 /// a refusal names sudo, quotes it, and shows the sudoers rule to grant.
 pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy: &TargetPolicy) -> Vec<CheckLine> {
+    check_with_extra(pool, addr, target, &[], policy).await
+}
+
+/// [`check`] with a configured target's extra files (bundle, keystore) by
+/// role, checked like the others (their directory, links and owner).
+pub async fn check_with_extra(
+    pool: &SshPool,
+    addr: &HostAddr,
+    target: &TargetSpec,
+    extra: &[(Role, &str)],
+    policy: &TargetPolicy,
+) -> Vec<CheckLine> {
     let mut lines = Vec::new();
     let lease = match pool.lease(addr).await {
         Ok(l) => {
@@ -117,6 +129,9 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy:
     if let Some(c) = &target.chain_path {
         dirs.insert(parent_of(c));
     }
+    for (_, path) in extra {
+        dirs.insert(parent_of(path));
+    }
     for dir in dirs {
         let name = format!("directory {dir}");
         let mut fs = sftp.fs();
@@ -168,6 +183,10 @@ pub async fn check(pool: &SshPool, addr: &HostAddr, target: &TargetSpec, policy:
     let mut paths = vec![(Role::Cert, "cert", &target.cert_path), (Role::Key, "key", &target.key_path)];
     if let Some(c) = &target.chain_path {
         paths.push((Role::Chain, "chain", c));
+    }
+    let extra: Vec<(Role, String)> = extra.iter().map(|(r, p)| (*r, p.to_string())).collect();
+    for (role, path) in &extra {
+        paths.push((*role, role.as_str(), path));
     }
     for (role, what, path) in paths {
         let name = format!("{what} {path}");

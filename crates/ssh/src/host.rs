@@ -162,6 +162,7 @@ fn existing(live: String, backup: String, r: &Read) -> Snapshot {
             uid: r.meta.uid().unwrap_or(0),
             gid: r.meta.gid().unwrap_or(0),
             cert: None,
+            holds: None,
         },
     }
 }
@@ -517,7 +518,7 @@ impl<'a> SshHost<'a> {
         }
         match (stat, &linked, opened) {
             (Ok(meta), Ok(()), Ok(f)) if meta.file_type().is_some_and(|t| t.is_file()) => {
-                let r = match read_open(f, req.role == Role::Cert, Some(meta)).await {
+                let r = match read_open(f, req.role.reads_content(), Some(meta)).await {
                     Ok(r) => r,
                     Err(e) => return Err(lease.sftp_err("read backup", &backup, &e)),
                 };
@@ -605,7 +606,7 @@ impl<'a> SshHost<'a> {
             self.copy_file(lease, id, &live, &backup, &meta).await?;
         }
         // A link shares the live file's inode: its metadata is known.
-        let r = match self.read_file(lease, &backup, req.role == Role::Cert, linked.then_some(meta)).await {
+        let r = match self.read_file(lease, &backup, req.role.reads_content(), linked.then_some(meta)).await {
             Ok(r) => r,
             Err(e) => return Err(lease.sftp_err("read backup", &backup, &e)),
         };
@@ -1123,7 +1124,7 @@ impl Host for SshHost<'_> {
             // was one; only a key's needs the private staging directory).
             let filled =
                 in_order_all(files.iter().zip(&temps).zip(&owners).map(|(((f, bytes), temp), (owner, strict))| {
-                    let private = f.role == Role::Key;
+                    let private = f.role.holds_key();
                     self.write_temp(&lease, temp, f.mode, *owner, bytes, private, *strict)
                 }))
                 .await;

@@ -45,11 +45,13 @@ impl TargetPolicy {
         b.build().map_err(|e| format!("link_targets: {e}"))
     }
 
-    /// Owner and group names (or ids) configured for `role`.
+    /// Owner and group names (or ids) configured for `role`: a file that
+    /// holds the key (key, bundle, keystore) gets the key's.
     fn names(&self, role: Role) -> (Option<&str>, Option<&str>) {
-        match role {
-            Role::Key => (self.key_owner.as_deref(), self.key_group.as_deref()),
-            _ => (self.cert_owner.as_deref(), self.cert_group.as_deref()),
+        if role.holds_key() {
+            (self.key_owner.as_deref(), self.key_group.as_deref())
+        } else {
+            (self.cert_owner.as_deref(), self.cert_group.as_deref())
         }
     }
 
@@ -91,10 +93,7 @@ impl Ids {
     /// rest from the existing file `kept` (checked by the snapshot) or the
     /// SSH user's. `None`: the SFTP server's default (the SSH user).
     pub(crate) fn owner_for(&self, role: Role, kept: Option<(Option<u32>, Option<u32>)>) -> Option<(u32, u32)> {
-        let (cu, cg) = match role {
-            Role::Key => self.key,
-            _ => self.cert,
-        };
+        let (cu, cg) = if role.holds_key() { self.key } else { self.cert };
         if cu.is_none() && cg.is_none() {
             return kept.and_then(|(u, g)| Some((u?, g?)));
         }
@@ -334,7 +333,7 @@ impl SshHost<'_> {
             self.addr(),
             self.acting_user(),
             ids.ssh_uid,
-            if role == Role::Key { "key" } else { "cert" }
+            if role.holds_key() { "key" } else { "cert" }
         )))
     }
 

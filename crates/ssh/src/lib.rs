@@ -23,7 +23,7 @@ mod lock;
 mod pool;
 mod sudo;
 
-pub use check::{CheckLine, check};
+pub use check::{CheckLine, check, check_with_extra};
 pub use error::shell_quote;
 pub use host::SshHost;
 pub use hostile::{TargetPolicy, valid_id_name};

@@ -157,7 +157,10 @@ impl Ending {
                 (Outcome::RollbackFailed, Some(restored), message)
             }
         };
-        details.backups = Role::ALL.into_iter().map(|r| (r, backup_status(cx, restored, r))).collect();
+        // The extra files (bundle, keystore) only when the plan has them, so
+        // that results of targets without them read as before.
+        let extra = Role::EXTRA.into_iter().filter(|r| plan.file(*r).is_some());
+        details.backups = Role::ALL.into_iter().chain(extra).map(|r| (r, backup_status(cx, restored, r))).collect();
         Report {
             deployment_id: plan.deployment_id.clone(),
             target: plan.target.clone(),

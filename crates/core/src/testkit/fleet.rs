@@ -230,9 +230,10 @@ impl HostWorld {
                     uid: 0,
                     gid: 0,
                     cert: None,
+                    holds: None,
                 },
             },
-            content: (req.role == Role::Cert).then(|| f.bytes.clone()),
+            content: req.role.reads_content().then(|| f.bytes.clone()),
         })
     }
 
