@@ -27,6 +27,8 @@ pub struct Validated {
     pub facts: MaterialFacts,
     /// Subject and notAfter of the leaf, journaled with the plan.
     pub certificate: CertificateInfo,
+    /// Read and compare only (`"dry_run": true`): never journaled.
+    pub dry_run: bool,
 }
 
 /// Why a request is refused, with what could be salvaged for the result.
@@ -169,6 +171,7 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
         material,
         facts: MaterialFacts { leaf_sha256: Some(Digest(facts.leaf_sha256)), not_before: Some(facts.not_before) },
         certificate: CertificateInfo { subject: facts.subject, not_after: facts.not_after },
+        dry_run: req.dry_run,
     };
     // A request whose plan cannot be built is rejected here, never handed
     // to the runtime (which would return it to the queue, again and again).

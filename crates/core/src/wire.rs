@@ -116,6 +116,17 @@ pub fn salvage_ids(body: &[u8]) -> (Option<String>, Option<String>) {
     (id, target)
 }
 
+/// Whether a body (perhaps invalid) asks for a dry run (`"dry_run": true`).
+pub fn salvage_dry_run(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Dry {
+        #[serde(default)]
+        dry_run: Option<serde_json::Value>,
+    }
+    body.len() <= MAX_MESSAGE_BYTES
+        && serde_json::from_slice::<Dry>(body).is_ok_and(|d| d.dry_run == Some(serde_json::Value::Bool(true)))
+}
+
 /// Decode and structurally check a request body (size, UTF-8, JSON, schema
 /// version, id, target). Certificate checks come after (pki crate).
 pub fn decode_request(body: &[u8]) -> Result<DeployRequest, RequestError> {
