@@ -374,7 +374,9 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
                 .iter()
                 .zip(results)
                 .map(|(req, r)| match r {
-                    Ok(s) => Event::Snapshotted { role: req.role, snapshot: with_cert_facts(env.cert_facts, req.role, s) },
+                    Ok(s) => {
+                        Event::Snapshotted { role: req.role, snapshot: with_cert_facts(env.cert_facts, req.role, s) }
+                    }
                     Err(error) => Event::StepFailed { step: Step::Snapshot, role: Some(req.role), error },
                 })
                 .collect();
@@ -470,7 +472,8 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
 /// The snapshot of what `Host::snapshot` (or `Host::inspect`) found, with
 /// the public facts of an existing certificate file (for supersede).
 pub(crate) fn with_cert_facts(cert_facts: fn(&[u8]) -> Option<CertFacts>, role: Role, mut s: Snapped) -> Snapshot {
-    if let (Role::Cert, PreState::Existing { cert, .. }, Some(bytes)) = (role, &mut s.snapshot.pre, s.content.as_deref())
+    if let (Role::Cert, PreState::Existing { cert, .. }, Some(bytes)) =
+        (role, &mut s.snapshot.pre, s.content.as_deref())
     {
         *cert = cert_facts(bytes);
     }

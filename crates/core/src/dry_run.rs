@@ -70,8 +70,11 @@ pub async fn dry_run<H: Host, V: Verifier, C: Clock>(
         .files
         .iter()
         .map(|f| {
-            let action =
-                if file_unchanged(f, found.get(&f.role).map(|s| &s.pre)) { FileAction::Unchanged } else { FileAction::Write };
+            let action = if file_unchanged(f, found.get(&f.role).map(|s| &s.pre)) {
+                FileAction::Unchanged
+            } else {
+                FileAction::Write
+            };
             (f.role, action)
         })
         .collect();

@@ -422,7 +422,9 @@ impl Host for MemHost {
             .map(|f| {
                 let live = w.resolve(&f.path);
                 match w.paths.get(&live) {
-                    None => Ok(Snapped { snapshot: Snapshot { live_path: live, pre: PreState::Missing }, content: None }),
+                    None => {
+                        Ok(Snapped { snapshot: Snapshot { live_path: live, pre: PreState::Missing }, content: None })
+                    }
                     Some(Node::Symlink(_)) => Err(StepError::permanent(format!("{live}: symlink loop"))),
                     Some(Node::File(ino)) => {
                         let i = &w.inodes[ino];

@@ -567,9 +567,11 @@ impl Details {
                     } else if let Some(r) = k.strip_prefix(BACKUP_PATH).and_then(role) {
                         d.backups_left.insert(r, v.clone());
                         true
-                    } else if let Some((r, a)) = k.strip_prefix(PLAN).and_then(role).zip(
-                        [FileAction::Write, FileAction::Unchanged].into_iter().find(|a| a.as_str() == v),
-                    ) {
+                    } else if let Some((r, a)) = k
+                        .strip_prefix(PLAN)
+                        .and_then(role)
+                        .zip([FileAction::Write, FileAction::Unchanged].into_iter().find(|a| a.as_str() == v))
+                    {
                         d.plans.insert(r, a);
                         true
                     } else {

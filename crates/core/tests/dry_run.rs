@@ -35,7 +35,10 @@ fn meta(r: &Report, k: &str) -> String {
     r.metadata().get(k).cloned().unwrap_or_else(|| "<absent>".into())
 }
 
-fn state(rig: &Rig) -> Vec<(String, Option<(Vec<u8>, u32)>)> {
+/// Every path of the host with its content and mode.
+type HostState = Vec<(String, Option<(Vec<u8>, u32)>)>;
+
+fn state(rig: &Rig) -> HostState {
     rig.sim.list().into_iter().map(|p| (p.clone(), rig.sim.get(&p))).collect()
 }
 

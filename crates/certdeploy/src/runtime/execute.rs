@@ -86,12 +86,21 @@ impl Runtime {
         let _target_guard = self.targets.lock(&Self::target_key(&plan)).await;
         let host = self.host(&plan, v.target_config.as_ref());
         let span = tracing::info_span!("dry_run", deployment_id = %plan.deployment_id, target = %plan.target);
-        let report =
-            certdeploy_core::dry_run::dry_run(&host, &self.verifier, &crate::clock::SystemClock, super::cert_facts, &plan)
-                .instrument(span)
-                .await;
-        metrics::counter!(m::DEPLOYMENTS, "outcome" => report.outcome.as_str()).increment(1);
-        tracing::info!(deployment_id = %report.deployment_id, target = %report.target, outcome = %report.outcome, "{}", report.message);
+        let report = certdeploy_core::dry_run::dry_run(
+            &host,
+            &self.verifier,
+            &crate::clock::SystemClock,
+            super::cert_facts,
+            &plan,
+        )
+        .instrument(span)
+        .await;
+        // Counted as `planned` only: a dry run that found a problem changed
+        // nothing and is no failed deployment (no alert on it).
+        if report.outcome == certdeploy_core::Outcome::Planned {
+            metrics::counter!(m::DEPLOYMENTS, "outcome" => report.outcome.as_str()).increment(1);
+        }
+        tracing::info!(deployment_id = %report.deployment_id, target = %report.target, outcome = %report.outcome, dry_run = true, "{}", report.message);
         Ok(report)
     }
 
