@@ -253,3 +253,57 @@ fn deploy_dry_run_exits_0_and_prints_the_plan() {
     assert_eq!((code, ev.outcome), (0, Outcome::Deployed), "{}", ev.message);
     assert_eq!(fleet.files(t).0, Some(newer.cert_pem.clone().into_bytes()));
 }
+
+/// `certdeploy submit --dry-run --wait` sends dry runs (one request, or
+/// every line of a batch) and prints each plan; exit 0, nothing written.
+#[test]
+fn submit_dry_run_sends_dry_runs_and_prints_the_plans() {
+    let fleet = Fleet::new(1, true);
+    let cfg = fleet.write_config(&Opts::default());
+    let _w = Proc::worker(&fleet, &cfg, &[], "worker");
+    let ca = TestCa::new();
+    let t = &fleet.targets[0];
+    let dir = fleet.tmp.path();
+    let b = ca.leaf("www.example.com", 1);
+    let (cert, key, chain) = (dir.join("s.pem"), dir.join("s.key"), dir.join("s.chain"));
+    write_file(&cert, &b.cert_pem);
+    write_file(&key, &b.key_pem);
+    write_file(&chain, &b.chain_pem);
+    let before = tree(&t.dir);
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let args: Vec<String> = [
+        "submit",
+        "--target",
+        "t0",
+        "--cert",
+        &p(&cert),
+        "--key",
+        &p(&key),
+        "--chain",
+        &p(&chain),
+        "--id",
+        "sub-dry-1",
+        "--dry-run",
+        "--wait",
+        "--quiet",
+        "--timeout",
+        "60",
+    ]
+    .map(String::from)
+    .into();
+    let (code, out, err) = run(&cfg, &strs(&args));
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let planned = out.split("PLANNED:").nth(1).unwrap_or_else(|| panic!("no PLANNED section:\n{out}"));
+    let line = planned.lines().find(|l| l.contains("sub-dry-1")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("plan_cert=write") && line.contains("plan_supersede=false"), "{line}");
+
+    let batch = dir.join("dry.jsonl");
+    write_file(&batch, &format!("{}\n", String::from_utf8(request("sub-dry-2", "t0", &b, true)).unwrap()));
+    let args = ["submit", "--batch", batch.to_str().unwrap(), "--dry-run", "--wait", "--quiet", "--timeout", "60"];
+    let (code, out, err) = run(&cfg, &args);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.lines().any(|l| l.starts_with("planned") && l.trim_end().ends_with('1')), "summary:\n{out}");
+    assert!(out.contains("sub-dry-2 t0 plan_cert=write plan_chain=write plan_key=write"), "{out}");
+    assert_eq!(tree(&t.dir), before, "submit --dry-run changed the target directory");
+    assert_eq!(fleet.files(t), (None, None, None));
+}
