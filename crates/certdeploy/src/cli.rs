@@ -40,6 +40,10 @@ pub struct DeployArgs {
     /// Print the result event as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Read the host and compare, change nothing: print what a deployment
+    /// would do (outcome `planned`; exit 0 when planned). Not journaled.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +75,10 @@ pub struct SubmitArgs {
     /// default `[submit] key_recipients`.
     #[arg(long = "recipient", value_name = "AGE_RECIPIENT")]
     pub recipients: Vec<String>,
+    /// Send every request as a dry run (`"dry_run": true`): the worker reads
+    /// and compares, changes nothing, and answers `planned` with the plan.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -444,6 +452,7 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
         private_key_age: None,
         chain_pem: a.chain.as_ref().map(|c| read(c, "chain")).transpose()?,
         requested_at: None,
+        dry_run: a.dry_run,
     };
     if !certdeploy_core::valid_deployment_id(&id) {
         eprintln!("certdeploy: --id: must be 1-128 characters of [A-Za-z0-9._:-]");
@@ -459,6 +468,13 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
         }
     };
     let rt = Arc::new(Runtime::open(cfg)?);
+    if v.dry_run {
+        // Nothing journaled and nothing recovered: a dry run only reads.
+        let report = rt.dry_run(&v).await?;
+        print_report(&report, &rt.worker_name, a.json);
+        rt.close_ssh().await;
+        return Ok(if report.outcome.success() { EXIT_OK } else { EXIT_FAILED });
+    }
     rt.recover_all().await?;
     let report = rt.execute_waiting(&v).await?;
     print_report(&report, &rt.worker_name, a.json);
@@ -669,11 +685,19 @@ async fn check(cfg: Config, a: CheckArgs) -> anyhow::Result<u8> {
 
 /// One line of a batch, re-serialized with an id and schema filled in, its
 /// key sealed when there are recipients.
-fn batch_line(line: &str, n: usize, recipients: &[age::x25519::Recipient]) -> anyhow::Result<(String, Vec<u8>)> {
+fn batch_line(
+    line: &str,
+    n: usize,
+    recipients: &[age::x25519::Recipient],
+    dry_run: bool,
+) -> anyhow::Result<(String, Vec<u8>)> {
     let mut v: serde_json::Value =
         serde_json::from_str(line).with_context(|| format!("--batch line {n}: not a JSON object"))?;
     let obj = v.as_object_mut().with_context(|| format!("--batch line {n}: not a JSON object"))?;
     obj.entry("schema").or_insert_with(|| wire::REQUEST_SCHEMA.into());
+    if dry_run {
+        obj.insert("dry_run".into(), true.into());
+    }
     if !recipients.is_empty()
         && let Some(serde_json::Value::String(pem)) = obj.remove(crate::sealed::PEM_FIELD)
     {
@@ -711,7 +735,7 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
         let text = std::fs::read_to_string(batch).with_context(|| format!("--batch {}", batch.display()))?;
         for (i, line) in text.lines().enumerate() {
             if !line.trim().is_empty() {
-                requests.push(batch_line(line, i + 1, &recipients)?);
+                requests.push(batch_line(line, i + 1, &recipients, a.dry_run)?);
             }
         }
     } else {
@@ -733,6 +757,12 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
             None => wire::KeyField::Pem(std::str::from_utf8(pem.expose()).unwrap_or_default()),
         };
         let body = wire::encode_request(&id, &target, &read(cert, "cert")?, key, chain.as_deref(), now());
+        let body = if a.dry_run {
+            let line = String::from_utf8(body).context("encoded request")?;
+            batch_line(&line, 1, &[], true)?.1
+        } else {
+            body
+        };
         requests.push((id, body));
     }
     let bcfg = crate::worker::broker_config(&cfg, &format!("certdeploy-submit-{}", std::process::id()));
@@ -809,6 +839,15 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
     }
     for id in &missing {
         let _ = writeln!(out, "  {id}: no result");
+    }
+    let planned: Vec<&ResultEvent> = seen.values().filter(|r| r.outcome == Outcome::Planned).collect();
+    if !planned.is_empty() {
+        let _ = writeln!(out, "\nPLANNED:");
+        for r in planned {
+            let plan: Vec<String> =
+                r.metadata.iter().filter(|(k, _)| k.starts_with("plan_")).map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(out, "  {} {} {}", r.deployment_id, r.target, plan.join(" "));
+        }
     }
     Ok(if failures.is_empty() && missing.is_empty() { EXIT_OK } else { EXIT_FAILED })
 }

@@ -30,6 +30,8 @@ pub struct Validated {
     /// The configured target's extra files (bundle, keystore built for
     /// this request): every attempt writes the same keystore.
     pub formats: Formats,
+    /// Read and compare only (`"dry_run": true`): never journaled.
+    pub dry_run: bool,
 }
 
 /// Why a request is refused, with what could be salvaged for the result.
@@ -178,6 +180,7 @@ pub fn validate_request(req: DeployRequest, cfg: &Config, now: Timestamp) -> Res
         material,
         facts: MaterialFacts { leaf_sha256: Some(Digest(facts.leaf_sha256)), not_before: Some(facts.not_before) },
         certificate: CertificateInfo { subject: facts.subject, not_after: facts.not_after },
+        dry_run: req.dry_run,
     };
     // A request whose plan cannot be built is rejected here, never handed
     // to the runtime (which would return it to the queue, again and again).

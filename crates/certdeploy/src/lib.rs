@@ -51,13 +51,15 @@ pub enum Command {
     Worker,
     /// Run one deployment right here (same state machine and journal, no broker).
     #[command(
-        after_help = "Example:\n  certdeploy deploy --target web1 --cert site.pem --key site.key --chain chain.pem\n\n\
-        Exit status: 0 deployed/unchanged, 1 any other outcome, 2 usage or config error."
+        after_help = "Examples:\n  certdeploy deploy --target web1 --cert site.pem --key site.key --chain chain.pem\n  \
+        certdeploy deploy --target web1 --cert site.pem --key site.key --dry-run   # what would change\n\n\
+        Exit status: 0 deployed/unchanged (or planned, for a dry run), 1 any other outcome, 2 usage or config error."
     )]
     Deploy(cli::DeployArgs),
     /// Publish deploy requests (one, or a JSONL batch) and optionally wait for results.
     #[command(after_help = "Examples:\n  certdeploy submit --target web1 --cert site.pem --key site.key --wait\n  \
-        certdeploy submit --batch renewals.jsonl --wait\n\n\
+        certdeploy submit --batch renewals.jsonl --wait\n  \
+        certdeploy submit --batch renewals.jsonl --dry-run --wait   # what would change, per request\n\n\
         Batch lines are deploy requests (schemas/deploy-request.v1.json); a missing deployment_id\n\
         (or schema) is filled in. With --wait: progress per outcome, a summary table, and exit 1\n\
         if any deployment did not succeed.")]

@@ -84,7 +84,7 @@ pub const ALL: &[&str] = &[
 ];
 
 /// The steps the step histogram is labelled with.
-pub const STEPS: &[&str] = &["snapshot", "write", "exec", "restore", "cleanup", "prune", "verify"];
+pub const STEPS: &[&str] = &["snapshot", "write", "exec", "restore", "cleanup", "prune", "verify", "inspect"];
 
 /// Histogram buckets (seconds): from a millisecond to the default deadline
 /// of a deployment (600 s), so a slow step still lands in a finite bucket.

@@ -663,7 +663,10 @@ async fn handle(
     // A redelivery of a finished deployment re-publishes the recorded
     // result before anything else is checked: its certificate may have
     // expired since, but the answer for this id was given.
+    // A dry run is answered afresh every time: it is never recorded, and
+    // asks what a deployment would do now.
     if let (Some(id), _) = certdeploy_core::wire::salvage_ids(&delivery.body)
+        && !certdeploy_core::wire::salvage_dry_run(&delivery.body)
         && let Ok(Some(certdeploy_journal::DeploymentStatus::Finished { report, .. })) = rt.journal.status(&id)
     {
         tracing::info!(deployment_id = %id, outcome = %report.outcome, "already finished: re-publishing its result");
@@ -744,6 +747,17 @@ async fn handle(
     // and the returns of a closed channel as they arrive), and an older
     // renewal redelivered after a newer one ends `superseded`.
     turn.wait().await;
+    if validated.dry_run {
+        match rt.dry_run(&validated).await {
+            Ok(report) => answer_unrecorded(rt, delivery, brx, report, &reply).await,
+            Err(e) => {
+                tracing::error!(deployment_id = %validated.deployment_id, "dry run could not run: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = delivery.reject_requeue().await;
+            }
+        }
+        return Ok(());
+    }
     let report = match rt.execute(&validated).await {
         Ok(Executed::Report(r)) => r,
         Ok(Executed::Deferred { holder }) => {
@@ -793,6 +807,28 @@ async fn answer_and_dead_letter(
     let body = crate::sealed::redact_body(&delivery.body);
     if let Err(e) = broker.dead_letter_body(&delivery, &body, reason).await {
         tracing::warn!(deployment_id = %id, "dead-lettering failed: {e}");
+    }
+}
+
+/// Publish the result of a request the journal never records (a dry
+/// run), then ack it. A failed publish returns the message, so the answer
+/// comes from a later delivery (at least once, like a rejected request's).
+async fn answer_unrecorded(
+    rt: &Runtime,
+    delivery: Delivery,
+    mut brx: watch::Receiver<Option<Arc<Broker>>>,
+    report: Report,
+    reply: &Reply,
+) {
+    let Some(broker) = current_broker(&mut brx).await else { return };
+    let id = &report.deployment_id;
+    if let Err(e) = publish_patiently(&broker, &report, &rt.worker_name, reply).await {
+        tracing::warn!(deployment_id = %id, "publishing the {} result failed: {e}; message will be redelivered", report.outcome);
+        let _ = delivery.reject_requeue().await;
+        return;
+    }
+    if let Err(e) = delivery.ack().await {
+        tracing::warn!(deployment_id = %id, "ack failed: {e}");
     }
 }
 

@@ -126,6 +126,7 @@ fn report(outcome: Outcome) -> Report {
         Outcome::RolledBack | Outcome::RolledBackDaemonUnknown => ("restored", "removed", "n/a"),
         Outcome::RollbackFailed => ("restore_failed", "remove_failed", "restored"),
         Outcome::Rejected => ("n/a", "n/a", "n/a"),
+        Outcome::Planned => ("n/a", "n/a", "n/a"),
     };
     metadata.insert("backup_status_cert".to_string(), cert.to_string());
     metadata.insert("backup_status_key".to_string(), key.to_string());
@@ -156,6 +157,13 @@ fn report(outcome: Outcome) -> Report {
             set("new_not_before", "1780000000");
         }
         Outcome::Rejected => set("failed_step", "validate_request"),
+        Outcome::Planned => {
+            set("plan_cert", "write");
+            set("plan_key", "unchanged");
+            set("plan_chain", "write");
+            set("plan_supersede", "false");
+            set("plan_outcome", "deployed");
+        }
         Outcome::Deployed | Outcome::Unchanged => {}
     }
     Report {
@@ -178,7 +186,7 @@ fn result_events_of_every_outcome_validate() {
     let listed: Vec<&str> =
         schema["properties"]["outcome"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     let strings: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
-    assert_eq!(listed, strings, "the schema lists exactly the 8 outcomes");
+    assert_eq!(listed, strings, "the schema lists exactly the 9 outcomes");
     assert_eq!(
         strings,
         [
@@ -189,7 +197,8 @@ fn result_events_of_every_outcome_validate() {
             "rollback_failed",
             "failed",
             "rejected",
-            "superseded"
+            "superseded",
+            "planned"
         ]
     );
     for outcome in Outcome::ALL {
@@ -258,6 +267,13 @@ fn invalid_results_are_refused_by_the_schema() {
         }),
         bad(&|v| v["attempts"] = json!(-1)),
         bad(&|v| v["schema"] = json!("certdeploy.deploy-result.v2")),
+        bad(&|v| v["metadata"]["plan_cert"] = json!("maybe")),
+        bad(&|v| v["metadata"]["plan_bundle"] = json!("rewrite")),
+        bad(&|v| v["metadata"]["plan_supersede"] = json!("yes")),
+        bad(&|v| {
+            v["outcome"] = json!("planned");
+            v["success"] = json!(false);
+        }),
     ];
     for v in cases {
         assert!(!res.is_valid(&v), "accepted: {v}");
@@ -331,6 +347,7 @@ fn invalid_requests_are_refused_by_schema_and_decoder() {
         ("chain number", bad(&|v| v["chain_pem"] = json!(1))),
         ("requested_at number", bad(&|v| v["requested_at"] = json!(1790000000))),
         ("unknown field", bad(&|v| v["command"] = json!("reboot"))),
+        ("dry_run string", bad(&|v| v["dry_run"] = json!("true"))),
         ("array body", json!(["certdeploy.deploy-request.v1", "a", "web1", null, "c", "k", null, null])),
         ("string body", json!("certdeploy.deploy-request.v1")),
         ("null body", Value::Null),
@@ -366,4 +383,22 @@ fn sealed_requests_and_results_with_more_fields_validate() {
     v = serde_json::from_str(SPEC_RESULT).unwrap();
     v["submitted_by"] = json!(7);
     assert!(!res.is_valid(&v), "submitted_by must be a string");
+    // The result schema says so itself; request schemas stay strict.
+    assert_eq!(load("deploy-result.v1.json")["additionalProperties"], json!(true));
+    assert_eq!(load("deploy-request.v1.json")["additionalProperties"], json!(false));
+}
+
+/// A dry-run request is a request like any other, with `dry_run` a boolean.
+#[test]
+fn dry_run_requests_validate_and_decode() {
+    let req = validator("deploy-request.v1.json");
+    let mut v: Value = serde_json::from_str(SPEC_REQUEST).unwrap();
+    v["dry_run"] = json!(true);
+    assert_eq!(errors(&req, &v), Vec::<String>::new());
+    let decoded = decode_request(&serde_json::to_vec(&v).unwrap()).expect("decodes");
+    assert!(decoded.dry_run);
+    v["dry_run"] = json!(false);
+    assert!(!decode_request(&serde_json::to_vec(&v).unwrap()).expect("decodes").dry_run);
+    v.as_object_mut().unwrap().remove("dry_run");
+    assert!(!decode_request(&serde_json::to_vec(&v).unwrap()).expect("decodes").dry_run);
 }

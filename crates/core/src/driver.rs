@@ -35,6 +35,15 @@ pub trait Host: Send + Sync {
         deployment_id: &str,
         files: &[SnapshotRequest],
     ) -> impl Future<Output = Vec<Result<Snapped, StepError>>> + Send;
+    /// What `snapshot` reads (the same link and owner rules, the digest,
+    /// size, mode and owner of an existing file, a cert file's bytes), with
+    /// no change on the host at all: no backup, temp or probe file. For a
+    /// dry run; an existing file's `backup_path` is empty. Results align
+    /// with `files`. A host that cannot read without writing refuses.
+    fn inspect(&self, files: &[SnapshotRequest]) -> impl Future<Output = Vec<Result<Snapped, StepError>>> + Send {
+        let e = StepError::permanent("this host cannot be read without changing it (no dry run)");
+        std::future::ready(files.iter().map(|_| Err(e.clone())).collect())
+    }
     /// Results align with `files`; a shorter vector means the rest were not
     /// attempted.
     fn write(
@@ -365,18 +374,10 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
                 .iter()
                 .zip(results)
                 .map(|(req, r)| match r {
-                    Ok(mut s) => {
-                        match (req.role, &mut s.snapshot.pre, s.content.as_deref()) {
-                            (Role::Cert, PreState::Existing { cert, .. }, Some(bytes)) => {
-                                *cert = (env.cert_facts)(bytes);
-                            }
-                            (Role::Pkcs12, PreState::Existing { holds, .. }, Some(bytes)) => {
-                                *holds = payload.and_then(|p| p.keystore_holds(bytes));
-                            }
-                            _ => {}
-                        }
-                        Event::Snapshotted { role: req.role, snapshot: s.snapshot }
-                    }
+                    Ok(s) => Event::Snapshotted {
+                        role: req.role,
+                        snapshot: with_facts(env.cert_facts, payload, req.role, s),
+                    },
                     Err(error) => Event::StepFailed { step: Step::Snapshot, role: Some(req.role), error },
                 })
                 .collect();
@@ -467,6 +468,26 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
         }
     };
     Ok(events)
+}
+
+/// The snapshot of what `Host::snapshot` (or `Host::inspect`) found, with
+/// the public facts of an existing certificate file (for supersede) and
+/// what an existing keystore holds when it opens with the configured
+/// password (for `unchanged`: its bytes differ at every build).
+pub(crate) fn with_facts(
+    cert_facts: fn(&[u8]) -> Option<CertFacts>,
+    payload: Option<&Payload>,
+    role: Role,
+    mut s: Snapped,
+) -> Snapshot {
+    match (role, &mut s.snapshot.pre, s.content.as_deref()) {
+        (Role::Cert, PreState::Existing { cert, .. }, Some(bytes)) => *cert = cert_facts(bytes),
+        (Role::Pkcs12, PreState::Existing { holds, .. }, Some(bytes)) => {
+            *holds = payload.and_then(|p| p.keystore_holds(bytes));
+        }
+        _ => {}
+    }
+    s.snapshot
 }
 
 /// Within one snapshot or write batch, record every success first (they

@@ -7,6 +7,7 @@
 
 pub mod attempt;
 pub mod driver;
+pub mod dry_run;
 pub mod event;
 pub mod lock;
 pub mod machine;

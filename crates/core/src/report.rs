@@ -21,10 +21,12 @@ pub enum Outcome {
     Failed,
     Rejected,
     Superseded,
+    /// A dry run: the host was read and compared, nothing changed.
+    Planned,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Deployed,
         Outcome::Unchanged,
         Outcome::RolledBack,
@@ -33,6 +35,7 @@ impl Outcome {
         Outcome::Failed,
         Outcome::Rejected,
         Outcome::Superseded,
+        Outcome::Planned,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -44,10 +47,11 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::Rejected => "rejected",
             Outcome::Superseded => "superseded",
+            Outcome::Planned => "planned",
         }
     }
     pub fn success(self) -> bool {
-        matches!(self, Outcome::Deployed | Outcome::Unchanged)
+        matches!(self, Outcome::Deployed | Outcome::Unchanged | Outcome::Planned)
     }
 }
 
@@ -118,6 +122,15 @@ pub struct Details {
     pub existing_not_before: Option<i64>,
     /// `superseded`: notBefore (unix seconds) of the certificate refused.
     pub new_not_before: Option<i64>,
+    /// A dry run, per role of the plan: whether a deployment would write
+    /// the file or finds it identical already (`plan_<role>`).
+    pub plans: BTreeMap<Role, FileAction>,
+    /// A dry run: whether the host holds a newer certificate, so that a
+    /// deployment would end `superseded` (`plan_supersede`).
+    pub plan_supersede: Option<bool>,
+    /// A dry run: the outcome a deployment would aim for: `deployed`,
+    /// `unchanged` or `superseded` (`plan_outcome`).
+    pub plan_outcome: Option<Outcome>,
     /// Keys this version does not know, or values it cannot read back, as
     /// they came (from a journal written by another version).
     pub other: BTreeMap<String, String>,
@@ -134,6 +147,24 @@ pub enum BackupStatus {
     NoPreExisting,
     /// A rollback ran: what restoring the file did.
     Rollback(RestoreStatus),
+}
+
+/// What a deployment would do with one file (a dry run's `plan_<role>`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FileAction {
+    /// The host's file differs (content or mode) or is missing.
+    Write,
+    /// The host's file is already byte-identical, with the planned mode.
+    Unchanged,
+}
+
+impl FileAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileAction::Write => "write",
+            FileAction::Unchanged => "unchanged",
+        }
+    }
 }
 
 /// The step a failed attempt names (`failed_step`).

@@ -416,6 +416,41 @@ impl Host for MemHost {
         out
     }
 
+    async fn inspect(&self, files: &[SnapshotRequest]) -> Vec<Result<Snapped, StepError>> {
+        let w = self.0.world();
+        files
+            .iter()
+            .map(|f| {
+                let live = w.resolve(&f.path);
+                match w.paths.get(&live) {
+                    None => {
+                        Ok(Snapped { snapshot: Snapshot { live_path: live, pre: PreState::Missing }, content: None })
+                    }
+                    Some(Node::Symlink(_)) => Err(StepError::permanent(format!("{live}: symlink loop"))),
+                    Some(Node::File(ino)) => {
+                        let i = &w.inodes[ino];
+                        Ok(Snapped {
+                            snapshot: Snapshot {
+                                live_path: live,
+                                pre: PreState::Existing {
+                                    backup_path: String::new(),
+                                    sha256: Digest::of(&i.bytes),
+                                    size: i.bytes.len() as u64,
+                                    mode: i.mode,
+                                    uid: i.uid,
+                                    gid: i.gid,
+                                    cert: None,
+                                    holds: None,
+                                },
+                            },
+                            content: f.role.reads_content().then(|| i.bytes.clone()),
+                        })
+                    }
+                }
+            })
+            .collect()
+    }
+
     async fn write(&self, deployment_id: &str, files: &[(WriteRequest, &[u8])]) -> Vec<Result<(), StepError>> {
         let mut out = Vec::new();
         for (f, bytes) in files {

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Role, Secret, TargetSpec, Timestamp, valid_deployment_id};
-use crate::report::{BackupStatus, Details, FailedStep, Outcome, Report};
+use crate::report::{BackupStatus, Details, FailedStep, FileAction, Outcome, Report};
 use crate::snapshot::RestoreStatus;
 use crate::step::Step;
 
@@ -38,6 +38,10 @@ pub struct DeployRequest {
     pub chain_pem: Option<String>,
     #[serde(default)]
     pub requested_at: Option<String>,
+    /// Read the host and compare, change nothing: the result is `planned`
+    /// (and the id is not recorded, so a later request with it deploys).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// The two ways a request carries its private key.
@@ -110,6 +114,17 @@ pub fn salvage_ids(body: &[u8]) -> (Option<String>, Option<String>) {
         .and_then(|v| v.as_str().map(str::to_string))
         .filter(|s| s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic()));
     (id, target)
+}
+
+/// Whether a body (perhaps invalid) asks for a dry run (`"dry_run": true`).
+pub fn salvage_dry_run(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Dry {
+        #[serde(default)]
+        dry_run: Option<serde_json::Value>,
+    }
+    body.len() <= MAX_MESSAGE_BYTES
+        && serde_json::from_slice::<Dry>(body).is_ok_and(|d| d.dry_run == Some(serde_json::Value::Bool(true)))
 }
 
 /// Decode and structurally check a request body (size, UTF-8, JSON, schema
@@ -475,6 +490,7 @@ impl FailedStep {
 /// Per-role keys: `backup_status_cert`, `backup_path_key`, ...
 const BACKUP_STATUS: &str = "backup_status_";
 const BACKUP_PATH: &str = "backup_path_";
+const PLAN: &str = "plan_";
 
 impl Details {
     /// The result's `metadata` map.
@@ -506,6 +522,11 @@ impl Details {
         set("recovered", flag(self.recovered));
         set("existing_not_before", self.existing_not_before.map(|n| n.to_string()));
         set("new_not_before", self.new_not_before.map(|n| n.to_string()));
+        for (role, action) in &self.plans {
+            set(&format!("{PLAN}{role}"), Some(action.as_str().to_string()));
+        }
+        set("plan_supersede", self.plan_supersede.map(|b| b.to_string()));
+        set("plan_outcome", self.plan_outcome.map(|o| o.as_str().to_string()));
         m
     }
 
@@ -550,12 +571,21 @@ impl Details {
                 "recovered" => flag(&mut d.recovered, &v),
                 "existing_not_before" => put(&mut d.existing_not_before, number(&v)),
                 "new_not_before" => put(&mut d.new_not_before, number(&v)),
+                "plan_supersede" => put(&mut d.plan_supersede, boolean(&v)),
+                "plan_outcome" => put(&mut d.plan_outcome, Outcome::ALL.into_iter().find(|o| o.as_str() == v)),
                 _ => {
                     if let Some((r, s)) = k.strip_prefix(BACKUP_STATUS).and_then(role).zip(BackupStatus::parse(&v)) {
                         d.backups.insert(r, s);
                         true
                     } else if let Some(r) = k.strip_prefix(BACKUP_PATH).and_then(role) {
                         d.backups_left.insert(r, v.clone());
+                        true
+                    } else if let Some((r, a)) = k
+                        .strip_prefix(PLAN)
+                        .and_then(role)
+                        .zip([FileAction::Write, FileAction::Unchanged].into_iter().find(|a| a.as_str() == v))
+                    {
+                        d.plans.insert(r, a);
                         true
                     } else {
                         false
@@ -616,6 +646,11 @@ mod tests {
             "recovered",
             "existing_not_before",
             "new_not_before",
+            "plan_cert",
+            "plan_chain",
+            "plan_",
+            "plan_supersede",
+            "plan_outcome",
             "attempt",
             "",
         ];
@@ -641,6 +676,10 @@ mod tests {
             "+5",
             "9223372036854775808",
             "exit status 1 (output: nginx: [emerg] ...)",
+            "write",
+            "unchanged",
+            "planned",
+            "superseded",
         ];
         let round_trip = |m: BTreeMap<String, String>| {
             assert_eq!(Details::from_metadata(m.clone()).metadata(), m);

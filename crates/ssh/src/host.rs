@@ -493,6 +493,30 @@ impl<'a> SshHost<'a> {
         self.snapshot_careful(lease, id, req, live, known).await
     }
 
+    /// What [`Self::snapshot_one`] reads, changing nothing: the link and
+    /// owner rules, then the live file's digest and metadata (its bytes for
+    /// a cert), or `Missing` when its directory exists. No backup is made.
+    async fn inspect_one(&self, lease: &Lease, req: &SnapshotRequest) -> Result<Snapped, StepError> {
+        let (live, known) = self.path_rules(lease, req.role, &req.path).await?;
+        let stat = match known {
+            Some(m) => Ok(m),
+            None => lease.sftp().fs().metadata(p(&live)).await,
+        };
+        let meta = match stat {
+            Ok(m) => m,
+            Err(e) if is_no_such_file(&e) => return self.missing(lease, live).await,
+            Err(e) => return Err(lease.sftp_err("stat", &live, &e)),
+        };
+        if !meta.file_type().is_some_and(|t| t.is_file()) {
+            return Err(StepError::permanent(format!("{}: {live} is not a regular file", self.addr)));
+        }
+        let r = match self.read_file(lease, &live, req.role.reads_content(), Some(meta)).await {
+            Ok(r) => r,
+            Err(e) => return Err(lease.sftp_err("read", &live, &e)),
+        };
+        Ok(Snapped { snapshot: existing(live, String::new(), &r), content: r.content })
+    }
+
     /// The common case in two round trips: the configured path is a
     /// regular file and no stale backup is in the way. `[lstat, hard link
     /// to the backup name, open the backup]` go out together, then the
@@ -1084,6 +1108,23 @@ impl Host for SshHost<'_> {
             Ok(v) => v,
             Err(_) => {
                 let e = self.step_timeout(&lease, "snapshot");
+                files.iter().map(|_| Err(e.clone())).collect()
+            }
+        }
+    }
+
+    async fn inspect(&self, files: &[SnapshotRequest]) -> Vec<Result<Snapped, StepError>> {
+        // The same connection checks as a deployment (posix-rename, fsync):
+        // a host a deployment would refuse is refused here too.
+        let lease = match self.lease().await {
+            Ok(l) => l,
+            Err(e) => return files.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let all = join_all(files.iter().map(|f| self.inspect_one(&lease, f)));
+        match tokio::time::timeout(STEP_TIMEOUT, all).await {
+            Ok(v) => v,
+            Err(_) => {
+                let e = self.step_timeout(&lease, "dry run read");
                 files.iter().map(|_| Err(e.clone())).collect()
             }
         }

@@ -75,6 +75,36 @@ impl Runtime {
         }
     }
 
+    /// A dry run of one validated request: the host read and compared as
+    /// the deployment's snapshot step would, nothing changed on it, nothing
+    /// journaled (the id stays free for a real deployment). Runs in turn
+    /// with this process's deployments to the target, so that it never
+    /// reads a deployment's files half-written; takes no host lock (that
+    /// would be a file on the host).
+    pub async fn dry_run(&self, v: &Validated) -> Result<Report, Error> {
+        let (plan, payload) = v.plan(1).map_err(Error::Plan)?;
+        let _target_guard = self.targets.lock(&Self::target_key(&plan)).await;
+        let host = self.host(&plan, v.target_config.as_ref());
+        let span = tracing::info_span!("dry_run", deployment_id = %plan.deployment_id, target = %plan.target);
+        let report = certdeploy_core::dry_run::dry_run(
+            &host,
+            &self.verifier,
+            &crate::clock::SystemClock,
+            super::cert_facts,
+            &plan,
+            Some(&payload),
+        )
+        .instrument(span)
+        .await;
+        // Counted as `planned` only: a dry run that found a problem changed
+        // nothing and is no failed deployment (no alert on it).
+        if report.outcome == certdeploy_core::Outcome::Planned {
+            metrics::counter!(m::DEPLOYMENTS, "outcome" => report.outcome.as_str()).increment(1);
+        }
+        tracing::info!(deployment_id = %report.deployment_id, target = %report.target, outcome = %report.outcome, dry_run = true, "{}", report.message);
+        Ok(report)
+    }
+
     /// [`Self::execute`] for the command line and the benchmark: a locked
     /// target is waited for here (`defer_delay_ms` between tries, at most
     /// `max_deferrals` tries) instead of in the retry queue.

@@ -24,6 +24,9 @@ impl<H: Host> Host for Metered<H> {
     async fn snapshot(&self, id: &str, files: &[SnapshotRequest]) -> Vec<Result<Snapped, StepError>> {
         timed("snapshot", self.0.snapshot(id, files)).await
     }
+    async fn inspect(&self, files: &[SnapshotRequest]) -> Vec<Result<Snapped, StepError>> {
+        timed("inspect", self.0.inspect(files)).await
+    }
     async fn write(&self, id: &str, files: &[(WriteRequest, &[u8])]) -> Vec<Result<(), StepError>> {
         timed("write", self.0.write(id, files)).await
     }

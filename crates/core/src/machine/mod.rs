@@ -36,6 +36,7 @@ mod verify;
 mod write;
 
 pub use next::{Action, ExecGuard, Next, RestoreRequest, SnapshotRequest, Terminal, WriteRequest};
+pub use snapshot::{file_unchanged, supersedes};
 
 use commit::{CleaningUp, Committing};
 use finish::Finishing;

@@ -7,7 +7,7 @@ use super::verify::PreVerifying;
 use super::write::Writing;
 use super::{Action, Failure, Fold, Next, Shared, SnapshotRequest, State, Unfit, recovery};
 use crate::event::Event;
-use crate::model::{Role, Timestamp};
+use crate::model::{FilePlan, Plan, Role, Timestamp};
 use crate::snapshot::PreState;
 use crate::step::Step;
 
@@ -63,24 +63,33 @@ impl Snapshotting {
 /// attempt (`superseded`); identical content needs no write, only a check
 /// that it is served; anything else is written.
 fn decide(cx: &Shared) -> State {
-    let cert = cx.snapshots.get(&Role::Cert).map(|s| &s.pre);
-    if let (false, Some(new_nb), Some(PreState::Existing { cert: Some(facts), .. })) =
-        (cx.plan.policy.allow_downgrade, cx.plan.new_not_before, cert)
-        && facts.not_before > new_nb
-    {
+    if supersedes(&cx.plan, cx.snapshots.get(&Role::Cert).map(|s| &s.pre)) {
         return CleaningUp::state(End::Superseded);
     }
-    // A keystore's bytes differ at every build (random salts): one that
-    // holds the same aliases, key and certificates under the same password
-    // is identical.
-    let identical = cx.plan.files.iter().all(|f| {
-        matches!(cx.snapshots.get(&f.role).map(|s| &s.pre),
-            Some(PreState::Existing { sha256, mode, holds, .. })
-                if (*sha256 == f.sha256 || (f.holds.is_some() && *holds == f.holds)) && *mode == f.mode)
-    });
+    let identical = cx.plan.files.iter().all(|f| file_unchanged(f, cx.snapshots.get(&f.role).map(|s| &s.pre)));
     match (identical, &cx.plan.verify) {
         (true, Some(v)) => State::PreVerify(PreVerifying::new(v)),
         (true, None) => CleaningUp::state(End::Unchanged),
         (false, _) => State::Write(Writing::default()),
     }
+}
+
+/// Whether the certificate found at the cert path (`cert`: what was there,
+/// with its facts read) is newer than the plan's, so that the deployment
+/// stops `superseded` (unless the policy allows a downgrade).
+pub fn supersedes(plan: &Plan, cert: Option<&PreState>) -> bool {
+    matches!(
+        (plan.policy.allow_downgrade, plan.new_not_before, cert),
+        (false, Some(new_nb), Some(PreState::Existing { cert: Some(facts), .. })) if facts.not_before > new_nb
+    )
+}
+
+/// Whether the file found at a planned path (`pre`) is already what the
+/// plan would write there: same content, same mode.
+pub fn file_unchanged(file: &FilePlan, pre: Option<&PreState>) -> bool {
+    // A keystore's bytes differ at every build (random salts): one that
+    // holds the same aliases, key and certificates under the same password
+    // is identical.
+    matches!(pre, Some(PreState::Existing { sha256, mode, holds, .. })
+        if (*sha256 == file.sha256 || (file.holds.is_some() && *holds == file.holds)) && *mode == file.mode)
 }
