@@ -792,21 +792,15 @@ async fn handle(
 async fn answer_and_dead_letter(
     rt: &Runtime,
     delivery: Delivery,
-    mut brx: watch::Receiver<Option<Arc<Broker>>>,
+    brx: watch::Receiver<Option<Arc<Broker>>>,
     report: Report,
     reply: &Reply,
     reason: &str,
 ) {
-    let Some(broker) = current_broker(&mut brx).await else { return };
-    let id = &report.deployment_id;
-    if let Err(e) = publish_patiently(&broker, &report, &rt.worker_name, reply).await {
-        tracing::warn!(deployment_id = %id, "publishing the {} result failed: {e}; message will be redelivered", report.outcome);
-        let _ = delivery.reject_requeue().await;
-        return;
-    }
+    let Some((broker, delivery)) = publish_or_requeue(rt, delivery, brx, &report, reply).await else { return };
     let body = crate::sealed::redact_body(&delivery.body);
     if let Err(e) = broker.dead_letter_body(&delivery, &body, reason).await {
-        tracing::warn!(deployment_id = %id, "dead-lettering failed: {e}");
+        tracing::warn!(deployment_id = %report.deployment_id, "dead-lettering failed: {e}");
     }
 }
 
@@ -816,20 +810,37 @@ async fn answer_and_dead_letter(
 async fn answer_unrecorded(
     rt: &Runtime,
     delivery: Delivery,
-    mut brx: watch::Receiver<Option<Arc<Broker>>>,
+    brx: watch::Receiver<Option<Arc<Broker>>>,
     report: Report,
     reply: &Reply,
 ) {
-    let Some(broker) = current_broker(&mut brx).await else { return };
-    let id = &report.deployment_id;
-    if let Err(e) = publish_patiently(&broker, &report, &rt.worker_name, reply).await {
-        tracing::warn!(deployment_id = %id, "publishing the {} result failed: {e}; message will be redelivered", report.outcome);
-        let _ = delivery.reject_requeue().await;
-        return;
-    }
+    let Some((_, delivery)) = publish_or_requeue(rt, delivery, brx, &report, reply).await else { return };
     if let Err(e) = delivery.ack().await {
-        tracing::warn!(deployment_id = %id, "ack failed: {e}");
+        tracing::warn!(deployment_id = %report.deployment_id, "ack failed: {e}");
     }
+}
+
+/// Publish the result of a request no journal record answers for; if that
+/// fails, return the message to the queue (a later delivery answers).
+/// `None`: nothing more to do with the delivery.
+async fn publish_or_requeue(
+    rt: &Runtime,
+    delivery: Delivery,
+    mut brx: watch::Receiver<Option<Arc<Broker>>>,
+    report: &Report,
+    reply: &Reply,
+) -> Option<(Arc<Broker>, Delivery)> {
+    let broker = current_broker(&mut brx).await?;
+    if let Err(e) = publish_patiently(&broker, report, &rt.worker_name, reply).await {
+        tracing::warn!(
+            deployment_id = %report.deployment_id,
+            "publishing the {} result failed: {e}; message will be redelivered",
+            report.outcome
+        );
+        let _ = delivery.reject_requeue().await;
+        return None;
+    }
+    Some((broker, delivery))
 }
 
 /// The expiry gauge of every target the journal knows, from what each last

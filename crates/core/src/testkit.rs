@@ -371,6 +371,27 @@ impl MemHost {
     }
 }
 
+/// What the snapshot step (and a dry run's inspection, with no backup)
+/// reports of an existing file.
+fn existing(live_path: String, backup_path: String, i: &Inode, role: Role) -> Snapped {
+    Snapped {
+        snapshot: Snapshot {
+            live_path,
+            pre: PreState::Existing {
+                backup_path,
+                sha256: Digest::of(&i.bytes),
+                size: i.bytes.len() as u64,
+                mode: i.mode,
+                uid: i.uid,
+                gid: i.gid,
+                cert: None,
+                holds: None,
+            },
+        },
+        content: role.reads_content().then(|| i.bytes.clone()),
+    }
+}
+
 impl Host for MemHost {
     async fn snapshot(&self, deployment_id: &str, files: &[SnapshotRequest]) -> Vec<Result<Snapped, StepError>> {
         let mut out = Vec::new();
@@ -390,23 +411,7 @@ impl Host for MemHost {
                 Some(Node::Symlink(_)) => Err(StepError::permanent(format!("{live}: symlink loop"))),
                 Some(Node::File(ino)) => {
                     w.paths.insert(backup.clone(), Node::File(ino));
-                    let i = w.inodes[&ino].clone();
-                    Ok(Snapped {
-                        snapshot: Snapshot {
-                            live_path: live,
-                            pre: PreState::Existing {
-                                backup_path: backup,
-                                sha256: Digest::of(&i.bytes),
-                                size: i.bytes.len() as u64,
-                                mode: i.mode,
-                                uid: i.uid,
-                                gid: i.gid,
-                                cert: None,
-                                holds: None,
-                            },
-                        },
-                        content: f.role.reads_content().then(|| i.bytes.clone()),
-                    })
+                    Ok(existing(live, backup, &w.inodes[&ino], f.role))
                 }
             };
             drop(w);
@@ -427,25 +432,7 @@ impl Host for MemHost {
                         Ok(Snapped { snapshot: Snapshot { live_path: live, pre: PreState::Missing }, content: None })
                     }
                     Some(Node::Symlink(_)) => Err(StepError::permanent(format!("{live}: symlink loop"))),
-                    Some(Node::File(ino)) => {
-                        let i = &w.inodes[ino];
-                        Ok(Snapped {
-                            snapshot: Snapshot {
-                                live_path: live,
-                                pre: PreState::Existing {
-                                    backup_path: String::new(),
-                                    sha256: Digest::of(&i.bytes),
-                                    size: i.bytes.len() as u64,
-                                    mode: i.mode,
-                                    uid: i.uid,
-                                    gid: i.gid,
-                                    cert: None,
-                                    holds: None,
-                                },
-                            },
-                            content: f.role.reads_content().then(|| i.bytes.clone()),
-                        })
-                    }
+                    Some(Node::File(ino)) => Ok(existing(live, String::new(), &w.inodes[ino], f.role)),
                 }
             })
             .collect()

@@ -493,23 +493,38 @@ impl<'a> SshHost<'a> {
         self.snapshot_careful(lease, id, req, live, known).await
     }
 
+    /// The metadata of the file at `live` (`known` when the path rules
+    /// already read it): `None` when there is none, an error when it is not
+    /// a regular file.
+    async fn regular_file(
+        &self,
+        lease: &Lease,
+        live: &str,
+        known: Option<MetaData>,
+    ) -> Result<Option<MetaData>, StepError> {
+        let stat = match known {
+            Some(m) => Ok(m),
+            None => lease.sftp().fs().metadata(p(live)).await,
+        };
+        let meta = match stat {
+            Ok(m) => m,
+            Err(e) if is_no_such_file(&e) => return Ok(None),
+            Err(e) => return Err(lease.sftp_err("stat", live, &e)),
+        };
+        if !meta.file_type().is_some_and(|t| t.is_file()) {
+            return Err(StepError::permanent(format!("{}: {live} is not a regular file", self.addr)));
+        }
+        Ok(Some(meta))
+    }
+
     /// What [`Self::snapshot_one`] reads, changing nothing: the link and
     /// owner rules, then the live file's digest and metadata (its bytes for
     /// a cert), or `Missing` when its directory exists. No backup is made.
     async fn inspect_one(&self, lease: &Lease, req: &SnapshotRequest) -> Result<Snapped, StepError> {
         let (live, known) = self.path_rules(lease, req.role, &req.path).await?;
-        let stat = match known {
-            Some(m) => Ok(m),
-            None => lease.sftp().fs().metadata(p(&live)).await,
+        let Some(meta) = self.regular_file(lease, &live, known).await? else {
+            return self.missing(lease, live).await;
         };
-        let meta = match stat {
-            Ok(m) => m,
-            Err(e) if is_no_such_file(&e) => return self.missing(lease, live).await,
-            Err(e) => return Err(lease.sftp_err("stat", &live, &e)),
-        };
-        if !meta.file_type().is_some_and(|t| t.is_file()) {
-            return Err(StepError::permanent(format!("{}: {live} is not a regular file", self.addr)));
-        }
         let r = match self.read_file(lease, &live, req.role.reads_content(), Some(meta)).await {
             Ok(r) => r,
             Err(e) => return Err(lease.sftp_err("read", &live, &e)),
@@ -573,19 +588,10 @@ impl<'a> SshHost<'a> {
         live: String,
         known: Option<MetaData>,
     ) -> Result<Snapped, StepError> {
+        let Some(meta) = self.regular_file(lease, &live, known).await? else {
+            return self.missing(lease, live).await;
+        };
         let mut fs = lease.sftp().fs();
-        let stat = match known {
-            Some(m) => Ok(m),
-            None => fs.metadata(p(&live)).await,
-        };
-        let meta = match stat {
-            Ok(m) => m,
-            Err(e) if is_no_such_file(&e) => return self.missing(lease, live).await,
-            Err(e) => return Err(lease.sftp_err("stat", &live, &e)),
-        };
-        if !meta.file_type().is_some_and(|t| t.is_file()) {
-            return Err(StepError::permanent(format!("{}: {live} is not a regular file", self.addr)));
-        }
         self.check_owner(lease, req.role, &live, meta.uid()).await?;
         let backup = backup_path(&live, id);
         let support_hardlink = lease.sftp().support_hardlink();
