@@ -391,3 +391,100 @@ async fn check_reports_precise_problems() {
     assert!(!lines[0].ok && lines[0].detail.contains("host key verification failed"), "{lines:?}");
     assert!(lines[0].detail.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{lines:?}");
 }
+
+/// With `max_masters = 2`, ten concurrent deployments over five hosts all
+/// deploy, and no more than two master processes ever exist (sampled from
+/// the process table, and the pool's own count) while they run; then the
+/// least recently used idle master is the one closed for a new host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_masters_bounds_master_processes_and_closes_the_least_recently_used_idle_one() {
+    let addrs = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"];
+    let rig = Rig::with(&addrs, None);
+    let control = tempfile::Builder::new().prefix("cdc").tempdir_in("/tmp").expect("control dir");
+    let pool = SshPool::new(certdeploy_ssh::SshConfig {
+        max_masters: 2,
+        ..config(&rig.sshd, control.path(), rig.sshd.known_hosts_path())
+    })
+    .expect("pool");
+
+    // Sample the process table and the pool's count until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stop, pool) = (stop.clone(), pool.clone());
+        std::thread::spawn(move || {
+            let (mut procs, mut open, mut samples) = (0, 0, 0u64);
+            while !stop.load(Ordering::SeqCst) {
+                procs = procs.max(certdeploy_testbed::ssh_masters_under(pool.control_dir()));
+                open = open.max(pool.masters_open());
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (procs, open, samples)
+        })
+    };
+    type Job<'a> = (SshHost<'a>, TargetSpec, String, Vec<u8>, Vec<u8>);
+    let jobs: Vec<Job<'_>> = (0..10)
+        .map(|i| {
+            let a = addrs[i % addrs.len()];
+            let d = rig.sshd.root_dir_for(a).join(format!("cap-{i}"));
+            rig.sshd.mkdir(&d, 0o755);
+            let id = format!("cap-{i}");
+            (SshHost::new(&pool, rig.addr(a)), target(&d, "sleep 0.1"), id.clone(), cert(&id, 100), key(&id))
+        })
+        .collect();
+    let reports =
+        futures_util::future::join_all(jobs.iter().map(|(h, t, id, c, k)| rig.deploy_on(h, t, id, c, k))).await;
+    stop.store(true, Ordering::SeqCst);
+    let (procs, open, samples) = sampler.join().expect("sampler");
+    for r in &reports {
+        assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(r));
+    }
+    eprintln!(
+        "{samples} samples: at most {procs} master processes, pool count at most {open}; {} opened, {} evicted",
+        pool.masters_opened(),
+        pool.masters_evicted()
+    );
+    assert!(procs <= 2, "{procs} ssh master processes at once with max_masters = 2");
+    assert!(open <= 2, "the pool counted {open} masters at once");
+    assert!(procs >= 1 && pool.masters_evicted() >= 3, "five hosts through two places evict");
+
+    // Least recently used first: use A, B, A, then C closes B (idle
+    // longest), so A needs no new master afterwards.
+    let on = |a: &str| SshHost::new(&pool, rig.addr(a));
+    for a in ["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.4"] {
+        assert_eq!(on(a).exec("true", 10_000).await.expect("exec").exit_code, Some(0));
+    }
+    let opened = pool.masters_opened();
+    assert_eq!(on("127.0.0.2").exec("true", 10_000).await.expect("exec").exit_code, Some(0));
+    assert_eq!(pool.masters_opened(), opened, "A was used after B: B's master was closed, not A's");
+    assert!(certdeploy_testbed::ssh_masters_under(pool.control_dir()) <= 2);
+    pool.close_all().await;
+}
+
+/// `kex_algorithms` reaches ssh: sshd's debug log names the algorithm the
+/// connection chose. An algorithm ssh does not know is refused when the
+/// pool is made, quoting ssh; a value that is no list of names is refused
+/// before ssh sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kex_algorithms_reach_ssh_and_a_bogus_one_is_refused() {
+    let sshd = certdeploy_testbed::SshdFixture::start_logging(&[ADDR], certdeploy_testbed::TEST_USER, "DEBUG");
+    let control = tempfile::Builder::new().prefix("cdc").tempdir_in("/tmp").expect("control dir");
+    let with = |kex: &str| certdeploy_ssh::SshConfig {
+        kex_algorithms: Some(kex.into()),
+        ..config(&sshd, control.path(), sshd.known_hosts_path())
+    };
+    let pool = SshPool::new(with("curve25519-sha256")).expect("pool");
+    let host = SshHost::new(&pool, HostAddr::new(ADDR, sshd.port(), sshd.user()));
+    assert_eq!(host.exec("true", 10_000).await.expect("exec").exit_code, Some(0));
+    let start = std::time::Instant::now();
+    while !sshd.log().contains("kex: algorithm: curve25519-sha256") {
+        assert!(start.elapsed() < Duration::from_secs(30), "sshd's log never named it:\n{}", sshd.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pool.close_all().await;
+
+    let e = SshPool::new(with("bogus-kex-alg")).expect_err("an unknown algorithm").to_string();
+    assert!(e.contains("Bad SSH2 KexAlgorithms 'bogus-kex-alg'"), "{e}");
+    let e = SshPool::new(with("curve25519-sha256\n  ProxyCommand touch /tmp/x")).expect_err("two lines").to_string();
+    assert!(e.contains("expected algorithm names separated by commas"), "{e}");
+}
