@@ -13,12 +13,17 @@
 //!
 //! How many: at most `max_masters` master processes at once. A lease that
 //! needs a new master while all places are taken closes the least recently
-//! used idle master (one no operation is using) and takes its place once
-//! that process has exited; when every master is busy it waits for one to
-//! become idle. A lease is held for one host operation and nothing holds
-//! two at once, so a wait always ends: every busy master becomes idle when
-//! its operation ends. Deployments to the same account share its master
-//! (and wait on it while it opens) instead of taking a second place.
+//! used idle master and takes its place once that process has exited; when
+//! every master is busy it waits for one to become idle. A master is busy
+//! while an operation uses it (a lease) and while a deployment that has
+//! used it is still running (an [`SshHost`](crate::SshHost) keeps it from
+//! its first operation until it is dropped): the operations of one
+//! deployment never lose their master to another deployment in between,
+//! and a deployment waits for a place only before its first operation.
+//! A deployment works on one host, and a deployment waiting for a place
+//! holds no master, so a wait always ends: every busy master becomes idle
+//! when its deployment ends. Deployments to the same account share its
+//! master (and wait on it while it opens) instead of taking a second place.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -831,6 +836,11 @@ pub(crate) enum ExecFailure {
 }
 
 impl Lease {
+    /// Keep this lease's master busy beyond the lease.
+    pub(crate) fn pin(&self) -> Pin {
+        self.slot.active.fetch_add(1, Ordering::SeqCst);
+        Pin(self.slot.clone())
+    }
     fn conn(&self) -> &Conn {
         self.conn.as_deref().expect("a lease always holds a connection")
     }
@@ -934,6 +944,25 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         src = x.source();
     }
     s
+}
+
+/// Keeps a slot's master busy (never closed as idle, by the reaper or to
+/// make room) while it lives.
+pub(crate) struct Pin(Arc<Slot>);
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pin")
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.0.touch();
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Drop for Lease {

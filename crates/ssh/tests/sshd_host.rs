@@ -394,8 +394,10 @@ async fn check_reports_precise_problems() {
 
 /// With `max_masters = 2`, ten concurrent deployments over five hosts all
 /// deploy, and no more than two master processes ever exist (sampled from
-/// the process table, and the pool's own count) while they run; then the
-/// least recently used idle master is the one closed for a new host.
+/// the process table, and the pool's own count) while they run; a master
+/// is not closed between the operations of a deployment (one master per
+/// host, however the deployments interleave); then the least recently used
+/// idle master is the one closed for a new host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_masters_bounds_master_processes_and_closes_the_least_recently_used_idle_one() {
     let addrs = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"];
@@ -422,18 +424,22 @@ async fn max_masters_bounds_master_processes_and_closes_the_least_recently_used_
             (procs, open, samples)
         })
     };
-    type Job<'a> = (SshHost<'a>, TargetSpec, String, Vec<u8>, Vec<u8>);
-    let jobs: Vec<Job<'_>> = (0..10)
+    let jobs: Vec<(HostAddr, TargetSpec, String)> = (0..10)
         .map(|i| {
             let a = addrs[i % addrs.len()];
             let d = rig.sshd.root_dir_for(a).join(format!("cap-{i}"));
             rig.sshd.mkdir(&d, 0o755);
-            let id = format!("cap-{i}");
-            (SshHost::new(&pool, rig.addr(a)), target(&d, "sleep 0.1"), id.clone(), cert(&id, 100), key(&id))
+            (rig.addr(a), target(&d, "sleep 0.1"), format!("cap-{i}"))
         })
         .collect();
-    let reports =
-        futures_util::future::join_all(jobs.iter().map(|(h, t, id, c, k)| rig.deploy_on(h, t, id, c, k))).await;
+    // One SshHost per deployment, as the worker makes them: it keeps its
+    // master busy from its first operation until the deployment ends.
+    let reports = futures_util::future::join_all(jobs.iter().map(|(a, t, id)| {
+        let pool = &pool;
+        let rig = &rig;
+        async move { rig.deploy_on(&SshHost::new(pool, a.clone()), t, id, &cert(id, 100), &key(id)).await }
+    }))
+    .await;
     stop.store(true, Ordering::SeqCst);
     let (procs, open, samples) = sampler.join().expect("sampler");
     for r in &reports {
@@ -447,6 +453,7 @@ async fn max_masters_bounds_master_processes_and_closes_the_least_recently_used_
     assert!(procs <= 2, "{procs} ssh master processes at once with max_masters = 2");
     assert!(open <= 2, "the pool counted {open} masters at once");
     assert!(procs >= 1 && pool.masters_evicted() >= 3, "five hosts through two places evict");
+    assert!(pool.masters_opened() <= 10, "a master closed during a deployment: {} opened", pool.masters_opened());
 
     // Least recently used first: use A, B, A, then C closes B (idle
     // longest), so A needs no new master afterwards.

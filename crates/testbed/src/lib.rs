@@ -511,18 +511,18 @@ fn wait_listening(child: &mut Child, addrs: &[&str], port: u16) -> Result<(), St
     Ok(())
 }
 
-/// The ssh master connections whose control sockets are under `dir` (a
-/// pool's control directory), counted once each: the `.ssh-connection…`
-/// directories named by the command lines of live `ssh` processes (a
-/// master's is `ssh … -S <dir>/.ssh-connection…/master …` while it
-/// connects and `ssh: <dir>/.ssh-connection…/master [mux]` once it serves).
-pub fn ssh_masters_under(dir: &Path) -> usize {
+/// The live `ssh` processes whose command line names a path under `dir`
+/// (a pool's control directory, or a directory holding pools' directories),
+/// and the master connections among them, counted once each by their
+/// `.ssh-connection…` directory: a master's command line is `ssh … -S
+/// <dir>/…/.ssh-connection…/master …` while it connects and `ssh:
+/// <dir>/…/.ssh-connection…/master [mux]` once it serves.
+pub fn ssh_processes_under(dir: &Path) -> (usize, usize) {
     let needle = format!("{}/", dir.display());
-    let mut seen = std::collections::BTreeSet::new();
-    let Ok(rd) = fs::read_dir("/proc") else { return 0 };
+    let (mut procs, mut masters) = (0, std::collections::BTreeSet::new());
+    let Ok(rd) = fs::read_dir("/proc") else { return (0, 0) };
     for e in rd.flatten() {
-        let name = e.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
         let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
@@ -531,13 +531,20 @@ pub fn ssh_masters_under(dir: &Path) -> usize {
         }
         let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if let Some(i) = cmdline.find(&needle) {
-            let rest = &cmdline[i + needle.len()..];
-            let conn = rest.split(['/', ' ']).next().unwrap_or_default().to_string();
-            seen.insert(conn);
+        let Some(i) = cmdline.find(&needle) else { continue };
+        procs += 1;
+        let path = cmdline[i..].split(' ').next().unwrap_or_default();
+        if let Some(j) = path.find("/.ssh-connection") {
+            let end = path[j + 1..].find('/').map_or(path.len(), |k| j + 1 + k);
+            masters.insert(path[..end].to_string());
         }
     }
-    seen.len()
+    (procs, masters.len())
+}
+
+/// The master connections of [`ssh_processes_under`].
+pub fn ssh_masters_under(dir: &Path) -> usize {
+    ssh_processes_under(dir).1
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
