@@ -348,6 +348,11 @@ impl SshPool {
         self.inner.max_masters - self.inner.masters.available_permits()
     }
 
+    /// Leases waiting for a place for a new master now.
+    pub fn masters_waiting(&self) -> usize {
+        self.inner.waiting.load(Ordering::SeqCst)
+    }
+
     /// Idle masters closed to make room for another (least recently used
     /// first) since the pool was created.
     pub fn masters_evicted(&self) -> u64 {
