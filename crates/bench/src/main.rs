@@ -104,8 +104,9 @@ struct Figures {
     flushes: f64,
     flush_ms: f64,
     masters: f64,
-    /// ssh processes alive at once under the run's control directory, at
-    /// most (sampled every 20 ms).
+    /// ssh master processes alive at once under the run's control
+    /// directory, at most (sampled every 20 ms; a master's `ssh -f` parent
+    /// and child, alive together for a moment as it forks, count once).
     ssh_peak: usize,
     outcomes: BTreeMap<String, usize>,
 }
@@ -123,7 +124,7 @@ impl SshPeak {
         let handle = std::thread::spawn(move || {
             let mut peak = 0;
             while !s.load(Ordering::SeqCst) {
-                peak = peak.max(certdeploy_testbed::ssh_processes_under(&dir).0);
+                peak = peak.max(certdeploy_testbed::ssh_masters_under(&dir));
                 std::thread::sleep(Duration::from_millis(20));
             }
             peak
