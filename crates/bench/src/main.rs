@@ -3,8 +3,12 @@
 //! with the real worker binary, then the same N without the broker (the
 //! driver loop in-process). Prints wall time, deploys/s, request→result
 //! latency percentiles, worker CPU per deploy, peak RSS, journal flushes per
-//! deploy and SSH masters opened, for the durable journal and with
-//! durability off. Every run verifies every host's final files.
+//! deploy, SSH masters opened and ssh processes at peak, for the durable
+//! journal and with durability off. Every run verifies every host's final
+//! files. `--rtt-ms` puts every host behind a latency proxy; `--kex` and
+//! `--max-masters` set the `[ssh]` keys of the same names; `--kex-cpu N`
+//! only measures the ssh client's CPU per connection for OpenSSH's default
+//! key exchange and for curve25519-sha256.
 //!
 //! Run: `cargo build --release -p certdeploy -p certdeploy-bench &&
 //!       target/release/certdeploy-bench --n 1000 --hosts 20`
@@ -15,11 +19,13 @@ use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use certdeploy_core::wire::ResultEvent;
 use certdeploy_testbed::certs::{Bundle, TestCa, request};
+use certdeploy_testbed::proxy::LatencyProxy;
 use certdeploy_testbed::rabbit::Vhost;
 use certdeploy_testbed::{SshdFixture, TEST_USER};
 use clap::Parser;
@@ -59,11 +65,29 @@ struct Args {
     /// worker's default; 0 turns compaction off).
     #[arg(long)]
     compact_min_mb: Option<u64>,
+    /// Put every host behind a latency proxy adding this round trip (half
+    /// each way; 0: connect directly).
+    #[arg(long, default_value_t = 0)]
+    rtt_ms: u64,
+    /// `[ssh] kex_algorithms` (default: OpenSSH's own).
+    #[arg(long)]
+    kex: Option<String>,
+    /// `[ssh] max_masters` (default: the worker's, from its limits).
+    #[arg(long)]
+    max_masters: Option<usize>,
+    /// Only measure the ssh client's CPU per connection (handshake,
+    /// authentication and one `true`), this many connections with
+    /// OpenSSH's default key exchange and as many with curve25519-sha256.
+    #[arg(long, default_value_t = 0)]
+    kex_cpu: usize,
 }
 
 struct Fleet {
     sshd: SshdFixture,
     dirs: Vec<PathBuf>,
+    /// Where each host is reached: its own address, or its latency proxy.
+    endpoints: Vec<(String, u16)>,
+    _proxies: Vec<LatencyProxy>,
     tmp: tempfile::TempDir,
 }
 
@@ -80,19 +104,59 @@ struct Figures {
     flushes: f64,
     flush_ms: f64,
     masters: f64,
+    /// ssh master processes alive at once under the run's control
+    /// directory, at most (sampled every 20 ms; a master's `ssh -f` parent
+    /// and child, alive together for a moment as it forks, count once).
+    ssh_peak: usize,
     outcomes: BTreeMap<String, usize>,
 }
 
-fn config(f: &Fleet, args: &Args, amqp_url: &str, durability: &str, metrics: &str, journal: &Path) -> String {
+/// Samples the ssh processes under a control directory until finished.
+struct SshPeak {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<usize>,
+}
+
+impl SshPeak {
+    fn start(dir: PathBuf) -> SshPeak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s.load(Ordering::SeqCst) {
+                peak = peak.max(certdeploy_testbed::ssh_masters_under(&dir));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        SshPeak { stop, handle }
+    }
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap_or(0)
+    }
+}
+
+fn config(
+    f: &Fleet,
+    args: &Args,
+    amqp_url: &str,
+    durability: &str,
+    metrics: &str,
+    journal: &Path,
+    control: &Path,
+) -> String {
     let mut c = format!(
         "[worker]\namqp_url = \"{amqp_url}\"\njournal_path = \"{}\"\nconcurrency = {}\nper_host_concurrency = 4\n\
          metrics_listen = \"{metrics}\"\njournal_durability = \"{durability}\"\nshutdown_grace_s = 30\n{gc}\n\
-         [ssh]\nknown_hosts = \"{}\"\nidentity_file = \"{}\"\nconnect_timeout_s = 10\nwarm_masters = true\ncontrol_dir = \"{}\"\n\n",
+         [ssh]\nknown_hosts = \"{}\"\nidentity_file = \"{}\"\nconnect_timeout_s = 10\nwarm_masters = true\ncontrol_dir = \"{}\"\n{ssh}\n",
         journal.display(),
         args.concurrency,
         f.sshd.known_hosts_path().display(),
         f.sshd.identity_path().display(),
-        f.tmp.path().join(format!("ssh-{durability}")).display(),
+        control.display(),
+        ssh = args.kex.as_ref().map_or(String::new(), |k| format!("kex_algorithms = \"{k}\"\n"))
+            + &args.max_masters.map_or(String::new(), |m| format!("max_masters = {m}\n")),
         gc = if args.gc_interval_s > 0 {
             let compact = args.compact_min_mb.map_or(String::new(), |mb| format!("journal_compact_min_mb = {mb}\n"));
             format!("journal_gc_interval_s = {}\njournal_retention_days = 0\n{compact}", args.gc_interval_s)
@@ -100,12 +164,10 @@ fn config(f: &Fleet, args: &Args, amqp_url: &str, durability: &str, metrics: &st
             String::new()
         },
     );
-    for (i, d) in f.dirs.iter().enumerate() {
+    for (i, (d, (host, port))) in f.dirs.iter().zip(&f.endpoints).enumerate() {
         c.push_str(&format!(
-            "[targets.h{i}]\nhost = \"127.0.0.{}\"\nport = {}\nuser = \"{TEST_USER}\"\ncert_path = \"{}\"\n\
+            "[targets.h{i}]\nhost = \"{host}\"\nport = {port}\nuser = \"{TEST_USER}\"\ncert_path = \"{}\"\n\
              key_path = \"{}\"\nchain_path = \"{}\"\nreload_command = \"{}\"\n\n",
-            i + 2,
-            f.sshd.port(),
             d.join("site.pem").display(),
             d.join("site.key").display(),
             d.join("chain.pem").display(),
@@ -330,7 +392,9 @@ async fn broker_run(
     let metrics = format!("127.0.0.1:{}", free_port());
     let journal = f.tmp.path().join(format!("journal-broker-{durability}"));
     let cfg_path = f.tmp.path().join(format!("broker-{durability}.toml"));
-    std::fs::write(&cfg_path, config(f, args, &vhost.url(), durability, &metrics, &journal))?;
+    let control = f.tmp.path().join(format!("ssh-broker-{durability}"));
+    std::fs::write(&cfg_path, config(f, args, &vhost.url(), durability, &metrics, &journal, &control))?;
+    let peak = SshPeak::start(control);
     let bin = std::env::current_exe()?.with_file_name("certdeploy");
     let mut bcfg = certdeploy_amqp::BrokerConfig::new(vhost.url(), "bench");
     bcfg.rpc_timeout = Duration::from_secs(30);
@@ -406,6 +470,7 @@ async fn broker_run(
             eprintln!("  {l}");
         }
     }
+    let ssh_peak = peak.finish();
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = child.0.wait();
     broker.close().await;
@@ -449,6 +514,7 @@ async fn broker_run(
         flush_ms: metric(&body, "certdeploy_journal_flush_seconds_total") * 1000.0
             / metric(&body, "certdeploy_journal_flushes_total").max(1.0),
         masters: metric(&body, "certdeploy_ssh_masters_opened_total"),
+        ssh_peak,
         outcomes,
     })
 }
@@ -460,7 +526,9 @@ async fn direct_run(
     bundles: &[(String, usize, Bundle)],
 ) -> anyhow::Result<Figures> {
     let journal = f.tmp.path().join(format!("journal-direct-{durability}"));
-    let text = config(f, args, "amqp://guest:guest@127.0.0.1:5672/%2f", durability, "", &journal);
+    let control = f.tmp.path().join(format!("ssh-direct-{durability}"));
+    let text = config(f, args, "amqp://guest:guest@127.0.0.1:5672/%2f", durability, "", &journal, &control);
+    let peak = SshPeak::start(control);
     let cfg = certdeploy::config::Config::parse(&text, "bench.toml", &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let rt = Arc::new(certdeploy::runtime::Runtime::open(cfg.clone())?);
     let now = certdeploy::clock::now();
@@ -514,6 +582,7 @@ async fn direct_run(
     let stats = rt.journal.stats();
     let flush_ms = stats.flush_latency.sum_us as f64 / 1000.0 / (stats.flush_latency.count.max(1) as f64);
     let masters = rt.pool.masters_opened() as f64;
+    let ssh_peak = peak.finish();
     rt.pool.close_all().await;
     let n = bundles.len() as f64;
     Ok(Figures {
@@ -528,8 +597,62 @@ async fn direct_run(
         flushes,
         flush_ms,
         masters,
+        ssh_peak,
         outcomes,
     })
+}
+
+/// The ssh client's CPU per connection (key exchange, authentication, one
+/// `true`) against the fleet's sshd: `n` connections one after the other
+/// from one shell, whose reaped children's user + system time
+/// (`cutime + cstime` in `/proc/<shell>/stat`) is theirs.
+fn client_cpu_ms(f: &Fleet, kex: Option<&str>, n: usize) -> anyhow::Result<f64> {
+    let kex = kex.map_or(String::new(), |k| format!("-o KexAlgorithms={k}"));
+    let ssh = format!(
+        "ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} \
+         -o GlobalKnownHostsFile=/dev/null -o IdentitiesOnly=yes -i {} {kex} -p {} {TEST_USER}@127.0.0.2 true",
+        f.sshd.known_hosts_path().display(),
+        f.sshd.identity_path().display(),
+        f.sshd.port()
+    );
+    let script = format!("i=0; while [ $i -lt {n} ]; do {ssh} || exit 1; i=$((i+1)); done; cat /proc/$$/stat");
+    let out = Command::new("sh").args(["-c", &script]).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("ssh failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stat = String::from_utf8_lossy(&out.stdout);
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // cutime and cstime are fields 16 and 17; the first after `)` is 3.
+    Ok((tick(13) + tick(14)) * 10.0 / n as f64)
+}
+
+fn kex_cpu(f: &Fleet, n: usize) -> anyhow::Result<()> {
+    let g = Command::new("ssh").args(["-F", "/dev/null", "-G", "x"]).output()?;
+    let default = String::from_utf8_lossy(&g.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("kexalgorithms ").map(|v| v.split(',').next().unwrap_or("").to_string()))
+        .unwrap_or_default();
+    let version = Command::new("ssh").arg("-V").output()?;
+    let mut rows = Vec::new();
+    for (name, kex) in
+        [(format!("OpenSSH default ({default})"), None), ("curve25519-sha256".to_string(), Some("curve25519-sha256"))]
+    {
+        // One connection first, outside the measure (page cache, sshd).
+        client_cpu_ms(f, kex, 1)?;
+        rows.push((name, client_cpu_ms(f, kex, n)?));
+    }
+    println!(
+        "\nssh client CPU per connection (key exchange, authentication, one `true`), {n} connections each, {}",
+        String::from_utf8_lossy(&version.stderr).trim()
+    );
+    println!("| key exchange | client CPU ms per connection |");
+    println!("|---|---|");
+    for (name, ms) in rows {
+        println!("| {name} | {ms:.1} |");
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -540,12 +663,27 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("starting sshd on {} addresses; generating {} certificates per run", args.hosts, args.n);
     let sshd = SshdFixture::start(&refs);
     let dirs = addrs.iter().map(|a| sshd.root_dir_for(a)).collect();
+    let (mut endpoints, mut proxies) = (Vec::new(), Vec::new());
+    for a in &addrs {
+        if args.rtt_ms > 0 {
+            let upstream = format!("{a}:{}", sshd.port()).parse()?;
+            let p = LatencyProxy::start(upstream, Duration::from_micros(args.rtt_ms * 500));
+            sshd.trust("127.0.0.1", p.addr().port());
+            endpoints.push(("127.0.0.1".to_string(), p.addr().port()));
+            proxies.push(p);
+        } else {
+            endpoints.push((a.clone(), sshd.port()));
+        }
+    }
     let mut tmp = tempfile::Builder::new().prefix("certdeploy-bench-").tempdir()?;
     if std::env::var_os("BENCH_KEEP").is_some() {
         tmp.disable_cleanup(true);
         eprintln!("keeping {}", tmp.path().display());
     }
-    let fleet = Fleet { sshd, dirs, tmp };
+    let fleet = Fleet { sshd, dirs, endpoints, _proxies: proxies, tmp };
+    if args.kex_cpu > 0 {
+        return kex_cpu(&fleet, args.kex_cpu);
+    }
     let ca = TestCa::new();
     let mut table = Vec::new();
     for (k, run) in args.runs.iter().enumerate() {
@@ -575,22 +713,25 @@ async fn main() -> anyhow::Result<()> {
     }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
-        "\ncertdeploy-bench: N={} hosts={} reload=`{}` concurrency={} cpus={cpus} rate={}{}",
+        "\ncertdeploy-bench: N={} hosts={} reload=`{}` concurrency={} cpus={cpus} rate={}{} rtt={} kex={} max_masters={}",
         args.n,
         args.hosts,
         args.reload,
         args.concurrency,
         if args.rate > 0.0 { format!("{}/s", args.rate) } else { "max".into() },
-        if args.queued_first { " (queue filled before the worker started)" } else { "" }
+        if args.queued_first { " (queue filled before the worker started)" } else { "" },
+        if args.rtt_ms > 0 { format!("{} ms (latency proxy)", args.rtt_ms) } else { "loopback".into() },
+        args.kex.as_deref().unwrap_or("OpenSSH default"),
+        args.max_masters.map_or("default".to_string(), |m| m.to_string()),
     );
     println!(
-        "| run | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | outcomes |"
+        "| run | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | ssh procs peak | outcomes |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &table {
         let n = f.outcomes.values().sum::<usize>().max(1) as f64;
         println!(
-            "| {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {:?} |",
+            "| {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {:?} |",
             f.run,
             f.wall_s,
             f.per_s,
@@ -602,6 +743,7 @@ async fn main() -> anyhow::Result<()> {
             f.flushes / n,
             f.flush_ms,
             f.masters,
+            f.ssh_peak,
             f.outcomes
         );
     }

@@ -296,6 +296,11 @@ pub struct SshSection {
     /// Open a master to every configured target before consuming (for
     /// fleets small enough to keep one ssh process per host; off by default).
     pub warm_masters: bool,
+    /// Most ssh master processes open at once (default: from this
+    /// process's limits, see `certdeploy_ssh::default_max_masters`).
+    pub max_masters: Option<usize>,
+    /// ssh's `KexAlgorithms` (default: OpenSSH's own).
+    pub kex_algorithms: Option<String>,
 }
 
 impl Default for SshSection {
@@ -307,6 +312,8 @@ impl Default for SshSection {
             control_dir: None,
             idle_timeout_s: 300,
             warm_masters: false,
+            max_masters: None,
+            kex_algorithms: None,
         }
     }
 }
@@ -510,6 +517,8 @@ impl Config {
             control_dir,
             idle_timeout,
             per_host_concurrency: self.worker.per_host_concurrency,
+            max_masters: self.ssh.max_masters.unwrap_or_else(certdeploy_ssh::default_max_masters),
+            kex_algorithms: self.ssh.kex_algorithms.clone(),
         }
     }
 
@@ -727,6 +736,12 @@ impl Config {
                 "worker.verify_window_ms",
                 "must not exceed verify_budget_ms: verify could never see enough handshakes within its budget",
             );
+        }
+        if self.ssh.max_masters == Some(0) {
+            return e("ssh.max_masters", "must be at least 1");
+        }
+        if let Some(k) = &self.ssh.kex_algorithms {
+            certdeploy_ssh::check_kex_syntax(k).map_err(|p| ("ssh.kex_algorithms".to_string(), p))?;
         }
         if w.deadline_s == 0 {
             return e("worker.deadline_s", "must be at least 1");
@@ -1347,6 +1362,28 @@ reload_command = "systemctl reload nginx"
         }
         let e = Config::parse("[worker]\nbogus = 1\n", "c.toml", &[]).unwrap_err().to_string();
         assert!(e.starts_with("c.toml: line 2: unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn max_masters_and_kex_algorithms_reach_the_pool_and_are_checked() {
+        let c = Config::parse(MIN, "c.toml", &[]).unwrap();
+        let s = c.ssh_config("/tmp".into(), Duration::from_secs(1));
+        assert_eq!(s.max_masters, certdeploy_ssh::default_max_masters());
+        assert!((1..=certdeploy_ssh::MAX_MASTERS_CAP).contains(&s.max_masters));
+        assert_eq!(s.kex_algorithms, None, "OpenSSH's own default unless configured");
+        let set = format!("[ssh]\nmax_masters = 3\nkex_algorithms = \"curve25519-sha256\"\n{MIN}");
+        let s = Config::parse(&set, "c.toml", &[]).unwrap().ssh_config("/tmp".into(), Duration::from_secs(1));
+        assert_eq!((s.max_masters, s.kex_algorithms.as_deref()), (3, Some("curve25519-sha256")));
+        for (text, want) in [
+            ("[ssh]\nmax_masters = 0\n", "c.toml: ssh.max_masters: must be at least 1"),
+            ("[ssh]\nkex_algorithms = \"curve25519-sha256 x\"\n", "expected algorithm names separated by commas"),
+            ("[ssh]\nkex_algorithms = \"\"\n", "expected algorithm names separated by commas"),
+        ] {
+            let e = Config::parse(&format!("{text}{MIN}"), "c.toml", &[]).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let ok = format!("[ssh]\nkex_algorithms = \"^curve25519-sha256,sntrup761x25519-sha512@openssh.com\"\n{MIN}");
+        assert!(Config::parse(&ok, "c.toml", &[]).is_ok());
     }
 
     #[test]

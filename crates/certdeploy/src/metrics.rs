@@ -19,6 +19,10 @@ pub const JOURNAL_FLUSH_SECONDS: &str = "certdeploy_journal_flush_duration_secon
 pub const AMQP_RECONNECTS: &str = "certdeploy_amqp_reconnects_total";
 pub const PUBLISH_SECONDS: &str = "certdeploy_result_publish_duration_seconds";
 pub const SSH_MASTERS_OPENED: &str = "certdeploy_ssh_masters_opened_total";
+/// ssh master processes open now (at most `[ssh] max_masters`).
+pub const SSH_MASTERS_OPEN: &str = "certdeploy_ssh_masters_open";
+/// Idle ssh masters closed to make room for another under `max_masters`.
+pub const SSH_MASTER_EVICTIONS: &str = "certdeploy_ssh_master_evictions_total";
 pub const READY: &str = "certdeploy_ready";
 /// Expired target locks of dead workers taken over.
 pub const TAKEOVERS: &str = "certdeploy_lock_takeovers_total";
@@ -66,6 +70,8 @@ pub const ALL: &[&str] = &[
     AMQP_RECONNECTS,
     PUBLISH_SECONDS,
     SSH_MASTERS_OPENED,
+    SSH_MASTERS_OPEN,
+    SSH_MASTER_EVICTIONS,
     READY,
     TAKEOVERS,
     LOCKS_LOST,
@@ -132,10 +138,12 @@ fn register_at_zero() {
     let _ = metrics::histogram!(DEPLOY_SECONDS);
     let _ = metrics::histogram!(PUBLISH_SECONDS);
     metrics::gauge!(IN_FLIGHT).set(0.0);
+    metrics::gauge!(SSH_MASTERS_OPEN).set(0.0);
     for c in [
         JOURNAL_FLUSHES,
         AMQP_RECONNECTS,
         SSH_MASTERS_OPENED,
+        SSH_MASTER_EVICTIONS,
         TAKEOVERS,
         LOCKS_LOST,
         DEFERRALS,
@@ -189,6 +197,8 @@ fn describe() {
     describe_counter!(AMQP_RECONNECTS, "Broker reconnections");
     describe_histogram!(PUBLISH_SECONDS, "Result publish latency until confirmed");
     describe_counter!(SSH_MASTERS_OPENED, "SSH ControlMaster connections opened");
+    describe_gauge!(SSH_MASTERS_OPEN, "SSH master processes open now (at most [ssh] max_masters)");
+    describe_counter!(SSH_MASTER_EVICTIONS, "Idle SSH masters closed to make room for another under max_masters");
     describe_counter!(RESULTS_UNROUTABLE, "Results the broker returned as unroutable, by destination");
     describe_gauge!(READY, "1 when broker, journal and recovery are ready");
     describe_counter!(TAKEOVERS, "Expired target locks of dead workers taken over");

@@ -372,6 +372,8 @@ async fn journal_metrics(rt: Arc<Runtime>) {
         let s = rt.journal.stats();
         metrics::counter!(m::JOURNAL_FLUSHES).absolute(s.flushes);
         metrics::counter!(m::SSH_MASTERS_OPENED).absolute(rt.pool.masters_opened());
+        metrics::gauge!(m::SSH_MASTERS_OPEN).set(rt.pool.masters_open() as f64);
+        metrics::counter!(m::SSH_MASTER_EVICTIONS).absolute(rt.pool.masters_evicted());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

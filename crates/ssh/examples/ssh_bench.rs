@@ -46,6 +46,8 @@ fn new_pool(sshd: &SshdFixture, control: &Path) -> SshPool {
         control_dir: control.to_path_buf(),
         idle_timeout: Duration::from_secs(60),
         per_host_concurrency: 4,
+        max_masters: certdeploy_ssh::default_max_masters(),
+        kex_algorithms: None,
     })
     .expect("pool")
 }

@@ -31,7 +31,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{first_connection_loss, is_no_such_file, sftp_is_connection_loss, sftp_kind, shell_quote};
 use crate::hostile::TargetPolicy;
-use crate::pool::{ExecFailure, HostAddr, Lease, SshPool};
+use crate::pool::{ExecFailure, HostAddr, Lease, Pin, SshPool};
 
 /// Bound on one SFTP step (snapshot, write, restore, ...): a stalled
 /// connection must not hold a deployment forever. ServerAliveInterval
@@ -63,6 +63,9 @@ pub struct SshHost<'a> {
     pub(crate) policy: std::sync::Arc<TargetPolicy>,
     /// The SSH user's uid and the configured ids, once looked up.
     pub(crate) ids: std::sync::Arc<std::sync::Mutex<Option<crate::hostile::Ids>>>,
+    /// From the first operation on: the host's master stays busy (never
+    /// closed to make room for another host's) until this is dropped.
+    pin: std::sync::Arc<std::sync::OnceLock<Pin>>,
 }
 
 pub(crate) fn p(s: &str) -> &Path {
@@ -221,7 +224,16 @@ impl<'a> SshHost<'a> {
             owners: Default::default(),
             policy: Default::default(),
             ids: Default::default(),
+            pin: Default::default(),
         }
+    }
+
+    /// A lease of this host's connection; the first one also keeps the
+    /// master busy for as long as this `SshHost` lives (see the pool).
+    async fn pool_lease(&self) -> Result<Lease, StepError> {
+        let lease = self.pool.lease(&self.addr).await?;
+        self.pin.get_or_init(|| lease.pin());
+        Ok(lease)
     }
 
     /// This host with the target's rules for links and owners.
@@ -401,7 +413,7 @@ impl<'a> SshHost<'a> {
 
     /// A connection that can deploy: posix-rename and fsync are required.
     pub(crate) async fn lease(&self) -> Result<Lease, StepError> {
-        let lease = self.pool.lease(&self.addr).await?;
+        let lease = self.pool_lease().await?;
         let sftp = lease.sftp();
         for (ok, ext, why) in [
             (sftp.support_posix_rename(), "posix-rename@openssh.com", "atomic replacement is impossible"),
@@ -960,7 +972,7 @@ impl<'a> SshHost<'a> {
 impl SshHost<'_> {
     /// Run `command` (a shell script; `shown` names it in errors).
     async fn exec_script(&self, command: &str, shown: &str, timeout_ms: u64) -> Result<ExecResult, StepError> {
-        let lease = self.pool.lease(&self.addr).await?;
+        let lease = self.pool_lease().await?;
         let timeout = Duration::from_millis(timeout_ms);
         // The deferred directory sync of the last write, in the same shell,
         // silent (best effort, like `sync_dirs`), on its own line so that
@@ -1254,7 +1266,7 @@ impl Host for SshHost<'_> {
     }
 
     async fn remove_backups(&self, deployment_id: &str, paths: &[String]) -> Result<(), StepError> {
-        let lease = self.pool.lease(&self.addr).await?;
+        let lease = self.pool_lease().await?;
         let work = async {
             let results = join_all(paths.iter().map(|path| async {
                 // A path the link rules refuse was never backed up through
@@ -1285,7 +1297,7 @@ impl Host for SshHost<'_> {
     }
 
     async fn prune(&self, deployment_id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {
-        let lease = self.pool.lease(&self.addr).await?;
+        let lease = self.pool_lease().await?;
         // Normally done in front of the reload already.
         self.flush_pending_sync(&lease).await;
         let dirs: BTreeSet<String> = live_paths.iter().map(|l| parent_of(l)).collect();

@@ -5,7 +5,9 @@
 //!
 //! - [`SshPool`] owns the connections: one master and one SFTP session per
 //!   host, reused across deployments, a bounded number of concurrent exec
-//!   channels per host, idle masters closed, dead masters reopened.
+//!   channels per host, at most `max_masters` masters (least recently used
+//!   idle ones closed to make room), idle masters closed, dead masters
+//!   reopened.
 //! - [`SshHost`] implements [`certdeploy_core::driver::Host`] for one host
 //!   with the semantics of the core's in-memory `MemHost`.
 //! - [`check`] probes a target without changing anything.
@@ -28,5 +30,5 @@ pub use error::shell_quote;
 pub use host::SshHost;
 pub use hostile::{TargetPolicy, valid_id_name};
 pub use live::read_public_file;
-pub use pool::{HostAddr, PoolError, SshConfig, SshPool};
+pub use pool::{HostAddr, MAX_MASTERS_CAP, PoolError, SshConfig, SshPool, check_kex_syntax, default_max_masters};
 pub use sudo::{sudo_expressible, sudoers_command, sudoers_escape, sudoers_rule};

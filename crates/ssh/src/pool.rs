@@ -10,10 +10,25 @@
 //! `ControlPersist`, so a killed worker never leaves masters behind). A
 //! master found dead (a lost channel, or a failed alive check after a
 //! pause) is dropped and reopened by the next operation.
+//!
+//! How many: at most `max_masters` master processes at once. A lease that
+//! needs a new master while all places are taken closes the least recently
+//! used idle master and takes its place once that process has exited; when
+//! every master is busy it waits for one to become idle. A master is busy
+//! while an operation uses it (a lease) and while a deployment that has
+//! used it is still running (an [`SshHost`](crate::SshHost) keeps it from
+//! its first operation until it is dropped): the operations of one
+//! deployment never lose their master to another deployment in between,
+//! and a deployment waits for a place only before its first operation.
+//! A deployment works on one host, and a deployment waiting for a place
+//! holds no master, so a wait always ends: every busy master becomes idle
+//! when its deployment ends. Deployments to the same account share its
+//! master (and wait on it while it opens) instead of taking a second place.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroUsize;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,7 +38,7 @@ use std::time::{Duration, Instant};
 use certdeploy_core::StepError;
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder};
 use openssh_sftp_client::{Sftp, SftpOptions};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{connect_error, sftp_error, sftp_is_connection_loss, shell_quote};
 
@@ -45,6 +60,26 @@ pub struct SshConfig {
     /// Concurrent exec channels per host (sshd's MaxSessions is 10 by
     /// default; the SFTP session takes one more).
     pub per_host_concurrency: usize,
+    /// Most master processes open at once (at least 1; see
+    /// [`default_max_masters`]).
+    pub max_masters: usize,
+    /// ssh's `KexAlgorithms`, written into the generated `ssh_config`;
+    /// `None` keeps OpenSSH's own default.
+    pub kex_algorithms: Option<String>,
+}
+
+/// Upper bound of [`default_max_masters`].
+pub const MAX_MASTERS_CAP: usize = 256;
+
+/// The default `max_masters` for this process's limits: a quarter of
+/// `RLIMIT_NPROC` (each master is a process of this user), an eighth of
+/// `RLIMIT_NOFILE` (each master costs the worker its SFTP socket and a
+/// socket per command in flight), at most [`MAX_MASTERS_CAP`], at least 1.
+pub fn default_max_masters() -> usize {
+    use rustix::process::{Resource, getrlimit};
+    let soft = |r| getrlimit(r).current.unwrap_or(u64::MAX);
+    let n = (soft(Resource::Nproc) / 4).min(soft(Resource::Nofile) / 8);
+    n.clamp(1, MAX_MASTERS_CAP as u64) as usize
 }
 
 /// One remote account.
@@ -98,6 +133,8 @@ impl fmt::Display for HostAddr {
 pub enum PoolError {
     #[error("ssh control directory {path}: {source}")]
     ControlDir { path: PathBuf, source: std::io::Error },
+    #[error("ssh configuration: {0}")]
+    Config(String),
 }
 
 /// A pool of master connections, one per (host, port, user, sudo).
@@ -113,6 +150,18 @@ struct PoolInner {
     config_file: PathBuf,
     slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
     masters_opened: AtomicU64,
+    /// One permit per master process that may be open (`max_masters`).
+    masters: Arc<Semaphore>,
+    max_masters: usize,
+    /// Woken when a slot's last lease ends (its master became idle) and
+    /// when an evicted master's place came back.
+    idle: Arc<Notify>,
+    /// Leases waiting for a place, and evicted masters whose place has not
+    /// come back yet: a waiter evicts only while the second is smaller.
+    waiting: AtomicUsize,
+    closing: Arc<AtomicUsize>,
+    evictions: AtomicU64,
+    epoch: Instant,
 }
 
 impl Drop for PoolInner {
@@ -127,9 +176,23 @@ impl Drop for PoolInner {
 pub(crate) struct Slot {
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     channels: Arc<Semaphore>,
-    last_used: Mutex<Instant>,
+    /// When the last lease ended, in nanoseconds since `epoch`.
+    last_used: AtomicU64,
+    epoch: Instant,
     active: AtomicUsize,
+    /// `conn` holds a master (a hint for eviction, checked under the lock).
+    has_master: AtomicBool,
+    idle: Arc<Notify>,
     reaper_running: AtomicBool,
+}
+
+impl Slot {
+    fn touch(&self) {
+        self.last_used.store(self.epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
+    }
+    fn idle_for(&self) -> Duration {
+        self.epoch.elapsed().saturating_sub(Duration::from_nanos(self.last_used.load(Ordering::SeqCst)))
+    }
 }
 
 /// One open master with its SFTP session.
@@ -141,6 +204,60 @@ pub(crate) struct Conn {
     /// (drains its stderr, waits for its exit). It ends when the SFTP
     /// session's stdin closes.
     server: Option<tokio::task::JoinHandle<()>>,
+    /// This master's place among `max_masters` (taken out when the master
+    /// is closed, given back once its process has exited).
+    place: Mutex<Option<Place>>,
+}
+
+/// A place among `max_masters`, and the master process holding it.
+struct Place {
+    permit: OwnedSemaphorePermit,
+    /// A pidfd of the master process (from the mux alive check): its exit
+    /// can be awaited and it can be signalled without pid reuse races.
+    /// `None` when the kernel or the master would not say.
+    pidfd: Option<OwnedFd>,
+}
+
+impl Place {
+    /// Give the place back once the master process has exited; after 5 s
+    /// it is sent SIGTERM, and after 2 s more the place comes back anyway.
+    async fn release(self) {
+        let Place { permit, pidfd } = self;
+        if let Some(fd) = pidfd {
+            let fd = Arc::new(fd);
+            if !exited_within(&fd, Duration::from_secs(5)).await {
+                tracing::warn!("an ssh master did not exit when closed; sending it SIGTERM");
+                let _ = rustix::process::pidfd_send_signal(&*fd, rustix::process::Signal::TERM);
+                if !exited_within(&fd, Duration::from_secs(2)).await {
+                    tracing::warn!("an ssh master survived SIGTERM for 2 s; giving its place back anyway");
+                }
+            }
+        }
+        drop(permit);
+    }
+}
+
+/// A pidfd becomes readable when its process exits.
+async fn exited_within(fd: &Arc<OwnedFd>, limit: Duration) -> bool {
+    use tokio::io::unix::AsyncFd;
+    // Deprecated as unsound when the descriptor can be closed while it is
+    // registered; here the registration holds its own reference to the
+    // descriptor, which therefore outlives it.
+    #[allow(deprecated)]
+    let registered = AsyncFd::with_interest(fd.clone(), tokio::io::Interest::READABLE);
+    let Ok(afd) = registered else {
+        return true;
+    };
+    tokio::time::timeout(limit, afd.readable()).await.is_ok()
+}
+
+/// Counts a lease waiting for a place while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl fmt::Debug for SshPool {
@@ -148,6 +265,7 @@ impl fmt::Debug for SshPool {
         f.debug_struct("SshPool")
             .field("control_dir", &self.inner.dir)
             .field("masters_opened", &self.masters_opened())
+            .field("masters_open", &self.masters_open())
             .finish()
     }
 }
@@ -158,8 +276,13 @@ impl SshPool {
     /// mode 0700 (after checking that `control_dir` belongs to this user or
     /// root and nobody else may rename entries in it), and write
     /// certdeploy's own `ssh_config` into it exclusively, never through a
-    /// link; nothing is read from or written to `$HOME`.
+    /// link; nothing is read from or written to `$HOME`. With
+    /// `kex_algorithms` set, `ssh -G` must accept the file (an unknown
+    /// algorithm is refused here, naming it, not at the first connection).
     pub fn new(cfg: SshConfig) -> Result<SshPool, PoolError> {
+        if let Some(k) = &cfg.kex_algorithms {
+            check_kex_syntax(k).map_err(PoolError::Config)?;
+        }
         let dir = make_control_dir(&cfg.control_dir)?;
         let config_file = dir.join("ssh_config");
         let written = std::fs::OpenOptions::new()
@@ -173,6 +296,13 @@ impl SshPool {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(PoolError::ControlDir { path: config_file, source });
         }
+        if cfg.kex_algorithms.is_some()
+            && let Err(e) = ssh_accepts(&config_file)
+        {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(PoolError::Config(e));
+        }
+        let max_masters = cfg.max_masters.max(1);
         Ok(SshPool {
             inner: Arc::new(PoolInner {
                 cfg,
@@ -180,6 +310,13 @@ impl SshPool {
                 config_file,
                 slots: Mutex::new(HashMap::new()),
                 masters_opened: AtomicU64::new(0),
+                masters: Arc::new(Semaphore::new(max_masters)),
+                max_masters,
+                idle: Arc::new(Notify::new()),
+                waiting: AtomicUsize::new(0),
+                closing: Arc::new(AtomicUsize::new(0)),
+                evictions: AtomicU64::new(0),
+                epoch: Instant::now(),
             }),
         })
     }
@@ -205,15 +342,96 @@ impl SshPool {
         self.inner.masters_opened.load(Ordering::Relaxed)
     }
 
+    /// Master processes open (or opening, or closing) now: at most
+    /// `max_masters`.
+    pub fn masters_open(&self) -> usize {
+        self.inner.max_masters - self.inner.masters.available_permits()
+    }
+
+    /// Leases waiting for a place for a new master now.
+    pub fn masters_waiting(&self) -> usize {
+        self.inner.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Idle masters closed to make room for another (least recently used
+    /// first) since the pool was created.
+    pub fn masters_evicted(&self) -> u64 {
+        self.inner.evictions.load(Ordering::Relaxed)
+    }
+
     /// Close every master now.
     pub async fn close_all(&self) {
         let slots: Vec<Arc<Slot>> = lock(&self.inner.slots).values().cloned().collect();
         for s in slots {
-            let c = s.conn.lock().await.take();
+            let c = {
+                let mut g = s.conn.lock().await;
+                s.has_master.store(false, Ordering::SeqCst);
+                g.take()
+            };
             if let Some(c) = c {
                 close_conn(c).await;
             }
         }
+    }
+
+    /// A place for a new master: a free one, or the place of the least
+    /// recently used idle master (closed for it), or the first to come
+    /// back once a busy master becomes idle.
+    async fn master_place(&self) -> OwnedSemaphorePermit {
+        let inner = &self.inner;
+        inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&inner.waiting);
+        loop {
+            let notified = inner.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Ok(p) = inner.masters.clone().try_acquire_owned() {
+                return p;
+            }
+            // One eviction per waiting lease: an evicted master's place
+            // comes back only once its process has exited.
+            if inner.closing.load(Ordering::SeqCst) < inner.waiting.load(Ordering::SeqCst) {
+                self.evict_lru_idle();
+            }
+            tokio::select! {
+                p = inner.masters.clone().acquire_owned() => {
+                    return p.expect("the masters semaphore is never closed");
+                }
+                () = &mut notified => {}
+            }
+        }
+    }
+
+    /// Close the least recently used master no lease is using; false when
+    /// there is none.
+    fn evict_lru_idle(&self) -> bool {
+        let mut idle: Vec<(u64, Arc<Slot>)> = lock(&self.inner.slots)
+            .values()
+            .filter(|s| s.has_master.load(Ordering::SeqCst) && s.active.load(Ordering::SeqCst) == 0)
+            .map(|s| (s.last_used.load(Ordering::SeqCst), s.clone()))
+            .collect();
+        idle.sort_by_key(|(t, _)| *t);
+        for (_, s) in idle {
+            let Ok(mut g) = s.conn.try_lock() else { continue };
+            if s.active.load(Ordering::SeqCst) > 0 {
+                continue;
+            }
+            let Some(c) = g.take() else { continue };
+            s.has_master.store(false, Ordering::SeqCst);
+            drop(g);
+            self.inner.evictions.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("closing the least recently used idle ssh master to make room");
+            let (closing, idle) = (self.inner.closing.clone(), self.inner.idle.clone());
+            closing.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                close_conn(c).await;
+                closing.fetch_sub(1, Ordering::SeqCst);
+                // A waiter that left this eviction to another may evict now.
+                idle.notify_waiters();
+            });
+            return true;
+        }
+        false
     }
 
     fn slot(&self, addr: &HostAddr) -> Arc<Slot> {
@@ -221,13 +439,18 @@ impl SshPool {
         slots
             .entry(addr.slot_key())
             .or_insert_with(|| {
-                Arc::new(Slot {
+                let s = Slot {
                     conn: tokio::sync::Mutex::new(None),
                     channels: Arc::new(Semaphore::new(self.inner.cfg.per_host_concurrency.max(1))),
-                    last_used: Mutex::new(Instant::now()),
+                    last_used: AtomicU64::new(0),
+                    epoch: self.inner.epoch,
                     active: AtomicUsize::new(0),
+                    has_master: AtomicBool::new(false),
+                    idle: self.inner.idle.clone(),
                     reaper_running: AtomicBool::new(false),
-                })
+                };
+                s.touch();
+                Arc::new(s)
             })
             .clone()
     }
@@ -245,8 +468,9 @@ impl SshPool {
         // From here on the lease's Drop undoes `active`.
         let mut lease = Lease { slot: slot.clone(), conn: None, host: addr.to_string() };
         let mut guard = slot.conn.lock().await;
+        let mut place = None;
         if let Some(c) = guard.as_ref() {
-            let idle = lock(&slot.last_used).elapsed();
+            let idle = slot.idle_for();
             let alive = !c.dead.load(Ordering::SeqCst)
                 && (idle < Duration::from_secs(1)
                     || matches!(tokio::time::timeout(Duration::from_secs(2), c.session.check()).await, Ok(Ok(()))));
@@ -256,11 +480,21 @@ impl SshPool {
             }
             tracing::info!(host = %addr, "ssh master is gone; reopening");
             if let Some(old) = guard.take() {
+                slot.has_master.store(false, Ordering::SeqCst);
+                // The replacement takes the dead master's place: another
+                // lease of this slot may still hold the dead master, and
+                // waiting for a place could wait for that lease.
+                place = lock(&old.place).take().map(|p| p.permit);
                 tokio::spawn(close_conn(old));
             }
         }
-        let conn = Arc::new(self.open(addr).await?);
+        let permit = match place {
+            Some(p) => p,
+            None => self.master_place().await,
+        };
+        let conn = Arc::new(self.open(addr, permit).await?);
         *guard = Some(conn.clone());
+        slot.has_master.store(true, Ordering::SeqCst);
         drop(guard);
         self.inner.masters_opened.fetch_add(1, Ordering::Relaxed);
         if !slot.reaper_running.swap(true, Ordering::SeqCst) {
@@ -270,7 +504,9 @@ impl SshPool {
         Ok(lease)
     }
 
-    async fn open(&self, addr: &HostAddr) -> Result<Conn, StepError> {
+    /// Open a master in the place `permit` holds (given back when this
+    /// fails, once a launched master process has exited).
+    async fn open(&self, addr: &HostAddr, permit: OwnedSemaphorePermit) -> Result<Conn, StepError> {
         let cfg = &self.inner.cfg;
         let host = addr.to_string();
         let mut b = SessionBuilder::default();
@@ -301,25 +537,87 @@ impl SshPool {
             }
         };
         let session = Arc::new(Session::new_native_mux(dir));
-        let (sftp, server) = match &addr.sudo {
+        let place = Place { permit, pidfd: master_pidfd(session.control_socket()).await };
+        let opened = match &addr.sudo {
             None => {
                 match tokio::time::timeout(limit, Sftp::from_clonable_session(session.clone(), sftp_options())).await {
-                    Ok(Ok(s)) => (s, None),
+                    Ok(Ok(s)) => Ok((s, None)),
                     Ok(Err(e)) => {
                         let e = sftp_error(&host, "open", "SFTP session", &e);
-                        return Err(if e.is_transient() { e } else { StepError::permanent(e.message) });
+                        Err(if e.is_transient() { e } else { StepError::permanent(e.message) })
                     }
-                    Err(_) => return Err(StepError::transient(format!("{host}: SFTP session: timed out"))),
+                    Err(_) => Err(StepError::transient(format!("{host}: SFTP session: timed out"))),
                 }
             }
-            Some(server) => {
-                let (sftp, task) = sudo_sftp(&session, &host, server, limit).await?;
-                (sftp, Some(task))
+            Some(server) => sudo_sftp(&session, &host, server, limit).await.map(|(s, t)| (s, Some(t))),
+        };
+        let (sftp, server) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                // Dropping the session stops the master.
+                drop(session);
+                place.release().await;
+                return Err(e);
             }
         };
         tracing::debug!(host = %host, ms = started.elapsed().as_millis() as u64, "ssh master opened");
-        Ok(Conn { session, sftp, dead: AtomicBool::new(false), server })
+        Ok(Conn { session, sftp, dead: AtomicBool::new(false), server, place: Mutex::new(Some(place)) })
     }
+}
+
+/// A pidfd of the master process behind `ctl`, whose pid the master gives
+/// in answer to an alive check.
+async fn master_pidfd(ctl: &Path) -> Option<OwnedFd> {
+    let ask = async {
+        let mut c = openssh_mux_client::Connection::connect(ctl).await.ok()?;
+        c.send_alive_check().await.ok()
+    };
+    let pid = tokio::time::timeout(Duration::from_secs(2), ask).await.ok().flatten()?;
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid.get()).ok()?)?;
+    match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::debug!("no pidfd for the ssh master {}: {e}", pid.as_raw_nonzero());
+            None
+        }
+    }
+}
+
+/// Algorithm names (letters, digits, `@ . _ -`), separated by commas, with
+/// one leading `+`, `-` or `^`: what ssh's `KexAlgorithms` takes, and
+/// nothing that could end the line it is written on in `ssh_config`.
+pub fn check_kex_syntax(k: &str) -> Result<(), String> {
+    let names = k.strip_prefix(['+', '-', '^']).unwrap_or(k);
+    let ok = !names.is_empty()
+        && names.split(',').all(|n| {
+            !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '_' | '-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "kex_algorithms {k:?}: expected algorithm names separated by commas, optionally after one +, - or ^ \
+             (`ssh -Q kex` lists them)"
+        ))
+    }
+}
+
+/// `ssh -G` parses the generated file as every connection will; what it
+/// says when it refuses it (e.g. `Bad SSH2 KexAlgorithms 'x'`).
+fn ssh_accepts(config_file: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(config_file)
+        .args(["-G", "certdeploy.invalid"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ssh -G: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let said: Vec<&str> = said.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    Err(format!("ssh refuses {}: {}", config_file.display(), said.join("; ")))
 }
 
 /// Most of the sudo'ed SFTP server's stderr kept for an error message.
@@ -472,6 +770,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 async fn close_conn(c: Arc<Conn>) {
+    let place = lock(&c.place).take();
+    close_session(c).await;
+    if let Some(p) = place {
+        p.release().await;
+    }
+}
+
+async fn close_session(c: Arc<Conn>) {
     // Others may still hold it: the last holder's drop shuts the master.
     if let Ok(c) = Arc::try_unwrap(c) {
         let Conn { session, sftp, server, .. } = c;
@@ -501,7 +807,7 @@ async fn reaper(slot: Weak<Slot>, idle: Duration) {
     loop {
         tokio::time::sleep(tick).await;
         let Some(s) = slot.upgrade() else { return };
-        if s.active.load(Ordering::SeqCst) > 0 || lock(&s.last_used).elapsed() < idle {
+        if s.active.load(Ordering::SeqCst) > 0 || s.idle_for() < idle {
             continue;
         }
         let Ok(mut g) = s.conn.try_lock() else { continue };
@@ -509,6 +815,7 @@ async fn reaper(slot: Weak<Slot>, idle: Duration) {
             continue;
         }
         let c = g.take();
+        s.has_master.store(false, Ordering::SeqCst);
         s.reaper_running.store(false, Ordering::SeqCst);
         drop(g);
         if let Some(c) = c {
@@ -534,6 +841,11 @@ pub(crate) enum ExecFailure {
 }
 
 impl Lease {
+    /// Keep this lease's master busy beyond the lease.
+    pub(crate) fn pin(&self) -> Pin {
+        self.slot.active.fetch_add(1, Ordering::SeqCst);
+        Pin(self.slot.clone())
+    }
     fn conn(&self) -> &Conn {
         self.conn.as_deref().expect("a lease always holds a connection")
     }
@@ -639,10 +951,34 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Keeps a slot's master busy (never closed as idle, by the reaper or to
+/// make room) while it lives.
+pub(crate) struct Pin(Arc<Slot>);
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pin")
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.0.touch();
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        *lock(&self.slot.last_used) = Instant::now();
-        self.slot.active.fetch_sub(1, Ordering::SeqCst);
+        // The connection first: an evicted idle master must find no lease
+        // still holding it.
+        drop(self.conn.take());
+        self.slot.touch();
+        if self.slot.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.slot.idle.notify_waiters();
+        }
     }
 }
 
@@ -667,9 +1003,10 @@ fn ssh_config_text(cfg: &SshConfig) -> String {
          \x20 ForwardX11 no\n\
          \x20 ServerAliveInterval 5\n\
          \x20 ServerAliveCountMax 3\n\
-         \x20 LogLevel ERROR\n",
+         \x20 LogLevel ERROR\n{kex}",
         kh = q(&cfg.known_hosts),
         id = q(&cfg.identity_file),
+        kex = cfg.kex_algorithms.as_ref().map_or(String::new(), |k| format!("  KexAlgorithms {k}\n")),
     )
 }
 
@@ -687,6 +1024,8 @@ mod tests {
             control_dir: dir.to_path_buf(),
             idle_timeout: Duration::from_secs(1),
             per_host_concurrency: 1,
+            max_masters: 4,
+            kex_algorithms: None,
         }
     }
 

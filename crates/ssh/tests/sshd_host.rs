@@ -391,3 +391,137 @@ async fn check_reports_precise_problems() {
     assert!(!lines[0].ok && lines[0].detail.contains("host key verification failed"), "{lines:?}");
     assert!(lines[0].detail.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{lines:?}");
 }
+
+/// With `max_masters = 2`, ten concurrent deployments over five hosts all
+/// deploy, and no more than two master processes ever exist (sampled from
+/// the process table, and the pool's own count) while they run; then the
+/// least recently used idle master is the one closed for a new host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_masters_bounds_master_processes_and_closes_the_least_recently_used_idle_one() {
+    let addrs = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"];
+    let rig = Rig::with(&addrs, None);
+    let control = tempfile::Builder::new().prefix("cdc").tempdir_in("/tmp").expect("control dir");
+    let pool = SshPool::new(certdeploy_ssh::SshConfig {
+        max_masters: 2,
+        ..config(&rig.sshd, control.path(), rig.sshd.known_hosts_path())
+    })
+    .expect("pool");
+
+    // Sample the process table and the pool's count until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stop, pool) = (stop.clone(), pool.clone());
+        std::thread::spawn(move || {
+            let (mut procs, mut open, mut samples) = (0, 0, 0u64);
+            while !stop.load(Ordering::SeqCst) {
+                procs = procs.max(certdeploy_testbed::ssh_masters_under(pool.control_dir()));
+                open = open.max(pool.masters_open());
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (procs, open, samples)
+        })
+    };
+    let jobs: Vec<(HostAddr, TargetSpec, String)> = (0..10)
+        .map(|i| {
+            let a = addrs[i % addrs.len()];
+            let d = rig.sshd.root_dir_for(a).join(format!("cap-{i}"));
+            rig.sshd.mkdir(&d, 0o755);
+            (rig.addr(a), target(&d, "sleep 0.1"), format!("cap-{i}"))
+        })
+        .collect();
+    // One SshHost per deployment, as the worker makes them: it keeps its
+    // master busy from its first operation until the deployment ends.
+    let reports = futures_util::future::join_all(jobs.iter().map(|(a, t, id)| {
+        let pool = &pool;
+        let rig = &rig;
+        async move { rig.deploy_on(&SshHost::new(pool, a.clone()), t, id, &cert(id, 100), &key(id)).await }
+    }))
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let (procs, open, samples) = sampler.join().expect("sampler");
+    for r in &reports {
+        assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(r));
+    }
+    eprintln!(
+        "{samples} samples: at most {procs} master processes, pool count at most {open}; {} opened, {} evicted",
+        pool.masters_opened(),
+        pool.masters_evicted()
+    );
+    assert!(procs <= 2, "{procs} ssh master processes at once with max_masters = 2");
+    assert!(open <= 2, "the pool counted {open} masters at once");
+    assert!(procs >= 1 && pool.masters_evicted() >= 3, "five hosts through two places evict");
+
+    // Least recently used first: use A, B, A, then C closes B (idle
+    // longest), so A needs no new master afterwards.
+    let on = |a: &str| SshHost::new(&pool, rig.addr(a));
+    for a in ["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.4"] {
+        assert_eq!(on(a).exec("true", 10_000).await.expect("exec").exit_code, Some(0));
+    }
+    let opened = pool.masters_opened();
+    assert_eq!(on("127.0.0.2").exec("true", 10_000).await.expect("exec").exit_code, Some(0));
+    assert_eq!(pool.masters_opened(), opened, "A was used after B: B's master was closed, not A's");
+    assert!(certdeploy_testbed::ssh_masters_under(pool.control_dir()) <= 2);
+    pool.close_all().await;
+}
+
+/// A deployment keeps its master from its first operation to its end
+/// (while its `SshHost` lives): with one place, another host waits instead
+/// of closing the master between two operations of that deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_deployment_keeps_its_master_between_operations() {
+    let rig = Rig::with(&["127.0.0.2", "127.0.0.3"], None);
+    let control = tempfile::Builder::new().prefix("cdc").tempdir_in("/tmp").expect("control dir");
+    let pool = SshPool::new(certdeploy_ssh::SshConfig {
+        max_masters: 1,
+        ..config(&rig.sshd, control.path(), rig.sshd.known_hosts_path())
+    })
+    .expect("pool");
+    let a = SshHost::new(&pool, rig.addr("127.0.0.2"));
+    assert_eq!(a.exec("true", 10_000).await.expect("exec").exit_code, Some(0));
+    let other = {
+        let (pool, addr) = (pool.clone(), rig.addr("127.0.0.3"));
+        tokio::spawn(async move { SshHost::new(&pool, addr).exec("true", 10_000).await })
+    };
+    // The other host's first operation waits for a place, or takes A's.
+    let start = std::time::Instant::now();
+    while pool.masters_waiting() == 0 && pool.masters_evicted() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the other host neither waited nor evicted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(pool.masters_evicted(), 0, "A's master was closed while its deployment was running");
+    assert_eq!(a.exec("true", 10_000).await.expect("exec").exit_code, Some(0));
+    assert_eq!(pool.masters_opened(), 1, "A's second operation used its first master");
+    drop(a);
+    assert_eq!(other.await.expect("task").expect("exec").exit_code, Some(0));
+    assert_eq!((pool.masters_opened(), pool.masters_evicted()), (2, 1));
+    pool.close_all().await;
+}
+
+/// `kex_algorithms` reaches ssh: sshd's debug log names the algorithm the
+/// connection chose. An algorithm ssh does not know is refused when the
+/// pool is made, quoting ssh; a value that is no list of names is refused
+/// before ssh sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kex_algorithms_reach_ssh_and_a_bogus_one_is_refused() {
+    let sshd = certdeploy_testbed::SshdFixture::start_logging(&[ADDR], certdeploy_testbed::TEST_USER, "DEBUG");
+    let control = tempfile::Builder::new().prefix("cdc").tempdir_in("/tmp").expect("control dir");
+    let with = |kex: &str| certdeploy_ssh::SshConfig {
+        kex_algorithms: Some(kex.into()),
+        ..config(&sshd, control.path(), sshd.known_hosts_path())
+    };
+    let pool = SshPool::new(with("curve25519-sha256")).expect("pool");
+    let host = SshHost::new(&pool, HostAddr::new(ADDR, sshd.port(), sshd.user()));
+    assert_eq!(host.exec("true", 10_000).await.expect("exec").exit_code, Some(0));
+    let start = std::time::Instant::now();
+    while !sshd.log().contains("kex: algorithm: curve25519-sha256") {
+        assert!(start.elapsed() < Duration::from_secs(30), "sshd's log never named it:\n{}", sshd.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pool.close_all().await;
+
+    let e = SshPool::new(with("bogus-kex-alg")).expect_err("an unknown algorithm").to_string();
+    assert!(e.contains("Bad SSH2 KexAlgorithms 'bogus-kex-alg'"), "{e}");
+    let e = SshPool::new(with("curve25519-sha256\n  ProxyCommand touch /tmp/x")).expect_err("two lines").to_string();
+    assert!(e.contains("expected algorithm names separated by commas"), "{e}");
+}

@@ -10,6 +10,7 @@
 
 pub mod certs;
 pub mod nginx;
+pub mod proxy;
 pub mod rabbit;
 pub mod sudo;
 
@@ -147,6 +148,13 @@ impl SshdFixture {
     /// [`ensure_user`]) instead of [`TEST_USER`]: a test that changes what
     /// the account may do (a sudoers rule) has an account of its own.
     pub fn start_as(addrs: &[&str], user: &str) -> SshdFixture {
+        SshdFixture::start_logging(addrs, user, "VERBOSE")
+    }
+
+    /// [`SshdFixture::start_as`] with sshd's `LogLevel` `level` (e.g.
+    /// `DEBUG`, whose log names the key exchange each connection chose:
+    /// `kex: algorithm: …`).
+    pub fn start_logging(addrs: &[&str], user: &str, level: &str) -> SshdFixture {
         assert!(!addrs.is_empty(), "testbed: give at least one listen address");
         if !Path::new(SSHD).exists() {
             panic!("testbed: {SSHD} is missing: install openssh-server (apt-get install -y openssh-server)");
@@ -192,7 +200,7 @@ impl SshdFixture {
                     "HostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\nStrictModes no\n\
                      PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                      UsePAM no\nPermitRootLogin no\nAllowUsers {user}\nMaxSessions 64\nMaxStartups 100\n\
-                     LogLevel VERBOSE\nSubsystem sftp internal-sftp\n",
+                     LogLevel {level}\nSubsystem sftp internal-sftp\n",
                     hk = host_key.display(),
                     pid = root.join(if n == 0 { "sshd.pid".to_string() } else { format!("sshd.{n}.pid") }).display(),
                     ak = authorized.display(),
@@ -308,6 +316,16 @@ impl SshdFixture {
         }
         fs::write(&path, s).expect("write known_hosts.mismatch");
         path
+    }
+
+    /// Trust the fixture's host key at `host:port` too (another name for
+    /// one of its addresses, e.g. a [`proxy::LatencyProxy`] in front of it):
+    /// a line added to [`SshdFixture::known_hosts_path`].
+    pub fn trust(&self, host: &str, port: u16) {
+        let kh = fs::read_to_string(&self.known_hosts).expect("read known_hosts");
+        let key = kh.lines().next().and_then(|l| l.split_once(' ')).map(|(_, k)| k.to_string()).expect("a host key");
+        let mut f = fs::OpenOptions::new().append(true).open(&self.known_hosts).expect("open known_hosts");
+        f.write_all(format!("[{host}]:{port} {key}\n").as_bytes()).expect("append to known_hosts");
     }
 
     /// An empty known_hosts file: every host is unknown.
@@ -491,6 +509,42 @@ fn wait_listening(child: &mut Child, addrs: &[&str], port: u16) -> Result<(), St
         }
     }
     Ok(())
+}
+
+/// The live `ssh` processes whose command line names a path under `dir`
+/// (a pool's control directory, or a directory holding pools' directories),
+/// and the master connections among them, counted once each by their
+/// `.ssh-connection…` directory: a master's command line is `ssh … -S
+/// <dir>/…/.ssh-connection…/master …` while it connects and `ssh:
+/// <dir>/…/.ssh-connection…/master [mux]` once it serves.
+pub fn ssh_processes_under(dir: &Path) -> (usize, usize) {
+    let needle = format!("{}/", dir.display());
+    let (mut procs, mut masters) = (0, std::collections::BTreeSet::new());
+    let Ok(rd) = fs::read_dir("/proc") else { return (0, 0) };
+    for e in rd.flatten() {
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != "ssh" {
+            continue;
+        }
+        let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let Some(i) = cmdline.find(&needle) else { continue };
+        procs += 1;
+        let path = cmdline[i..].split(' ').next().unwrap_or_default();
+        if let Some(j) = path.find("/.ssh-connection") {
+            let end = path[j + 1..].find('/').map_or(path.len(), |k| j + 1 + k);
+            masters.insert(path[..end].to_string());
+        }
+    }
+    (procs, masters.len())
+}
+
+/// The master connections of [`ssh_processes_under`].
+pub fn ssh_masters_under(dir: &Path) -> usize {
+    ssh_processes_under(dir).1
 }
 
 fn children_of(pid: u32) -> Vec<u32> {

@@ -60,9 +60,17 @@ impl Runtime {
         self.warm(cfg.targets.iter().map(|(n, t)| (n.clone(), t.host_addr())).collect()).await;
     }
 
-    /// [`Self::warm_masters`] for the given targets (name, account).
+    /// [`Self::warm_masters`] for the given targets (name, account): at
+    /// most `max_masters` accounts (the first ones), since warming more
+    /// would only close masters just opened.
     pub async fn warm(&self, targets: Vec<(String, HostAddr)>) {
         let limit = Duration::from_secs(self.cfg().ssh.connect_timeout_s.max(1) + 2);
+        let mut accounts = std::collections::HashSet::new();
+        let max = self.pool.config().max_masters;
+        let targets: Vec<(String, HostAddr)> = targets
+            .into_iter()
+            .filter(|(_, a)| accounts.contains(a) || accounts.len() < max && accounts.insert(a.clone()))
+            .collect();
         let mut set = tokio::task::JoinSet::new();
         for (name, addr) in targets {
             let pool = self.pool.clone();

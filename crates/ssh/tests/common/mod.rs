@@ -43,6 +43,8 @@ pub fn config(sshd: &SshdFixture, control: &Path, known_hosts: &Path) -> SshConf
         control_dir: control.to_path_buf(),
         idle_timeout: Duration::from_secs(30),
         per_host_concurrency: 4,
+        max_masters: 64,
+        kex_algorithms: None,
     }
 }
 
