@@ -1,30 +1,15 @@
 //! The dry run against the in-memory host: the plan a deployment would
 //! follow, and nothing changed on the host or in the journal.
 
+mod common;
+
 use certdeploy_core::testkit::*;
 use certdeploy_core::*;
+use common::*;
 
-const RELOAD: &str = "systemctl reload nginx";
-const CERT: &str = "/etc/ssl/site.pem";
-const KEY: &str = "/etc/ssl/site.key";
-const CHAIN: &str = "/etc/ssl/chain.pem";
-
-const OLD_CERT: &[u8] = b"CERT old nb=100\nold-body\n";
 const NEWER_CERT: &[u8] = b"CERT newer nb=300\nnewer-body\n";
-const OLD_KEY: &[u8] = b"OLD KEY\n";
-const NEW_CERT: &[u8] = b"CERT new nb=200\nnew-body\n";
 const NEW_KEY: &[u8] = b"NEW KEY\n";
 const CHAIN_BYTES: &[u8] = b"CHAIN\n";
-
-fn rig() -> Rig {
-    let sim = Sim::new();
-    {
-        let mut w = sim.world();
-        w.reload_commands.insert(RELOAD.to_string());
-        w.served_path = Some(CERT.to_string());
-    }
-    Rig::new(sim)
-}
 
 fn dry(rig: &Rig, verify: bool) -> Report {
     let (plan, _) = test_plan("dry-1", NEW_CERT, NEW_KEY, Some(CHAIN_BYTES), false, verify);

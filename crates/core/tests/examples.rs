@@ -2,30 +2,15 @@
 //! tests of the Go tool certdeploy started from (named `Seed:` below); the
 //! rest cover the paths that tool did not have.
 
+mod common;
+
 use certdeploy_core::testkit::*;
 use certdeploy_core::*;
+use common::*;
 
-const RELOAD: &str = "systemctl reload nginx";
-const CERT: &str = "/etc/ssl/site.pem";
-const KEY: &str = "/etc/ssl/site.key";
-const CHAIN: &str = "/etc/ssl/chain.pem";
-
-const OLD_CERT: &[u8] = b"CERT old nb=100\nold-body\n";
-const OLD_KEY: &[u8] = b"OLD KEY\n";
 const OLD_CHAIN: &[u8] = b"OLD CHAIN\n";
-const NEW_CERT: &[u8] = b"CERT new nb=200\nnew-body\n";
 const NEW_KEY: &[u8] = b"-----BEGIN PRIVATE KEY-----\nSECRET-KEY-MARKER-7f3a\n-----END PRIVATE KEY-----\n";
 const NEW_CHAIN: &[u8] = b"NEW CHAIN\n";
-
-fn rig() -> Rig {
-    let sim = Sim::new();
-    {
-        let mut w = sim.world();
-        w.reload_commands.insert(RELOAD.to_string());
-        w.served_path = Some(CERT.to_string());
-    }
-    Rig::new(sim)
-}
 
 fn with_originals(rig: &Rig) {
     rig.sim.put(CERT, OLD_CERT, 0o644);

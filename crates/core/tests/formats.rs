@@ -3,16 +3,15 @@
 //! keystore that holds the same as the one to write counts as identical
 //! although its bytes differ (random salts).
 
+mod common;
+
 use certdeploy_core::testkit::*;
 use certdeploy_core::*;
+use common::*;
 
-const RELOAD: &str = "systemctl reload nginx";
-const CERT: &str = "/etc/ssl/site.pem";
-const KEY: &str = "/etc/ssl/site.key";
 const BUNDLE: &str = "/etc/haproxy/site.pem";
 const P12: &str = "/etc/java/site.p12";
 
-const NEW_CERT: &[u8] = b"CERT new nb=200\nnew-body\n";
 const NEW_KEY: &[u8] = b"-----BEGIN PRIVATE KEY-----\nSECRET-KEY-MARKER-7f3a\n-----END PRIVATE KEY-----\n";
 const NEW_CHAIN: &[u8] = b"NEW CHAIN\n";
 
@@ -30,16 +29,6 @@ fn open_fake(bytes: &[u8], password: &Secret) -> Option<Digest> {
         return None;
     };
     (p.as_bytes() == password.expose()).then(|| Digest::of(content.as_bytes()))
-}
-
-fn rig() -> Rig {
-    let sim = Sim::new();
-    {
-        let mut w = sim.world();
-        w.reload_commands.insert(RELOAD.to_string());
-        w.served_path = Some(CERT.to_string());
-    }
-    Rig::new(sim)
 }
 
 fn target() -> TargetSpec {

@@ -6,19 +6,15 @@
 //! rule decides `original_verified` after a rollback, and a restarted
 //! process counts from zero.
 
+mod common;
+
 use std::sync::Mutex;
 
 use certdeploy_core::driver::{self, Env, Verifier};
 use certdeploy_core::testkit::*;
 use certdeploy_core::*;
+use common::*;
 
-const RELOAD: &str = "systemctl reload nginx";
-const CERT: &str = "/etc/ssl/site.pem";
-const KEY: &str = "/etc/ssl/site.key";
-
-const OLD_CERT: &[u8] = b"CERT old nb=100\nold-body\n";
-const OLD_KEY: &[u8] = b"OLD KEY\n";
-const NEW_CERT: &[u8] = b"CERT new nb=200\nnew-body\n";
 const NEW_KEY: &[u8] = b"-----BEGIN PRIVATE KEY-----\nNEW\n-----END PRIVATE KEY-----\n";
 
 fn old_leaf() -> Digest {
