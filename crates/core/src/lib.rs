@@ -9,6 +9,7 @@ pub mod attempt;
 pub mod driver;
 pub mod dry_run;
 pub mod event;
+pub mod group;
 pub mod lock;
 pub mod machine;
 pub mod model;
