@@ -447,6 +447,7 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
         deployment_id: id.clone(),
         target: Some(a.target.clone()),
         target_spec: None,
+        group: None,
         certificate_pem: read(&a.cert, "cert")?,
         private_key_pem: Some(SecretString::new(read(&a.key, "key")?)),
         private_key_age: None,

@@ -31,6 +31,10 @@ pub struct Config {
     pub targets: BTreeMap<String, TargetConfig>,
     #[serde(default)]
     pub submit: SubmitSection,
+    /// `[groups.NAME]`: named lists of targets a request may deploy to
+    /// together, in waves.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupConfig>,
     /// The identities of `worker.key_identities`, once [`Config::load_keys`]
     /// read them (empty before).
     #[serde(skip)]
@@ -41,6 +45,55 @@ pub struct Config {
     /// The include files read, in the order they were read.
     #[serde(skip)]
     pub included: Vec<PathBuf>,
+}
+
+/// `[groups.NAME]`: a request naming `"group": "NAME"` deploys to every
+/// target of the group, wave by wave.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Member targets (configured ones), in the order the waves take them.
+    pub targets: Vec<String>,
+    /// Cumulative size of each wave: a count of members (`1`) or a share
+    /// (`"25%"`, rounded up); the last wave always reaches every member.
+    /// Default: one wave.
+    #[serde(default)]
+    pub waves: Vec<WaveEntry>,
+    /// Members whose outcome is not `deployed` or `unchanged` tolerated
+    /// before no further wave starts.
+    #[serde(default)]
+    pub max_failed: usize,
+    /// `"halt"` (default) or `"revert"` (also revert every deployed member).
+    #[serde(default)]
+    pub on_failure: certdeploy_core::group::OnFailure,
+}
+
+/// One entry of `waves`: an integer count or an `"N%"` share.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum WaveEntry {
+    Count(i64),
+    Share(String),
+}
+
+impl GroupConfig {
+    /// The waves as the core counts them (checked at load).
+    pub fn wave_sizes(&self) -> Vec<certdeploy_core::group::WaveSize> {
+        use certdeploy_core::group::WaveSize;
+        self.waves
+            .iter()
+            .filter_map(|w| match w {
+                WaveEntry::Count(n) => usize::try_from(*n).ok().map(WaveSize::Count),
+                WaveEntry::Share(s) => parse_share(s).map(WaveSize::Percent),
+            })
+            .collect()
+    }
+}
+
+/// `"N%"` with N a whole number from 1 to 100.
+fn parse_share(s: &str) -> Option<u32> {
+    let n: u32 = s.strip_suffix('%')?.trim().parse().ok()?;
+    (1..=100).contains(&n).then_some(n)
 }
 
 /// `[submit]`: settings of `certdeploy submit`.
@@ -567,6 +620,7 @@ impl Config {
         cfg.read_includes(file)?;
         cfg.validate().map_err(|(k, p)| err(&k, p))?;
         cfg.validate_targets()?;
+        cfg.validate_groups(file)?;
         Ok(cfg)
     }
 
@@ -615,6 +669,49 @@ impl Config {
             })?;
         }
         self.check_shared_paths()
+    }
+
+    /// Every group names configured targets, each once, and waves that
+    /// are counts of at least 1 or shares from 1% to 100%.
+    fn validate_groups(&self, file: &str) -> Result<(), ConfigError> {
+        for (name, g) in &self.groups {
+            let err = |key: &str, problem: String| ConfigError {
+                file: file.to_string(),
+                key: format!("groups.{name}{key}"),
+                problem,
+            };
+            if !certdeploy_core::valid_deployment_id(name) {
+                return Err(err("", "a group name is 1-128 characters of [A-Za-z0-9._:-]".into()));
+            }
+            if g.targets.is_empty() {
+                return Err(err(".targets", "must name at least one target".into()));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for t in &g.targets {
+                if !self.targets.contains_key(t) {
+                    return Err(err(".targets", format!("`{t}` is not a configured target ([targets.{t}])")));
+                }
+                if !seen.insert(t) {
+                    return Err(err(".targets", format!("`{t}` is named twice")));
+                }
+            }
+            for w in &g.waves {
+                match w {
+                    WaveEntry::Count(n) if *n >= 1 => {}
+                    WaveEntry::Count(n) => {
+                        return Err(err(".waves", format!("{n}: a count of members must be at least 1")));
+                    }
+                    WaveEntry::Share(s) if parse_share(s).is_some() => {}
+                    WaveEntry::Share(s) => {
+                        return Err(err(
+                            ".waves",
+                            format!("`{s}`: a share is a whole number of percent from 1 to 100, like \"25%\""),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), (String, String)> {

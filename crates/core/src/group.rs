@@ -115,7 +115,16 @@ pub enum GroupEvent {
     /// The request was checked and the fan-out fixed. `request` is the
     /// request as the worker keeps it (never a private key in clear: the
     /// runtime seals it), opaque here.
-    Accepted { spec: GroupSpec, request: String },
+    Accepted {
+        spec: GroupSpec,
+        request: String,
+        /// The request's AMQP `reply_to` queue (results go there too).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<String>,
+        /// The broker-validated AMQP `user_id` of the request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        submitted_by: Option<String>,
+    },
     /// Every member of this wave is started (runs until it ends).
     WaveStarted { wave: usize },
     /// A started member's child deployment ended with this report.
@@ -200,6 +209,8 @@ pub struct GroupResult {
     pub started_at: String,
     pub finished_at: String,
     pub worker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
 }
 
 impl GroupResult {
@@ -244,7 +255,11 @@ pub enum Next {
 pub struct Group {
     pub spec: GroupSpec,
     pub request: String,
+    pub reply_to: Option<String>,
+    pub submitted_by: Option<String>,
     pub accepted_at: Timestamp,
+    /// When the `Ended` record was written.
+    pub ended_at: Option<Timestamp>,
     pub waves_started: usize,
     /// Per member index: the ended child's report.
     pub ended: BTreeMap<usize, Report>,
@@ -287,7 +302,7 @@ impl Group {
         let Some(first) = records.first() else {
             return Err(GroupError { index: 0, event: "-", problem: "no records".into() });
         };
-        let GroupEvent::Accepted { spec, request } = &first.event else {
+        let GroupEvent::Accepted { spec, request, reply_to, submitted_by } = &first.event else {
             return Err(err(0, &first.event, "the first record must be `accepted`".into()));
         };
         if spec.waves.is_empty()
@@ -300,7 +315,10 @@ impl Group {
         let mut g = Group {
             spec: spec.clone(),
             request: request.clone(),
+            reply_to: reply_to.clone(),
+            submitted_by: submitted_by.clone(),
             accepted_at: first.at,
+            ended_at: None,
             waves_started: 0,
             ended: BTreeMap::new(),
             reverting: false,
@@ -311,6 +329,9 @@ impl Group {
         };
         for (i, r) in records.iter().enumerate().skip(1) {
             g.apply(&r.event).map_err(|p| err(i, &r.event, p))?;
+            if matches!(r.event, GroupEvent::Ended { .. }) {
+                g.ended_at = Some(r.at);
+            }
         }
         Ok(g)
     }
@@ -541,6 +562,7 @@ impl Group {
             started_at: self.accepted_at.rfc3339(),
             finished_at: finished_at.rfc3339(),
             worker: worker.to_string(),
+            submitted_by: self.submitted_by.clone(),
         }
     }
 }

@@ -443,6 +443,12 @@ pub struct ResultEvent {
     /// The broker-validated AMQP `user_id` of the request, when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<String>,
+    /// A group member's result: the group's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// A group member's result: the group request's `deployment_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
 }
 
 impl ResultEvent {
@@ -462,7 +468,16 @@ impl ResultEvent {
             duration_ms: r.finished_at.since(r.started_at),
             worker: worker.to_string(),
             submitted_by: None,
+            group: None,
+            parent_id: None,
         }
+    }
+
+    /// The same event as a member's of group `group` (request `parent_id`).
+    pub fn in_group(mut self, group: &str, parent_id: &str) -> ResultEvent {
+        self.group = Some(group.to_string());
+        self.parent_id = Some(parent_id.to_string());
+        self
     }
 
     /// The same event naming who submitted the request.

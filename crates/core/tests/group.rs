@@ -211,7 +211,7 @@ fn drive(s: &Scenario, w: &mut World, c: &mut Crashes) -> bool {
 /// Run with crashes and restarts until done.
 fn run(s: &Scenario, crashes: Vec<u64>) -> World {
     let mut w = World::default();
-    w.append(GroupEvent::Accepted { spec: s.spec.clone(), request: "sealed".into() });
+    w.append(GroupEvent::Accepted { spec: s.spec.clone(), request: "sealed".into(), reply_to: None, submitted_by: None });
     let mut c = Crashes { at: crashes };
     for _ in 0..1000 {
         if drive(s, &mut w, &mut c) {
@@ -426,7 +426,7 @@ fn records_out_of_order_do_not_fold() {
     };
     let s = Scenario { spec: spec.clone(), outcomes: vec![Outcome::Deployed; 3], revert_ok: vec![true; 3] };
     let rec = |event| GroupRecord { at: T, event };
-    let accepted = rec(GroupEvent::Accepted { spec, request: String::new() });
+    let accepted = rec(GroupEvent::Accepted { spec, request: String::new(), reply_to: None, submitted_by: None });
     let ended = |i: usize| {
         rec(GroupEvent::MemberEnded { member: s.spec.members[i].clone(), report: report(&s, i, Outcome::Deployed) })
     };

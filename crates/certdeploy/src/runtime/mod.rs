@@ -3,6 +3,8 @@
 //! through the driver; this module holds no policy of its own.
 //!
 //! - `execute.rs`: one validated request run to a result.
+//! - `group.rs`: a target group's fan-out, driven from its journal.
+//! - `revert.rs`: putting back what a deployment replaced.
 //! - `recovery.rs`: finishing what an earlier process left unfinished.
 //! - `ordering.rs`: the in-process order of deliveries and deployments per
 //!   target.
@@ -26,14 +28,17 @@ use crate::verify::TlsVerifier;
 
 mod error;
 mod execute;
+mod group;
 mod hosts;
 mod locks;
 mod metered;
 mod ordering;
 mod recovery;
+mod revert;
 
 pub use error::{Error, Failed};
 pub use execute::Executed;
+pub use group::{ActiveGroups, GroupSink};
 pub use metered::{Metered, timed};
 pub use ordering::{KeyGuard, KeyedLocks, TargetOrder, Turn, order_key, target_key};
 
@@ -54,6 +59,8 @@ pub struct Runtime {
     targets: KeyedLocks,
     /// One run at a time per deployment id (a request and its recovery).
     ids: KeyedLocks,
+    /// Target groups this process drives.
+    groups: ActiveGroups,
 }
 
 /// Public facts of a certificate file's bytes, for the driver.
@@ -82,6 +89,7 @@ impl Runtime {
             verifier: TlsVerifier::new(Duration::from_secs(5)),
             targets: KeyedLocks::default(),
             ids: KeyedLocks::default(),
+            groups: ActiveGroups::default(),
         })
     }
 
