@@ -273,16 +273,32 @@ async fn sigkills_during_a_group_deploy_no_member_twice() {
         rng
     };
     let kills = 3 + (next() % 3) as usize;
+    let reloaded = |f: &Fleet| f.targets.iter().filter(|t| !reload_lines(t).is_empty()).count();
+    let mut resumed = 0;
     for k in 0..kills {
+        let before = reloaded(&fleet);
+        if before == fleet.targets.len() {
+            break;
+        }
         let mut w = Proc::worker(&fleet, &cfg, &[], &format!("worker-{k}"));
-        let wait = Duration::from_millis(300 + next() % 1700);
+        // Killed while the group runs: once one more host reloaded, after
+        // a random pause (the next member may be anywhere in its steps,
+        // the next wave may be starting).
+        let progressed = tokio::task::block_in_place(|| {
+            eventually(Duration::from_secs(20), || reloaded(&fleet) > before)
+        });
+        assert!(progressed, "seed {seed}: no progress after restart {k}:\n{}", tail(&w.log_text(), 30));
+        let wait = Duration::from_millis(next() % 800);
         tokio::time::sleep(wait).await;
         w.kill9();
-        eprintln!("seed {seed}: kill {k} after {wait:?}");
+        resumed += usize::from(w.log_text().contains("resuming target group"));
+        eprintln!("seed {seed}: kill {k} after {wait:?} past {before} reloaded host(s)");
     }
-    let _last = Proc::worker(&fleet, &cfg, &[], "worker-last");
+    let last = Proc::worker(&fleet, &cfg, &[], "worker-last");
     let done = ev.collect(Duration::from_secs(50), |e| !e.groups("g-crash").is_empty()).await;
     assert!(done, "seed {seed}: no group result");
+    resumed += usize::from(last.log_text().contains("resuming target group"));
+    assert!(resumed >= 1, "seed {seed}: no restart resumed the group: the kills missed it");
     // Every copy published so far; then the settled queue.
     let _ = ev.collect(Duration::from_secs(2), |_| false).await;
     let copies = ev.groups("g-crash");
