@@ -322,3 +322,29 @@ async fn sigkills_during_a_group_deploy_no_member_twice() {
     }
     assert_waves_in_order(&fleet, &[1, 3, 12, 30], &children);
 }
+
+/// `certdeploy submit --batch --wait` takes a group line (`group` instead
+/// of `target`): it waits for every member's result and the group's, and
+/// its summary counts members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_batch_waits_for_a_group_line() {
+    let fleet = Fleet::new(3, true);
+    let ident = identity(&fleet);
+    let cfg = config(&fleet, &ident, &group_section(&fleet, "[1]"), Vec::new());
+    let _worker = Proc::worker(&fleet, &cfg, &[], "worker");
+    let b = TestCa::new().leaf("fleet.example", 1);
+    let mut line: serde_json::Value = serde_json::from_slice(&group_request("unused", &b)).expect("json");
+    line.as_object_mut().expect("object").remove("deployment_id");
+    let batch = fleet.tmp.path().join("batch.jsonl");
+    fs::write(&batch, format!("{line}\n")).expect("batch");
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        run(&cfg, &["submit", "--batch", batch.to_str().expect("utf-8"), "--wait", "--quiet", "--timeout", "50"])
+    });
+    assert_eq!(code, 0, "submit: {out}{err}");
+    let deployed = out.lines().find(|l| l.starts_with("deployed")).unwrap_or_else(|| panic!("no deployed row: {out}"));
+    assert_eq!(deployed.split_whitespace().nth(1), Some("3"), "members counted: {out}");
+    assert!(out.contains("GROUPS:") && out.lines().any(|l| l.contains(" fleet deployed:")), "{out}");
+    for t in &fleet.targets {
+        assert_eq!(reload_lines(t).len(), 1, "{}", t.name);
+    }
+}
