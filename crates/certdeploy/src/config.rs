@@ -1811,4 +1811,38 @@ reload_command = "systemctl reload nginx"
         assert!(!path_glob_match("/etc/ssl/*", "/ETC/ssl/site.key"), "paths are case-sensitive");
         assert!(!path_glob_match("/etc/ssl/*", "/root/.ssh/authorized_keys"));
     }
+
+    /// `[groups.NAME]`: defaults, and each key's refusals named.
+    #[test]
+    fn groups_load_with_defaults_and_bad_ones_are_refused() {
+        let with = |g: &str| format!("{MIN}\n[groups.web]\n{g}");
+        let c = Config::parse(&with("targets = [\"web1\"]\n"), "c.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+        let g = &c.groups["web"];
+        assert_eq!((g.waves.len(), g.max_failed, g.on_failure), (0, 0, certdeploy_core::group::OnFailure::Halt));
+        let c = Config::parse(
+            &with("targets = [\"web1\"]\nwaves = [1, \"25%\", \"100%\"]\nmax_failed = 2\non_failure = \"revert\"\n"),
+            "c.toml",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        use certdeploy_core::group::WaveSize;
+        assert_eq!(
+            c.groups["web"].wave_sizes(),
+            vec![WaveSize::Count(1), WaveSize::Percent(25), WaveSize::Percent(100)]
+        );
+        let cases = [
+            ("targets = []\n", "groups.web.targets: must name"),
+            ("targets = [\"web2\"]\n", "groups.web.targets: `web2` is not a configured target"),
+            ("targets = [\"web1\", \"web1\"]\n", "groups.web.targets: `web1` is named twice"),
+            ("targets = [\"web1\"]\nwaves = [0]\n", "groups.web.waves: 0:"),
+            ("targets = [\"web1\"]\nwaves = [\"150%\"]\n", "groups.web.waves: `150%`"),
+            ("targets = [\"web1\"]\nwaves = [\"half\"]\n", "groups.web.waves: `half`"),
+        ];
+        for (g, want) in cases {
+            let e = Config::parse(&with(g), "c.toml", &[]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("c.toml: {want}")), "{g}: {e}");
+        }
+        let e = Config::parse(&with("targets = [\"web1\"]\non_failure = \"panic\"\n"), "c.toml", &[]).unwrap_err();
+        assert!(e.to_string().contains("expected `halt` or `revert`"), "{e}");
+    }
 }
