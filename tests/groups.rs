@@ -209,6 +209,36 @@ async fn a_group_deploys_wave_by_wave() {
         assert_eq!(fleet.files(t).0.as_deref(), Some(b.cert_pem.as_bytes()));
     }
     assert_waves_in_order(&fleet, &[1, 3, 12], &children);
+    // The request is kept (for a restart) sealed: no piece of the key in
+    // the journal's files.
+    let mut files = Vec::new();
+    files_under(&fleet.journal_path(), &mut files);
+    let needles: Vec<&[u8]> = b
+        .key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .flat_map(|l| l.as_bytes().chunks(32))
+        .filter(|c| c.len() == 32)
+        // Not the public part an EC key shares with its certificate.
+        .filter(|c| !b.cert_pem.as_bytes().windows(32).any(|w| w == *c))
+        .collect();
+    assert!(!needles.is_empty());
+    for f in &files {
+        let bytes = fs::read(f).expect("journal file");
+        for n in &needles {
+            if let Some(at) = bytes.windows(n.len()).position(|w| w == *n) {
+                let from = at.saturating_sub(300);
+                panic!("{} holds key bytes: …{}…", f.display(), String::from_utf8_lossy(&bytes[from..(at + 100).min(bytes.len())]));
+            }
+        }
+    }
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { files_under(&p, out) } else { out.push(p) }
+    }
 }
 
 /// The canary's reload fails with `on_failure = "halt"`: the canary is
