@@ -912,6 +912,18 @@ impl SledJournal {
             }
             tracing::debug!(deployment_id = %id, removed = keys.len(), dedupe_removed = drop_entry, key = %printable_key(id.as_bytes()), "journal gc");
         }
+        // Target groups whose result was published, older than the
+        // dedupe retention (a redelivery of the group request re-publishes
+        // its result until then): every record goes.
+        for id in self.group_ids()? {
+            let records = self.group_records(&id)?;
+            let published = records.iter().any(|r| matches!(r.event, certdeploy_core::group::GroupEvent::Published));
+            let over = published && records.last().is_some_and(|r| now.since(r.at) >= dedupe);
+            if over {
+                stats.records_removed += self.remove_group(&id)? as u64;
+                stats.dedupe_entries_removed += 1;
+            }
+        }
         Ok(stats)
     }
 
