@@ -56,7 +56,11 @@ impl Events {
     }
 
     fn groups(&self, id: &str) -> Vec<&serde_json::Value> {
-        self.got.iter().filter(|(rk, _, v)| rk.starts_with("group.") && v["deployment_id"] == id).map(|e| &e.2).collect()
+        self.got
+            .iter()
+            .filter(|(rk, _, v)| rk.starts_with("group.") && v["deployment_id"] == id)
+            .map(|e| &e.2)
+            .collect()
     }
 
     fn children(&self, id: &str) -> BTreeMap<String, Vec<ResultEvent>> {
@@ -124,7 +128,8 @@ fn config(fleet: &Fleet, ident: &Path, group: &str, overrides: Vec<(String, Stri
     let mut text = fs::read_to_string(&path).expect("config");
     text.push_str(group);
     // Idle masters close fast: a killed worker leaves its masters behind.
-    let text = text.replacen("[ssh]\n", "[ssh]\nidle_timeout_s = 3\n", 1).replacen("concurrency = 64", "concurrency = 8", 1);
+    let text =
+        text.replacen("[ssh]\n", "[ssh]\nidle_timeout_s = 3\n", 1).replacen("concurrency = 64", "concurrency = 8", 1);
     fs::write(&path, text).expect("write config");
     path
 }
@@ -188,7 +193,11 @@ async fn a_group_deploys_wave_by_wave() {
     let b = TestCa::new().leaf("fleet.example", 1);
     ev.publish(&group_request("g-waves", &b)).await;
     let done = ev.collect(Duration::from_secs(50), |e| !e.groups("g-waves").is_empty()).await;
-    assert!(done, "no group result; log:\n{}", tail(&fs::read_to_string(fleet.tmp.path().join("worker.log")).unwrap_or_default(), 40));
+    assert!(
+        done,
+        "no group result; log:\n{}",
+        tail(&fs::read_to_string(fleet.tmp.path().join("worker.log")).unwrap_or_default(), 40)
+    );
     let g = ev.groups("g-waves")[0].clone();
     assert_eq!(g["schema"], "certdeploy.group-result.v1");
     assert_eq!(g["outcome"], "deployed", "{g}");
@@ -228,7 +237,11 @@ async fn a_group_deploys_wave_by_wave() {
         for n in &needles {
             if let Some(at) = bytes.windows(n.len()).position(|w| w == *n) {
                 let from = at.saturating_sub(300);
-                panic!("{} holds key bytes: …{}…", f.display(), String::from_utf8_lossy(&bytes[from..(at + 100).min(bytes.len())]));
+                panic!(
+                    "{} holds key bytes: …{}…",
+                    f.display(),
+                    String::from_utf8_lossy(&bytes[from..(at + 100).min(bytes.len())])
+                );
             }
         }
     }
@@ -276,7 +289,10 @@ async fn a_failing_canary_halts_the_group() {
         assert_eq!(r.metadata.get("failed_step").map(String::as_str), Some("halted"), "{r:?}");
         assert!(reload_lines(t).is_empty(), "{} was reloaded", t.name);
         assert_eq!(fleet.files(t), (None, None, None), "{} was written", t.name);
-        let names: Vec<String> = fs::read_dir(&t.dir).expect("dir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = fs::read_dir(&t.dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
         assert!(names.is_empty(), "{}: files {names:?}", t.name);
     }
 }
@@ -314,9 +330,8 @@ async fn sigkills_during_a_group_deploy_no_member_twice() {
         // Killed while the group runs: once one more host reloaded, after
         // a random pause (the next member may be anywhere in its steps,
         // the next wave may be starting).
-        let progressed = tokio::task::block_in_place(|| {
-            eventually(Duration::from_secs(20), || reloaded(&fleet) > before)
-        });
+        let progressed =
+            tokio::task::block_in_place(|| eventually(Duration::from_secs(20), || reloaded(&fleet) > before));
         assert!(progressed, "seed {seed}: no progress after restart {k}:\n{}", tail(&w.log_text(), 30));
         let wait = Duration::from_millis(next() % 800);
         tokio::time::sleep(wait).await;

@@ -710,12 +710,8 @@ fn batch_line(
     let id = match obj.get("deployment_id").and_then(|i| i.as_str()) {
         Some(id) => id.to_string(),
         None => {
-            let target = obj
-                .get("target")
-                .or_else(|| obj.get("group"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("inline")
-                .to_string();
+            let target =
+                obj.get("target").or_else(|| obj.get("group")).and_then(|t| t.as_str()).unwrap_or("inline").to_string();
             let id = format!("{}-{n}", generate_id(&target));
             obj.insert("deployment_id".into(), id.clone().into());
             id
@@ -849,7 +845,8 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
             continue;
         }
         let Ok(res) = serde_json::from_slice::<ResultEvent>(&ev.body) else { continue };
-        let member = res.parent_id.as_ref().is_some_and(|p| groups.contains_key(p)) && !res.deployment_id.ends_with(".revert");
+        let member =
+            res.parent_id.as_ref().is_some_and(|p| groups.contains_key(p)) && !res.deployment_id.ends_with(".revert");
         if !(wanted.contains(&res.deployment_id) || member) || seen.contains_key(&res.deployment_id) {
             continue;
         }

@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::{Outcome, Report};
 use crate::model::Timestamp;
+use crate::report::{Outcome, Report};
 
 /// Schema name of the group result event.
 pub const GROUP_RESULT_SCHEMA: &str = "certdeploy.group-result.v1";
@@ -310,7 +310,11 @@ impl Group {
             || spec.waves.windows(2).any(|w| w[0] >= w[1])
             || spec.waves[0] == 0
         {
-            return Err(err(0, &first.event, format!("waves {:?} do not cover {} members", spec.waves, spec.members.len())));
+            return Err(err(
+                0,
+                &first.event,
+                format!("waves {:?} do not cover {} members", spec.waves, spec.members.len()),
+            ));
         }
         let mut g = Group {
             spec: spec.clone(),

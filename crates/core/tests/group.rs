@@ -211,7 +211,12 @@ fn drive(s: &Scenario, w: &mut World, c: &mut Crashes) -> bool {
 /// Run with crashes and restarts until done.
 fn run(s: &Scenario, crashes: Vec<u64>) -> World {
     let mut w = World::default();
-    w.append(GroupEvent::Accepted { spec: s.spec.clone(), request: "sealed".into(), reply_to: None, submitted_by: None });
+    w.append(GroupEvent::Accepted {
+        spec: s.spec.clone(),
+        request: "sealed".into(),
+        reply_to: None,
+        submitted_by: None,
+    });
     let mut c = Crashes { at: crashes };
     for _ in 0..1000 {
         if drive(s, &mut w, &mut c) {
@@ -340,9 +345,8 @@ fn check(s: &Scenario, w: &World) {
     assert_eq!(r.waves_run, waves_run);
     let halted = ran.iter().filter(|r| !**r).count();
     assert_eq!(r.counts.get("halted").copied(), Some(halted));
-    let children: BTreeMap<String, Outcome> = (0..n)
-        .map(|i| (s.spec.members[i].clone(), if ran[i] { s.outcomes[i] } else { Outcome::Failed }))
-        .collect();
+    let children: BTreeMap<String, Outcome> =
+        (0..n).map(|i| (s.spec.members[i].clone(), if ran[i] { s.outcomes[i] } else { Outcome::Failed })).collect();
     assert_eq!(r.children, children);
     if r.outcome == GroupOutcome::Reverted {
         assert!(r.reverts.values().all(|o| o == REVERTED) && !r.reverts.is_empty());
@@ -357,7 +361,8 @@ fn check(s: &Scenario, w: &World) {
         assert!(!rs.is_empty(), "member {i} has no child result");
         if !ran[i] {
             assert!(
-                rs.iter().all(|r| r.outcome == Outcome::Failed && r.metadata().get("failed_step").map(String::as_str) == Some("halted")),
+                rs.iter().all(|r| r.outcome == Outcome::Failed
+                    && r.metadata().get("failed_step").map(String::as_str) == Some("halted")),
                 "halted member {i}: {rs:?}"
             );
         }

@@ -55,8 +55,7 @@ impl Runtime {
         if !self.journal.group_records(id)?.is_empty() {
             return Ok(false);
         }
-        let event =
-            GroupEvent::Accepted { spec: g.spec.clone(), request: g.kept.clone(), reply_to, submitted_by };
+        let event = GroupEvent::Accepted { spec: g.spec.clone(), request: g.kept.clone(), reply_to, submitted_by };
         self.append_group(id, event).await?;
         Ok(true)
     }
@@ -148,7 +147,10 @@ impl Runtime {
                 }
             }
             let names = unpublished.iter().map(|&i| g.spec.members[i].clone()).collect();
-            self.journal.append_group(id, &GroupRecord { at: crate::clock::now(), event: GroupEvent::ChildrenPublished { members: names } })?;
+            self.journal.append_group(
+                id,
+                &GroupRecord { at: crate::clock::now(), event: GroupEvent::ChildrenPublished { members: names } },
+            )?;
             return Ok(false);
         }
         match g.next() {
