@@ -393,3 +393,35 @@ async fn submit_batch_waits_for_a_group_line() {
         assert_eq!(reload_lines(t).len(), 1, "{}", t.name);
     }
 }
+
+/// A worker that dies after publishing the group result and before
+/// recording that: its restart publishes it again, identical (the copy
+/// comes from the record, not from a new computation).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_result_published_again_after_a_crash_is_identical() {
+    let fleet = Fleet::new(3, true);
+    let ident = identity(&fleet);
+    let cfg = config(&fleet, &ident, &group_section(&fleet, "[1]"), Vec::new());
+    let mut ev = Events::connect(&fleet).await;
+    let b = TestCa::new().leaf("fleet.example", 1);
+    ev.publish(&group_request("g-again", &b)).await;
+    let mut first = Proc::worker(&fleet, &cfg, &[("FAILPOINTS", "group_after_publish=panic")], "worker-1");
+    let died = tokio::task::block_in_place(|| first.wait_timeout(Duration::from_secs(40)));
+    assert!(
+        died.is_some_and(|s| !s.success()),
+        "the failpoint did not end the worker:\n{}",
+        tail(&first.log_text(), 20)
+    );
+    assert!(ev.collect(Duration::from_secs(10), |e| e.groups("g-again").len() == 1).await, "the first copy");
+    // Later than the first copy's: a recomputed result would differ in it.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let _second = Proc::worker(&fleet, &cfg, &[], "worker-2");
+    assert!(ev.collect(Duration::from_secs(40), |e| e.groups("g-again").len() == 2).await, "no second copy");
+    let copies = ev.groups("g-again");
+    assert_eq!(copies[0], copies[1], "the copies differ");
+    assert_eq!(copies[0]["outcome"], "deployed");
+    for t in &fleet.targets {
+        assert_eq!(reload_lines(t).len(), 1, "{} reloaded again", t.name);
+    }
+}

@@ -214,6 +214,9 @@ impl Runtime {
                     tokio::time::sleep(RETRY).await;
                     return Ok(false);
                 }
+                // Crash tests: the group result is out, its publication not recorded.
+                #[cfg(feature = "failpoints")]
+                fail::fail_point!("group_after_publish");
                 self.append_group(id, GroupEvent::Published).await?;
             }
         }
