@@ -425,3 +425,46 @@ async fn a_group_result_published_again_after_a_crash_is_identical() {
         assert_eq!(reload_lines(t).len(), 1, "{} reloaded again", t.name);
     }
 }
+
+/// The worker killed at each of a group's own steps: after journaling the
+/// fan-out but before the ack (the message comes back and finds the group
+/// journaled), when the second wave starts, and when the group ends. The
+/// restarted worker finishes the group: every member deployed once, the
+/// waves in order, one result per member, the group `deployed`.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_at_each_group_step_resumes_the_group() {
+    for (n, fp) in
+        ["group_before_ack=panic", "group_before_wave=1*off->panic", "group_before_end=panic"].into_iter().enumerate()
+    {
+        let fleet = Fleet::new(4, true);
+        let ident = identity(&fleet);
+        let cfg = config(&fleet, &ident, &group_section(&fleet, "[1, \"50%\"]"), Vec::new());
+        let mut ev = Events::connect(&fleet).await;
+        let b = TestCa::new().leaf("fleet.example", 1);
+        let id = format!("g-step-{n}");
+        ev.publish(&group_request(&id, &b)).await;
+        let mut first = Proc::worker(&fleet, &cfg, &[("FAILPOINTS", fp)], "worker-1");
+        let died = tokio::task::block_in_place(|| first.wait_timeout(Duration::from_secs(40)));
+        assert!(died.is_some_and(|s| !s.success()), "{fp}: the worker did not die:\n{}", tail(&first.log_text(), 20));
+        let _second = Proc::worker(&fleet, &cfg, &[], "worker-2");
+        let done = ev.collect(Duration::from_secs(40), |e| !e.groups(&id).is_empty()).await;
+        assert!(done, "{fp}: no group result");
+        let g = ev.groups(&id)[0].clone();
+        assert_eq!(g["outcome"], "deployed", "{fp}: {g}");
+        let children = ev.children(&id);
+        for t in &fleet.targets {
+            let rs = &children[&t.name];
+            assert!(rs.iter().all(|r| r.outcome.as_str() == "deployed"), "{fp}: {rs:?}");
+            assert_eq!(reload_lines(t).len(), 1, "{fp}: {} reloads", t.name);
+        }
+        assert_waves_in_order(&fleet, &[1, 2, 4], &children);
+        if fp.starts_with("group_before_ack") {
+            // The redelivered message found the group journaled and was acked.
+            let vhost = fleet.vhost.as_ref().expect("vhost");
+            let q =
+                tokio::task::block_in_place(|| wait_queue_empty(vhost, "certdeploy.requests", Duration::from_secs(20)));
+            assert_eq!(q, Some((0, 0)), "{fp}: the request is acked");
+        }
+    }
+}
