@@ -218,6 +218,13 @@ async fn a_group_deploys_wave_by_wave() {
         assert_eq!(fleet.files(t).0.as_deref(), Some(b.cert_pem.as_bytes()));
     }
     assert_waves_in_order(&fleet, &[1, 3, 12], &children);
+    // `journal show` (through the running worker) lists the group's records.
+    let (code, out, err) = tokio::task::block_in_place(|| run(&cfg, &["journal", "show", "g-waves"]));
+    assert_eq!(code, 0, "journal show: {out}{err}");
+    let events: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert_eq!(events.iter().filter(|e| **e == "wave_started").count(), 3, "{out}");
+    assert!(events.contains(&"accepted") && events.contains(&"ended") && events.contains(&"published"), "{out}");
+    assert!(out.contains("[kept sealed]") && !out.contains("AGE ENCRYPTED"), "{out}");
     // The request is kept (for a restart) sealed: no piece of the key in
     // the journal's files.
     let mut files = Vec::new();
