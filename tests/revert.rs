@@ -88,11 +88,12 @@ fn config(fleet: &Fleet, reload: Option<String>, validate: Option<String>, extra
     })
 }
 
-/// Deploy A (cert and key, no chain), then B with other file modes and a
-/// chain file that did not exist before; revert B: `reverted`, A's bytes
-/// and modes are back, B's chain file is gone, nginx serves A again (the
-/// revert verified it), the result names B, exit 0. A second revert prints
-/// the recorded result.
+/// Deploy A (cert and key, no chain), then B (an id with `:`, as a group's
+/// child has) with other file modes and a chain file that did not exist
+/// before; revert B: `reverted`, A's bytes and modes are back, B's chain
+/// file is gone, nginx serves A again (the revert verified it), the result
+/// names B, exit 0, and `status` tells A's certificate again. A second
+/// revert prints the recorded result.
 #[test]
 fn revert_puts_back_the_previous_files_and_nginx_serves_the_old_certificate() {
     let ca = TestCa::new();
@@ -111,20 +112,28 @@ fn revert_puts_back_the_previous_files_and_nginx_serves_the_old_certificate() {
     let cfg = cfg_of("cert_mode = \"0644\"\nkey_mode = \"0600\"\n");
     deploy(&fleet, &cfg, "rv-a", &a, false);
     assert_eq!(nginx.served_leaf_sha256(), a.leaf_sha256);
+    let not_after = |cfg: &Path| {
+        let (code, out, err) = run(cfg, &["status", "--target", "t0", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let rows: serde_json::Value = serde_json::from_str(&out).expect("status --json");
+        (rows[0]["deployment_id"].as_str().map(str::to_string), rows[0]["not_after"].as_str().map(str::to_string))
+    };
+    let a_not_after = not_after(&cfg).1;
     let a_files = (file(&t.cert), file(&t.key));
     assert!(!t.chain.exists(), "A has no chain file");
     // B with other modes, and a chain file of its own.
     let cfg = cfg_of("cert_mode = \"0640\"\nkey_mode = \"0400\"\n");
-    deploy(&fleet, &cfg, "rv-b", &b, true);
+    deploy(&fleet, &cfg, "grp-1:t0", &b, true);
     assert_eq!(nginx.served_leaf_sha256(), b.leaf_sha256);
+    assert_ne!(not_after(&cfg).1, a_not_after, "B's certificate is another");
     assert_eq!(file(&t.cert).map(|f| f.1), Some(0o640));
     assert!(t.chain.exists(), "B wrote a chain file");
     let reloads = nginx.reloads();
 
-    let (code, ev, err) = revert(&cfg, "rv-b", &[]);
+    let (code, ev, err) = revert(&cfg, "grp-1:t0", &[]);
     let ev = ev.unwrap_or_else(|| panic!("no result printed: {err}"));
     assert_eq!((code, ev.outcome, ev.success), (0, Outcome::Reverted, true), "{}\n{}", ev.message, tail(&err, 30));
-    assert_eq!((ev.deployment_id.as_str(), ev.reverts.as_deref()), ("rv-b.revert", Some("rv-b")));
+    assert_eq!((ev.deployment_id.as_str(), ev.reverts.as_deref()), ("grp-1:t0.revert", Some("grp-1:t0")));
     assert!(ev.message.contains("old certificate is served"), "{}", ev.message);
     assert_eq!((file(&t.cert), file(&t.key)), a_files, "A's bytes and modes are back");
     assert_eq!(file(&t.cert).map(|f| (f.0, f.1)), Some((a.cert_pem.clone().into_bytes(), 0o644)));
@@ -132,10 +141,15 @@ fn revert_puts_back_the_previous_files_and_nginx_serves_the_old_certificate() {
     assert!(nginx.reloads() > reloads, "nginx was reloaded");
     assert_eq!(nginx.served_leaf_sha256(), a.leaf_sha256, "nginx serves A's certificate again");
     assert!(fleet.leftovers(&t).is_empty(), "{:?}", fleet.leftovers(&t));
+    assert_eq!(
+        not_after(&cfg),
+        (Some("grp-1:t0.revert".to_string()), a_not_after),
+        "status: the revert is the last deployment, A's certificate in place"
+    );
 
     // Asked again: the recorded result, nothing done on the host.
     let reloads = nginx.reloads();
-    let (code, again, _) = revert(&cfg, "rv-b", &[]);
+    let (code, again, _) = revert(&cfg, "grp-1:t0", &[]);
     let again = again.expect("result");
     assert_eq!((code, again.outcome, again.finished_at.as_str()), (0, Outcome::Reverted, ev.finished_at.as_str()));
     assert_eq!(nginx.reloads(), reloads, "a recorded result touches nothing");

@@ -153,8 +153,47 @@ impl Runtime {
             );
         }
         Ok(match revert_plan(deployment_id, &records, attempt) {
-            Ok(plan) => Ok(plan),
+            Ok(mut plan) => {
+                plan.certificate = self.certificate_put_back(&plan, deployment_id)?;
+                Ok(plan)
+            }
             Err(why) => Err(Report::revert_refused(deployment_id, &target, &host, why, now())),
         })
+    }
+
+    /// What the certificate a revert puts back is (for `status` and the
+    /// expiry gauge): the newest finished deployment of the same target
+    /// in this journal, other than the one reverted, that wrote exactly
+    /// that certificate file; `None` when none did (the file was there
+    /// before certdeploy).
+    fn certificate_put_back(
+        &self,
+        plan: &certdeploy_core::Plan,
+        reverted: &str,
+    ) -> Result<Option<certdeploy_core::CertificateInfo>, Error> {
+        use certdeploy_core::{Event, Role};
+        let Some(want) = plan.file(Role::Cert).map(|f| f.sha256) else { return Ok(None) };
+        let mut candidates: Vec<_> = self
+            .journal
+            .list()?
+            .into_iter()
+            .filter(|s| {
+                s.target == plan.target && s.deployment_id != reverted && s.outcome.is_some_and(|o| o.success())
+            })
+            .collect();
+        candidates.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        for s in candidates {
+            let found = self.journal.records(&s.deployment_id)?.into_iter().rev().find_map(|r| match r.event {
+                Event::Started { plan: p } => Some(p),
+                _ => None,
+            });
+            if let Some(p) = found
+                && p.file(Role::Cert).is_some_and(|f| f.sha256 == want)
+                && p.certificate.is_some()
+            {
+                return Ok(p.certificate);
+            }
+        }
+        Ok(None)
     }
 }
