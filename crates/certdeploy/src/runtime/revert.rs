@@ -181,7 +181,7 @@ impl Runtime {
                 s.target == plan.target && s.deployment_id != reverted && s.outcome.is_some_and(|o| o.success())
             })
             .collect();
-        candidates.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        candidates.sort_by_key(|s| std::cmp::Reverse(s.updated_at));
         for s in candidates {
             let found = self.journal.records(&s.deployment_id)?.into_iter().rev().find_map(|r| match r.event {
                 Event::Started { plan: p } => Some(p),
