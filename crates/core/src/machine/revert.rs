@@ -38,7 +38,7 @@ pub(super) fn decide(cx: &Shared, revert: &RevertOf) -> State {
             return CleaningUp::state(End::Failed(Failure::new(Step::Snapshot, summary, problem)));
         }
     }
-    Checking::state(cx, revert)
+    Checking::state(revert)
 }
 
 /// Reading the backups the revert would put back.
@@ -61,14 +61,14 @@ fn backups(revert: &RevertOf) -> impl Iterator<Item = (Role, &String, &crate::mo
 }
 
 impl Checking {
-    fn state(cx: &Shared, revert: &RevertOf) -> State {
+    fn state(revert: &RevertOf) -> State {
         let c = Checking::default();
-        c.done(cx, revert).unwrap_or(State::Check(c))
+        c.done(revert).unwrap_or(State::Check(c))
     }
 
     /// Every backup checked: write (put them back), unless one is gone or
     /// changed.
-    fn done(&self, _cx: &Shared, revert: &RevertOf) -> Option<State> {
+    fn done(&self, revert: &RevertOf) -> Option<State> {
         if !backups(revert).all(|(r, _, _)| self.checked.contains(&r)) {
             return None;
         }
@@ -122,7 +122,7 @@ impl Checking {
                     self.problem = problem;
                 }
                 self.checked.insert(*role);
-                Ok(self.done(cx, &revert))
+                Ok(self.done(&revert))
             }
             Event::StepFailed { step: Step::Snapshot, role, error } => {
                 if error.is_transient() {
