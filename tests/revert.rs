@@ -223,8 +223,10 @@ fn revert_of_changed_files_fails_naming_the_path_and_leaves_the_host_untouched()
 }
 
 /// A revert killed mid-way (a failpoint aborts the process: after its
-/// write, before or after its reload, before its prune) finishes on the
-/// next `certdeploy revert`: `reverted`, A's files in place, no temp file.
+/// write, before or after its reload, before its prune; or a SIGKILL once
+/// it has put A's certificate back) finishes on the next `certdeploy
+/// revert`: `reverted`, A's files in place, no temp file, nothing left
+/// unfinished in the journal.
 #[cfg(feature = "failpoints")]
 #[test]
 fn revert_killed_mid_way_finishes_on_the_next_run() {
@@ -232,16 +234,28 @@ fn revert_killed_mid_way_finishes_on_the_next_run() {
     let fleet = Fleet::new(1, false);
     let t = fleet.targets[0].clone();
     let cfg = config(&fleet, None, Some("true".into()), "");
-    for (i, fp) in ["after_write", "before_reload", "after_reload", "before_prune"].into_iter().enumerate() {
+    for (i, fp) in ["after_write", "before_reload", "after_reload", "before_prune", "sigkill"].into_iter().enumerate() {
         let (a, b) = (ca.leaf("a.example", 3), ca.leaf("b.example", 2));
         let (ida, idb) = (format!("kill-a{i}"), format!("kill-b{i}"));
         deploy(&fleet, &cfg, &ida, &a, i % 2 == 0);
         let a_files = fleet.files(&t);
         deploy(&fleet, &cfg, &idb, &b, true);
 
-        let failpoint = format!("{fp}=panic");
-        let (code, ev, err) = revert(&cfg, &idb, &[("FAILPOINTS", failpoint.as_str())]);
-        assert!(code != 0 && ev.is_none(), "{fp}: the failpoint kills the revert ({code}): {}", tail(&err, 10));
+        if fp == "sigkill" {
+            // SIGKILL as soon as A's certificate is back on the host (the
+            // revert then sleeps in front of its reload, if the kill has
+            // not landed yet).
+            let log = fleet.tmp.path().join(format!("{idb}.log"));
+            let args = ["revert", "--deployment-id", idb.as_str()];
+            let mut p = Proc::spawn(&cfg, &args, &[("FAILPOINTS", "before_reload=sleep(20000)")], log);
+            let a_cert = a_files.0.clone();
+            wait_for("A's certificate back", std::time::Duration::from_secs(30), || fleet.files(&t).0 == a_cert);
+            p.kill9();
+        } else {
+            let failpoint = format!("{fp}=panic");
+            let (code, ev, err) = revert(&cfg, &idb, &[("FAILPOINTS", failpoint.as_str())]);
+            assert!(code != 0 && ev.is_none(), "{fp}: the failpoint kills the revert ({code}): {}", tail(&err, 10));
+        }
 
         let (code, ev, err) = revert(&cfg, &idb, &[]);
         let ev = ev.unwrap_or_else(|| panic!("{fp}: no result: {err}"));
