@@ -188,8 +188,14 @@ fn revert_of_changed_files_fails_naming_the_path_and_leaves_the_host_untouched()
 
     // A later deployment C over B.
     deploy(&fleet, &cfg, "ch-c", &ca.leaf("c.example", 1), true);
-    let (code, ev, _) = revert(&cfg, "ch-c", &[]);
+    // The revert reloads as the target is configured now.
+    let marker = t.dir.join("reload-now.log");
+    let now = config(&fleet, Some(format!("echo now >> {}", marker.display())), None, "");
+    let (code, ev, _) = revert(&now, "ch-c", &[]);
     assert_eq!((code, ev.expect("result").outcome), (0, Outcome::Reverted), "C itself can be reverted");
+    let lines = std::fs::read_to_string(&marker).map(|s| s.lines().count()).unwrap_or(0);
+    assert_eq!(lines, 1, "the revert ran the reload command configured now");
+    let cfg = config(&fleet, None, None, "");
     deploy(&fleet, &cfg, "ch-d", &ca.leaf("d.example", 1), true);
     let before = tree(&t.dir);
     let reloads = fleet.reloads(&t);

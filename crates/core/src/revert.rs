@@ -17,7 +17,7 @@
 
 use crate::event::Record;
 use crate::machine::{Deployment, Terminal};
-use crate::model::{Digest, FilePlan, Plan, RevertFile, RevertOf, Role, VerifyPlan};
+use crate::model::{Digest, FilePlan, Plan, Policy, RevertFile, RevertOf, Role, VerifyPlan};
 use crate::report::Outcome;
 use crate::snapshot::PreState;
 
@@ -70,14 +70,8 @@ pub fn revert_plan(deployment_id: &str, records: &[Record], attempt: u32) -> Res
         files.push(FilePlan { role: f.role, path: f.path.clone(), mode, sha256, size, holds: None });
         reverted.push(RevertFile { role: f.role, written: f.sha256, before: s.clone() });
     }
-    // The old certificate must be served again: checked when the endpoint
-    // is configured and the certificate found before is known.
-    let verify = plan.verify.as_ref().and_then(|v| match snapshots.get(&Role::Cert).map(|s| &s.pre) {
-        Some(PreState::Existing { cert: Some(c), .. }) => {
-            Some(VerifyPlan { endpoint: v.endpoint.clone(), sni: v.sni.clone(), expected: c.leaf_sha256 })
-        }
-        _ => None,
-    });
+    let revert = RevertOf { deployment_id: deployment_id.to_string(), files: reverted };
+    let verify = plan.verify.as_ref().and_then(|v| old_leaf_check(&revert, &v.endpoint, v.sni.as_deref()));
     Ok(Plan {
         deployment_id: revert_id(deployment_id),
         target: plan.target.clone(),
@@ -92,6 +86,41 @@ pub fn revert_plan(deployment_id: &str, records: &[Record], attempt: u32) -> Res
         policy: plan.policy.clone(),
         lock: None,
         certificate: None,
-        revert: Some(RevertOf { deployment_id: deployment_id.to_string(), files: reverted }),
+        revert: Some(revert),
     })
+}
+
+/// The old certificate must be served again: checked when an endpoint is
+/// configured and the certificate found before the reverted deployment is
+/// known.
+fn old_leaf_check(revert: &RevertOf, endpoint: &str, sni: Option<&str>) -> Option<VerifyPlan> {
+    let cert = revert.files.iter().find(|f| f.role == Role::Cert)?;
+    match &cert.before.pre {
+        PreState::Existing { cert: Some(c), .. } => {
+            Some(VerifyPlan { endpoint: endpoint.to_string(), sni: sni.map(str::to_string), expected: c.leaf_sha256 })
+        }
+        _ => None,
+    }
+}
+
+/// How the target is configured now, for a revert of one of its
+/// deployments: its commands, verify endpoint and policy.
+#[derive(Clone, Debug)]
+pub struct TargetNow {
+    pub validate_command: Option<String>,
+    pub reload_command: String,
+    pub verify_endpoint: Option<String>,
+    pub verify_sni: Option<String>,
+    pub policy: Policy,
+}
+
+/// A revert validates, reloads and verifies as the target is configured
+/// now (the files and the account stay the reverted deployment's: the
+/// caller passes `now` only for the same account).
+pub fn configured_now(plan: &mut Plan, now: TargetNow) {
+    let Some(revert) = &plan.revert else { return };
+    plan.verify = now.verify_endpoint.as_deref().and_then(|e| old_leaf_check(revert, e, now.verify_sni.as_deref()));
+    plan.validate_command = now.validate_command;
+    plan.reload_command = now.reload_command;
+    plan.policy = now.policy;
 }

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use certdeploy_core::lock::{LockRecord, new_token};
-use certdeploy_core::revert::{revert_id, revert_plan};
-use certdeploy_core::{Outcome, Payload, Report, attempt, valid_deployment_id};
+use certdeploy_core::revert::{TargetNow, configured_now, revert_id, revert_plan};
+use certdeploy_core::{Outcome, Payload, Report, attempt, same_host, valid_deployment_id};
 use certdeploy_journal::DeploymentStatus;
 use tracing::Instrument;
 
@@ -154,6 +154,21 @@ impl Runtime {
         }
         Ok(match revert_plan(deployment_id, &records, attempt) {
             Ok(mut plan) => {
+                // Validate, reload and verify as the target is configured
+                // now, when it still names the same account.
+                let cfg = self.cfg();
+                if let Some(t) = cfg.targets.get(&plan.target).filter(|t| {
+                    same_host(&t.host, &plan.remote.host) && t.port == plan.remote.port && t.user == plan.remote.user
+                }) {
+                    let now = TargetNow {
+                        validate_command: t.validate_command.clone(),
+                        reload_command: t.reload_command.clone(),
+                        verify_endpoint: t.verify_endpoint.clone(),
+                        verify_sni: t.verify_sni.clone(),
+                        policy: cfg.policy(Some(t)),
+                    };
+                    configured_now(&mut plan, now);
+                }
                 plan.certificate = self.certificate_put_back(&plan, deployment_id)?;
                 Ok(plan)
             }
