@@ -567,3 +567,49 @@ fn a_revert_interrupted_under_its_lock_is_rolled_back_by_the_worker_taking_it_ov
 fn plan_c(c: &Case) -> (Plan, Payload) {
     plan(c, "dep-c", 3)
 }
+
+/// A revert validates, reloads and verifies as the target is configured
+/// now: with an endpoint configured since, it checks that the certificate
+/// found before the reverted deployment is served there; without one, it
+/// checks nothing.
+#[test]
+fn a_revert_verifies_the_old_certificate_at_the_endpoint_configured_now() {
+    use certdeploy_core::revert::{TargetNow, configured_now};
+    let c = Case {
+        chain_before: true,
+        validate: false,
+        verify: false,
+        keep_backups: 1,
+        tamper: Tamper::None,
+        snapshot_fault: None,
+        write_fault: None,
+        validate_rejects_old: false,
+        daemon: Daemon::Ok,
+        restore_fault: None,
+        crashes: vec![],
+    };
+    let sim = setup(&c);
+    let mut plan = revert_plan(B, &sim.durable_records(B), 1).expect("revertible");
+    assert_eq!(plan.verify, None, "B had no endpoint");
+    let now = |endpoint: Option<&str>| TargetNow {
+        validate_command: Some(VALIDATE.into()),
+        reload_command: "reload-now".into(),
+        verify_endpoint: endpoint.map(str::to_string),
+        verify_sni: Some("www.example".into()),
+        policy: Policy { keep_backups: 3, ..Policy::default() },
+    };
+    configured_now(&mut plan, now(Some("h1:8443")));
+    let v = plan.verify.clone().expect("verified now");
+    assert_eq!((v.endpoint.as_str(), v.sni.as_deref()), ("h1:8443", Some("www.example")));
+    assert_eq!(v.expected, leaf_of(&cert(1)), "the old certificate, A's");
+    assert_eq!((plan.reload_command.as_str(), plan.policy.keep_backups), ("reload-now", 3));
+    configured_now(&mut plan, now(None));
+    assert_eq!(plan.verify, None);
+    // And it runs so: the old certificate is served after the revert.
+    configured_now(&mut plan, now(Some("h1:8443")));
+    plan.reload_command = RELOAD.into();
+    plan.validate_command = None;
+    let r = finished(Rig::new(sim.clone()).deploy(plan, &Payload::default()));
+    assert_eq!(r.outcome, Outcome::Reverted, "{}", r.message);
+    assert!(r.message.contains("old certificate is served"), "{}", r.message);
+}
