@@ -228,8 +228,9 @@ fn revert_of_changed_files_fails_naming_the_path_and_leaves_the_host_untouched()
     assert!(out.trim().is_empty(), "a refusal is not journaled: {out}");
 }
 
-/// A revert killed mid-way (a failpoint aborts the process: after its
-/// write, before or after its reload, before its prune; or a SIGKILL once
+/// A revert killed mid-way (a failpoint aborts the process: before it
+/// checks the backups, after its write, before or after its reload, before
+/// its prune; or a SIGKILL once
 /// it has put A's certificate back) finishes on the next `certdeploy
 /// revert`: `reverted`, A's files in place, no temp file, nothing left
 /// unfinished in the journal.
@@ -240,7 +241,8 @@ fn revert_killed_mid_way_finishes_on_the_next_run() {
     let fleet = Fleet::new(1, false);
     let t = fleet.targets[0].clone();
     let cfg = config(&fleet, None, Some("true".into()), "");
-    for (i, fp) in ["after_write", "before_reload", "after_reload", "before_prune", "sigkill"].into_iter().enumerate() {
+    let points = ["before_check_backups", "after_write", "before_reload", "after_reload", "before_prune", "sigkill"];
+    for (i, fp) in points.into_iter().enumerate() {
         let (a, b) = (ca.leaf("a.example", 3), ca.leaf("b.example", 2));
         let (ida, idb) = (format!("kill-a{i}"), format!("kill-b{i}"));
         deploy(&fleet, &cfg, &ida, &a, i % 2 == 0);
