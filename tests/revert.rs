@@ -222,6 +222,7 @@ fn revert_of_changed_files_fails_naming_the_path_and_leaves_the_host_untouched()
         let ev = ev.unwrap_or_else(|| panic!("no result: {err}"));
         assert_eq!((code, ev.outcome), (1, Outcome::Failed), "{}", ev.message);
         assert!(ev.message.contains(why), "{id}: {}", ev.message);
+        assert_eq!(ev.metadata.get("failed_step").map(String::as_str), Some("validate_request"), "{id}");
     }
     assert_eq!(tree(&t.dir), before, "refusals touch nothing");
     let (_, out, _) = run(&cfg, &["journal", "show", "ch-rb.revert"]);
