@@ -124,7 +124,7 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
         control.in_flight.fetch_add(1, Ordering::SeqCst);
         tasks.spawn(async move {
             let sink = BusSink { brx, worker: rt.worker_name.clone() };
-            if let Err(e) = rt.drive_group(&id, None, &sink, stop).await {
+            if let Err(e) = Box::pin(rt.drive_group(&id, None, &sink, stop)).await {
                 tracing::error!(group_id = %id, "target group stopped: {e}");
             }
             control.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -936,7 +936,7 @@ async fn drive(
     sink: &BusSink,
     stop: watch::Receiver<bool>,
 ) -> Result<(), JournalPoisoned> {
-    match rt.drive_group(id, members, sink, stop).await {
+    match Box::pin(rt.drive_group(id, members, sink, stop)).await {
         Ok(()) => Ok(()),
         Err(e) => {
             tracing::error!(group_id = %id, "target group stopped: {e}");

@@ -37,6 +37,7 @@ pub async fn dry_run<H: Host, V: Verifier, C: Clock>(
         attempts: 1,
         started_at,
         finished_at: started_at,
+        reverts: None,
     };
     let fail = |mut report: Report, step: Step, message: String| {
         report.outcome = Outcome::Failed;

@@ -576,6 +576,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_successful_revert_is_spelled_as_its_outcome() {
+        assert_eq!(REVERTED, Outcome::Reverted.as_str());
+    }
+
+    #[test]
     fn waves_are_cumulative_rounded_up_and_reach_everyone() {
         use WaveSize::*;
         assert_eq!(cumulative_waves(&[Count(1), Percent(25), Percent(100)], 12), vec![1, 3, 12]);

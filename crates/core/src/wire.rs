@@ -449,6 +449,9 @@ pub struct ResultEvent {
     /// A group member's result: the group request's `deployment_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// A revert's result: the deployment it reverts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverts: Option<String>,
 }
 
 impl ResultEvent {
@@ -470,6 +473,7 @@ impl ResultEvent {
             submitted_by: None,
             group: None,
             parent_id: None,
+            reverts: r.reverts.clone(),
         }
     }
 

@@ -202,6 +202,8 @@ fn answer(rng: &mut Rng, plan: &Plan, identical: bool, action: &Action) -> Vec<E
             vec![Event::BackupsRemoved { error: rng.chance(20).then(|| "unlink failed".into()) }]
         }
         Action::Prune { .. } => vec![Event::Pruned { error: rng.chance(20).then(|| "readdir failed".into()) }],
+        // Only a revert's plan asks for these; this log has none.
+        Action::CheckBackups { .. } | Action::Reinstate { .. } => unreachable!("not a revert: {action:?}"),
         Action::LockPhase { phase, .. } => vec![match fails(rng, 85) {
             None => Event::LockPhase { phase: *phase },
             Some(error) => Event::StepFailed { step: Step::Lock, role: None, error },
@@ -286,6 +288,7 @@ fn catalogue(plan: &Plan) -> Vec<Event> {
                 attempts: 1,
                 started_at: Timestamp(1),
                 finished_at: Timestamp(2),
+                reverts: None,
             },
         },
     ];

@@ -20,6 +20,7 @@ pub fn deployment(id: &str) -> Vec<(Record, bool)> {
         attempts: 1,
         started_at: at,
         finished_at: at,
+        reverts: None,
     };
     vec![
         (rec(Event::Started { plan }), true),

@@ -114,7 +114,9 @@ impl Runtime {
             if *stop.borrow() {
                 return Ok(());
             }
-            match self.group_step(id, &mut members, sink, &stop).await {
+            // Boxed: a member's deployment and a revert are large futures;
+            // on the heap they do not grow the delivery task's stack.
+            match Box::pin(self.group_step(id, &mut members, sink, &stop)).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) if e.is_journal_poisoned() => return Err(e),
@@ -166,7 +168,7 @@ impl Runtime {
                 let checked = members.get_or_insert_with(|| {
                     crate::intake::group_members(&g.request, &g.spec, &self.cfg(), crate::clock::now())
                 });
-                self.run_members(&g, &run, checked, sink, stop).await?;
+                Box::pin(self.run_members(&g, &run, checked, sink, stop)).await?;
             }
             Next::StartRevert => {
                 tracing::warn!(group_id = %id, group = %g.spec.group, "group: failure budget exceeded; reverting the deployed members");
@@ -179,7 +181,7 @@ impl Runtime {
                     }
                     let member = g.spec.members[i].clone();
                     let child = g.spec.child_id(&member);
-                    let (outcome, message) = match self.revert(&child).await {
+                    let (outcome, message) = match Box::pin(self.revert(&child)).await {
                         Ok(r) => {
                             if let Err(e) = sink.child(&g, &r).await {
                                 tracing::warn!(group_id = %id, "publishing a revert's result failed: {e}");
@@ -244,7 +246,7 @@ impl Runtime {
                 }
                 let member = &g.spec.members[i];
                 let report = match &checked[i] {
-                    Ok(v) => self.execute_waiting(v).await?,
+                    Ok(v) => Box::pin(self.execute_waiting(v)).await?,
                     Err(e) => Report::rejected(
                         &g.spec.child_id(member),
                         member,

@@ -6,6 +6,7 @@
 //! - `group.rs`: a target group's fan-out, driven from its journal.
 //! - `revert.rs`: putting back what a deployment replaced.
 //! - `recovery.rs`: finishing what an earlier process left unfinished.
+//! - `revert.rs`: reverting a deployed deployment (`certdeploy revert`).
 //! - `ordering.rs`: the in-process order of deliveries and deployments per
 //!   target.
 //! - `locks.rs`: this process's side of the target locks on the hosts.

@@ -30,6 +30,7 @@ pub fn report(id: &str, outcome: Outcome, at: u64) -> Report {
         attempts: 1,
         started_at: Timestamp(at.saturating_sub(10)),
         finished_at: Timestamp(at),
+        reverts: None,
     }
 }
 
