@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use certdeploy_core::Report;
 use certdeploy_core::attempt;
+use certdeploy_core::coalesce::{Coalesce, Slot, Ticket};
 use certdeploy_core::lock::{LockRecord, new_token};
 use certdeploy_journal::DeploymentStatus;
 use tracing::Instrument;
@@ -31,6 +32,9 @@ impl Runtime {
     /// or `Deferred` while another worker's live lease holds the target.
     pub async fn execute(&self, v: &Validated) -> Result<Executed, Error> {
         let _id_guard = self.ids.lock(&v.deployment_id).await;
+        // After a shared validate or reload failed: this deployment's place
+        // in the line of those deploying again alone (held until it ends).
+        let mut alone: Option<Ticket> = None;
         loop {
             let attempt = match self.journal.status(&v.deployment_id)? {
                 Some(DeploymentStatus::Finished { report, .. }) => return Ok(Executed::Report(report)),
@@ -56,8 +60,14 @@ impl Runtime {
             let dead_own = |r: &LockRecord| self.dead_own(r);
             let w = self.worker(&dead_own);
             let started = Instant::now();
+            let slot = Slot::default();
+            let reload_key = Self::reload_key(&plan, v.target_config.as_ref());
+            let coalesce = match alone {
+                Some(_) => Coalesce::Alone,
+                None => Coalesce::Join { reloads: &self.reloads, key: &reload_key, slot: &slot },
+            };
             metrics::gauge!(m::IN_FLIGHT).increment(1.0);
-            let r = attempt::execute(&env, &w, plan, &payload, token).instrument(span).await;
+            let r = attempt::execute_coalesced(&env, &w, plan, &payload, token, coalesce).instrument(span).await;
             metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
             match r? {
                 attempt::Executed::Report(report) => {
@@ -69,6 +79,13 @@ impl Runtime {
                 attempt::Executed::Deferred { holder } => return Ok(Executed::Deferred { holder }),
                 attempt::Executed::Abandoned(why) => {
                     tracing::warn!(deployment_id = %v.deployment_id, "attempt abandoned: {why}");
+                    if let Some(ticket) = slot.take().filter(Ticket::failed) {
+                        // Deploy again alone once every member of the batch
+                        // has rolled back, after those that joined first.
+                        drop(_target_guard);
+                        ticket.alone_turn().await;
+                        alone = Some(ticket);
+                    }
                     continue;
                 }
             }
