@@ -69,6 +69,7 @@ pub type Shared = Result<ExecResult, StepError>;
 #[derive(Debug)]
 pub struct Book {
     window_ms: u64,
+    /// Per key, the batch open or at work (until all its members are done).
     open: BTreeMap<ReloadKey, BatchId>,
     batches: BTreeMap<BatchId, Batch>,
     next: BatchId,
@@ -127,17 +128,25 @@ impl Book {
         self.window_ms
     }
 
-    /// A member reaching its validate step at `now` joins the open batch of
-    /// its key, or opens one that closes `window_ms` later. Returns the
-    /// batch, the member's seat and when the batch closes.
-    pub fn join(&mut self, key: &ReloadKey, now: u64) -> (BatchId, usize, u64) {
+    /// A member about to write its files (or, with nothing to write, to
+    /// reload) at `now` joins the open batch of its key, or opens one that
+    /// closes `window_ms` later. While a closed batch of its key is still
+    /// at work (writes, validate, reload, verify, rollbacks, lone
+    /// redeploys), it waits: `Err(batch)` to wait for. So no file of
+    /// another batch is ever on the host, unvalidated, while a batch
+    /// validates or reloads: a validate that checks the whole daemon
+    /// configuration fails only for a file of its own batch. (With
+    /// `window_ms` = 0, every deployment is a batch of its own at once.)
+    /// Returns the batch, the member's seat and when the batch closes.
+    pub fn join(&mut self, key: &ReloadKey, now: u64) -> Result<(BatchId, usize, u64), BatchId> {
         if let Some(&b) = self.open.get(key)
             && let Some(batch) = self.batches.get_mut(&b)
-            && !batch.closed
-            && now < batch.closes_at
         {
+            if batch.closed || now >= batch.closes_at {
+                return Err(b);
+            }
             batch.seats.push(Seat::default());
-            return (b, batch.seats.len() - 1, batch.closes_at);
+            return Ok((b, batch.seats.len() - 1, batch.closes_at));
         }
         let b = self.next;
         self.next += 1;
@@ -157,11 +166,12 @@ impl Book {
         if !closed {
             self.open.insert(key.clone(), b);
         }
-        (b, 0, closes_at)
+        Ok((b, 0, closes_at))
     }
 
-    /// Close the batch once its window has passed: nobody joins any more.
-    /// Returns how many members it has, `None` while it is still open.
+    /// Close the batch once its window has passed: nobody joins any more
+    /// (and others of its key wait until it is done). Returns how many
+    /// members it has, `None` while it is still open.
     pub fn close(&mut self, b: BatchId, now: u64) -> Option<u32> {
         let batch = self.batches.get_mut(&b)?;
         if !batch.closed {
@@ -169,9 +179,6 @@ impl Book {
                 return None;
             }
             batch.closed = true;
-            if self.open.get(&batch.key) == Some(&b) {
-                self.open.remove(&batch.key);
-            }
         }
         Some(batch.seats.len() as u32)
     }
@@ -319,27 +326,21 @@ impl Reloads {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Join (or open) the batch of `key` and wait for it to close.
-    pub async fn join<C: Clock>(self: &Arc<Self>, key: &ReloadKey, clock: &C) -> Ticket {
-        let (batch, seat, closes_at) = self.lock().book.join(key, clock.now().0);
-        let mut ticket = Ticket { reloads: self.clone(), batch, seat, size: 1 };
-        loop {
-            let closed = {
-                let mut inner = self.lock();
-                let closed = inner.book.close(batch, clock.now().0);
-                if closed.is_some() {
-                    inner.wake(batch);
+    /// Join (or open) the batch of `key`, before writing: waits while a
+    /// closed batch of the key is at work (see [`Book::join`]).
+    pub async fn enter<C: Clock>(self: &Arc<Self>, key: &ReloadKey, clock: &C) -> Ticket {
+        let (batch, seat, closes_at) = std::future::poll_fn(|cx| {
+            let mut inner = self.lock();
+            match inner.book.join(key, clock.now().0) {
+                Ok(joined) => Poll::Ready(joined),
+                Err(busy) => {
+                    inner.park(busy, cx.waker());
+                    Poll::Pending
                 }
-                closed
-            };
-            match closed {
-                Some(n) => {
-                    ticket.size = n;
-                    return ticket;
-                }
-                None => clock.sleep_until(Timestamp(closes_at)).await,
             }
-        }
+        })
+        .await;
+        Ticket { reloads: self.clone(), batch, seat, closes_at, size: 1 }
     }
 }
 
@@ -363,6 +364,7 @@ pub struct Ticket {
     reloads: Arc<Reloads>,
     batch: BatchId,
     seat: usize,
+    closes_at: u64,
     size: u32,
 }
 
@@ -373,9 +375,24 @@ impl std::fmt::Debug for Ticket {
 }
 
 impl Ticket {
-    /// How many deployments joined the batch.
+    /// How many deployments joined the batch (once closed).
     pub fn size(&self) -> u32 {
         self.size
+    }
+
+    /// Wait for the batch to close (its window to pass); how many
+    /// deployments it has.
+    pub async fn close<C: Clock>(&mut self, clock: &C) -> u32 {
+        loop {
+            let closed = self.reloads.lock().book.close(self.batch, clock.now().0);
+            match closed {
+                Some(n) => {
+                    self.size = n;
+                    return n;
+                }
+                None => clock.sleep_until(Timestamp(self.closes_at)).await,
+            }
+        }
     }
 
     /// Run the shared `step`: wait for every member still in the shared
@@ -470,6 +487,16 @@ impl Slot {
     }
 }
 
+/// After an attempt ended without a result: if it was a member of a batch
+/// whose shared step failed, wait until it may deploy again alone and
+/// return the ticket to hold while it does (run that attempt with
+/// [`Coalesce::Alone`]; dropping the ticket passes the turn on).
+pub async fn turn_to_deploy_alone(slot: &Slot) -> Option<Ticket> {
+    let ticket = slot.take().filter(Ticket::failed)?;
+    ticket.alone_turn().await;
+    Some(ticket)
+}
+
 /// How the driver runs a deployment's validate and reload.
 #[derive(Clone, Copy)]
 pub enum Coalesce<'a> {
@@ -477,7 +504,8 @@ pub enum Coalesce<'a> {
     Off,
     /// Its own, journaled as shared with nobody (`reload_shared_with` = 1).
     Alone,
-    /// Join the batch of `key` in `reloads`; the ticket is left in `slot`.
+    /// Join the batch of `key` in `reloads` before writing; the ticket is
+    /// left in `slot`.
     Join { reloads: &'a Arc<Reloads>, key: &'a ReloadKey, slot: &'a Slot },
 }
 

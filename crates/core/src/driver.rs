@@ -345,6 +345,12 @@ pub async fn run_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
             }
             Next::Wait(t) => env.clock.sleep_until(t).await,
             Next::Record(event) => {
+                // A member of a batch enters it before its first write.
+                if let (Event::Begun { step: Step::Write }, Coalesce::Join { reloads, key: k, .. }, None) =
+                    (&event, coalesce, &ticket)
+                {
+                    ticket = Some(reloads.enter(k, env.clock).await);
+                }
                 tracing::debug!(deployment_id = %key, event = event_name(&event), "journal");
                 let rec = Record { at: now, event };
                 record(env, key, &rec).await?;
@@ -352,11 +358,12 @@ pub async fn run_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
             }
             Next::Perform(Action::Exec { .. }) if dep.sharing() == Sharing::Join && coalesce.on() => {
                 let with = match coalesce {
-                    Coalesce::Join { reloads, key: reload_key, .. } => {
-                        let t = reloads.join(reload_key, env.clock).await;
-                        let with = t.size();
-                        ticket = Some(t);
-                        with
+                    Coalesce::Join { reloads, key: k, .. } => {
+                        let t = match &mut ticket {
+                            Some(t) => t,
+                            None => ticket.insert(reloads.enter(k, env.clock).await),
+                        };
+                        t.close(env.clock).await
                     }
                     _ => 1,
                 };

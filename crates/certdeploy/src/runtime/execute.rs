@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use certdeploy_core::Report;
 use certdeploy_core::attempt;
-use certdeploy_core::coalesce::{Coalesce, Slot, Ticket};
+use certdeploy_core::coalesce::{Coalesce, Slot, Ticket, turn_to_deploy_alone};
 use certdeploy_core::lock::{LockRecord, new_token};
 use certdeploy_journal::DeploymentStatus;
 use tracing::Instrument;
@@ -79,11 +79,11 @@ impl Runtime {
                 attempt::Executed::Deferred { holder } => return Ok(Executed::Deferred { holder }),
                 attempt::Executed::Abandoned(why) => {
                     tracing::warn!(deployment_id = %v.deployment_id, "attempt abandoned: {why}");
-                    if let Some(ticket) = slot.take().filter(Ticket::failed) {
-                        // Deploy again alone once every member of the batch
-                        // has rolled back, after those that joined first.
-                        drop(_target_guard);
-                        ticket.alone_turn().await;
+                    // A member of a batch whose shared validate or reload
+                    // failed deploys again alone, once every member has
+                    // rolled back, after those that joined first.
+                    drop(_target_guard);
+                    if let Some(ticket) = turn_to_deploy_alone(&slot).await {
                         alone = Some(ticket);
                     }
                     continue;
