@@ -35,6 +35,9 @@ impl Runtime {
         // After a shared validate or reload failed: this deployment's place
         // in the line of those deploying again alone (held until it ends).
         let mut alone: Option<Ticket> = None;
+        // ... and its target, kept from the rollback to the lone redeploy:
+        // whoever took it meanwhile could wait for the batch to end.
+        let mut kept = None;
         loop {
             let attempt = match self.journal.status(&v.deployment_id)? {
                 Some(DeploymentStatus::Finished { report, .. }) => return Ok(Executed::Report(report)),
@@ -50,7 +53,10 @@ impl Runtime {
             // Everything the plan holds comes from the request as it was
             // checked (the configuration then), whatever a reload did since.
             let (plan, payload) = v.plan(attempt).map_err(Error::Plan)?;
-            let _target_guard = self.targets.lock(&Self::target_key(&plan)).await;
+            let target_guard = match kept.take() {
+                Some(g) => g,
+                None => self.targets.lock(&Self::target_key(&plan)).await,
+            };
             let span =
                 tracing::info_span!("deployment", deployment_id = %plan.deployment_id, target = %plan.target, attempt);
             let token = new_token(&self.journal_id, &plan.deployment_id, plan.attempt, token_entropy());
@@ -82,9 +88,9 @@ impl Runtime {
                     // A member of a batch whose shared validate or reload
                     // failed deploys again alone, once every member has
                     // rolled back, after those that joined first.
-                    drop(_target_guard);
                     if let Some(ticket) = turn_to_deploy_alone(&slot).await {
                         alone = Some(ticket);
+                        kept = Some(target_guard);
                     }
                     continue;
                 }
