@@ -51,7 +51,8 @@ fn many(originals: &[Bundle], worker_extra: &str) -> Many {
         fleet.sshd.write(&t.key, b.key_pem.as_bytes(), 0o600);
         fleet.sshd.write(&t.chain, b.chain_pem.as_bytes(), 0o644);
     }
-    let sites: Vec<_> = fleet.targets.iter().enumerate().map(|(i, t)| (Some(sni(i)), t.cert.clone(), t.key.clone())).collect();
+    let sites: Vec<_> =
+        fleet.targets.iter().enumerate().map(|(i, t)| (Some(sni(i)), t.cert.clone(), t.key.clone())).collect();
     let nginx = NginxFixture::start_sites(&sites, &base.addr);
     let reload_log = base.dir.join("reloads.log");
     let metrics = format!("127.0.0.1:{}", free_port());

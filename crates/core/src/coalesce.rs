@@ -103,7 +103,10 @@ struct Seat {
 #[derive(Clone, Debug)]
 enum Run {
     /// Member `runner` is running it.
-    Running { runner: usize, with: u32 },
+    Running {
+        runner: usize,
+        with: u32,
+    },
     Ran(Shared),
 }
 

@@ -490,7 +490,9 @@ impl Host for MemHost {
         let broken_site = w.site_commands.contains(command)
             && w.sites.values().any(|(p, _)| {
                 let p = w.resolve(p);
-                w.file(&p).is_some_and(|i| i.bytes.split(|b| *b == b'\n').next().is_some_and(|l| l.windows(6).any(|x| x == b"BROKEN")))
+                w.file(&p).is_some_and(|i| {
+                    i.bytes.split(|b| *b == b'\n').next().is_some_and(|l| l.windows(6).any(|x| x == b"BROKEN"))
+                })
             });
         let rejected = broken_site || matches!((w.rejects.get(command), &on_disk), (Some(r), Some(d)) if r == d);
         let code = match w.scripted.get(&(command.to_string(), n)) {

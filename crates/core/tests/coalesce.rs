@@ -275,13 +275,17 @@ fn run_case(c: &Case) -> Ran {
     let sim = host(&sites);
     match c.fault {
         Trouble::None => {}
-        Trouble::ValidateTransient => {
-            sim.fail(OpKind::Exec(VALIDATE.into()), 1, certdeploy_core::testkit::Fault::Fail(StepError::transient("channel lost")))
-        }
+        Trouble::ValidateTransient => sim.fail(
+            OpKind::Exec(VALIDATE.into()),
+            1,
+            certdeploy_core::testkit::Fault::Fail(StepError::transient("channel lost")),
+        ),
         Trouble::ReloadFails => sim.exit_codes(RELOAD, &[1]),
-        Trouble::ReloadTransient => {
-            sim.fail(OpKind::Exec(RELOAD.into()), 1, certdeploy_core::testkit::Fault::Fail(StepError::transient("channel lost")))
-        }
+        Trouble::ReloadTransient => sim.fail(
+            OpKind::Exec(RELOAD.into()),
+            1,
+            certdeploy_core::testkit::Fault::Fail(StepError::transient("channel lost")),
+        ),
     }
     if let Some((step, after)) = c.crash {
         sim.crash_at(step, after);
@@ -326,14 +330,14 @@ fn run_case(c: &Case) -> Ran {
         let tasks: Vec<Task<'_, Terminal>> = again
             .iter()
             .map(|s| {
-                let attempts = sim.durable_records(&s.id).iter().filter(|r| matches!(r.event, Event::Started { .. })).count();
+                let attempts =
+                    sim.durable_records(&s.id).iter().filter(|r| matches!(r.event, Event::Started { .. })).count();
                 Box::pin(member(&env, &reloads, s, attempts as u32 + 1, now)) as Task<'_, Terminal>
             })
             .collect();
         run_all(tasks, &clock, &reloads);
     }
     assert_eq!(reloads.live(), 0, "every batch is forgotten once its members are done");
-    drop(env);
     Ran { sim, sites, saved: saved.load(Ordering::Relaxed), crashed }
 }
 
@@ -425,9 +429,8 @@ fn case() -> impl Strategy<Value = Case> {
             let (broken, stagger) =
                 if matches!(fault, Trouble::ReloadFails) { (false, false) } else { (broken, stagger) };
             let delays = if stagger { prop::collection::vec(0u64..400, n).boxed() } else { Just(vec![0; n]).boxed() };
-            (Just(n), if broken { (0..n).prop_map(Some).boxed() } else { Just(None).boxed() }, delays).prop_map(
-                move |(n, broken, delays)| Case { n, broken, fault: fault.clone(), verify, delays, crash },
-            )
+            (Just(n), if broken { (0..n).prop_map(Some).boxed() } else { Just(None).boxed() }, delays)
+                .prop_map(move |(n, broken, delays)| Case { n, broken, fault: fault.clone(), verify, delays, crash })
         })
 }
 
@@ -471,7 +474,8 @@ fn one_broken_among_four_only_it_rolls_back() {
 /// Members arriving further apart than the window do not share.
 #[test]
 fn members_beyond_the_window_reload_alone() {
-    let c = Case { n: 3, broken: None, fault: Trouble::None, verify: false, delays: vec![0, 1_000, 2_000], crash: None };
+    let c =
+        Case { n: 3, broken: None, fault: Trouble::None, verify: false, delays: vec![0, 1_000, 2_000], crash: None };
     let o = run_case(&c);
     check(&c, &o).unwrap();
     for s in &o.sites {

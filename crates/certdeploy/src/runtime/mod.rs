@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use certdeploy_core::CertFacts;
-use certdeploy_core::coalesce::Reloads;
 use certdeploy_core::Digest;
+use certdeploy_core::coalesce::Reloads;
 use certdeploy_core::driver::{Env, Host};
 use certdeploy_journal::{JournalOptions, SledJournal};
 use certdeploy_ssh::SshPool;
@@ -76,8 +76,9 @@ impl Runtime {
         let control_dir = cfg.ssh.control_dir.clone().unwrap_or_else(std::env::temp_dir);
         let idle = Duration::from_secs(cfg.ssh.idle_timeout_s.max(1));
         let pool = SshPool::new(cfg.ssh_config(control_dir, idle))?;
-        let reloads =
-            Reloads::new(cfg.worker.reload_coalesce_ms, |n| metrics::counter!(crate::metrics::RELOADS_SAVED).increment(n));
+        let reloads = Reloads::new(cfg.worker.reload_coalesce_ms, |n| {
+            metrics::counter!(crate::metrics::RELOADS_SAVED).increment(n)
+        });
         Ok(Runtime {
             reloads,
             journal_id: journal.id().to_string(),
