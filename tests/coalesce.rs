@@ -189,3 +189,84 @@ async fn coalescing_off_reloads_each_deployment_alone() {
         assert_eq!(m.nginx.served_leaf_sha256_for(&sni(i)), b.leaf_sha256, "{} serves", sni(i));
     }
 }
+
+/// `certdeploy journal show <id>` (through the running worker): (event
+/// name, JSON detail) per record.
+fn journal(m: &Many, id: &str) -> Vec<(String, String)> {
+    try_journal(m, id).unwrap_or_else(|e| panic!("journal show {id}: {e}"))
+}
+
+/// [`journal`], `Err` while the deployment is not in the journal yet.
+fn try_journal(m: &Many, id: &str) -> Result<Vec<(String, String)>, String> {
+    let (code, out, err) = run(&m.cfg, &["journal", "show", id]);
+    if code != 0 {
+        return Err(format!("{out}\n{err}"));
+    }
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let _at = parts.next()?;
+            let name = parts.next()?.to_string();
+            let detail = l.split_once(&name).map(|(_, d)| d.trim().to_string()).unwrap_or_default();
+            Some((name, detail))
+        })
+        .collect())
+}
+
+fn begun_reload(j: &[(String, String)]) -> bool {
+    j.iter().any(|(n, d)| n == "begun" && d.contains("\"reload\""))
+}
+
+/// The worker is killed (SIGKILL) while the shared reload of 8
+/// deployments is about to run (`before_reload` failpoint), every member's
+/// own `begun(reload)` durable. The restarted worker recovers each member
+/// from its own journal like a reload of its own (restore, retry-reload,
+/// abandoned), then the redelivered requests deploy afresh: all
+/// `deployed`, each served on its own SNI name.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features certdeploy-e2e/failpoints")]
+async fn a_crash_at_the_shared_reload_recovers_each_member_like_its_own_reload() {
+    let n = 8;
+    let ca = TestCa::new();
+    let originals: Vec<Bundle> = (0..n).map(|i| ca.leaf(&sni(i), 3)).collect();
+    let news: Vec<Bundle> = (0..n).map(|i| ca.leaf(&sni(i), 2)).collect();
+    // A window wide enough for all 8 to share one batch.
+    let m = many(&originals, "reload_coalesce_ms = 2000\n");
+    let mut w = Proc::worker(&m.fleet, &m.cfg, &[("FAILPOINTS", "before_reload=sleep(60000)")], "worker-1");
+    let mut client = Client::connect(&m.fleet).await;
+    let ids: Vec<String> = (0..n).map(|i| format!("crash-{i}")).collect();
+    for (i, b) in news.iter().enumerate() {
+        client.publish(&request(&ids[i], &format!("s{i}"), b, true)).await;
+    }
+    wait_for("every member's begun(reload) journaled", Duration::from_secs(60), || {
+        assert!(w.child.try_wait().unwrap().is_none(), "worker exited:\n{}", tail(&w.log_text(), 40));
+        ids.iter().all(|id| try_journal(&m, id).is_ok_and(|j| begun_reload(&j)))
+    });
+    let shared: Vec<String> = ids
+        .iter()
+        .map(|id| journal(&m, id).into_iter().find(|(n, _)| n == "reload_shared").map(|(_, d)| d).unwrap_or_default())
+        .collect();
+    assert!(shared.iter().all(|d| d.contains(&format!("\"with\":{n}"))), "one batch of {n}: {shared:?}");
+    w.kill9();
+    assert_eq!(reload_runs(&m), 0, "killed before the shared reload ran");
+
+    let _w2 = Proc::worker(&m.fleet, &m.cfg, &[], "worker-2");
+    let seen = client.collect(Duration::from_secs(80), all_ids(&ids)).await;
+    for (i, id) in ids.iter().enumerate() {
+        let r = seen.get(id).and_then(|v| v.first()).unwrap_or_else(|| panic!("no result for {id}"));
+        assert_eq!(r.outcome, Outcome::Deployed, "{id}: {}", r.message);
+        let j = journal(&m, id);
+        let names: Vec<&str> = j.iter().map(|(n, _)| n.as_str()).collect();
+        let rec =
+            names.iter().position(|x| *x == "recovering").unwrap_or_else(|| panic!("{id}: no recovery: {names:?}"));
+        let after = &j[rec..];
+        assert!(
+            after.iter().any(|(n, d)| n == "executed" && d.contains("\"retry_reload\"")),
+            "{id}: recovery rolled back with its own retry-reload: {names:?}"
+        );
+        assert!(after.iter().any(|(n, _)| n == "abandoned"), "{id}: then abandoned: {names:?}");
+        assert_eq!(names.iter().filter(|x| **x == "started").count(), 2, "{id}: deployed afresh once: {names:?}");
+        assert_eq!(m.nginx.served_leaf_sha256_for(&sni(i)), news[i].leaf_sha256, "{} serves", sni(i));
+    }
+}
