@@ -47,6 +47,16 @@ pub struct DeployArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct RevertArgs {
+    /// The deployed deployment to revert (an id in this configuration's journal).
+    #[arg(long)]
+    pub deployment_id: String,
+    /// Print the result event as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct SubmitArgs {
     #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
     pub target: Option<String>,
@@ -346,6 +356,7 @@ pub async fn dispatch(cli: Cli) -> u8 {
     let r = match cli.command {
         Command::Worker => run_worker(cfg, cli.config.clone()).await,
         Command::Deploy(a) => deploy(cfg, a).await,
+        Command::Revert(a) => revert(cfg, a).await,
         Command::Submit(a) => submit(cfg, a).await,
         Command::Journal(c) => journal(cfg, c),
         Command::Check(a) => check(cfg, a).await,
@@ -435,6 +446,9 @@ fn print_report(report: &Report, worker: &str, json: bool) {
         return;
     }
     println!("{}: {} ({})", report.deployment_id, report.outcome, report.message);
+    if let Some(of) = &report.reverts {
+        println!("  reverts = {of}");
+    }
     for (k, v) in report.metadata() {
         println!("  {k} = {v}");
     }
@@ -484,6 +498,19 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
     let _ = rt.journal.mark_acked(&report.deployment_id);
     rt.close_ssh().await;
     Ok(if report.outcome.success() { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// `certdeploy revert`: like `deploy`, right here, with the journal's
+/// unfinished work (an interrupted revert too) finished first; the result
+/// is printed. Exit 0 only when `reverted`.
+async fn revert(cfg: Config, a: RevertArgs) -> anyhow::Result<u8> {
+    let rt = Arc::new(Runtime::open(cfg)?);
+    rt.recover_all().await?;
+    let report = rt.revert(&a.deployment_id).await?;
+    print_report(&report, &rt.worker_name, a.json);
+    let _ = rt.journal.mark_acked(&report.deployment_id);
+    rt.close_ssh().await;
+    Ok(if report.outcome == Outcome::Reverted { EXIT_OK } else { EXIT_FAILED })
 }
 
 /// Where a read of the journal goes: the journal itself, or — while a

@@ -56,6 +56,15 @@ pub enum Command {
         Exit status: 0 deployed/unchanged (or planned, for a dry run), 1 any other outcome, 2 usage or config error."
     )]
     Deploy(cli::DeployArgs),
+    /// Put back the files a deployed deployment replaced (from its kept backups), then reload and verify.
+    #[command(after_help = "Example:\n  certdeploy revert --deployment-id renew-2026-11-27-web1-0001\n\n\
+        Run it where that deployment's journal is (the same configuration). Only while the host still\n\
+        holds exactly that deployment's files (by digest) and its backups are kept (keep_backups);\n\
+        otherwise the result is failed, naming the path, and the host is not changed. The revert is\n\
+        journaled as <ID>.revert: an interrupted one finishes on the next run, a finished one prints\n\
+        its recorded result again.\n\n\
+        Exit status: 0 reverted, 1 any other outcome, 2 usage or config error.")]
+    Revert(cli::RevertArgs),
     /// Publish deploy requests (one, or a JSONL batch) and optionally wait for results.
     #[command(after_help = "Examples:\n  certdeploy submit --target web1 --cert site.pem --key site.key --wait\n  \
         certdeploy submit --batch renewals.jsonl --wait\n  \

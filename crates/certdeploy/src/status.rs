@@ -14,8 +14,8 @@ pub struct TargetStatus {
     pub target: String,
     /// The last finished deployment to this target, whatever its outcome.
     pub last: Option<Finished>,
-    /// The last one that put a certificate in place (`deployed` or
-    /// `unchanged`): what the target serves now, as far as certdeploy knows.
+    /// The last one that put a certificate in place (`deployed`,
+    /// `unchanged` or `reverted`): what the target serves now, as far as certdeploy knows.
     pub in_place: Option<Finished>,
     /// The certificate `in_place` put there (`None` for deployments
     /// journaled before certificates were recorded).

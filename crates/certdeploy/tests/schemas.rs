@@ -120,7 +120,7 @@ fn testbed_and_submit_requests_validate() {
 fn report(outcome: Outcome) -> Report {
     let mut metadata = BTreeMap::new();
     let (cert, key, chain) = match outcome {
-        Outcome::Deployed | Outcome::Unchanged | Outcome::Superseded | Outcome::Failed => {
+        Outcome::Deployed | Outcome::Unchanged | Outcome::Superseded | Outcome::Failed | Outcome::Reverted => {
             ("snapshotted", "no_pre_existing", "n/a")
         }
         Outcome::RolledBack | Outcome::RolledBackDaemonUnknown => ("restored", "removed", "n/a"),
@@ -164,7 +164,7 @@ fn report(outcome: Outcome) -> Report {
             set("plan_supersede", "false");
             set("plan_outcome", "deployed");
         }
-        Outcome::Deployed | Outcome::Unchanged => {}
+        Outcome::Deployed | Outcome::Unchanged | Outcome::Reverted => {}
     }
     Report {
         deployment_id: format!("r-{}", outcome.as_str()),
@@ -177,6 +177,7 @@ fn report(outcome: Outcome) -> Report {
         reload_shared_with: None,
         started_at: Timestamp(1_790_000_000_000),
         finished_at: Timestamp(1_790_000_000_412),
+        reverts: (outcome == Outcome::Reverted).then(|| "r-deployed".to_string()),
     }
 }
 
@@ -187,7 +188,7 @@ fn result_events_of_every_outcome_validate() {
     let listed: Vec<&str> =
         schema["properties"]["outcome"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     let strings: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
-    assert_eq!(listed, strings, "the schema lists exactly the 9 outcomes");
+    assert_eq!(listed, strings, "the schema lists exactly the 10 outcomes");
     assert_eq!(
         strings,
         [
@@ -199,7 +200,8 @@ fn result_events_of_every_outcome_validate() {
             "failed",
             "rejected",
             "superseded",
-            "planned"
+            "planned",
+            "reverted"
         ]
     );
     for outcome in Outcome::ALL {
@@ -209,6 +211,13 @@ fn result_events_of_every_outcome_validate() {
         assert_eq!(v["outcome"], outcome.as_str());
         assert_eq!(v["success"], outcome.success());
         assert_eq!(v["duration_ms"], 412);
+        // A revert's result names the deployment it reverts; no other has the field.
+        if outcome == Outcome::Reverted {
+            assert_eq!(v["reverts"], "r-deployed", "{v}");
+            assert!(schema["properties"]["reverts"].is_object(), "the schema lists `reverts`");
+        } else {
+            assert!(v.get("reverts").is_none(), "{v}");
+        }
         // A rejected report as the worker builds it.
         let r = Report::rejected("", "", "", "body: not valid JSON".into(), Timestamp(5));
         let v: Value = serde_json::from_slice(&ResultEvent::from_report(&r, "w").to_json()).unwrap();

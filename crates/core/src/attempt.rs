@@ -350,7 +350,7 @@ async fn check_instructions<H: Host>(host: &H, plan: &Plan, dead: &LockRecord) -
             lock_path(plan.cert_path())
         ))
     };
-    if !valid_deployment_id(&dead.deployment_id) {
+    if !valid_attempt_id(&dead.deployment_id) {
         return refuse(format!("deployment id {:?} is not a valid id", dead.deployment_id));
     }
     for (role, snap) in &dead.snapshots {

@@ -45,6 +45,22 @@ pub trait Host: Send + Sync {
         let e = StepError::permanent("this host cannot be read without changing it (no dry run)");
         std::future::ready(files.iter().map(|_| Err(e.clone())).collect())
     }
+    /// A revert's write: put each file back as `pre` says, keeping the
+    /// backup where it is (an interrupted revert must be able to run
+    /// again): an existing file's backup, which must hold `pre`'s digest,
+    /// is hard-linked (or copied, with its mode and owner) to a temp and
+    /// renamed over the live path; a file that did not exist is removed.
+    /// Results align with `files`; a shorter vector means the rest were not
+    /// attempted.
+    fn reinstate(
+        &self,
+        deployment_id: &str,
+        files: &[RestoreRequest],
+    ) -> impl Future<Output = Vec<Result<(), StepError>>> + Send {
+        let _ = deployment_id;
+        let e = StepError::permanent("this host cannot put backups back (no revert)");
+        std::future::ready(files.iter().map(|_| Err(e.clone())).collect())
+    }
     /// Results align with `files`; a shorter vector means the rest were not
     /// attempted.
     fn write(
@@ -408,6 +424,7 @@ pub fn event_name(e: &Event) -> &'static str {
         Event::ReloadShared { .. } => "reload_shared",
         Event::Snapshotted { .. } => "snapshotted",
         Event::Written { .. } => "written",
+        Event::BackupChecked { .. } => "backup_checked",
         Event::Executed { .. } => "executed",
         Event::Verified { .. } => "verified",
         Event::Restored { .. } => "restored",
@@ -454,6 +471,39 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
             }
             failpoint!("before_write");
             let results = env.host.write(deployment_id, &batch).await;
+            failpoint!("after_write");
+            let events = files
+                .iter()
+                .zip(results)
+                .map(|(f, r)| match r {
+                    Ok(()) => Event::Written { role: f.role },
+                    Err(error) => Event::StepFailed { step: Step::Write, role: Some(f.role), error },
+                })
+                .collect();
+            successes_then_one_failure(events)
+        }
+        Action::CheckBackups { files } => {
+            failpoint!("before_check_backups");
+            let results = env.host.inspect(files).await;
+            let events = files
+                .iter()
+                .zip(results)
+                .map(|(req, r)| match r {
+                    Ok(s) => Event::BackupChecked {
+                        role: req.role,
+                        sha256: match s.snapshot.pre {
+                            PreState::Existing { sha256, .. } => Some(sha256),
+                            PreState::Missing => None,
+                        },
+                    },
+                    Err(error) => Event::StepFailed { step: Step::Snapshot, role: Some(req.role), error },
+                })
+                .collect();
+            successes_then_one_failure(events)
+        }
+        Action::Reinstate { deployment_id, files } => {
+            failpoint!("before_write");
+            let results = env.host.reinstate(deployment_id, files).await;
             failpoint!("after_write");
             let events = files
                 .iter()

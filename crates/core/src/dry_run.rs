@@ -38,6 +38,7 @@ pub async fn dry_run<H: Host, V: Verifier, C: Clock>(
         reload_shared_with: None,
         started_at,
         finished_at: started_at,
+        reverts: None,
     };
     let fail = |mut report: Report, step: Step, message: String| {
         report.outcome = Outcome::Failed;

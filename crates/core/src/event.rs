@@ -57,6 +57,12 @@ pub enum Event {
     Written {
         role: Role,
     },
+    /// A revert read the backup it would put back for `role` (changing
+    /// nothing): its digest, `None` when there is no such file.
+    BackupChecked {
+        role: Role,
+        sha256: Option<Digest>,
+    },
     Executed {
         step: Step,
         result: ExecResult,

@@ -14,6 +14,7 @@ pub mod lock;
 pub mod machine;
 pub mod model;
 pub mod report;
+pub mod revert;
 pub mod snapshot;
 pub mod step;
 pub mod wire;

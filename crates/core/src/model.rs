@@ -393,6 +393,32 @@ pub struct Plan {
     /// after the request is gone. `None` in journals written before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateInfo>,
+    /// This attempt is a revert: it puts back what the deployment named
+    /// here replaced, from that deployment's backups, instead of writing
+    /// new content ([`crate::revert`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<RevertOf>,
+}
+
+/// What a revert undoes: a `deployed` deployment, and per file what it
+/// wrote and what it found there before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertOf {
+    /// The deployment reverted (the result's `reverts`).
+    pub deployment_id: String,
+    pub files: Vec<RevertFile>,
+}
+
+/// One file of a reverted deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertFile {
+    pub role: Role,
+    /// The digest that deployment wrote: the host must still hold exactly
+    /// this at `before.live_path`, or the revert changes nothing.
+    pub written: Digest,
+    /// That deployment's snapshot: the backup to put back (kept where it
+    /// is), or `Missing`: the file is removed.
+    pub before: crate::snapshot::Snapshot,
 }
 
 /// The deployed leaf certificate as an operator asks about it: never key
@@ -659,6 +685,7 @@ pub fn build_plan_with(
         policy,
         lock: None,
         certificate: None,
+        revert: None,
     };
     Ok((plan, payload))
 }
@@ -672,6 +699,12 @@ fn chain_of(material: &Material) -> Option<&[u8]> {
 pub fn valid_deployment_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Is this the id of an attempt that may hold a target lock and name
+/// backups: a deployment id, or a revert's (`<deployment id>.revert`)?
+pub fn valid_attempt_id(id: &str) -> bool {
+    valid_deployment_id(id) || id.strip_suffix(crate::revert::REVERT_SUFFIX).is_some_and(valid_deployment_id)
 }
 
 /// Names derived from a live path, shared by every host implementation so

@@ -23,10 +23,12 @@ pub enum Outcome {
     Superseded,
     /// A dry run: the host was read and compared, nothing changed.
     Planned,
+    /// A revert put back the files a deployment replaced.
+    Reverted,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Deployed,
         Outcome::Unchanged,
         Outcome::RolledBack,
@@ -36,6 +38,7 @@ impl Outcome {
         Outcome::Rejected,
         Outcome::Superseded,
         Outcome::Planned,
+        Outcome::Reverted,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,10 +51,11 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::Superseded => "superseded",
             Outcome::Planned => "planned",
+            Outcome::Reverted => "reverted",
         }
     }
     pub fn success(self) -> bool {
-        matches!(self, Outcome::Deployed | Outcome::Unchanged | Outcome::Planned)
+        matches!(self, Outcome::Deployed | Outcome::Unchanged | Outcome::Planned | Outcome::Reverted)
     }
 }
 
@@ -83,6 +87,10 @@ pub struct Report {
     pub reload_shared_with: Option<u32>,
     pub started_at: Timestamp,
     pub finished_at: Timestamp,
+    /// A revert's report: the deployment it reverts (the result's
+    /// `reverts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverts: Option<String>,
 }
 
 /// What a report states besides its outcome and message. Each field is
@@ -195,6 +203,16 @@ impl Report {
         Report::before_any_step(Outcome::Failed, step, deployment_id, target, host, message, at)
     }
 
+    /// `failed` before a revert's first step: the journal alone says the
+    /// deployment `reverts` cannot be reverted (`message` says why). The
+    /// host was not contacted; nothing is journaled.
+    pub fn revert_refused(reverts: &str, target: &str, host: &str, message: String, at: Timestamp) -> Report {
+        let id = crate::revert::revert_id(reverts);
+        let mut r = Report::before_any_step(Outcome::Failed, FailedStep::Request, &id, target, host, message, at);
+        r.reverts = Some(reverts.to_string());
+        r
+    }
+
     /// `failed` on the last delivery the broker will make of a request
     /// (its delivery limit): earlier deliveries ended without an answer
     /// (a worker died holding it). The host is in whatever state recovery
@@ -229,6 +247,7 @@ impl Report {
             reload_shared_with: None,
             started_at: at,
             finished_at: at,
+            reverts: None,
         }
     }
 }

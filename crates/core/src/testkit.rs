@@ -475,6 +475,45 @@ impl Host for MemHost {
         out
     }
 
+    async fn reinstate(&self, deployment_id: &str, files: &[RestoreRequest]) -> Vec<Result<(), StepError>> {
+        let mut out = Vec::new();
+        for f in files {
+            // Faults as for a write: it is the revert's write.
+            let crash_after = match gate(&self.0, OpKind::Write(f.role)) {
+                Ok(c) => c,
+                Err(e) => {
+                    out.push(Err(e));
+                    break;
+                }
+            };
+            let mut w = self.0.world();
+            self.check_write_ahead(&mut w, deployment_id);
+            let r = match &f.pre {
+                PreState::Missing => {
+                    w.paths.remove(&f.live_path);
+                    Ok(())
+                }
+                // A hard link of the backup renamed over the live path:
+                // the backup stays, the live path gets its inode.
+                PreState::Existing { backup_path, sha256, .. } => match w.paths.get(backup_path).cloned() {
+                    Some(Node::File(ino)) if w.inodes.get(&ino).is_some_and(|i| Digest::of(&i.bytes) == *sha256) => {
+                        w.paths.insert(f.live_path.clone(), Node::File(ino));
+                        Ok(())
+                    }
+                    _ => Err(StepError::permanent(format!("{backup_path} is missing or differs from the snapshot"))),
+                },
+            };
+            drop(w);
+            let failed = r.is_err();
+            out.push(r);
+            finish(crash_after);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
     async fn exec(&self, command: &str, _timeout_ms: u64) -> Result<ExecResult, StepError> {
         let crash_after = gate(&self.0, OpKind::Exec(command.to_string()))?;
         let mut w = self.0.world();

@@ -409,6 +409,9 @@ pub struct ResultEvent {
     /// The broker-validated AMQP `user_id` of the request, when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<String>,
+    /// A revert's result: the deployment it reverts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverts: Option<String>,
 }
 
 impl ResultEvent {
@@ -429,6 +432,7 @@ impl ResultEvent {
             duration_ms: r.finished_at.since(r.started_at),
             worker: worker.to_string(),
             submitted_by: None,
+            reverts: r.reverts.clone(),
         }
     }
 

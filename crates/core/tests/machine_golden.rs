@@ -202,6 +202,8 @@ fn answer(rng: &mut Rng, plan: &Plan, identical: bool, action: &Action) -> Vec<E
             vec![Event::BackupsRemoved { error: rng.chance(20).then(|| "unlink failed".into()) }]
         }
         Action::Prune { .. } => vec![Event::Pruned { error: rng.chance(20).then(|| "readdir failed".into()) }],
+        // Only a revert's plan asks for these; this log has none.
+        Action::CheckBackups { .. } | Action::Reinstate { .. } => unreachable!("not a revert: {action:?}"),
         Action::LockPhase { phase, .. } => vec![match fails(rng, 85) {
             None => Event::LockPhase { phase: *phase },
             Some(error) => Event::StepFailed { step: Step::Lock, role: None, error },
@@ -287,6 +289,7 @@ fn catalogue(plan: &Plan) -> Vec<Event> {
                 reload_shared_with: None,
                 started_at: Timestamp(1),
                 finished_at: Timestamp(2),
+                reverts: None,
             },
         },
     ];

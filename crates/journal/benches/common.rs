@@ -21,6 +21,7 @@ pub fn deployment(id: &str) -> Vec<(Record, bool)> {
         reload_shared_with: None,
         started_at: at,
         finished_at: at,
+        reverts: None,
     };
     vec![
         (rec(Event::Started { plan }), true),

@@ -129,7 +129,7 @@ pub struct GcPolicy {
     /// Dedupe entries (id → report) older than this are removed too.
     pub dedupe_retention: Duration,
     /// Never collect each target's latest deployment that put a certificate
-    /// in place (`deployed` or `unchanged`), however old: it says what the
+    /// in place (`deployed`, `unchanged` or `reverted`), however old: it says what the
     /// target holds now, and what a revert would need.
     pub keep_last_per_target: bool,
 }
@@ -180,7 +180,9 @@ fn last_in_place_per_target(entries: &[(String, Entry)]) -> HashSet<&str> {
     let mut best: HashMap<&str, (&str, Timestamp)> = HashMap::new();
     for (id, e) in entries {
         let in_place = e.state == DeploymentState::Finished
-            && e.report.as_ref().is_some_and(|r| matches!(r.outcome, Outcome::Deployed | Outcome::Unchanged));
+            && e.report
+                .as_ref()
+                .is_some_and(|r| matches!(r.outcome, Outcome::Deployed | Outcome::Unchanged | Outcome::Reverted));
         if !in_place {
             continue;
         }

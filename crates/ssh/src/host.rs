@@ -909,6 +909,66 @@ impl<'a> SshHost<'a> {
         }
     }
 
+    /// Put one file back for a revert, keeping the backup: the backup,
+    /// checked to hold `pre`'s digest, is hard-linked to a fresh temp that
+    /// is renamed over the live path (the live path gets the backup's very
+    /// inode: content, mode, owner), or copied (mode and owner kept where
+    /// allowed) where a link is refused; a file that did not exist before
+    /// is removed. Done again after a crash, it does the same.
+    async fn reinstate_one(&self, lease: &Lease, id: &str, req: &RestoreRequest) -> Result<(), StepError> {
+        let live = &req.live_path;
+        let mut fs = lease.sftp().fs();
+        let (backup, sha256) = match &req.pre {
+            PreState::Missing => {
+                return match fs.remove_file(p(live)).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_no_such_file(&e) => Ok(()),
+                    Err(e) => Err(lease.sftp_err("remove", live, &e)),
+                };
+            }
+            PreState::Existing { backup_path, sha256, .. } => (backup_path, sha256),
+        };
+        let read = match self.read_file(lease, backup, false, None).await {
+            Ok(r) => r,
+            Err(e) if is_no_such_file(&e) => {
+                return Err(StepError::permanent(format!("{}: the backup {backup} is gone", self.addr)));
+            }
+            Err(e) => return Err(lease.sftp_err("read backup", backup, &e)),
+        };
+        if read.sha256 != *sha256 {
+            return Err(StepError::permanent(format!(
+                "{}: the backup {backup} holds sha256:{}, not the sha256:{sha256} backed up",
+                self.addr, read.sha256
+            )));
+        }
+        let temp = fresh_temp(live, id);
+        let linked = if lease.sftp().support_hardlink() {
+            match fs.hard_link(p(backup), p(&temp)).await {
+                Ok(()) => true,
+                Err(e)
+                    if matches!(
+                        sftp_kind(&e),
+                        Some(SftpErrorKind::OpUnsupported | SftpErrorKind::Failure | SftpErrorKind::PermDenied)
+                    ) =>
+                {
+                    false
+                }
+                Err(e) => return Err(lease.sftp_err("hard-link backup", &temp, &e)),
+            }
+        } else {
+            false
+        };
+        if !linked {
+            tracing::info!(host = %self.addr, path = %live, "hard link refused; putting the backup back by copy");
+            return self.copy_file(lease, id, backup, live, &read.meta).await;
+        }
+        if let Err(e) = fs.rename(p(&temp), p(live)).await {
+            let _ = self.discard_temp(lease, &temp).await;
+            return Err(lease.sftp_err(&format!("rename {temp} over"), live, &e));
+        }
+        Ok(())
+    }
+
     async fn prune_dir(
         &self,
         lease: &Lease,
@@ -1262,6 +1322,35 @@ impl Host for SshHost<'_> {
                 let e = self.step_timeout(&lease, "restore");
                 files.iter().map(|_| Err(e.clone())).collect()
             }
+        }
+    }
+
+    async fn reinstate(&self, deployment_id: &str, files: &[RestoreRequest]) -> Vec<Result<(), StepError>> {
+        let lease = match self.lease().await {
+            Ok(l) => l,
+            Err(e) => return vec![Err(e)],
+        };
+        let work = async {
+            // One after the other, stopping at the first failure (like the
+            // renames of a write).
+            let mut out = Vec::with_capacity(files.len());
+            for f in files {
+                let r = self.reinstate_one(&lease, deployment_id, f).await;
+                let failed = r.is_err();
+                out.push(r);
+                if failed {
+                    break;
+                }
+            }
+            // Made durable by `sync DIR` in front of the next command (or
+            // by prune or restore).
+            let dirs = files.iter().take(out.len()).map(|f| parent_of(&f.live_path));
+            self.pending_sync.lock().unwrap_or_else(|e| e.into_inner()).extend(dirs);
+            out
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, work).await {
+            Ok(v) => v,
+            Err(_) => vec![Err(self.step_timeout(&lease, "revert write"))],
         }
     }
 

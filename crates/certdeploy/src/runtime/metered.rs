@@ -30,6 +30,9 @@ impl<H: Host> Host for Metered<H> {
     async fn write(&self, id: &str, files: &[(WriteRequest, &[u8])]) -> Vec<Result<(), StepError>> {
         timed("write", self.0.write(id, files)).await
     }
+    async fn reinstate(&self, id: &str, files: &[RestoreRequest]) -> Vec<Result<(), StepError>> {
+        timed("write", self.0.reinstate(id, files)).await
+    }
     async fn exec(&self, command: &str, timeout_ms: u64) -> Result<ExecResult, StepError> {
         timed("exec", self.0.exec(command, timeout_ms)).await
     }

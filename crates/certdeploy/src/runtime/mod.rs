@@ -4,6 +4,7 @@
 //!
 //! - `execute.rs`: one validated request run to a result.
 //! - `recovery.rs`: finishing what an earlier process left unfinished.
+//! - `revert.rs`: reverting a deployed deployment (`certdeploy revert`).
 //! - `ordering.rs`: the in-process order of deliveries and deployments per
 //!   target.
 //! - `locks.rs`: this process's side of the target locks on the hosts.
@@ -32,6 +33,7 @@ mod locks;
 mod metered;
 mod ordering;
 mod recovery;
+mod revert;
 
 pub use error::{Error, Failed};
 pub use execute::Executed;

@@ -92,7 +92,17 @@ impl Ending {
         let (outcome, restored, message) = match self {
             Ending::Deployed { prune_error } => {
                 details.prune_error = prune_error.clone();
-                (Outcome::Deployed, None, format!("certificate deployed to {host}"))
+                match &plan.revert {
+                    Some(r) => {
+                        let message = format!(
+                            "deployment {} reverted on {host}: the files it replaced are back{}",
+                            r.deployment_id,
+                            if plan.verify.is_some() { " and the old certificate is served" } else { "" }
+                        );
+                        (Outcome::Reverted, None, message)
+                    }
+                    None => (Outcome::Deployed, None, format!("certificate deployed to {host}")),
+                }
             }
             Ending::Unchanged { cleanup_error } => {
                 details.backup_cleanup_error = cleanup_error.clone();
@@ -183,6 +193,7 @@ impl Ending {
             reload_shared_with: cx.shared_with,
             started_at: cx.started_at,
             finished_at: now.max(cx.last_at),
+            reverts: plan.revert.as_ref().map(|r| r.deployment_id.clone()),
         }
     }
 }

@@ -30,6 +30,7 @@ mod next;
 mod recovery;
 mod reload;
 mod retry;
+mod revert;
 mod rollback;
 mod snapshot;
 mod verify;
@@ -42,6 +43,7 @@ use commit::{CleaningUp, Committing};
 use finish::Finishing;
 use reload::{Reloading, Validating};
 use retry::Retry;
+use revert::Checking;
 use rollback::{Restoring, RetryingReload, VerifyingOriginal};
 use snapshot::Snapshotting;
 use verify::{PreVerifying, Verifying};
@@ -103,6 +105,8 @@ struct Touched {
 #[derive(Clone, Debug)]
 enum State {
     Snapshot(Snapshotting),
+    /// A revert: are the backups it would put back still there?
+    Check(Checking),
     /// Content already identical: is it also what is served?
     PreVerify(PreVerifying),
     Write(Writing),
@@ -190,6 +194,11 @@ impl Deployment {
     pub fn plan(&self) -> &Plan {
         &self.shared.plan
     }
+    /// What each planned path held before the attempt, as far as the
+    /// snapshot got (a revert puts back a deployed attempt's).
+    pub fn snapshots(&self) -> &BTreeMap<Role, Snapshot> {
+        &self.shared.snapshots
+    }
     pub fn terminal(&self) -> Option<&Terminal> {
         match &self.state {
             State::Done(t) => Some(t),
@@ -262,6 +271,7 @@ impl Deployment {
         }
         match &self.state {
             State::Snapshot(s) => s.next(cx, now),
+            State::Check(s) => s.next(cx, now),
             State::PreVerify(s) => s.next(),
             State::Write(s) => s.next(cx, now),
             State::Validate(s) => s.next(cx),
@@ -306,6 +316,7 @@ impl Deployment {
             Event::Abandoned { reason } => Ok(Some(State::Done(Terminal::Abandoned(reason.clone())))),
             event => match &mut self.state {
                 State::Snapshot(s) => s.apply(cx, event),
+                State::Check(s) => s.apply(cx, event),
                 State::PreVerify(s) => s.apply(cx, event),
                 State::Write(s) => s.apply(cx, event),
                 State::Validate(s) => s.apply(cx, event),
@@ -338,6 +349,7 @@ impl State {
     fn name(&self) -> &'static str {
         match self {
             State::Snapshot(_) => "snapshot",
+            State::Check(_) => "check_backups",
             State::PreVerify(_) => "pre_verify",
             State::Cleanup(_) => "cleanup",
             State::Write(_) => "write",
@@ -356,7 +368,7 @@ impl State {
     /// The step this phase performs, as results and messages name it.
     fn step(&self) -> Step {
         match self {
-            State::Snapshot(_) => Step::Snapshot,
+            State::Snapshot(_) | State::Check(_) => Step::Snapshot,
             State::PreVerify(_) | State::Verify(_) => Step::Verify,
             State::Cleanup(_) | State::Finishing(_) | State::Done(_) => Step::Cleanup,
             State::Write(_) => Step::Write,
@@ -379,6 +391,7 @@ impl State {
     fn retry(&self) -> Option<&Retry> {
         match self {
             State::Snapshot(s) => s.retry.as_ref(),
+            State::Check(s) => s.retry.as_ref(),
             State::Write(s) => s.retry.as_ref(),
             State::Validate(s) => s.retry.as_ref(),
             State::Reload(s) => s.retry.as_ref(),
@@ -397,6 +410,7 @@ impl State {
     fn drop_retry(&mut self) {
         let slot = match self {
             State::Snapshot(s) => &mut s.retry,
+            State::Check(s) => &mut s.retry,
             State::Write(s) => &mut s.retry,
             State::Validate(s) => &mut s.retry,
             State::Reload(s) => &mut s.retry,

@@ -74,6 +74,14 @@ pub enum Action {
     /// Atomic writes (temp, mode, content, fsync, posix-rename). Results:
     /// `Written` or `StepFailed{Write}` per role.
     Write { deployment_id: String, files: Vec<WriteRequest> },
+    /// A revert: read each backup it would put back, changing nothing
+    /// (`Host::inspect`). Results: `BackupChecked` or
+    /// `StepFailed{Snapshot}` per role.
+    CheckBackups { files: Vec<SnapshotRequest> },
+    /// A revert's write: put the files back from the reverted deployment's
+    /// backups, keeping them (`Host::reinstate`). Results: `Written` or
+    /// `StepFailed{Write}` per role.
+    Reinstate { deployment_id: String, files: Vec<RestoreRequest> },
     /// Run a configured command; with a `guard`, only if the target lock
     /// still holds this attempt's token, checked in the same remote
     /// command. Result: `Executed` or `StepFailed`.

@@ -22,7 +22,7 @@ impl Deployment {
         let next = match &mut self.state {
             // Nothing written yet: remove this attempt's backups; the
             // redelivered request starts afresh.
-            State::Snapshot(_) | State::PreVerify(_) => Some(CleaningUp::state(End::Abandon)),
+            State::Snapshot(_) | State::Check(_) | State::PreVerify(_) => Some(CleaningUp::state(End::Abandon)),
             State::Write(_) | State::Validate(_) | State::Reload(_) => {
                 // --- planted bug for the mutation tests (feature `mutations`) ---
                 #[cfg(feature = "mutations")]

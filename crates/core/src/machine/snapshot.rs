@@ -63,6 +63,9 @@ impl Snapshotting {
 /// attempt (`superseded`); identical content needs no write, only a check
 /// that it is served; anything else is written.
 fn decide(cx: &Shared) -> State {
+    if let Some(revert) = &cx.plan.revert {
+        return super::revert::decide(cx, revert);
+    }
     if supersedes(&cx.plan, cx.snapshots.get(&Role::Cert).map(|s| &s.pre)) {
         return CleaningUp::state(End::Superseded);
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use super::commit::{CleaningUp, End};
 use super::retry::Retry;
-use super::{Action, Failure, Fold, Next, Shared, Unfit, WriteRequest, begun_first, reload, rollback};
+use super::{Action, Failure, Fold, Next, RestoreRequest, Shared, Unfit, WriteRequest, begun_first, reload, rollback};
 use crate::event::Event;
 use crate::lock::LockPhase;
 use crate::model::{Role, Timestamp};
@@ -34,6 +34,19 @@ impl Writing {
         begun_first(Step::Write, begun, || {
             if let Some(a) = cx.lock_rewrite(LockPhase::Writing, self.lock_stated) {
                 return Next::Perform(a);
+            }
+            if let Some(revert) = &cx.plan.revert {
+                let files = revert
+                    .files
+                    .iter()
+                    .filter(|f| !self.written.contains(&f.role))
+                    .map(|f| RestoreRequest {
+                        role: f.role,
+                        live_path: f.before.live_path.clone(),
+                        pre: f.before.pre.clone(),
+                    })
+                    .collect();
+                return Next::Perform(Action::Reinstate { deployment_id: cx.plan.deployment_id.clone(), files });
             }
             let files = cx
                 .plan

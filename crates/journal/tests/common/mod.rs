@@ -31,6 +31,7 @@ pub fn report(id: &str, outcome: Outcome, at: u64) -> Report {
         reload_shared_with: None,
         started_at: Timestamp(at.saturating_sub(10)),
         finished_at: Timestamp(at),
+        reverts: None,
     }
 }
 
