@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use certdeploy_core::CertFacts;
 use certdeploy_core::Digest;
+use certdeploy_core::coalesce::Reloads;
 use certdeploy_core::driver::{Env, Host};
 use certdeploy_journal::{JournalOptions, SledJournal};
 use certdeploy_ssh::SshPool;
@@ -56,6 +57,9 @@ pub struct Runtime {
     targets: KeyedLocks,
     /// One run at a time per deployment id (a request and its recovery).
     ids: KeyedLocks,
+    /// Deployments sharing one validate and one reload per host account
+    /// (`reload_coalesce_ms`).
+    reloads: Arc<Reloads>,
 }
 
 /// Public facts of a certificate file's bytes, for the driver.
@@ -74,7 +78,11 @@ impl Runtime {
         let control_dir = cfg.ssh.control_dir.clone().unwrap_or_else(std::env::temp_dir);
         let idle = Duration::from_secs(cfg.ssh.idle_timeout_s.max(1));
         let pool = SshPool::new(cfg.ssh_config(control_dir, idle))?;
+        let reloads = Reloads::new(cfg.worker.reload_coalesce_ms, |n| {
+            metrics::counter!(crate::metrics::RELOADS_SAVED).increment(n)
+        });
         Ok(Runtime {
+            reloads,
             journal_id: journal.id().to_string(),
             live_tokens: Mutex::default(),
             worker_name: cfg.worker_name(),
