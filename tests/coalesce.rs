@@ -86,7 +86,7 @@ async fn deploy_all(m: &Many, prefix: &str, bundles: &[Bundle]) -> Vec<ResultEve
     for (i, b) in bundles.iter().enumerate() {
         client.publish(&request(&ids[i], &format!("s{i}"), b, true)).await;
     }
-    let seen = client.collect(Duration::from_secs(80), all_ids(&ids)).await;
+    let seen = client.collect(Duration::from_secs(240), all_ids(&ids)).await;
     ids.iter()
         .map(|id| seen.get(id).and_then(|v| v.first()).cloned().unwrap_or_else(|| panic!("no result for {id}")))
         .collect()
@@ -252,7 +252,7 @@ async fn a_crash_at_the_shared_reload_recovers_each_member_like_its_own_reload()
     assert_eq!(reload_runs(&m), 0, "killed before the shared reload ran");
 
     let _w2 = Proc::worker(&m.fleet, &m.cfg, &[], "worker-2");
-    let seen = client.collect(Duration::from_secs(80), all_ids(&ids)).await;
+    let seen = client.collect(Duration::from_secs(240), all_ids(&ids)).await;
     for (i, id) in ids.iter().enumerate() {
         let r = seen.get(id).and_then(|v| v.first()).unwrap_or_else(|| panic!("no result for {id}"));
         assert_eq!(r.outcome, Outcome::Deployed, "{id}: {}", r.message);
