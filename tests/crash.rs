@@ -134,10 +134,11 @@ mod failpoints {
         /// Durable journal records (`record()` calls) of an uninterrupted run.
         fn records(self) -> usize {
             match self {
-                // Started, Begun{Write}, Begun{Reload}, Begun{Commit}, Finished.
-                Flow::Deploy | Flow::FreshDeploy => 5,
-                // Started, Begun{Write}, Begun{Reload}, Begun{Restore}, Begun{RetryReload}, Finished.
-                Flow::Rollback | Flow::FreshRollback => 6,
+                // Started, Begun{Write}, ReloadShared, Begun{Reload}, Begun{Commit}, Finished.
+                Flow::Deploy | Flow::FreshDeploy => 6,
+                // Started, Begun{Write}, ReloadShared, Begun{Reload}, Begun{Restore},
+                // Begun{RetryReload}, Finished.
+                Flow::Rollback | Flow::FreshRollback => 7,
                 // Started, Finished.
                 Flow::Unchanged => 2,
             }

@@ -10,6 +10,11 @@
 //! only measures the ssh client's CPU per connection for OpenSSH's default
 //! key exchange and for curve25519-sha256.
 //!
+//! `--paths-per-host P` gives each host P targets (certificate paths) with
+//! the same reload command, and `--reload-coalesce-ms 200,0` repeats every
+//! run per value of `[worker] reload_coalesce_ms`; the table then shows
+//! reloads per deployment (counted by the reload command itself).
+//!
 //! Run: `cargo build --release -p certdeploy -p certdeploy-bench &&
 //!       target/release/certdeploy-bench --n 1000 --hosts 20`
 #![forbid(unsafe_code)]
@@ -75,6 +80,13 @@ struct Args {
     /// `[ssh] max_masters` (default: the worker's, from its limits).
     #[arg(long)]
     max_masters: Option<usize>,
+    /// Targets (certificate paths) per host, all with the same reload
+    /// command: many certificates per host.
+    #[arg(long, default_value_t = 1)]
+    paths_per_host: usize,
+    /// `[worker] reload_coalesce_ms` values: every run once per value.
+    #[arg(long, value_delimiter = ',', default_value = "200")]
+    reload_coalesce_ms: Vec<u64>,
     /// Only measure the ssh client's CPU per connection (handshake,
     /// authentication and one `true`), this many connections with
     /// OpenSSH's default key exchange and as many with curve25519-sha256.
@@ -94,6 +106,10 @@ struct Fleet {
 #[derive(Default, Debug)]
 struct Figures {
     run: String,
+    /// `reload_coalesce_ms` of the run.
+    coalesce_ms: u64,
+    /// Reload command runs per deployment.
+    reloads: f64,
     wall_s: f64,
     per_s: f64,
     p50_ms: f64,
@@ -137,18 +153,20 @@ impl SshPeak {
     }
 }
 
+/// `run`: the journal's durability and `reload_coalesce_ms`.
 fn config(
     f: &Fleet,
     args: &Args,
     amqp_url: &str,
-    durability: &str,
+    (durability, coalesce_ms): (&str, u64),
     metrics: &str,
     journal: &Path,
     control: &Path,
 ) -> String {
     let mut c = format!(
         "[worker]\namqp_url = \"{amqp_url}\"\njournal_path = \"{}\"\nconcurrency = {}\nper_host_concurrency = 4\n\
-         metrics_listen = \"{metrics}\"\njournal_durability = \"{durability}\"\nshutdown_grace_s = 30\n{gc}\n\
+         metrics_listen = \"{metrics}\"\njournal_durability = \"{durability}\"\nshutdown_grace_s = 30\n\
+         reload_coalesce_ms = {coalesce_ms}\n{gc}\n\
          [ssh]\nknown_hosts = \"{}\"\nidentity_file = \"{}\"\nconnect_timeout_s = 10\nwarm_masters = true\ncontrol_dir = \"{}\"\n{ssh}\n",
         journal.display(),
         args.concurrency,
@@ -164,17 +182,48 @@ fn config(
             String::new()
         },
     );
-    for (i, (d, (host, port))) in f.dirs.iter().zip(&f.endpoints).enumerate() {
+    for t in 0..targets(f, args) {
+        let (h, (cert, key, chain)) = (t % f.dirs.len(), target_files(f, args, t));
+        let (host, port) = &f.endpoints[h];
+        // The reload command counts its runs in the host's directory.
+        let reload = format!("echo r >> {}; {}", f.dirs[h].join("reloads.log").display(), args.reload);
         c.push_str(&format!(
-            "[targets.h{i}]\nhost = \"{host}\"\nport = {port}\nuser = \"{TEST_USER}\"\ncert_path = \"{}\"\n\
+            "[targets.{}]\nhost = \"{host}\"\nport = {port}\nuser = \"{TEST_USER}\"\ncert_path = \"{}\"\n\
              key_path = \"{}\"\nchain_path = \"{}\"\nreload_command = \"{}\"\n\n",
-            d.join("site.pem").display(),
-            d.join("site.key").display(),
-            d.join("chain.pem").display(),
-            args.reload.replace('"', "\\\""),
+            target_name(f, args, t),
+            cert.display(),
+            key.display(),
+            chain.display(),
+            reload.replace('"', "\\\""),
         ));
     }
     c
+}
+
+/// Targets: `paths_per_host` per host; target `t` is on host `t % hosts`.
+fn targets(f: &Fleet, args: &Args) -> usize {
+    f.dirs.len() * args.paths_per_host.max(1)
+}
+
+fn target_name(f: &Fleet, args: &Args, t: usize) -> String {
+    let h = t % f.dirs.len();
+    if args.paths_per_host > 1 { format!("h{h}p{}", t / f.dirs.len()) } else { format!("h{h}") }
+}
+
+/// Target `t`'s certificate, key and chain paths.
+fn target_files(f: &Fleet, args: &Args, t: usize) -> (PathBuf, PathBuf, PathBuf) {
+    let d = &f.dirs[t % f.dirs.len()];
+    if args.paths_per_host > 1 {
+        let p = t / f.dirs.len();
+        (d.join(format!("site{p}.pem")), d.join(format!("site{p}.key")), d.join(format!("chain{p}.pem")))
+    } else {
+        (d.join("site.pem"), d.join("site.key"), d.join("chain.pem"))
+    }
+}
+
+/// Reload command runs on every host so far.
+fn reload_runs(f: &Fleet) -> usize {
+    f.dirs.iter().map(|d| std::fs::read_to_string(d.join("reloads.log")).map_or(0, |s| s.lines().count())).sum()
 }
 
 /// One sample of a soak run.
@@ -323,16 +372,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Files on each host must be exactly the bundle whose deployment finished
-/// last for it (and the key must belong to that certificate).
-fn verify_hosts(f: &Fleet, last: &BTreeMap<usize, Bundle>) -> anyhow::Result<()> {
-    for (h, b) in last {
-        let d = &f.dirs[*h];
-        let cert = std::fs::read_to_string(d.join("site.pem")).with_context(|| format!("host {h} cert"))?;
-        let key = std::fs::read_to_string(d.join("site.key")).with_context(|| format!("host {h} key"))?;
-        let chain = std::fs::read_to_string(d.join("chain.pem")).with_context(|| format!("host {h} chain"))?;
+/// Files of each target must be exactly the bundle whose deployment
+/// finished last for it (and the key must belong to that certificate).
+fn verify_hosts(f: &Fleet, args: &Args, last: &BTreeMap<usize, Bundle>) -> anyhow::Result<()> {
+    for (t, b) in last {
+        let (c, k, ch) = target_files(f, args, *t);
+        let cert = std::fs::read_to_string(c).with_context(|| format!("target {t} cert"))?;
+        let key = std::fs::read_to_string(k).with_context(|| format!("target {t} key"))?;
+        let chain = std::fs::read_to_string(ch).with_context(|| format!("target {t} chain"))?;
         if cert != b.cert_pem || key != b.key_pem || chain != b.chain_pem {
-            bail!("host {h}: files do not match its last deployment");
+            bail!("target {t}: files do not match its last deployment");
         }
     }
     Ok(())
@@ -353,6 +402,7 @@ fn latencies(sent: &BTreeMap<String, Instant>, got: &BTreeMap<String, (Instant, 
 async fn publish_all(
     broker: Arc<certdeploy_amqp::Broker>,
     bundles: Vec<(String, usize, Bundle)>,
+    names: Arc<Vec<String>>,
     rate: f64,
 ) -> anyhow::Result<BTreeMap<String, Instant>> {
     let mut times = BTreeMap::new();
@@ -366,7 +416,7 @@ async fn publish_all(
                 tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate)).await;
             }
             i += 1;
-            let body = request(id, &format!("h{h}"), b, true);
+            let body = request(id, &names[*h], b, true);
             let broker = broker.clone();
             let id = id.clone();
             set.spawn(async move {
@@ -387,13 +437,16 @@ async fn broker_run(
     args: &Args,
     durability: &str,
     bundles: &[(String, usize, Bundle)],
+    coalesce_ms: u64,
 ) -> anyhow::Result<Figures> {
+    let names: Arc<Vec<String>> = Arc::new((0..targets(f, args)).map(|t| target_name(f, args, t)).collect());
+    let reloads0 = reload_runs(f);
     let vhost = Vhost::new();
     let metrics = format!("127.0.0.1:{}", free_port());
     let journal = f.tmp.path().join(format!("journal-broker-{durability}"));
     let cfg_path = f.tmp.path().join(format!("broker-{durability}.toml"));
     let control = f.tmp.path().join(format!("ssh-broker-{durability}"));
-    std::fs::write(&cfg_path, config(f, args, &vhost.url(), durability, &metrics, &journal, &control))?;
+    std::fs::write(&cfg_path, config(f, args, &vhost.url(), (durability, coalesce_ms), &metrics, &journal, &control))?;
     let peak = SshPeak::start(control);
     let bin = std::env::current_exe()?.with_file_name("certdeploy");
     let mut bcfg = certdeploy_amqp::BrokerConfig::new(vhost.url(), "bench");
@@ -402,7 +455,7 @@ async fn broker_run(
     let mut results = broker.subscribe_results().await?;
     let mut sent = BTreeMap::new();
     if args.queued_first {
-        sent = publish_all(broker.clone(), bundles.to_vec(), 0.0).await?;
+        sent = publish_all(broker.clone(), bundles.to_vec(), names.clone(), 0.0).await?;
     }
     let log = std::fs::File::create(f.tmp.path().join(format!("worker-{durability}.log")))?;
     let child: Child = Command::new(&bin)
@@ -432,7 +485,7 @@ async fn broker_run(
     let publisher = if args.queued_first {
         None
     } else {
-        Some(tokio::spawn(publish_all(broker.clone(), bundles.to_vec(), args.rate)))
+        Some(tokio::spawn(publish_all(broker.clone(), bundles.to_vec(), names.clone(), args.rate)))
     };
     let sampler = (args.gc_interval_s > 0)
         .then(|| tokio::spawn(soak_sampler(bin.clone(), cfg_path.clone(), metrics.clone(), journal.clone(), t0)));
@@ -498,11 +551,13 @@ async fn broker_run(
             last.insert(*h, (id.clone(), (*b).clone()));
         }
     }
-    verify_hosts(f, &last.into_iter().map(|(h, (_, b))| (h, b)).collect())?;
+    verify_hosts(f, args, &last.into_iter().map(|(h, (_, b))| (h, b)).collect())?;
     let lat = latencies(&sent, &got);
     let n = bundles.len() as f64;
     Ok(Figures {
         run: format!("broker, journal {durability}"),
+        coalesce_ms,
+        reloads: (reload_runs(f) - reloads0) as f64 / n,
         wall_s: wall,
         per_s: n / wall,
         p50_ms: percentile(&lat, 0.5),
@@ -524,17 +579,20 @@ async fn direct_run(
     args: &Args,
     durability: &str,
     bundles: &[(String, usize, Bundle)],
+    coalesce_ms: u64,
 ) -> anyhow::Result<Figures> {
+    let reloads0 = reload_runs(f);
     let journal = f.tmp.path().join(format!("journal-direct-{durability}"));
     let control = f.tmp.path().join(format!("ssh-direct-{durability}"));
-    let text = config(f, args, "amqp://guest:guest@127.0.0.1:5672/%2f", durability, "", &journal, &control);
+    let text =
+        config(f, args, "amqp://guest:guest@127.0.0.1:5672/%2f", (durability, coalesce_ms), "", &journal, &control);
     let peak = SshPeak::start(control);
     let cfg = certdeploy::config::Config::parse(&text, "bench.toml", &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let rt = Arc::new(certdeploy::runtime::Runtime::open(cfg.clone())?);
     let now = certdeploy::clock::now();
     let mut validated = Vec::new();
     for (id, h, b) in bundles {
-        let v = certdeploy::intake::validate_body(&request(id, &format!("h{h}"), b, true), &cfg, now)
+        let v = certdeploy::intake::validate_body(&request(id, &target_name(f, args, *h), b, true), &cfg, now)
             .map_err(|r| anyhow::anyhow!("{}", r.error))?;
         validated.push(v);
     }
@@ -577,7 +635,8 @@ async fn direct_run(
             last.insert(*h, (*b).clone());
         }
     }
-    verify_hosts(f, &last)?;
+    verify_hosts(f, args, &last)?;
+    let reloads = (reload_runs(f) - reloads0) as f64 / bundles.len().max(1) as f64;
     let flushes = rt.journal.flushes() as f64;
     let stats = rt.journal.stats();
     let flush_ms = stats.flush_latency.sum_us as f64 / 1000.0 / (stats.flush_latency.count.max(1) as f64);
@@ -587,6 +646,8 @@ async fn direct_run(
     let n = bundles.len() as f64;
     Ok(Figures {
         run: format!("direct (no broker), journal {durability}"),
+        coalesce_ms,
+        reloads,
         wall_s: wall,
         per_s: n / wall,
         p50_ms: percentile(&lat, 0.5),
@@ -686,7 +747,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let ca = TestCa::new();
     let mut table = Vec::new();
-    for (k, run) in args.runs.iter().enumerate() {
+    let runs: Vec<(&String, u64)> =
+        args.runs.iter().flat_map(|r| args.reload_coalesce_ms.iter().map(move |c| (r, *c))).collect();
+    for (k, (run, coalesce_ms)) in runs.into_iter().enumerate() {
         // Fresh certificates per run (same notBefore within a run: order
         // between requests of one host never makes one `superseded`).
         // One instant for the whole run: generating takes seconds, and a
@@ -694,18 +757,19 @@ async fn main() -> anyhow::Result<()> {
         let day = 86_400;
         let nb = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64
             - (30 - k as i64) * day;
+        let n_targets = targets(&fleet, &args);
         let bundles: Vec<(String, usize, Bundle)> = (0..args.n)
             .map(|i| {
                 let cn = format!("h{}.bench", i % args.hosts);
-                (format!("bench-{run}-{i}"), i % args.hosts, ca.leaf_at(&cn, nb, nb + 365 * day))
+                (format!("bench-{run}-{coalesce_ms}-{i}"), i % n_targets, ca.leaf_at(&cn, nb, nb + 365 * day))
             })
             .collect();
-        eprintln!("run {run} ...");
+        eprintln!("run {run}, reload_coalesce_ms = {coalesce_ms} ...");
         let fig = match run.as_str() {
-            "broker-fsync" => broker_run(&fleet, &args, "fsync", &bundles).await?,
-            "broker-off" => broker_run(&fleet, &args, "off", &bundles).await?,
-            "direct-fsync" => direct_run(&fleet, &args, "fsync", &bundles).await?,
-            "direct-off" => direct_run(&fleet, &args, "off", &bundles).await?,
+            "broker-fsync" => broker_run(&fleet, &args, "fsync", &bundles, coalesce_ms).await?,
+            "broker-off" => broker_run(&fleet, &args, "off", &bundles, coalesce_ms).await?,
+            "direct-fsync" => direct_run(&fleet, &args, "fsync", &bundles, coalesce_ms).await?,
+            "direct-off" => direct_run(&fleet, &args, "off", &bundles, coalesce_ms).await?,
             other => bail!("unknown run {other}"),
         };
         eprintln!("{fig:?}");
@@ -713,9 +777,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
-        "\ncertdeploy-bench: N={} hosts={} reload=`{}` concurrency={} cpus={cpus} rate={}{} rtt={} kex={} max_masters={}",
+        "\ncertdeploy-bench: N={} hosts={} paths/host={} reload=`{}` concurrency={} cpus={cpus} rate={}{} rtt={} kex={} max_masters={}",
         args.n,
         args.hosts,
+        args.paths_per_host,
         args.reload,
         args.concurrency,
         if args.rate > 0.0 { format!("{}/s", args.rate) } else { "max".into() },
@@ -725,14 +790,16 @@ async fn main() -> anyhow::Result<()> {
         args.max_masters.map_or("default".to_string(), |m| m.to_string()),
     );
     println!(
-        "| run | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | ssh procs peak | outcomes |"
+        "| run | coalesce ms | reloads/deploy | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | ssh procs peak | outcomes |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &table {
         let n = f.outcomes.values().sum::<usize>().max(1) as f64;
         println!(
-            "| {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {:?} |",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {:?} |",
             f.run,
+            f.coalesce_ms,
+            f.reloads,
             f.wall_s,
             f.per_s,
             f.p50_ms,
@@ -747,7 +814,7 @@ async fn main() -> anyhow::Result<()> {
             f.outcomes
         );
     }
-    println!("every run verified every host's final cert, key and chain");
+    println!("every run verified every target's final cert, key and chain");
     Ok(())
 }
 

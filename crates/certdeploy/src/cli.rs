@@ -482,6 +482,9 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_FAILED);
         }
     };
+    // One deployment: nobody to share a reload with, so no window to wait.
+    let mut cfg = cfg;
+    cfg.worker.reload_coalesce_ms = 0;
     let rt = Arc::new(Runtime::open(cfg)?);
     if v.dry_run {
         // Nothing journaled and nothing recovered: a dry run only reads.

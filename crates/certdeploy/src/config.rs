@@ -207,6 +207,10 @@ pub struct WorkerConfig {
     pub results_queue_max_length: u64,
     /// Requests older than this (by `requested_at`) are rejected; 0 = off.
     pub max_request_age_s: u64,
+    /// Deployments to one host account with the same validate and reload
+    /// commands that reach their validate step within this many ms share
+    /// one validate and one reload; 0: each reloads alone.
+    pub reload_coalesce_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -249,6 +253,7 @@ impl Default for WorkerConfig {
             results_queue: "certdeploy.results".into(),
             results_queue_max_length: 1_000_000,
             max_request_age_s: 0,
+            reload_coalesce_ms: 200,
         }
     }
 }
@@ -766,6 +771,7 @@ impl Config {
                 "results_queue" => w.results_queue = v.clone(),
                 "results_queue_max_length" => w.results_queue_max_length = v.parse().map_err(|_| bad("a number"))?,
                 "max_request_age_s" => w.max_request_age_s = v.parse().map_err(|_| bad("a number"))?,
+                "reload_coalesce_ms" => w.reload_coalesce_ms = v.parse().map_err(|_| bad("a number"))?,
                 // Read by the command line, not [worker] keys.
                 _ if NOT_WORKER_KEYS.contains(&k.as_str()) => {}
                 _ => {

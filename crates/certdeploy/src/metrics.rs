@@ -58,6 +58,10 @@ pub const BUILD_INFO: &str = "certdeploy_build_info";
 /// requester's queue is missing).
 pub const RESULTS_UNROUTABLE: &str = "certdeploy_results_unroutable_total";
 
+/// Reloads not run because deployments shared one (a shared reload of N
+/// deployments saves N - 1).
+pub const RELOADS_SAVED: &str = "certdeploy_reloads_saved_total";
+
 /// Every metric name the worker exports (the Grafana dashboard test checks
 /// its queries against this list).
 pub const ALL: &[&str] = &[
@@ -77,6 +81,7 @@ pub const ALL: &[&str] = &[
     LOCKS_LOST,
     DEFERRALS,
     RESULTS_UNROUTABLE,
+    RELOADS_SAVED,
     QUEUE_MESSAGES,
     JOURNAL_SIZE,
     JOURNAL_DEPLOYMENTS,

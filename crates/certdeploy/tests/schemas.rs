@@ -174,6 +174,7 @@ fn report(outcome: Outcome) -> Report {
         message: format!("{outcome}: details"),
         details: Details::from_metadata(metadata).into(),
         attempts: 2,
+        reload_shared_with: None,
         started_at: Timestamp(1_790_000_000_000),
         finished_at: Timestamp(1_790_000_000_412),
         reverts: (outcome == Outcome::Reverted).then(|| "r-deployed".to_string()),

@@ -6,6 +6,7 @@
 //! worker's runtime, or the fleet simulation), the in-process ordering per
 //! target, and the broker.
 
+use crate::coalesce::Coalesce;
 use crate::driver::{self, Clock, DriveError, Env, Host, Journal, Verifier};
 use crate::event::*;
 use crate::lock::{
@@ -67,9 +68,22 @@ fn lock_backoff_ms(tries: u32) -> u64 {
 pub async fn execute<H: Host, V: Verifier, J: Journal, C: Clock>(
     env: &Env<'_, H, V, J, C>,
     w: &Worker<'_>,
+    plan: Plan,
+    payload: &Payload,
+    token: String,
+) -> Result<Executed, DriveError> {
+    execute_coalesced(env, w, plan, payload, token, Coalesce::Off).await
+}
+
+/// [`execute`], the validate and reload shared with other deployments as
+/// `coalesce` says (see [`crate::coalesce`]).
+pub async fn execute_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    w: &Worker<'_>,
     mut plan: Plan,
     payload: &Payload,
     token: String,
+    coalesce: Coalesce<'_>,
 ) -> Result<Executed, DriveError> {
     let path = lock_path(plan.cert_path());
     let mine = LockRecord {
@@ -149,7 +163,7 @@ pub async fn execute<H: Host, V: Verifier, J: Journal, C: Clock>(
     }
     plan.lock = Some(token);
     let key = plan.deployment_id.clone();
-    let run = driver::start_locked(env, plan, payload, Some(&held));
+    let run = driver::start_coalesced(env, plan, payload, Some(&held), coalesce);
     let t = match held.guard(env.host, env.clock, run).await {
         Some(t) => t?,
         None => return lost(env, w, &key, &held).await.map(Executed::Abandoned),

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 
+use crate::coalesce::{Coalesce, Ticket};
 use crate::event::*;
 use crate::lock::{Created, Held, LockFile};
 use crate::machine::*;
@@ -265,11 +266,22 @@ pub async fn start_locked<H: Host, V: Verifier, J: Journal, C: Clock>(
     payload: &Payload,
     lock: Option<&Held>,
 ) -> Result<Terminal, DriveError> {
+    start_coalesced(env, plan, payload, lock, Coalesce::Off).await
+}
+
+/// [`start_locked`], the validate and reload shared as `coalesce` says.
+pub async fn start_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    plan: Plan,
+    payload: &Payload,
+    lock: Option<&Held>,
+    coalesce: Coalesce<'_>,
+) -> Result<Terminal, DriveError> {
     let at = env.clock.now();
     let key = plan.deployment_id.clone();
     let rec = Record { at, event: Event::Started { plan: plan.clone() } };
     record(env, &key, &rec).await?;
-    run_keyed(env, &key, Deployment::start(plan, at), Some(payload), lock).await
+    run_coalesced(env, &key, Deployment::start(plan, at), Some(payload), lock, coalesce).await
 }
 
 /// Resume an interrupted attempt from its journal records.
@@ -317,18 +329,61 @@ pub async fn run<H: Host, V: Verifier, J: Journal, C: Clock>(
 pub async fn run_keyed<H: Host, V: Verifier, J: Journal, C: Clock>(
     env: &Env<'_, H, V, J, C>,
     key: &str,
-    mut dep: Deployment,
+    dep: Deployment,
     payload: Option<&Payload>,
     lock: Option<&Held>,
 ) -> Result<Terminal, DriveError> {
+    run_coalesced(env, key, dep, payload, lock, Coalesce::Off).await
+}
+
+/// [`run_keyed`], with the validate and reload shared with other
+/// deployments as `coalesce` says (see [`crate::coalesce`]). Each member
+/// journals its own records around a shared command: `ReloadShared`
+/// before it, its own `Begun` before the reload, its own result after.
+pub async fn run_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    key: &str,
+    mut dep: Deployment,
+    payload: Option<&Payload>,
+    lock: Option<&Held>,
+    coalesce: Coalesce<'_>,
+) -> Result<Terminal, DriveError> {
+    let mut ticket: Option<Ticket> = None;
     loop {
         let now = env.clock.now();
         match dep.next(now) {
-            Next::Done(t) => return Ok(t),
+            Next::Done(t) => {
+                if let (Some(t), Coalesce::Join { slot, .. }) = (ticket.take(), coalesce) {
+                    t.leave();
+                    slot.put(t);
+                }
+                return Ok(t);
+            }
             Next::Wait(t) => env.clock.sleep_until(t).await,
             Next::Record(event) => {
+                // A member of a batch enters it before its first write.
+                if let (Event::Begun { step: Step::Write }, Coalesce::Join { reloads, key: k, .. }, None) =
+                    (&event, coalesce, &ticket)
+                {
+                    ticket = Some(reloads.enter(k, env.clock).await);
+                }
                 tracing::debug!(deployment_id = %key, event = event_name(&event), "journal");
                 let rec = Record { at: now, event };
+                record(env, key, &rec).await?;
+                dep.apply(&rec)?;
+            }
+            Next::Perform(Action::Exec { .. }) if dep.sharing() == Sharing::Join && coalesce.on() => {
+                let with = match coalesce {
+                    Coalesce::Join { reloads, key: k, .. } => {
+                        let t = match &mut ticket {
+                            Some(t) => t,
+                            None => ticket.insert(reloads.enter(k, env.clock).await),
+                        };
+                        t.close(env.clock).await
+                    }
+                    _ => 1,
+                };
+                let rec = Record { at: env.clock.now(), event: Event::ReloadShared { with } };
                 record(env, key, &rec).await?;
                 dep.apply(&rec)?;
             }
@@ -341,7 +396,13 @@ pub async fn run_keyed<H: Host, V: Verifier, J: Journal, C: Clock>(
                         role: None,
                         error: StepError::lock_lost(l.lost_reason()),
                     }],
-                    _ => perform(env, &action, payload, lock).await?,
+                    _ => match (&action, dep.sharing(), &ticket) {
+                        (Action::Exec { step, command, timeout_ms, guard }, Sharing::Shared(_), Some(t)) => {
+                            let r = t.exec(*step, || exec(env, *step, command, *timeout_ms, guard.as_ref())).await;
+                            vec![exec_event(*step, r)]
+                        }
+                        _ => perform(env, &action, payload, lock).await?,
+                    },
                 };
                 for event in events {
                     let rec = Record { at: env.clock.now(), event };
@@ -360,6 +421,7 @@ pub fn event_name(e: &Event) -> &'static str {
         Event::Recovering => "recovering",
         Event::TakenOver { .. } => "taken_over",
         Event::Begun { .. } => "begun",
+        Event::ReloadShared { .. } => "reload_shared",
         Event::Snapshotted { .. } => "snapshotted",
         Event::Written { .. } => "written",
         Event::BackupChecked { .. } => "backup_checked",
@@ -454,16 +516,7 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
             successes_then_one_failure(events)
         }
         Action::Exec { step, command, timeout_ms, guard } => {
-            failpoint!(exec_fp(*step, true));
-            let r = match guard {
-                Some(g) => env.host.exec_guarded(command, *timeout_ms, g).await,
-                None => env.host.exec(command, *timeout_ms).await,
-            };
-            failpoint!(exec_fp(*step, false));
-            vec![match r {
-                Ok(result) => Event::Executed { step: *step, result },
-                Err(error) => Event::StepFailed { step: *step, role: None, error },
-            }]
+            vec![exec_event(*step, exec(env, *step, command, *timeout_ms, guard.as_ref()).await)]
         }
         Action::Verify { step, endpoint, sni, expected } => {
             failpoint!("before_verify");
@@ -518,6 +571,31 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
         }
     };
     Ok(events)
+}
+
+/// Run a configured command (guarded by the target lock when given).
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+async fn exec<H: Host, V, J, C>(
+    env: &Env<'_, H, V, J, C>,
+    step: Step,
+    command: &str,
+    timeout_ms: u64,
+    guard: Option<&ExecGuard>,
+) -> Result<ExecResult, StepError> {
+    failpoint!(exec_fp(step, true));
+    let r = match guard {
+        Some(g) => env.host.exec_guarded(command, timeout_ms, g).await,
+        None => env.host.exec(command, timeout_ms).await,
+    };
+    failpoint!(exec_fp(step, false));
+    r
+}
+
+fn exec_event(step: Step, r: Result<ExecResult, StepError>) -> Event {
+    match r {
+        Ok(result) => Event::Executed { step, result },
+        Err(error) => Event::StepFailed { step, role: None, error },
+    }
 }
 
 /// The snapshot of what `Host::snapshot` (or `Host::inspect`) found, with

@@ -35,6 +35,7 @@ pub async fn dry_run<H: Host, V: Verifier, C: Clock>(
         message: String::new(),
         details: Box::default(),
         attempts: 1,
+        reload_shared_with: None,
         started_at,
         finished_at: started_at,
         reverts: None,

@@ -44,6 +44,12 @@ pub enum Event {
     Begun {
         step: Step,
     },
+    /// Before the validate step: this attempt shares its validate and
+    /// reload with `with` deployments in all (itself included; 1 when
+    /// alone).
+    ReloadShared {
+        with: u32,
+    },
     Snapshotted {
         role: Role,
         snapshot: Snapshot,

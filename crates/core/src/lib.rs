@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attempt;
+pub mod coalesce;
 pub mod driver;
 pub mod dry_run;
 pub mod event;

@@ -81,6 +81,10 @@ pub struct Report {
     #[serde(rename = "metadata")]
     pub details: Box<Details>,
     pub attempts: u32,
+    /// How many deployments shared this attempt's validate and reload
+    /// (itself included; 1 when alone); `None` when it never got there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_shared_with: Option<u32>,
     pub started_at: Timestamp,
     pub finished_at: Timestamp,
     /// A revert's report: the deployment it reverts (the result's
@@ -248,6 +252,7 @@ impl Report {
             message,
             details: Box::new(details),
             attempts: 1,
+            reload_shared_with: None,
             started_at: at,
             finished_at: at,
             reverts: None,

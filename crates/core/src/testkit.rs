@@ -148,6 +148,17 @@ pub struct World {
     pub violations: Vec<String>,
     /// Lock (and claim) files: content and mtime in host seconds (`now / 1000`).
     pub lock_files: BTreeMap<String, (Vec<u8>, u64)>,
+    /// A daemon serving many sites (when not empty): SNI name -> (cert
+    /// path, leaf served). Its validate and reload commands (those in
+    /// `site_commands`) check every site's certificate file: one whose
+    /// first line holds `BROKEN` makes them exit 1 (the reload then
+    /// changes nothing); a reload that succeeds serves each site's file.
+    /// The verifier answers per SNI name.
+    pub sites: BTreeMap<String, (String, Option<Digest>)>,
+    pub site_commands: BTreeSet<String>,
+    /// Asked before every command runs: a breach of a rule the test
+    /// states (recorded in `violations`).
+    pub exec_check: Option<fn(&World, &str) -> Option<String>>,
 }
 
 /// Shared handle to a [`World`].
@@ -274,6 +285,11 @@ impl World {
             Some(Node::Symlink(t)) => t.clone(),
             _ => path.to_string(),
         }
+    }
+
+    /// The bytes of the file at `path` (following one symlink).
+    pub fn bytes(&self, path: &str) -> Option<&[u8]> {
+        self.file(&self.resolve(path)).map(|i| i.bytes.as_slice())
     }
 
     fn file(&self, path: &str) -> Option<&Inode> {
@@ -501,13 +517,23 @@ impl Host for MemHost {
     async fn exec(&self, command: &str, _timeout_ms: u64) -> Result<ExecResult, StepError> {
         let crash_after = gate(&self.0, OpKind::Exec(command.to_string()))?;
         let mut w = self.0.world();
+        if let Some(v) = w.exec_check.and_then(|check| check(&w, command)) {
+            w.violations.push(v);
+        }
         w.exec_log.push(command.to_string());
         let n = w.op_counts.get(&OpKind::Exec(command.to_string())).copied().unwrap_or(0);
         let on_disk = w.served_path.clone().and_then(|p| {
             let p = w.resolve(&p);
             w.file(&p).map(|i| i.bytes.clone())
         });
-        let rejected = matches!((w.rejects.get(command), &on_disk), (Some(r), Some(d)) if r == d);
+        let broken_site = w.site_commands.contains(command)
+            && w.sites.values().any(|(p, _)| {
+                let p = w.resolve(p);
+                w.file(&p).is_some_and(|i| {
+                    i.bytes.split(|b| *b == b'\n').next().is_some_and(|l| l.windows(6).any(|x| x == b"BROKEN"))
+                })
+            });
+        let rejected = broken_site || matches!((w.rejects.get(command), &on_disk), (Some(r), Some(d)) if r == d);
         let code = match w.scripted.get(&(command.to_string(), n)) {
             Some(c) => *c,
             None if rejected => 1,
@@ -519,6 +545,19 @@ impl Host for MemHost {
                 w.file(&p).map(|i| leaf_of(&i.bytes))
             });
             w.served = served;
+            let sites: Vec<(String, Option<Digest>)> = w
+                .sites
+                .iter()
+                .map(|(sni, (p, _))| {
+                    let p = w.resolve(p);
+                    (sni.clone(), w.file(&p).map(|i| leaf_of(&i.bytes)))
+                })
+                .collect();
+            for (sni, leaf) in sites {
+                if let Some(site) = w.sites.get_mut(&sni) {
+                    site.1 = leaf;
+                }
+            }
         }
         drop(w);
         finish(crash_after);
@@ -683,9 +722,12 @@ pub fn fake_cert_facts(bytes: &[u8]) -> Option<CertFacts> {
 pub struct MemVerifier(pub Sim);
 
 impl Verifier for MemVerifier {
-    async fn served_leaf(&self, endpoint: &str, _sni: Option<&str>) -> Result<Digest, String> {
+    async fn served_leaf(&self, endpoint: &str, sni: Option<&str>) -> Result<Digest, String> {
         let mut w = self.0.world();
         w.now += 1;
+        if let Some((_, served)) = sni.and_then(|s| w.sites.get(s)) {
+            return served.ok_or_else(|| format!("{endpoint}: nothing served for {sni:?}"));
+        }
         w.served.ok_or_else(|| format!("{endpoint}: connection refused"))
     }
 }

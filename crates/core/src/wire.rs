@@ -436,6 +436,10 @@ pub struct ResultEvent {
     pub message: String,
     pub metadata: BTreeMap<String, String>,
     pub attempts: u32,
+    /// How many deployments shared this deployment's validate and reload
+    /// (1 when alone); absent when it never got to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_shared_with: Option<u32>,
     pub started_at: String,
     pub finished_at: String,
     pub duration_ms: u64,
@@ -466,6 +470,7 @@ impl ResultEvent {
             message: r.message.clone(),
             metadata: r.metadata(),
             attempts: r.attempts,
+            reload_shared_with: r.reload_shared_with,
             started_at: r.started_at.rfc3339(),
             finished_at: r.finished_at.rfc3339(),
             duration_ms: r.finished_at.since(r.started_at),

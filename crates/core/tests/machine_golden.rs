@@ -286,6 +286,7 @@ fn catalogue(plan: &Plan) -> Vec<Event> {
                 message: "m".into(),
                 details: Default::default(),
                 attempts: 1,
+                reload_shared_with: None,
                 started_at: Timestamp(1),
                 finished_at: Timestamp(2),
                 reverts: None,

@@ -18,6 +18,7 @@ pub fn deployment(id: &str) -> Vec<(Record, bool)> {
         message: "certificate deployed to web1.internal:22".into(),
         details: Default::default(),
         attempts: 1,
+        reload_shared_with: None,
         started_at: at,
         finished_at: at,
         reverts: None,

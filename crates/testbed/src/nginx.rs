@@ -51,8 +51,29 @@ fn chown_user(path: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
 }
 
-fn config(dir: &Path, addr: &str, port: u16, cert: &Path, key: &Path) -> String {
+/// One TLS server of the config: an SNI name (`None`: the default server
+/// with no name), its certificate and key files.
+pub type SiteFiles = (Option<String>, PathBuf, PathBuf);
+
+fn config(dir: &Path, addr: &str, port: u16, sites: &[SiteFiles]) -> String {
     let d = dir.display();
+    let servers: String = sites
+        .iter()
+        .map(|(name, cert, key)| {
+            let name = name.as_deref().map(|n| format!("\x20       server_name {n};\n")).unwrap_or_default();
+            format!(
+                "\x20   server {{\n\
+                 \x20       listen {addr}:{port} ssl;\n\
+                 {name}\
+                 \x20       ssl_certificate {cert};\n\
+                 \x20       ssl_certificate_key {key};\n\
+                 \x20       return 200 \"ok\\n\";\n\
+                 \x20   }}\n",
+                cert = cert.display(),
+                key = key.display(),
+            )
+        })
+        .collect();
     // Every path absolute: `nginx -t` and `nginx -s reload` run over ssh
     // without `-p`, and the compiled-in temp paths (/var/lib/nginx) are
     // not writable by the test user.
@@ -70,15 +91,9 @@ fn config(dir: &Path, addr: &str, port: u16, cert: &Path, key: &Path) -> String 
          \x20   fastcgi_temp_path {d}/tmp/fastcgi;\n\
          \x20   uwsgi_temp_path {d}/tmp/uwsgi;\n\
          \x20   scgi_temp_path {d}/tmp/scgi;\n\
-         \x20   server {{\n\
-         \x20       listen {addr}:{port} ssl;\n\
-         \x20       ssl_certificate {cert};\n\
-         \x20       ssl_certificate_key {key};\n\
-         \x20       return 200 \"ok\\n\";\n\
-         \x20   }}\n\
+         \x20   server_names_hash_bucket_size 128;\n\
+         {servers}\
          }}\n",
-        cert = cert.display(),
-        key = key.display(),
     )
 }
 
@@ -87,6 +102,13 @@ impl NginxFixture {
     /// `cert_path`/`key_path` (which must exist and be readable by the test
     /// user). Panics with nginx's own error output when it does not come up.
     pub fn start(cert_path: impl AsRef<Path>, key_path: impl AsRef<Path>, addr: &str) -> NginxFixture {
+        let site = (None, cert_path.as_ref().to_path_buf(), key_path.as_ref().to_path_buf());
+        NginxFixture::start_sites(&[site], addr)
+    }
+
+    /// [`NginxFixture::start`] with one TLS server per site, all on one
+    /// port, told apart by SNI (`server_name`); the first is the default.
+    pub fn start_sites(sites: &[SiteFiles], addr: &str) -> NginxFixture {
         assert!(Path::new(NGINX).exists(), "nginx fixture: {NGINX} is missing: apt-get install -y nginx-light");
         let (uid, gid) = ensure_test_user();
         let dir = tempfile::Builder::new().prefix("certdeploy-nginx-").tempdir_in("/tmp").expect("nginx temp dir");
@@ -105,7 +127,7 @@ impl NginxFixture {
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = free_port_on(addr);
-            fs::write(&conf, config(&root, addr, port, cert_path.as_ref(), key_path.as_ref())).expect("write conf");
+            fs::write(&conf, config(&root, addr, port, sites)).expect("write conf");
             fs::set_permissions(&conf, fs::Permissions::from_mode(0o644)).expect("chmod conf");
             let stderr = fs::File::create(&stderr_log).expect("stderr log");
             chown_user(&stderr_log, uid, gid);
@@ -242,8 +264,22 @@ impl NginxFixture {
     }
 
     pub fn try_served_leaf_sha256(&self) -> Result<String, String> {
+        self.try_served_leaf_sha256_for(None)
+    }
+
+    /// [`Self::served_leaf_sha256`] for a handshake naming `sni`.
+    pub fn served_leaf_sha256_for(&self, sni: &str) -> String {
+        self.try_served_leaf_sha256_for(Some(sni)).unwrap_or_else(|e| panic!("nginx fixture: {e}"))
+    }
+
+    fn try_served_leaf_sha256_for(&self, sni: Option<&str>) -> Result<String, String> {
+        let name = match sni {
+            Some(n) => vec!["-servername", n],
+            None => vec!["-noservername"],
+        };
         let out = Command::new("timeout")
-            .args(["10", "openssl", "s_client", "-connect", &self.endpoint(), "-noservername"])
+            .args(["10", "openssl", "s_client", "-connect", &self.endpoint()])
+            .args(name)
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("openssl s_client: {e}"))?;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use certdeploy_core::Report;
 use certdeploy_core::attempt;
+use certdeploy_core::coalesce::{Coalesce, Slot, Ticket, turn_to_deploy_alone};
 use certdeploy_core::lock::{LockRecord, new_token};
 use certdeploy_journal::DeploymentStatus;
 use tracing::Instrument;
@@ -31,6 +32,12 @@ impl Runtime {
     /// or `Deferred` while another worker's live lease holds the target.
     pub async fn execute(&self, v: &Validated) -> Result<Executed, Error> {
         let _id_guard = self.ids.lock(&v.deployment_id).await;
+        // After a shared validate or reload failed: this deployment's place
+        // in the line of those deploying again alone (held until it ends).
+        let mut alone: Option<Ticket> = None;
+        // ... and its target, kept from the rollback to the lone redeploy:
+        // whoever took it meanwhile could wait for the batch to end.
+        let mut kept = None;
         loop {
             let attempt = match self.journal.status(&v.deployment_id)? {
                 Some(DeploymentStatus::Finished { report, .. }) => return Ok(Executed::Report(report)),
@@ -46,7 +53,10 @@ impl Runtime {
             // Everything the plan holds comes from the request as it was
             // checked (the configuration then), whatever a reload did since.
             let (plan, payload) = v.plan(attempt).map_err(Error::Plan)?;
-            let _target_guard = self.targets.lock(&Self::target_key(&plan)).await;
+            let target_guard = match kept.take() {
+                Some(g) => g,
+                None => self.targets.lock(&Self::target_key(&plan)).await,
+            };
             let span =
                 tracing::info_span!("deployment", deployment_id = %plan.deployment_id, target = %plan.target, attempt);
             let token = new_token(&self.journal_id, &plan.deployment_id, plan.attempt, token_entropy());
@@ -56,8 +66,14 @@ impl Runtime {
             let dead_own = |r: &LockRecord| self.dead_own(r);
             let w = self.worker(&dead_own);
             let started = Instant::now();
+            let slot = Slot::default();
+            let reload_key = Self::reload_key(&plan, v.target_config.as_ref());
+            let coalesce = match alone {
+                Some(_) => Coalesce::Alone,
+                None => Coalesce::Join { reloads: &self.reloads, key: &reload_key, slot: &slot },
+            };
             metrics::gauge!(m::IN_FLIGHT).increment(1.0);
-            let r = attempt::execute(&env, &w, plan, &payload, token).instrument(span).await;
+            let r = attempt::execute_coalesced(&env, &w, plan, &payload, token, coalesce).instrument(span).await;
             metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
             match r? {
                 attempt::Executed::Report(report) => {
@@ -69,6 +85,13 @@ impl Runtime {
                 attempt::Executed::Deferred { holder } => return Ok(Executed::Deferred { holder }),
                 attempt::Executed::Abandoned(why) => {
                     tracing::warn!(deployment_id = %v.deployment_id, "attempt abandoned: {why}");
+                    // A member of a batch whose shared validate or reload
+                    // failed deploys again alone, once every member has
+                    // rolled back, after those that joined first.
+                    if let Some(ticket) = turn_to_deploy_alone(&slot).await {
+                        alone = Some(ticket);
+                        kept = Some(target_guard);
+                    }
                     continue;
                 }
             }

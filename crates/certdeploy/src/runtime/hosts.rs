@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use certdeploy_core::Plan;
+use certdeploy_core::coalesce::ReloadKey;
 use certdeploy_ssh::{HostAddr, SshHost, TargetPolicy};
 
 use super::{Metered, Runtime, target_key};
@@ -39,6 +40,16 @@ impl Runtime {
     /// The host a plan deploys to, every operation timed.
     pub(super) fn host(&self, plan: &Plan, target: Option<&TargetConfig>) -> Metered<SshHost<'_>> {
         Metered(SshHost::new(&self.pool, Self::addr(plan, target)).with_policy(Self::host_policy(plan, target)))
+    }
+
+    /// What deployments must have in common to share a validate and a
+    /// reload: the account, and whether commands run through sudo there.
+    pub(super) fn reload_key(plan: &Plan, target: Option<&TargetConfig>) -> ReloadKey {
+        let runner = match Self::addr(plan, target).sudo {
+            Some(sftp_server) => format!("sudo {sftp_server}"),
+            None => String::new(),
+        };
+        ReloadKey::of(plan, &runner)
     }
 
     /// The key the plan's target is serialized on in this process.

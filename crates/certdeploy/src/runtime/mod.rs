@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use certdeploy_core::CertFacts;
 use certdeploy_core::Digest;
+use certdeploy_core::coalesce::Reloads;
 use certdeploy_core::driver::{Env, Host};
 use certdeploy_journal::{JournalOptions, SledJournal};
 use certdeploy_ssh::SshPool;
@@ -62,6 +63,9 @@ pub struct Runtime {
     ids: KeyedLocks,
     /// Target groups this process drives.
     groups: ActiveGroups,
+    /// Deployments sharing one validate and one reload per host account
+    /// (`reload_coalesce_ms`).
+    reloads: Arc<Reloads>,
 }
 
 /// Public facts of a certificate file's bytes, for the driver.
@@ -80,7 +84,11 @@ impl Runtime {
         let control_dir = cfg.ssh.control_dir.clone().unwrap_or_else(std::env::temp_dir);
         let idle = Duration::from_secs(cfg.ssh.idle_timeout_s.max(1));
         let pool = SshPool::new(cfg.ssh_config(control_dir, idle))?;
+        let reloads = Reloads::new(cfg.worker.reload_coalesce_ms, |n| {
+            metrics::counter!(crate::metrics::RELOADS_SAVED).increment(n)
+        });
         Ok(Runtime {
+            reloads,
             journal_id: journal.id().to_string(),
             live_tokens: Mutex::default(),
             worker_name: cfg.worker_name(),

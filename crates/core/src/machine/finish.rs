@@ -20,6 +20,10 @@ pub(super) enum Finishing {
         /// The step the attempt was stopped in.
         step: Step,
     },
+    /// The validate or reload this attempt shared with `with` deployments
+    /// failed and the host is as it was before: no report, the deployment
+    /// runs again alone.
+    Alone { failure: Failure, with: u32 },
 }
 
 /// An outcome with what its report needs.
@@ -63,6 +67,13 @@ impl Finishing {
             Finishing::Abandon { step } => Next::Record(Event::Abandoned {
                 reason: format!(
                     "a worker stopped during {step}; the host was rolled back to its pre-deploy state and the request will deploy afresh"
+                ),
+            }),
+            Finishing::Alone { failure, with } => Next::Record(Event::Abandoned {
+                reason: format!(
+                    "the {} shared by {with} deployments failed{}; rolled back to the pre-deploy state, deploying again alone",
+                    failure.step,
+                    failure.detail_suffix()
                 ),
             }),
         }
@@ -179,6 +190,7 @@ impl Ending {
             message,
             details: Box::new(details),
             attempts: plan.attempt,
+            reload_shared_with: cx.shared_with,
             started_at: cx.started_at,
             finished_at: now.max(cx.last_at),
             reverts: plan.revert.as_ref().map(|r| r.deployment_id.clone()),

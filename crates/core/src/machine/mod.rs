@@ -36,7 +36,7 @@ mod snapshot;
 mod verify;
 mod write;
 
-pub use next::{Action, ExecGuard, Next, RestoreRequest, SnapshotRequest, Terminal, WriteRequest};
+pub use next::{Action, ExecGuard, Next, RestoreRequest, Sharing, SnapshotRequest, Terminal, WriteRequest};
 pub use snapshot::{file_unchanged, supersedes};
 
 use commit::{CleaningUp, Committing};
@@ -86,6 +86,9 @@ struct Shared {
     /// The target lock is no longer ours (why): journal `Abandoned`, touch
     /// nothing more.
     lock_lost: Option<String>,
+    /// How many deployments share this attempt's validate and reload
+    /// (itself included), once journaled (`ReloadShared`).
+    shared_with: Option<u32>,
 }
 
 /// What the attempt may have changed on the host, as its journal says: a
@@ -165,6 +168,7 @@ impl Deployment {
                 recovered_at: None,
                 needs_mark: false,
                 lock_lost: None,
+                shared_with: None,
             },
             state: State::Snapshot(Snapshotting::default()),
         }
@@ -208,6 +212,29 @@ impl Deployment {
     pub fn may_have_written(&self) -> bool {
         self.shared.touched.files || self.shared.touched.daemon
     }
+    /// How the command this attempt asks for next relates to others'
+    /// (see [`crate::coalesce`]).
+    pub fn sharing(&self) -> Sharing {
+        let cx = &self.shared;
+        if cx.recovered_at.is_some() {
+            return Sharing::Own;
+        }
+        let shared = cx.shared_with.is_some_and(|n| n > 1);
+        match &self.state {
+            State::Validate(_) | State::Reload(_) if cx.shared_with.is_none() => Sharing::Join,
+            State::Validate(_) if shared => Sharing::Shared(Step::Validate),
+            State::Reload(_) if shared => Sharing::Shared(Step::Reload),
+            State::RetryReload(r) if shared && r.after_shared_failure() => Sharing::Shared(Step::RetryReload),
+            _ => Sharing::Own,
+        }
+    }
+
+    /// How many deployments shared this attempt's validate and reload, once
+    /// journaled.
+    pub fn shared_with(&self) -> Option<u32> {
+        self.shared.shared_with
+    }
+
     /// The name of the current phase, for logs and `journal show`.
     pub fn phase_name(&self) -> &'static str {
         self.state.name()
@@ -278,6 +305,13 @@ impl Deployment {
                 cx.lock_lost = Some(error.message.clone());
                 Ok(None)
             }
+            Event::ReloadShared { with } => match self.state {
+                State::Validate(_) | State::Reload(_) if cx.shared_with.is_none() && *with >= 1 => {
+                    cx.shared_with = Some(*with);
+                    Ok(None)
+                }
+                _ => Err(Unfit),
+            },
             Event::Finished { report } => Ok(Some(State::Done(Terminal::Finished(report.clone())))),
             Event::Abandoned { reason } => Ok(Some(State::Done(Terminal::Abandoned(reason.clone())))),
             event => match &mut self.state {

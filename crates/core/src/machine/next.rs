@@ -24,6 +24,20 @@ pub enum Next {
     Done(Terminal),
 }
 
+/// How the command an attempt asks for next relates to other attempts'
+/// (see [`crate::coalesce`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// The attempt is at its validate (or reload) step and has not
+    /// journaled with how many it shares them: join a batch, journal
+    /// `ReloadShared`, then run.
+    Join,
+    /// The command is the batch's shared run of this step.
+    Shared(crate::step::Step),
+    /// The command is this attempt's own.
+    Own,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Terminal {
     Finished(Report),

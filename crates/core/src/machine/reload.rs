@@ -29,13 +29,25 @@ pub(super) fn validate_then_reload(cx: &Shared) -> State {
     }
 }
 
-/// A command failed or could not run, for good: roll back.
-fn failed(step: Step, summary: &str, detail: &str) -> Fold {
-    Ok(Some(rollback::start(Failure::new(step, summary, detail), false)))
+/// A command failed or could not run, for good: roll back. A command
+/// shared with other deployments failed for all of them: each rolls back
+/// and then deploys again alone.
+fn failed(cx: &Shared, step: Step, summary: &str, detail: &str) -> Fold {
+    let failure = Failure::new(step, summary, detail);
+    Ok(Some(match cx.shared_with {
+        Some(n) if n > 1 => rollback::start_shared(failure, n),
+        _ => rollback::start(failure, false),
+    }))
 }
 
-fn gave_up(step: Step, reason: &str) -> Fold {
-    failed(step, &format!("{step} gave up"), reason)
+fn gave_up(cx: &Shared, step: Step, reason: &str) -> Fold {
+    failed(cx, step, &format!("{step} gave up"), reason)
+}
+
+/// A command shared with other deployments is run once, for all: a
+/// transient error is not retried by each on its own but fails the batch.
+fn shared(cx: &Shared) -> bool {
+    cx.shared_with.is_some_and(|n| n > 1)
 }
 
 impl Validating {
@@ -49,16 +61,16 @@ impl Validating {
                 Ok(Some(State::Reload(Reloading::default())))
             }
             Event::Executed { step: Step::Validate, result } => {
-                failed(Step::Validate, "validate command failed", &result.describe())
+                failed(cx, Step::Validate, "validate command failed", &result.describe())
             }
             Event::StepFailed { step: Step::Validate, error, .. } => {
-                if error.is_transient() {
+                if error.is_transient() && !shared(cx) {
                     self.retry = Some(cx.retry(Step::Validate, error));
                     return Ok(None);
                 }
-                failed(Step::Validate, "validate command could not run", &error.message)
+                failed(cx, Step::Validate, "validate command could not run", &error.message)
             }
-            Event::GaveUp { step, reason } => gave_up(*step, reason),
+            Event::GaveUp { step, reason } => gave_up(cx, *step, reason),
             _ => Err(Unfit),
         }
     }
@@ -78,13 +90,13 @@ impl Reloading {
             }
             Event::Executed { step: Step::Reload, result } if begun => Self::reloaded(cx, result),
             Event::StepFailed { step: Step::Reload, error, .. } if begun => {
-                if error.is_transient() {
+                if error.is_transient() && !shared(cx) {
                     self.retry = Some(cx.retry(Step::Reload, error));
                     return Ok(None);
                 }
-                failed(Step::Reload, "reload command could not run", &error.message)
+                failed(cx, Step::Reload, "reload command could not run", &error.message)
             }
-            Event::GaveUp { step, reason } => gave_up(*step, reason),
+            Event::GaveUp { step, reason } => gave_up(cx, *step, reason),
             _ => Err(Unfit),
         }
     }
@@ -93,7 +105,7 @@ impl Reloading {
     /// endpoint is configured), else commit.
     fn reloaded(cx: &Shared, result: &ExecResult) -> Fold {
         if !result.success() {
-            return failed(Step::Reload, "reload command failed", &result.describe());
+            return failed(cx, Step::Reload, "reload command failed", &result.describe());
         }
         Ok(Some(match &cx.plan.verify {
             Some(v) => State::Verify(Verifying::new(v, cx.last_at)),

@@ -23,12 +23,19 @@ struct Rollback {
     /// Recovery (not a failure) started it: when it succeeds the attempt
     /// is abandoned instead of reported, and the redelivery deploys afresh.
     abandon: bool,
+    /// A validate or reload shared by this many deployments failed: when
+    /// the rollback succeeds the attempt ends without a result, and the
+    /// deployment runs again alone.
+    alone: Option<u32>,
     restored: Restored,
 }
 
 impl Rollback {
     /// The files are back and the daemon serves them (as far as checked).
     fn rolled_back(&self, original_verified: Option<bool>) -> State {
+        if let Some(with) = self.alone {
+            return State::Finishing(Finishing::Alone { failure: self.failure.clone(), with });
+        }
         if self.abandon {
             return State::Finishing(Finishing::Abandon { step: self.failure.step });
         }
@@ -39,7 +46,14 @@ impl Rollback {
 
 /// Start rolling back.
 pub(super) fn start(failure: Failure, abandon: bool) -> State {
-    let rollback = Rollback { failure, abandon, restored: BTreeMap::new() };
+    let rollback = Rollback { failure, abandon, alone: None, restored: BTreeMap::new() };
+    State::Restore(Restoring { rollback, begun: false, retry: None })
+}
+
+/// Start rolling back after the validate or reload shared by `with`
+/// deployments failed.
+pub(super) fn start_shared(failure: Failure, with: u32) -> State {
+    let rollback = Rollback { failure, abandon: false, alone: Some(with), restored: BTreeMap::new() };
     State::Restore(Restoring { rollback, begun: false, retry: None })
 }
 
@@ -147,6 +161,12 @@ pub(super) struct RetryingReload {
 }
 
 impl RetryingReload {
+    /// This retry-reload follows a failed shared validate or reload: the
+    /// members share it too, once every one has restored its files.
+    pub(super) fn after_shared_failure(&self) -> bool {
+        self.rollback.alone.is_some()
+    }
+
     pub(super) fn next(&self, cx: &Shared) -> Next {
         begun_first(Step::RetryReload, self.begun, || cx.exec(Step::RetryReload, &cx.plan.reload_command))
     }

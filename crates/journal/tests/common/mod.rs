@@ -28,6 +28,7 @@ pub fn report(id: &str, outcome: Outcome, at: u64) -> Report {
         message: format!("{outcome} for {id}"),
         details: Details::from_metadata(BTreeMap::from([("backup_status_cert".into(), "snapshotted".into())])).into(),
         attempts: 1,
+        reload_shared_with: None,
         started_at: Timestamp(at.saturating_sub(10)),
         finished_at: Timestamp(at),
         reverts: None,
