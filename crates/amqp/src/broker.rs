@@ -233,6 +233,14 @@ impl Broker {
         self.publish_confirmed(&self.topology.events_exchange, &rk, true, body, props).await
     }
 
+    /// Publish a target group's result (`group.<outcome>`, `mandatory`,
+    /// confirmed, with `correlation_id`), like [`Broker::publish_event`].
+    pub async fn publish_group_event(&self, outcome: &str, body: &[u8], correlation_id: &str) -> Result<(), AmqpError> {
+        let rk = result_routing_key(outcome)?.replacen(RESULT_ROUTING_PREFIX, crate::GROUP_ROUTING_PREFIX, 1);
+        let props = json_props().with_correlation_id(correlation_id.into());
+        self.publish_confirmed(&self.topology.events_exchange, &rk, true, body, props).await
+    }
+
     /// Publish a result to a requester's `reply_to` queue through the
     /// default exchange (`mandatory`, confirmed, with `correlation_id`).
     /// [`AmqpError::Unroutable`] when that queue does not exist.

@@ -70,6 +70,8 @@ pub const GROUP_BINDING_ALL: &str = "group.#";
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Routing-key prefix of result events (`result.<outcome>`).
 pub const RESULT_ROUTING_PREFIX: &str = "result.";
+/// Routing key prefix of group result events (`group.<outcome>`).
+pub const GROUP_ROUTING_PREFIX: &str = "group.";
 /// Binding pattern matching every result event.
 pub const RESULT_BINDING_ALL: &str = "result.#";
 /// Longest reason stored in [`REASON_HEADER`] (bytes; longer reasons are truncated).

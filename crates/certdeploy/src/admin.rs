@@ -72,13 +72,42 @@ pub fn show(j: &SledJournal, id: &str) -> Result<Option<Value>, certdeploy_journ
         _ => None,
     };
     if records.is_empty() && result.is_none() {
-        return Ok(None);
+        return show_group(j, id);
     }
     let records: Vec<Value> = records
         .iter()
         .map(|r| json!({ "at": r.at.rfc3339(), "event": certdeploy_core::driver::event_name(&r.event), "detail": r.event }))
         .collect();
     Ok(Some(json!({ "deployment_id": id, "records": records, "result": result })))
+}
+
+/// A target group's records (the kept request shown only as sealed) and,
+/// once it ended, its result.
+fn show_group(j: &SledJournal, id: &str) -> Result<Option<Value>, certdeploy_journal::Error> {
+    use certdeploy_core::group::GroupEvent;
+    let records = j.group_records(id)?;
+    if records.is_empty() {
+        return Ok(None);
+    }
+    let mut result = None;
+    let shown: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            if let GroupEvent::Ended { result: g } = &r.event {
+                result = Some(g.clone());
+            }
+            let mut detail = serde_json::to_value(&r.event).unwrap_or_default();
+            let event = detail.get("event").and_then(Value::as_str).unwrap_or_default().to_string();
+            if let Some(o) = detail.as_object_mut() {
+                o.remove("event");
+                if o.contains_key("request") {
+                    o.insert("request".into(), json!("[kept sealed]"));
+                }
+            }
+            json!({ "at": r.at.rfc3339(), "event": event, "detail": detail })
+        })
+        .collect();
+    Ok(Some(json!({ "deployment_id": id, "group": true, "records": shown, "result": result })))
 }
 
 /// `status` rows.

@@ -461,6 +461,7 @@ async fn deploy(cfg: Config, a: DeployArgs) -> anyhow::Result<u8> {
         deployment_id: id.clone(),
         target: Some(a.target.clone()),
         target_spec: None,
+        group: None,
         certificate_pem: read(&a.cert, "cert")?,
         private_key_pem: Some(SecretString::new(read(&a.key, "key")?)),
         private_key_age: None,
@@ -739,7 +740,8 @@ fn batch_line(
     let id = match obj.get("deployment_id").and_then(|i| i.as_str()) {
         Some(id) => id.to_string(),
         None => {
-            let target = obj.get("target").and_then(|t| t.as_str()).unwrap_or("inline").to_string();
+            let target =
+                obj.get("target").or_else(|| obj.get("group")).and_then(|t| t.as_str()).unwrap_or("inline").to_string();
             let id = format!("{}-{n}", generate_id(&target));
             obj.insert("deployment_id".into(), id.clone().into());
             id
@@ -799,7 +801,20 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
     let broker = certdeploy_amqp::connect(&bcfg).await.context("broker")?;
     // Subscribe before publishing: results published while nobody is
     // bound would be dropped.
-    let mut results = if a.wait { Some(broker.subscribe_results().await?) } else { None };
+    // A group line (`"group": NAME`) is answered by one result per member
+    // (`parent_id` = its id) and a group result (`group.<outcome>`).
+    let groups: BTreeMap<String, Option<usize>> = requests
+        .iter()
+        .filter_map(|(id, body)| {
+            let name = wire::salvage_group(body)?;
+            Some((id.clone(), cfg.groups.get(&name).map(|g| g.targets.len())))
+        })
+        .collect();
+    let mut results = match (a.wait, groups.is_empty()) {
+        (false, _) => None,
+        (true, true) => Some(broker.subscribe_results().await?),
+        (true, false) => Some(broker.subscribe_results_matching("#").await?),
+    };
     // user_id: the broker checks it is our user, and the worker records
     // it in the results as `submitted_by`.
     let opts = certdeploy_amqp::RequestOptions { user_id: Some(broker.user().to_string()), ..Default::default() };
@@ -814,13 +829,18 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
         broker.close().await;
         return Ok(EXIT_OK);
     };
-    let wanted: HashSet<String> = requests.iter().map(|(id, _)| id.clone()).collect();
+    let wanted: HashSet<String> =
+        requests.iter().map(|(id, _)| id.clone()).filter(|id| !groups.contains_key(id)).collect();
     let mut seen: BTreeMap<String, ResultEvent> = BTreeMap::new();
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+    // The bar counts deployments: a group's members (as configured here,
+    // else one until its result says how many).
+    let mut group_results: BTreeMap<String, certdeploy_core::group::GroupResult> = BTreeMap::new();
+    let total = wanted.len() + groups.values().map(|n| n.unwrap_or(1)).sum::<usize>();
     let bar = if a.quiet {
         indicatif::ProgressBar::hidden()
     } else {
-        let b = indicatif::ProgressBar::new(wanted.len() as u64);
+        let b = indicatif::ProgressBar::new(total as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -828,7 +848,10 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
         b
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout);
-    while seen.len() < wanted.len() {
+    let done = |seen: &BTreeMap<String, ResultEvent>, g: &BTreeMap<String, certdeploy_core::group::GroupResult>| {
+        wanted.iter().all(|id| seen.contains_key(id)) && g.len() == groups.len()
+    };
+    while !done(&seen, &group_results) {
         let ev = match tokio::time::timeout_at(deadline, results.next()).await {
             Err(_) => break,
             Ok(None) => break,
@@ -838,8 +861,23 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
             }
             Ok(Some(Ok(ev))) => ev,
         };
+        if ev.routing_key.starts_with(certdeploy_amqp::GROUP_ROUTING_PREFIX) {
+            if let Ok(g) = serde_json::from_slice::<certdeploy_core::group::GroupResult>(&ev.body)
+                && groups.contains_key(&g.deployment_id)
+                && !group_results.contains_key(&g.deployment_id)
+            {
+                // Now the member count is known.
+                if groups[&g.deployment_id].is_none() {
+                    bar.inc_length(g.members.saturating_sub(1) as u64);
+                }
+                group_results.insert(g.deployment_id.clone(), g);
+            }
+            continue;
+        }
         let Ok(res) = serde_json::from_slice::<ResultEvent>(&ev.body) else { continue };
-        if !wanted.contains(&res.deployment_id) || seen.contains_key(&res.deployment_id) {
+        let member =
+            res.parent_id.as_ref().is_some_and(|p| groups.contains_key(p)) && !res.deployment_id.ends_with(".revert");
+        if !(wanted.contains(&res.deployment_id) || member) || seen.contains_key(&res.deployment_id) {
             continue;
         }
         *counts.entry(res.outcome.as_str()).or_default() += 1;
@@ -849,7 +887,11 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
     }
     bar.finish_and_clear();
     broker.close().await;
-    let missing: Vec<&String> = wanted.iter().filter(|id| !seen.contains_key(*id)).collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .chain(groups.keys().filter(|id| !group_results.contains_key(*id)))
+        .collect();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{:<28} {:>6}", "OUTCOME", "COUNT");
     for o in Outcome::ALL {
@@ -870,6 +912,13 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
     for id in &missing {
         let _ = writeln!(out, "  {id}: no result");
     }
+    if !group_results.is_empty() {
+        let _ = writeln!(out, "\nGROUPS:");
+        for g in group_results.values() {
+            let _ = writeln!(out, "  {} {} {}: {}", g.deployment_id, g.group, g.outcome, g.message);
+        }
+    }
+    let groups_ok = group_results.values().all(|g| g.success);
     let planned: Vec<&ResultEvent> = seen.values().filter(|r| r.outcome == Outcome::Planned).collect();
     if !planned.is_empty() {
         let _ = writeln!(out, "\nPLANNED:");
@@ -879,5 +928,5 @@ async fn submit(cfg: Config, a: SubmitArgs) -> anyhow::Result<u8> {
             let _ = writeln!(out, "  {} {} {}", r.deployment_id, r.target, plan.join(" "));
         }
     }
-    Ok(if failures.is_empty() && missing.is_empty() { EXIT_OK } else { EXIT_FAILED })
+    Ok(if failures.is_empty() && missing.is_empty() && groups_ok { EXIT_OK } else { EXIT_FAILED })
 }

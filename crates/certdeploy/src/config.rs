@@ -31,6 +31,10 @@ pub struct Config {
     pub targets: BTreeMap<String, TargetConfig>,
     #[serde(default)]
     pub submit: SubmitSection,
+    /// `[groups.NAME]`: named lists of targets a request may deploy to
+    /// together, in waves.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupConfig>,
     /// The identities of `worker.key_identities`, once [`Config::load_keys`]
     /// read them (empty before).
     #[serde(skip)]
@@ -41,6 +45,55 @@ pub struct Config {
     /// The include files read, in the order they were read.
     #[serde(skip)]
     pub included: Vec<PathBuf>,
+}
+
+/// `[groups.NAME]`: a request naming `"group": "NAME"` deploys to every
+/// target of the group, wave by wave.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Member targets (configured ones), in the order the waves take them.
+    pub targets: Vec<String>,
+    /// Cumulative size of each wave: a count of members (`1`) or a share
+    /// (`"25%"`, rounded up); the last wave always reaches every member.
+    /// Default: one wave.
+    #[serde(default)]
+    pub waves: Vec<WaveEntry>,
+    /// Members whose outcome is not `deployed` or `unchanged` tolerated
+    /// before no further wave starts.
+    #[serde(default)]
+    pub max_failed: usize,
+    /// `"halt"` (default) or `"revert"` (also revert every deployed member).
+    #[serde(default)]
+    pub on_failure: certdeploy_core::group::OnFailure,
+}
+
+/// One entry of `waves`: an integer count or an `"N%"` share.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum WaveEntry {
+    Count(i64),
+    Share(String),
+}
+
+impl GroupConfig {
+    /// The waves as the core counts them (checked at load).
+    pub fn wave_sizes(&self) -> Vec<certdeploy_core::group::WaveSize> {
+        use certdeploy_core::group::WaveSize;
+        self.waves
+            .iter()
+            .filter_map(|w| match w {
+                WaveEntry::Count(n) => usize::try_from(*n).ok().map(WaveSize::Count),
+                WaveEntry::Share(s) => parse_share(s).map(WaveSize::Percent),
+            })
+            .collect()
+    }
+}
+
+/// `"N%"` with N a whole number from 1 to 100.
+fn parse_share(s: &str) -> Option<u32> {
+    let n: u32 = s.strip_suffix('%')?.trim().parse().ok()?;
+    (1..=100).contains(&n).then_some(n)
 }
 
 /// `[submit]`: settings of `certdeploy submit`.
@@ -572,6 +625,7 @@ impl Config {
         cfg.read_includes(file)?;
         cfg.validate().map_err(|(k, p)| err(&k, p))?;
         cfg.validate_targets()?;
+        cfg.validate_groups(file)?;
         Ok(cfg)
     }
 
@@ -620,6 +674,49 @@ impl Config {
             })?;
         }
         self.check_shared_paths()
+    }
+
+    /// Every group names configured targets, each once, and waves that
+    /// are counts of at least 1 or shares from 1% to 100%.
+    fn validate_groups(&self, file: &str) -> Result<(), ConfigError> {
+        for (name, g) in &self.groups {
+            let err = |key: &str, problem: String| ConfigError {
+                file: file.to_string(),
+                key: format!("groups.{name}{key}"),
+                problem,
+            };
+            if !certdeploy_core::valid_deployment_id(name) {
+                return Err(err("", "a group name is 1-128 characters of [A-Za-z0-9._:-]".into()));
+            }
+            if g.targets.is_empty() {
+                return Err(err(".targets", "must name at least one target".into()));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for t in &g.targets {
+                if !self.targets.contains_key(t) {
+                    return Err(err(".targets", format!("`{t}` is not a configured target ([targets.{t}])")));
+                }
+                if !seen.insert(t) {
+                    return Err(err(".targets", format!("`{t}` is named twice")));
+                }
+            }
+            for w in &g.waves {
+                match w {
+                    WaveEntry::Count(n) if *n >= 1 => {}
+                    WaveEntry::Count(n) => {
+                        return Err(err(".waves", format!("{n}: a count of members must be at least 1")));
+                    }
+                    WaveEntry::Share(s) if parse_share(s).is_some() => {}
+                    WaveEntry::Share(s) => {
+                        return Err(err(
+                            ".waves",
+                            format!("`{s}`: a share is a whole number of percent from 1 to 100, like \"25%\""),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), (String, String)> {
@@ -1719,5 +1816,39 @@ reload_command = "systemctl reload nginx"
         assert!(path_glob_match("/etc/ssl/*", "/etc/ssl/private/site.key"));
         assert!(!path_glob_match("/etc/ssl/*", "/ETC/ssl/site.key"), "paths are case-sensitive");
         assert!(!path_glob_match("/etc/ssl/*", "/root/.ssh/authorized_keys"));
+    }
+
+    /// `[groups.NAME]`: defaults, and each key's refusals named.
+    #[test]
+    fn groups_load_with_defaults_and_bad_ones_are_refused() {
+        let with = |g: &str| format!("{MIN}\n[groups.web]\n{g}");
+        let c = Config::parse(&with("targets = [\"web1\"]\n"), "c.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+        let g = &c.groups["web"];
+        assert_eq!((g.waves.len(), g.max_failed, g.on_failure), (0, 0, certdeploy_core::group::OnFailure::Halt));
+        let c = Config::parse(
+            &with("targets = [\"web1\"]\nwaves = [1, \"25%\", \"100%\"]\nmax_failed = 2\non_failure = \"revert\"\n"),
+            "c.toml",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        use certdeploy_core::group::WaveSize;
+        assert_eq!(
+            c.groups["web"].wave_sizes(),
+            vec![WaveSize::Count(1), WaveSize::Percent(25), WaveSize::Percent(100)]
+        );
+        let cases = [
+            ("targets = []\n", "groups.web.targets: must name"),
+            ("targets = [\"web2\"]\n", "groups.web.targets: `web2` is not a configured target"),
+            ("targets = [\"web1\", \"web1\"]\n", "groups.web.targets: `web1` is named twice"),
+            ("targets = [\"web1\"]\nwaves = [0]\n", "groups.web.waves: 0:"),
+            ("targets = [\"web1\"]\nwaves = [\"150%\"]\n", "groups.web.waves: `150%`"),
+            ("targets = [\"web1\"]\nwaves = [\"half\"]\n", "groups.web.waves: `half`"),
+        ];
+        for (g, want) in cases {
+            let e = Config::parse(&with(g), "c.toml", &[]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("c.toml: {want}")), "{g}: {e}");
+        }
+        let e = Config::parse(&with("targets = [\"web1\"]\non_failure = \"panic\"\n"), "c.toml", &[]).unwrap_err();
+        assert!(e.to_string().contains("expected `halt` or `revert`"), "{e}");
     }
 }

@@ -333,3 +333,107 @@ fn check_inline(spec: &TargetSpec, cfg: &Config) -> Result<(), RequestError> {
     }
     Ok(())
 }
+
+/// A checked group request: its fan-out fixed, each member's request
+/// checked (as the child `<deployment_id>:<target>`), and the request as
+/// the worker keeps it until every member ran (no key in clear).
+pub struct GroupValidated {
+    pub spec: certdeploy_core::group::GroupSpec,
+    pub members: Vec<Validated>,
+    pub kept: String,
+}
+
+/// Decode and check a group request (`"group": "NAME"`): the bus rules,
+/// the group, and every member's request as its child's. Any member
+/// refused refuses the whole group before any host is contacted.
+pub fn validate_group_body(body: &[u8], cfg: &Config, now: Timestamp) -> Result<GroupValidated, Rejection> {
+    let group_name = certdeploy_core::wire::salvage_group(body);
+    let req = decode_request(body).map_err(|error| {
+        let (id, _) = certdeploy_core::wire::salvage_ids(body);
+        Rejection { deployment_id: id, target: group_name.clone(), error }
+    })?;
+    let reject = |error| Rejection {
+        deployment_id: Some(req.deployment_id.clone()),
+        target: req.group.clone().or_else(|| group_name.clone()),
+        error,
+    };
+    let Some(name) = req.group.clone() else {
+        return Err(reject(RequestError::new("group", "missing")));
+    };
+    if cfg.worker.require_sealed_keys && req.private_key_pem.is_some() {
+        return Err(reject(RequestError::new(
+            "private_key_pem",
+            "keys must be sealed for this worker (require_sealed_keys = true): send `private_key_age`",
+        )));
+    }
+    check_age(req.requested_at.as_deref(), cfg.worker.max_request_age_s, now).map_err(reject)?;
+    if req.dry_run {
+        return Err(reject(RequestError::new("dry_run", "a group request cannot be a dry run: dry-run each target")));
+    }
+    let Some(g) = cfg.groups.get(&name) else {
+        return Err(reject(RequestError::new(
+            "group",
+            format!("unknown group `{}` (not in the worker configuration)", printable(&name)),
+        )));
+    };
+    // The worker keeps the request until the last member ran (across
+    // restarts): sealed to its own first identity, never in clear.
+    let Some(recipient) = cfg.keyring.first_recipient() else {
+        return Err(reject(RequestError::new(
+            "group",
+            "this worker has no key_identities: a group request is kept (sealed to the worker) until every member \
+             ran, so the worker needs an identity to seal it to",
+        )));
+    };
+    let kept = match crate::sealed::seal_body(body, &recipient) {
+        Some(Ok(sealed)) => sealed,
+        Some(Err(e)) => return Err(reject(RequestError::new("private_key_pem", format!("cannot be sealed: {e}")))),
+        None => body.to_vec(),
+    };
+    let kept = String::from_utf8(kept).map_err(|_| reject(RequestError::new("body", "not valid UTF-8")))?;
+    let spec = certdeploy_core::group::GroupSpec {
+        group_id: req.deployment_id.clone(),
+        group: name.clone(),
+        members: g.targets.clone(),
+        waves: certdeploy_core::group::cumulative_waves(&g.wave_sizes(), g.targets.len()),
+        max_failed: g.max_failed,
+        on_failure: g.on_failure,
+    };
+    let mut members = Vec::with_capacity(spec.members.len());
+    for m in &spec.members {
+        members.push(validate_member(&req, &spec, m, cfg, now).map_err(reject)?);
+    }
+    Ok(GroupValidated { spec, members, kept })
+}
+
+/// One member's request: the group request as the child's, to the member's
+/// target. A refusal names the member.
+fn validate_member(
+    req: &DeployRequest,
+    spec: &certdeploy_core::group::GroupSpec,
+    member: &str,
+    cfg: &Config,
+    now: Timestamp,
+) -> Result<Validated, RequestError> {
+    let mut child = req.clone();
+    child.group = None;
+    child.target = Some(member.to_string());
+    child.deployment_id = spec.child_id(member);
+    validate_request(child, cfg, now)
+        .map_err(|e| RequestError::new(e.field, format!("member {}: {}", printable(member), e.problem)))
+}
+
+/// The members' requests again, from the kept request (after a restart):
+/// per member, its checked request or why it cannot run now (a target
+/// removed from the configuration since, a key no identity opens).
+pub fn group_members(
+    kept: &str,
+    spec: &certdeploy_core::group::GroupSpec,
+    cfg: &Config,
+    now: Timestamp,
+) -> Vec<Result<Validated, RequestError>> {
+    match decode_request(kept.as_bytes()) {
+        Ok(req) => spec.members.iter().map(|m| validate_member(&req, spec, m, cfg, now)).collect(),
+        Err(e) => spec.members.iter().map(|_| Err(e.clone())).collect(),
+    }
+}

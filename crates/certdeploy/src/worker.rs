@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use certdeploy_amqp::{AmqpError, Broker, BrokerConfig, Delivery, Topology};
 use certdeploy_core::Report;
+use certdeploy_core::group::{Group, GroupResult};
 use certdeploy_core::wire::ResultEvent;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError};
 use crate::intake;
 use crate::metrics::{self as m, Health};
-use crate::runtime::{Executed, Runtime, TargetOrder, Turn, order_key};
+use crate::runtime::{Executed, GroupSink, Runtime, TargetOrder, Turn, order_key};
 
 pub fn broker_config(cfg: &Config, name: &str) -> BrokerConfig {
     let w = &cfg.worker;
@@ -115,6 +116,20 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
     let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
     tokio::spawn(queue_metrics(bcfg.topology.clone(), broker_rx.clone()));
     let mut tasks = tokio::task::JoinSet::new();
+    // Target groups the journal holds unfinished resume here (their
+    // members' deployments were recovered above like any other).
+    for id in rt.unfinished_groups()? {
+        tracing::info!(group_id = %id, "resuming target group");
+        let (rt, brx, control, stop) = (rt.clone(), broker_rx.clone(), control.clone(), shutdown.clone());
+        control.in_flight.fetch_add(1, Ordering::SeqCst);
+        tasks.spawn(async move {
+            let sink = BusSink { brx, worker: rt.worker_name.clone() };
+            if let Err(e) = Box::pin(rt.drive_group(&id, None, &sink, stop)).await {
+                tracing::error!(group_id = %id, "target group stopped: {e}");
+            }
+            control.in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
     // Kept across reconnects: a redelivered copy queues behind the
     // original that may still be running.
     let mut order = TargetOrder::default();
@@ -162,9 +177,10 @@ pub async fn run(cfg: Config, reloads: Option<Reloads>, mut shutdown: watch::Rec
                         let brx = broker_rx.clone();
                         let control = control.clone();
                         let fatal_tx = fatal_tx.clone();
+                        let stop = shutdown.clone();
                         control.in_flight.fetch_add(1, Ordering::SeqCst);
                         tasks.spawn(async move {
-                            if let Err(JournalPoisoned(reason)) = handle(&rt, &cfg, delivery, brx, &mut turn).await {
+                            if let Err(JournalPoisoned(reason)) = handle(&rt, &cfg, delivery, brx, &mut turn, stop).await {
                                 fatal_tx.send_if_modified(|f| f.is_none() && f.replace(reason).is_none());
                             }
                             // Never release the successor before the predecessor is done.
@@ -560,10 +576,33 @@ const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
 /// to a quorum queue while the queue had no leader, also after a new leader
 /// was elected; a new connection publishes normally.
 async fn publish_patiently(broker: &Broker, report: &Report, worker: &str, reply: &Reply) -> Result<(), AmqpError> {
+    let body = ResultEvent::from_report(report, worker).submitted_by(reply.submitted_by.as_deref()).to_json();
+    send_patiently(broker, Route::Result, report.outcome.as_str(), &body, &report.deployment_id, reply).await
+}
+
+/// Which events a body is published as.
+#[derive(Copy, Clone)]
+enum Route {
+    /// `result.<outcome>`.
+    Result,
+    /// `group.<outcome>`.
+    Group,
+}
+
+/// [`publish`] retried; see [`publish_patiently`].
+async fn send_patiently(
+    broker: &Broker,
+    route: Route,
+    outcome: &str,
+    body: &[u8],
+    id: &str,
+    reply: &Reply,
+) -> Result<(), AmqpError> {
+    let report = ReportId { deployment_id: id };
     let started = Instant::now();
     let mut pause = Duration::from_millis(250);
     loop {
-        match publish(broker, report, worker, reply).await {
+        match publish(broker, route, outcome, body, id, reply).await {
             Ok(()) => return Ok(()),
             Err(e) if broker.is_connected() && started.elapsed() + pause <= RESULT_PUBLISH_PATIENCE => {
                 tracing::warn!(deployment_id = %report.deployment_id, "result publish failed: {e}; retrying in {pause:?}");
@@ -584,11 +623,25 @@ async fn publish_patiently(broker: &Broker, report: &Report, worker: &str, reply
     }
 }
 
-async fn publish(broker: &Broker, report: &Report, worker: &str, reply: &Reply) -> Result<(), AmqpError> {
+/// What the retry loop logs a result by.
+struct ReportId<'a> {
+    deployment_id: &'a str,
+}
+
+async fn publish(
+    broker: &Broker,
+    route: Route,
+    outcome: &str,
+    body: &[u8],
+    id: &str,
+    reply: &Reply,
+) -> Result<(), AmqpError> {
     let t = Instant::now();
-    let id = report.deployment_id.as_str();
-    let body = ResultEvent::from_report(report, worker).submitted_by(reply.submitted_by.as_deref()).to_json();
-    match broker.publish_event(report.outcome.as_str(), &body, id).await {
+    let sent = match route {
+        Route::Result => broker.publish_event(outcome, body, id).await,
+        Route::Group => broker.publish_group_event(outcome, body, id).await,
+    };
+    match sent {
         Ok(()) => {}
         Err(AmqpError::Unroutable { routing_key, .. }) => {
             metrics::counter!(m::RESULTS_UNROUTABLE, "destination" => "events").increment(1);
@@ -598,7 +651,7 @@ async fn publish(broker: &Broker, report: &Report, worker: &str, reply: &Reply) 
     }
     metrics::histogram!(m::PUBLISH_SECONDS).record(t.elapsed().as_secs_f64());
     if let Some(queue) = &reply.reply_to {
-        match broker.publish_reply(queue, &body, id).await {
+        match broker.publish_reply(queue, body, id).await {
             Ok(()) => {}
             Err(AmqpError::Unroutable { .. }) => {
                 metrics::counter!(m::RESULTS_UNROUTABLE, "destination" => "reply_to").increment(1);
@@ -652,9 +705,13 @@ async fn handle(
     delivery: Delivery,
     brx: watch::Receiver<Option<Arc<Broker>>>,
     turn: &mut Turn,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), JournalPoisoned> {
     let now = crate::clock::now();
     let reply = Reply::of(&delivery, cfg);
+    if certdeploy_core::wire::salvage_group(&delivery.body).is_some() {
+        return handle_group(rt, cfg, delivery, brx, reply, stop).await;
+    }
     if delivery.redelivered {
         tracing::debug!(
             deployment_id = %certdeploy_core::wire::salvage_ids(&delivery.body).0.unwrap_or_default(),
@@ -786,6 +843,138 @@ async fn handle(
     }
     finish(rt, delivery, brx, report, &reply).await;
     Ok(())
+}
+
+/// A group request: answered from the journal when it holds the group
+/// already (a redelivery); else checked, journaled with its key sealed,
+/// acked, and driven here to its end (it resumes from the journal after a
+/// restart, so the message is not held meanwhile).
+async fn handle_group(
+    rt: &Arc<Runtime>,
+    cfg: &Arc<Config>,
+    delivery: Delivery,
+    brx: watch::Receiver<Option<Arc<Broker>>>,
+    reply: Reply,
+    stop: watch::Receiver<bool>,
+) -> Result<(), JournalPoisoned> {
+    let now = crate::clock::now();
+    let sink = BusSink { brx: brx.clone(), worker: rt.worker_name.clone() };
+    if let (Some(id), _) = certdeploy_core::wire::salvage_ids(&delivery.body)
+        && !id.contains(':')
+    {
+        match rt.group_state(&id) {
+            Ok(Some(g)) => {
+                // Redelivered: the group's fan-out is journaled; its result
+                // is the recorded one (once it ended), its driver this
+                // process's.
+                if let Some(result) = &g.result
+                    && let Err(e) = sink.group(&g, result).await
+                {
+                    tracing::warn!(group_id = %id, "re-publishing the group result failed: {e}; returning the message");
+                    let _ = delivery.reject_requeue().await;
+                    return Ok(());
+                }
+                if let Err(e) = delivery.ack().await {
+                    tracing::warn!(group_id = %id, "ack failed: {e}");
+                }
+                return drive(rt, &id, None, &sink, stop).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(group_id = %id, "reading the group from the journal failed: {e}");
+                let _ = delivery.reject_requeue().await;
+                return if e.is_journal_poisoned() { Err(JournalPoisoned(e.to_string())) } else { Ok(()) };
+            }
+        }
+    }
+    let shared = cfg.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let v = intake::validate_group_body(&delivery.body, &shared, now);
+        (delivery, v)
+    })
+    .await;
+    let Ok((delivery, checked)) = checked else {
+        tracing::error!("group request validation did not finish");
+        return Ok(());
+    };
+    let g = match checked {
+        Ok(g) => g,
+        Err(rej) => {
+            let id = rej.deployment_id.unwrap_or_else(|| "unknown".into());
+            let target = rej.target.unwrap_or_else(|| "unknown".into());
+            let reason = rej.error.to_string();
+            tracing::warn!(deployment_id = %id, group = %target, "rejected: {reason}");
+            let report = Report::rejected(&id, &target, "", format!("request rejected: {reason}"), now);
+            metrics::counter!(m::DEPLOYMENTS, "outcome" => "rejected").increment(1);
+            answer_and_dead_letter(rt, delivery, brx, report, &reply, &reason).await;
+            return Ok(());
+        }
+    };
+    let id = g.spec.group_id.clone();
+    match rt.accept_group(&g, reply.reply_to.clone(), reply.submitted_by.clone()).await {
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(group_id = %id, "journaling the group failed: {e}");
+            let _ = delivery.reject_requeue().await;
+            return if e.is_journal_poisoned() { Err(JournalPoisoned(e.to_string())) } else { Ok(()) };
+        }
+    }
+    // Crash tests: the fan-out is journaled, the message not acked.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("group_before_ack");
+    tracing::info!(group_id = %id, group = %g.spec.group, members = g.spec.members.len(), waves = g.spec.waves.len(), "target group accepted");
+    if let Err(e) = delivery.ack().await {
+        tracing::warn!(group_id = %id, "ack failed: {e}; the redelivery finds the group journaled");
+    }
+    drive(rt, &id, Some(g.members), &sink, stop).await
+}
+
+async fn drive(
+    rt: &Runtime,
+    id: &str,
+    members: Option<Vec<intake::Validated>>,
+    sink: &BusSink,
+    stop: watch::Receiver<bool>,
+) -> Result<(), JournalPoisoned> {
+    match Box::pin(rt.drive_group(id, members, sink, stop)).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::error!(group_id = %id, "target group stopped: {e}");
+            Err(JournalPoisoned(e.to_string()))
+        }
+    }
+}
+
+/// A group's results on the bus: members' as result events (with
+/// `group`, `parent_id`), the group's on `group.<outcome>`; every one with
+/// `correlation_id` = the group request's id, and to its `reply_to`.
+struct BusSink {
+    brx: watch::Receiver<Option<Arc<Broker>>>,
+    worker: String,
+}
+
+impl GroupSink for BusSink {
+    async fn child(&self, g: &Group, report: &Report) -> Result<(), String> {
+        let mut brx = self.brx.clone();
+        let broker = current_broker(&mut brx).await.ok_or("no broker connection")?;
+        let body = ResultEvent::from_report(report, &self.worker)
+            .submitted_by(g.submitted_by.as_deref())
+            .in_group(&g.spec.group, &g.spec.group_id)
+            .to_json();
+        let reply = Reply { submitted_by: None, reply_to: g.reply_to.clone() };
+        send_patiently(&broker, Route::Result, report.outcome.as_str(), &body, &g.spec.group_id, &reply)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn group(&self, g: &Group, result: &GroupResult) -> Result<(), String> {
+        let mut brx = self.brx.clone();
+        let broker = current_broker(&mut brx).await.ok_or("no broker connection")?;
+        let reply = Reply { submitted_by: None, reply_to: g.reply_to.clone() };
+        send_patiently(&broker, Route::Group, result.outcome.as_str(), &result.to_json(), &g.spec.group_id, &reply)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Publish a result for a request that will not run (rejected, delivery

@@ -412,3 +412,74 @@ fn dry_run_requests_validate_and_decode() {
     v.as_object_mut().unwrap().remove("dry_run");
     assert!(!decode_request(&serde_json::to_vec(&v).unwrap()).expect("decodes").dry_run);
 }
+
+/// A group request (`group` instead of `target`) validates and decodes;
+/// the schema and the decoder refuse the same variants of it: `group`
+/// with `target`, an id longer than 64 or with `:`, a dry run.
+#[test]
+fn group_requests_validate_and_decode_and_the_same_variants_are_refused() {
+    let req = validator("deploy-request.v1.json");
+    let mut v: Value = serde_json::from_str(SPEC_REQUEST).unwrap();
+    v.as_object_mut().unwrap().remove("target");
+    v["group"] = json!("web");
+    v["deployment_id"] = json!("renew-2026-11-27-web");
+    assert_eq!(errors(&req, &v), Vec::<String>::new());
+    let decoded = decode_request(&serde_json::to_vec(&v).unwrap()).expect("decodes");
+    assert_eq!(decoded.group.as_deref(), Some("web"));
+    let variants: [(&str, Value); 4] = [
+        ("target too", json!({"target": "web1"})),
+        ("long id", json!({"deployment_id": "a".repeat(65)})),
+        ("colon in id", json!({"deployment_id": "a:b"})),
+        ("dry run", json!({"dry_run": true})),
+    ];
+    for (what, patch) in variants {
+        let mut bad = v.clone();
+        for (k, val) in patch.as_object().unwrap() {
+            bad[k] = val.clone();
+        }
+        assert!(!req.is_valid(&bad), "{what}: the schema accepts {bad}");
+        let body = serde_json::to_vec(&bad).unwrap();
+        let decoded = decode_request(&body);
+        // A dry run decodes; the worker refuses a group dry run when it checks the request.
+        if what != "dry run" {
+            assert!(decoded.is_err(), "{what}: decodes");
+        }
+    }
+}
+
+/// The group result the core builds validates against
+/// `schemas/group-result.v1.json`.
+#[test]
+fn group_results_validate() {
+    use certdeploy_core::group::*;
+    let res = validator("group-result.v1.json");
+    let spec = GroupSpec {
+        group_id: "g1".into(),
+        group: "web".into(),
+        members: vec!["a".into(), "b".into(), "c".into()],
+        waves: cumulative_waves(&[WaveSize::Count(1), WaveSize::Percent(50)], 3),
+        max_failed: 0,
+        on_failure: OnFailure::Halt,
+    };
+    let at = Timestamp(1_800_000_000_000);
+    let rec = |event| GroupRecord { at, event };
+    let mut failed = Report::lock_failed("g1:a", "a", "h:22", "no".into(), at);
+    failed.outcome = Outcome::RolledBack;
+    let records = vec![
+        rec(GroupEvent::Accepted { spec, request: String::new(), reply_to: None, submitted_by: Some("bot".into()) }),
+        rec(GroupEvent::WaveStarted { wave: 0 }),
+        rec(GroupEvent::MemberEnded { member: "a".into(), report: failed }),
+    ];
+    let g = Group::fold(&records).expect("folds");
+    assert_eq!(g.next(), Next::End);
+    let r = g.result(at, "worker-1");
+    assert_eq!(r.outcome, GroupOutcome::Failed);
+    let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
+    assert_eq!(errors(&res, &v), Vec::<String>::new());
+    assert_eq!(v["children"], json!({"a": "rolled_back", "b": "failed", "c": "failed"}));
+    assert_eq!(v["counts"]["halted"], json!(2));
+    let mut bad = v.clone();
+    bad["outcome"] = json!("rolled_back");
+    assert!(!res.is_valid(&bad), "a group outcome is one of four");
+    assert_eq!(load("group-result.v1.json")["additionalProperties"], json!(true));
+}

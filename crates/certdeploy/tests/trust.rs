@@ -302,7 +302,12 @@ fn cases(ca: &TestCa, b: &Bundle) -> Vec<Case> {
             "target",
             "must be 1-128 characters of [A-Za-z0-9._:-]",
         ),
-        case("no target at all", body(&without(v.clone(), "target")), "target", "missing (or give `target_spec`)"),
+        case(
+            "no target at all",
+            body(&without(v.clone(), "target")),
+            "target",
+            "missing (or give `target_spec` or `group`)",
+        ),
         case(
             "both target and target_spec",
             body(&with(v.clone(), "target_spec", inline_spec())),

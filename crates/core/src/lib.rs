@@ -10,6 +10,7 @@ pub mod coalesce;
 pub mod driver;
 pub mod dry_run;
 pub mod event;
+pub mod group;
 pub mod lock;
 pub mod machine;
 pub mod model;

@@ -187,6 +187,8 @@ pub enum FailedStep {
     Request,
     /// The broker's delivery limit ended the request.
     DeliveryLimit,
+    /// A group member never started: its group halted before its wave.
+    Halted,
 }
 
 impl Report {
@@ -220,6 +222,12 @@ impl Report {
     pub fn delivery_limit(deployment_id: &str, target: &str, message: String, at: Timestamp) -> Report {
         let step = FailedStep::DeliveryLimit;
         Report::before_any_step(Outcome::Failed, step, deployment_id, target, "", message, at)
+    }
+
+    /// `failed` for a group member that never started because its group
+    /// halted before the member's wave: the host was not touched.
+    pub fn halted(deployment_id: &str, target: &str, message: String, at: Timestamp) -> Report {
+        Report::before_any_step(Outcome::Failed, FailedStep::Halted, deployment_id, target, "", message, at)
     }
 
     fn before_any_step(

@@ -26,6 +26,10 @@ pub struct DeployRequest {
     pub target: Option<String>,
     #[serde(default)]
     pub target_spec: Option<TargetSpec>,
+    /// A `[groups.NAME]` of the worker: deploy to each of its targets, in
+    /// waves. Exactly one of `target`, `target_spec` and `group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub certificate_pem: String,
     /// The key in clear (PEM). Exactly one of this and `private_key_age`.
     #[serde(default)]
@@ -116,6 +120,23 @@ pub fn salvage_ids(body: &[u8]) -> (Option<String>, Option<String>) {
     (id, target)
 }
 
+/// Longest `deployment_id` of a group request.
+pub const MAX_GROUP_ID_LEN: usize = 64;
+
+/// The `group` a body (perhaps invalid) names, if it is a string.
+pub fn salvage_group(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct G {
+        #[serde(default)]
+        group: Option<serde_json::Value>,
+    }
+    if body.len() > MAX_MESSAGE_BYTES {
+        return None;
+    }
+    let g = serde_json::from_slice::<G>(body).ok()?.group?;
+    g.as_str().map(str::to_string).filter(|s| s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic()))
+}
+
 /// Whether a body (perhaps invalid) asks for a dry run (`"dry_run": true`).
 pub fn salvage_dry_run(body: &[u8]) -> bool {
     #[derive(Deserialize)]
@@ -164,11 +185,28 @@ pub fn decode_request(body: &[u8]) -> Result<DeployRequest, RequestError> {
     if !valid_deployment_id(&req.deployment_id) {
         return Err(RequestError::new("deployment_id", "must be 1-128 characters of [A-Za-z0-9._:-]"));
     }
+    if let Some(g) = &req.group {
+        if req.target.is_some() || req.target_spec.is_some() {
+            return Err(RequestError::new("group", "give exactly one of `target`, `target_spec` and `group`"));
+        }
+        if !valid_deployment_id(g) {
+            return Err(RequestError::new("group", "must be 1-128 characters of [A-Za-z0-9._:-]"));
+        }
+        // Child ids are `<deployment_id>:<target>`: the group's own id
+        // leaves room for the target and cannot be mistaken for a child's.
+        if req.deployment_id.len() > MAX_GROUP_ID_LEN || req.deployment_id.contains(':') {
+            return Err(RequestError::new(
+                "deployment_id",
+                format!("a group request's id is at most {MAX_GROUP_ID_LEN} characters and has no `:`"),
+            ));
+        }
+    }
     match (&req.target, &req.target_spec) {
         (Some(_), Some(_)) => {
             return Err(RequestError::new("target", "give either `target` or `target_spec`, not both"));
         }
-        (None, None) => return Err(RequestError::new("target", "missing (or give `target_spec`)")),
+        (None, None) if req.group.is_some() => {}
+        (None, None) => return Err(RequestError::new("target", "missing (or give `target_spec` or `group`)")),
         // Target names follow the same rule as deployment ids (and as
         // `[targets.NAME]` in the configuration).
         (Some(t), None) if !valid_deployment_id(t) => {
@@ -409,6 +447,12 @@ pub struct ResultEvent {
     /// The broker-validated AMQP `user_id` of the request, when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<String>,
+    /// A group member's result: the group's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// A group member's result: the group request's `deployment_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
     /// A revert's result: the deployment it reverts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverts: Option<String>,
@@ -432,8 +476,17 @@ impl ResultEvent {
             duration_ms: r.finished_at.since(r.started_at),
             worker: worker.to_string(),
             submitted_by: None,
+            group: None,
+            parent_id: None,
             reverts: r.reverts.clone(),
         }
+    }
+
+    /// The same event as a member's of group `group` (request `parent_id`).
+    pub fn in_group(mut self, group: &str, parent_id: &str) -> ResultEvent {
+        self.group = Some(group.to_string());
+        self.parent_id = Some(parent_id.to_string());
+        self
     }
 
     /// The same event naming who submitted the request.
@@ -484,6 +537,7 @@ impl FailedStep {
             FailedStep::Step(s) => s.as_str(),
             FailedStep::Request => "validate_request",
             FailedStep::DeliveryLimit => "delivery_limit",
+            FailedStep::Halted => "halted",
         }
     }
 
@@ -491,7 +545,7 @@ impl FailedStep {
         Step::ALL
             .map(FailedStep::Step)
             .into_iter()
-            .chain([FailedStep::Request, FailedStep::DeliveryLimit])
+            .chain([FailedStep::Request, FailedStep::DeliveryLimit, FailedStep::Halted])
             .find(|f| f.as_str() == s)
     }
 }

@@ -48,6 +48,9 @@ pub(crate) struct Store {
     pub db: sled::Db,
     pub records: sled::Tree,
     pub index: sled::Tree,
+    /// Target groups' fan-out records: key = group id ++ `0x00` ++ seq
+    /// (the sequence shared with `records`).
+    pub groups: sled::Tree,
     /// Held for the whole of a flush (the flusher's or `flush_now`'s).
     pub files: Mutex<SledFiles>,
 }

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use certdeploy_core::driver::{Journal, JournalError, event_name};
+use certdeploy_core::group::GroupRecord;
 use certdeploy_core::{Deployment, Event, Outcome, Record, Report, Timestamp};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -24,6 +25,7 @@ use crate::stats::{Counters, JournalStats};
 
 const RECORDS: &str = "records";
 const INDEX: &str = "deployments";
+const GROUPS: &str = "groups";
 const META: &str = "meta";
 const FORMAT_KEY: &str = "format_version";
 /// A random id created with the journal: names it in target locks.
@@ -510,6 +512,7 @@ impl SledJournal {
         let meta = db.open_tree(META).map_err(sled_err(path))?;
         let records = db.open_tree(RECORDS).map_err(sled_err(path))?;
         let index = db.open_tree(INDEX).map_err(sled_err(path))?;
+        let groups = db.open_tree(GROUPS).map_err(sled_err(path))?;
         match meta.get(FORMAT_KEY).map_err(sled_err(path))? {
             Some(v) => match v.as_ref() {
                 [found] if *found > FORMAT_VERSION => {
@@ -556,6 +559,8 @@ impl SledJournal {
             e => JournalOpenError::Corrupt { path: path.to_path_buf(), problem: e.to_string() },
         };
         let (repaired, last_seq) = reconcile(&records, &index).map_err(corrupt)?;
+        // Group records share the sequence: it goes on after theirs too.
+        let last_seq = last_seq.max(groups_max_seq(&groups).map_err(corrupt)?);
         if last_seq == u64::MAX {
             return Err(JournalOpenError::Corrupt {
                 path: path.to_path_buf(),
@@ -570,7 +575,7 @@ impl SledJournal {
         let files = SledFiles::open(path)?;
         let (durable, _) = watch::channel(Durable { seq: last_seq, poisoned: None });
         let deployments = AtomicUsize::new(index.len());
-        let store = Store { db, records, index, files: Mutex::new(files) };
+        let store = Store { db, records, index, groups, files: Mutex::new(files) };
         let shared = Arc::new(Shared {
             store: RwLock::new(Some(store)),
             durability: opts.durability,
@@ -670,6 +675,64 @@ impl SledJournal {
         drop(s);
         self.shared.counters.appends.fetch_add(1, Ordering::Relaxed);
         Ok(seq)
+    }
+
+    /// Append a target group's record (not yet durable; [`Self::sync_seq`]
+    /// the returned sequence number). The record holds no key in clear:
+    /// the caller keeps the request sealed.
+    pub fn append_group(&self, group_id: &str, record: &GroupRecord) -> Result<u64, Error> {
+        if group_id.is_empty() || group_id.len() > 1024 || group_id.as_bytes().contains(&0) {
+            return Err(Error::InvalidId(group_id.to_string()));
+        }
+        let value = encode("group record", record)?;
+        let s = self.store()?;
+        let mut next = lock(&self.next_seq);
+        let seq = *next;
+        s.groups.insert(record_key(group_id, seq).as_slice(), value.as_slice())?;
+        *next = seq + 1;
+        self.shared.appended.store(seq, Ordering::Release);
+        drop(next);
+        drop(s);
+        self.shared.counters.appends.fetch_add(1, Ordering::Relaxed);
+        Ok(seq)
+    }
+
+    /// Every record of group `group_id`, in append order (empty if unknown).
+    pub fn group_records(&self, group_id: &str) -> Result<Vec<GroupRecord>, Error> {
+        let s = self.store()?;
+        s.groups
+            .scan_prefix(record_prefix(group_id))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("group record", &k, &v)
+            })
+            .collect()
+    }
+
+    /// The ids of every group the journal holds records of, in id order.
+    pub fn group_ids(&self) -> Result<Vec<String>, Error> {
+        let s = self.store()?;
+        let mut out: Vec<String> = Vec::new();
+        for k in s.groups.iter().keys() {
+            let k = k?;
+            let (id, _) = record_seq(&k)?;
+            let id = String::from_utf8_lossy(id);
+            if out.last().map(String::as_str) != Some(&*id) {
+                out.push(id.into_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove every record of group `group_id` (gc of an ended group).
+    pub fn remove_group(&self, group_id: &str) -> Result<usize, Error> {
+        let s = self.store()?;
+        let _g = lock(&self.next_seq);
+        let keys: Vec<sled::IVec> = s.groups.scan_prefix(record_prefix(group_id)).keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            s.groups.remove(k)?;
+        }
+        Ok(keys.len())
     }
 
     /// Wait until every record up to `seq` is durable (per [`Durability`]).
@@ -851,6 +914,18 @@ impl SledJournal {
             }
             tracing::debug!(deployment_id = %id, removed = keys.len(), dedupe_removed = drop_entry, key = %printable_key(id.as_bytes()), "journal gc");
         }
+        // Target groups whose result was published, older than the
+        // dedupe retention (a redelivery of the group request re-publishes
+        // its result until then): every record goes.
+        for id in self.group_ids()? {
+            let records = self.group_records(&id)?;
+            let published = records.iter().any(|r| matches!(r.event, certdeploy_core::group::GroupEvent::Published));
+            let over = published && records.last().is_some_and(|r| now.since(r.at) >= dedupe);
+            if over {
+                stats.records_removed += self.remove_group(&id)? as u64;
+                stats.dedupe_entries_removed += 1;
+            }
+        }
         Ok(stats)
     }
 
@@ -980,6 +1055,7 @@ impl SledJournal {
         let meta = db.open_tree(META)?;
         let records = db.open_tree(RECORDS)?;
         let index = db.open_tree(INDEX)?;
+        let groups = db.open_tree(GROUPS)?;
         let id = meta.get(ID_KEY)?.map(|v| String::from_utf8_lossy(&v).into_owned());
         if id.as_deref() != Some(self.id.as_str()) {
             return Err(Error::Compaction(format!(
@@ -989,7 +1065,7 @@ impl SledJournal {
             )));
         }
         let files = SledFiles::open(&self.path).map_err(|e| Error::Compaction(e.to_string()))?;
-        *slot = Some(Store { db, records, index, files: Mutex::new(files) });
+        *slot = Some(Store { db, records, index, groups, files: Mutex::new(files) });
         Ok(())
     }
 
@@ -1061,6 +1137,15 @@ impl Journal for SledJournal {
     async fn sync(&self, seq: u64) -> Result<(), JournalError> {
         self.sync_seq(seq).await.map_err(Into::into)
     }
+}
+
+/// The highest sequence number in the groups tree.
+fn groups_max_seq(groups: &sled::Tree) -> Result<u64, Error> {
+    let mut max = 0;
+    for k in groups.iter().keys() {
+        max = max.max(record_seq(&k?)?.1);
+    }
+    Ok(max)
 }
 
 /// 128 random bits from the kernel, in hex.

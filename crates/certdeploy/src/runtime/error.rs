@@ -40,6 +40,10 @@ pub enum Error {
     /// The journal could not be opened (at start).
     #[error(transparent)]
     OpenJournal(#[from] JournalOpenError),
+    /// A target group's records do not fold, or an operation it needs is
+    /// not available.
+    #[error("{0}")]
+    Group(String),
     /// The SSH pool could not be set up (at start).
     #[error("ssh pool: {0}")]
     SshPool(#[from] PoolError),

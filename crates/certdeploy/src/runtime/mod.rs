@@ -3,6 +3,8 @@
 //! through the driver; this module holds no policy of its own.
 //!
 //! - `execute.rs`: one validated request run to a result.
+//! - `group.rs`: a target group's fan-out, driven from its journal.
+//! - `revert.rs`: putting back what a deployment replaced.
 //! - `recovery.rs`: finishing what an earlier process left unfinished.
 //! - `revert.rs`: reverting a deployed deployment (`certdeploy revert`).
 //! - `ordering.rs`: the in-process order of deliveries and deployments per
@@ -28,6 +30,7 @@ use crate::verify::TlsVerifier;
 
 mod error;
 mod execute;
+mod group;
 mod hosts;
 mod locks;
 mod metered;
@@ -37,6 +40,7 @@ mod revert;
 
 pub use error::{Error, Failed};
 pub use execute::Executed;
+pub use group::{ActiveGroups, GroupSink};
 pub use metered::{Metered, timed};
 pub use ordering::{KeyGuard, KeyedLocks, TargetOrder, Turn, order_key, target_key};
 
@@ -57,6 +61,8 @@ pub struct Runtime {
     targets: KeyedLocks,
     /// One run at a time per deployment id (a request and its recovery).
     ids: KeyedLocks,
+    /// Target groups this process drives.
+    groups: ActiveGroups,
     /// Deployments sharing one validate and one reload per host account
     /// (`reload_coalesce_ms`).
     reloads: Arc<Reloads>,
@@ -92,6 +98,7 @@ impl Runtime {
             verifier: TlsVerifier::new(Duration::from_secs(5)),
             targets: KeyedLocks::default(),
             ids: KeyedLocks::default(),
+            groups: ActiveGroups::default(),
         })
     }
 
