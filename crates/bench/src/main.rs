@@ -108,7 +108,47 @@ struct Figures {
     /// directory, at most (sampled every 20 ms; a master's `ssh -f` parent
     /// and child, alive together for a moment as it forks, count once).
     ssh_peak: usize,
+    /// What the deployments cost on the wire (see [`Wire`]).
+    wire: Wire,
     outcomes: BTreeMap<String, usize>,
+}
+
+/// SFTP requests, SFTP round trips and remote commands over a run, from the
+/// worker's counters (`certdeploy_sftp_requests_total`,
+/// `certdeploy_sftp_round_trips_total`, `certdeploy_ssh_commands_total`).
+#[derive(Default, Debug, Clone, Copy)]
+struct Wire {
+    requests: f64,
+    round_trips: f64,
+    commands: f64,
+}
+
+impl Wire {
+    fn of_pool(pool: &certdeploy_ssh::SshPool) -> Wire {
+        Wire {
+            requests: pool.sftp_requests() as f64,
+            round_trips: pool.sftp_round_trips() as f64,
+            commands: pool.commands_run() as f64,
+        }
+    }
+    fn of_metrics(body: &str) -> Wire {
+        Wire {
+            requests: metric(body, "certdeploy_sftp_requests_total"),
+            round_trips: metric(body, "certdeploy_sftp_round_trips_total"),
+            commands: metric(body, "certdeploy_ssh_commands_total"),
+        }
+    }
+    fn since(self, before: Wire) -> Wire {
+        Wire {
+            requests: self.requests - before.requests,
+            round_trips: self.round_trips - before.round_trips,
+            commands: self.commands - before.commands,
+        }
+    }
+    /// `round trips / requests / commands` per deployment.
+    fn per(self, n: f64) -> String {
+        format!("{:.1} / {:.1} / {:.2}", self.round_trips / n, self.requests / n, self.commands / n)
+    }
 }
 
 /// Samples the ssh processes under a control directory until finished.
@@ -427,6 +467,7 @@ async fn broker_run(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let wire0 = Wire::of_metrics(&http_get(&metrics, "/metrics").map(|r| r.1).unwrap_or_default());
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
     let publisher = if args.queued_first {
@@ -515,6 +556,7 @@ async fn broker_run(
             / metric(&body, "certdeploy_journal_flushes_total").max(1.0),
         masters: metric(&body, "certdeploy_ssh_masters_opened_total"),
         ssh_peak,
+        wire: Wire::of_metrics(&body).since(wire0),
         outcomes,
     })
 }
@@ -541,6 +583,7 @@ async fn direct_run(
     // As the worker does with `warm_masters = true` before it consumes:
     // the masters' handshakes are not part of the figure in either mode.
     rt.warm_masters().await;
+    let wire0 = Wire::of_pool(&rt.pool);
     let pid = std::process::id();
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
@@ -582,6 +625,7 @@ async fn direct_run(
     let stats = rt.journal.stats();
     let flush_ms = stats.flush_latency.sum_us as f64 / 1000.0 / (stats.flush_latency.count.max(1) as f64);
     let masters = rt.pool.masters_opened() as f64;
+    let wire = Wire::of_pool(&rt.pool).since(wire0);
     let ssh_peak = peak.finish();
     rt.pool.close_all().await;
     let n = bundles.len() as f64;
@@ -598,6 +642,7 @@ async fn direct_run(
         flush_ms,
         masters,
         ssh_peak,
+        wire,
         outcomes,
     })
 }
@@ -725,13 +770,13 @@ async fn main() -> anyhow::Result<()> {
         args.max_masters.map_or("default".to_string(), |m| m.to_string()),
     );
     println!(
-        "| run | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | ssh procs peak | outcomes |"
+        "| run | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | ssh procs peak | SFTP round trips / requests / commands per deploy | outcomes |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &table {
         let n = f.outcomes.values().sum::<usize>().max(1) as f64;
         println!(
-            "| {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {:?} |",
+            "| {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} | {:?} |",
             f.run,
             f.wall_s,
             f.per_s,
@@ -744,6 +789,7 @@ async fn main() -> anyhow::Result<()> {
             f.flush_ms,
             f.masters,
             f.ssh_peak,
+            f.wire.per(n),
             f.outcomes
         );
     }
