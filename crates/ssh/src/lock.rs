@@ -21,7 +21,6 @@ use std::time::Duration;
 use certdeploy_core::StepError;
 use certdeploy_core::driver::Fence;
 use certdeploy_core::lock::{Created, LockFile, is_lock_litter};
-use futures_util::stream::StreamExt as _;
 use openssh_sftp_client::metadata::Permissions;
 
 use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind};
@@ -31,6 +30,10 @@ use openssh_sftp_client::error::SftpErrorKind;
 
 /// Bound on one lock operation (a few SFTP round trips).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How old a listing of the lock's directory by the same deployment may
+/// be for the sweep to use it instead of listing again.
+const RECENT_LISTING: Duration = Duration::from_secs(1);
 
 /// Largest lock file accepted (a lock holds paths and digests, not data).
 const MAX_LOCK_BYTES: usize = 256 * 1024;
@@ -291,21 +294,26 @@ impl SshHost<'_> {
             Some(i) => lock[..i].to_string(),
             None => ".".to_string(),
         };
+        // The prune's listing of this directory, when it was taken just
+        // now by this deployment, serves: what it shows older than `before`
+        // is older than a lease now (a file made since is younger), and
+        // litter that old belongs to nobody alive (the premise of every
+        // sweep, which removes by name after its listing too).
+        let recent = self
+            .listed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|l| l.dir == dir && l.at.elapsed() < RECENT_LISTING);
         let work = async {
-            let d = match lease.sftp().fs().open_dir(p(&dir)).await {
-                Ok(d) => d,
-                Err(e) => return Err(lease.sftp_err("list", &dir, &e)),
+            let entries = match recent {
+                Some(l) => l.entries,
+                None => crate::host::list_dir(&lease, &dir, true).await?,
             };
             let mut doomed = Vec::new();
-            let mut rd = Box::pin(d.read_dir());
-            while let Some(e) = rd.next().await {
-                let e = e.map_err(|e| lease.sftp_err("list", &dir, &e))?;
-                let name = e.filename().to_string_lossy().into_owned();
-                let full = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
-                let meta = e.metadata();
-                let mtime = meta.modified().map(|t| t.as_duration().as_secs()).unwrap_or(u64::MAX);
-                let regular = meta.file_type().is_some_and(|t| t.is_file());
-                if regular && is_lock_litter(lock, &full) && mtime < before {
+            for e in entries {
+                let full = if dir == "/" { format!("/{}", e.name) } else { format!("{dir}/{}", e.name) };
+                if e.file && is_lock_litter(lock, &full) && e.mtime < before {
                     doomed.push(full);
                 }
             }
