@@ -180,9 +180,11 @@ impl SshHost<'_> {
                 let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
                 // With the link, the temp of the lock's next rewrite.
                 let next = temp_name(path);
-                let ((linked, _), spare) =
-                    in_order2(in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))), new_temp(&lease, &next))
-                        .await;
+                let ((linked, _), spare) = in_order2(
+                    in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))),
+                    new_temp(&lease, &next),
+                )
+                .await;
                 let e = match linked {
                     Ok(()) => {
                         self.keep_spare(path, next, spare);

@@ -488,8 +488,7 @@ impl SshPool {
         let slot = self.slot(addr);
         slot.active.fetch_add(1, Ordering::SeqCst);
         // From here on the lease's Drop undoes `active`.
-        let mut lease =
-            Lease { slot: slot.clone(), conn: None, host: addr.to_string(), wire: self.inner.wire.clone() };
+        let mut lease = Lease { slot: slot.clone(), conn: None, host: addr.to_string(), wire: self.inner.wire.clone() };
         let mut guard = slot.conn.lock().await;
         let mut place = None;
         if let Some(c) = guard.as_ref() {
