@@ -879,7 +879,8 @@ async fn main() -> anyhow::Result<()> {
         if args.queued_first { " (queue filled before the worker started)" } else { "" },
         if args.rtt_ms > 0 { format!("{} ms (latency proxy)", args.rtt_ms) } else { "loopback".into() },
         args.kex.as_deref().unwrap_or("OpenSSH default"),
-        args.max_masters.map_or("default".to_string(), |m| m.to_string()),
+        args.max_masters
+            .map_or_else(|| format!("default ({})", certdeploy_ssh::default_max_masters()), |m| m.to_string()),
     );
     println!(
         "| run | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | ssh procs peak | SFTP round trips / requests / commands per deploy | outcomes |"
