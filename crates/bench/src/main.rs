@@ -287,7 +287,7 @@ fn config(
     );
     for j in 0..f.dirs.len() * args.targets_per_host {
         let (host, port) = &f.endpoints[j % f.dirs.len()];
-        let [cert, key, chain] = target_files(f, args, j);
+        let [cert, key, chain] = target_files(f, j);
         c.push_str(&format!(
             "[targets.{}]\nhost = \"{host}\"\nport = {port}\nuser = \"{TEST_USER}\"\ncert_path = \"{}\"\n\
              key_path = \"{}\"\nchain_path = \"{}\"\nreload_command = \"{}\"\n\n",
@@ -308,11 +308,10 @@ fn target_name(j: usize) -> String {
 
 /// Target `j`'s cert, key and chain paths (`site.pem`, `site.key`,
 /// `chain.pem` for the first target of a host; numbered for the others).
-fn target_files(f: &Fleet, args: &Args, j: usize) -> [PathBuf; 3] {
+fn target_files(f: &Fleet, j: usize) -> [PathBuf; 3] {
     let hosts = f.dirs.len();
     let d = &f.dirs[j % hosts];
     let k = j / hosts;
-    let _ = args;
     let n = if k == 0 { String::new() } else { k.to_string() };
     [d.join(format!("site{n}.pem")), d.join(format!("site{n}.key")), d.join(format!("chain{n}.pem"))]
 }
@@ -465,9 +464,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Files on each host must be exactly the bundle whose deployment finished
 /// last for it (and the key must belong to that certificate).
-fn verify_hosts(f: &Fleet, args: &Args, last: &BTreeMap<usize, Bundle>) -> anyhow::Result<()> {
+fn verify_hosts(f: &Fleet, last: &BTreeMap<usize, Bundle>) -> anyhow::Result<()> {
     for (h, b) in last {
-        let [cert, key, chain] = target_files(f, args, *h);
+        let [cert, key, chain] = target_files(f, *h);
         let cert = std::fs::read_to_string(cert).with_context(|| format!("target {h} cert"))?;
         let key = std::fs::read_to_string(key).with_context(|| format!("target {h} key"))?;
         let chain = std::fs::read_to_string(chain).with_context(|| format!("target {h} chain"))?;
@@ -641,7 +640,7 @@ async fn broker_run(
             last.insert(*h, (id.clone(), (*b).clone()));
         }
     }
-    verify_hosts(f, args, &last.into_iter().map(|(h, (_, b))| (h, b)).collect())?;
+    verify_hosts(f, &last.into_iter().map(|(h, (_, b))| (h, b)).collect())?;
     let lat = latencies(&sent, &got);
     let n = bundles.len() as f64;
     Ok(Figures {
@@ -725,7 +724,7 @@ async fn direct_run(
             last.insert(*h, (*b).clone());
         }
     }
-    verify_hosts(f, args, &last)?;
+    verify_hosts(f, &last)?;
     let flushes = rt.journal.flushes() as f64;
     let stats = rt.journal.stats();
     let flush_ms = stats.flush_latency.sum_us as f64 / 1000.0 / (stats.flush_latency.count.max(1) as f64);
@@ -1001,7 +1000,7 @@ fn run_ssh_loop(f: &Fleet, args: &Args, bundles: &[(String, usize, Bundle)], fir
         std::fs::write(d.join("key"), &b.key_pem)?;
         std::fs::write(d.join("chain"), &b.chain_pem)?;
         let (host, port) = &f.endpoints[j % f.dirs.len()];
-        let [cert, key, chain] = target_files(f, args, *j);
+        let [cert, key, chain] = target_files(f, *j);
         manifest.push_str(&format!(
             "{j} {host} {port} {} {} {} {}\n",
             d.display(),
