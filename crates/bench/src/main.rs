@@ -40,7 +40,7 @@ struct Args {
     /// Deployments per run.
     #[arg(long, default_value_t = 1000)]
     n: usize,
-    /// Hosts (loopback addresses 127.0.0.2 ..).
+    /// Hosts (loopback addresses 127.0.0.2 .., 250 per /24).
     #[arg(long, default_value_t = 20)]
     hosts: usize,
     /// Reload command on the hosts.
@@ -80,10 +80,6 @@ struct Args {
     /// `[ssh] max_masters` (default: the worker's, from its limits).
     #[arg(long)]
     max_masters: Option<usize>,
-    /// Targets (certificate paths) per host, all with the same reload
-    /// command: many certificates per host.
-    #[arg(long, default_value_t = 1)]
-    paths_per_host: usize,
     /// `[worker] reload_coalesce_ms` values: every run once per value.
     #[arg(long, value_delimiter = ',', default_value = "200")]
     reload_coalesce_ms: Vec<u64>,
@@ -92,6 +88,31 @@ struct Args {
     /// OpenSSH's default key exchange and as many with curve25519-sha256.
     #[arg(long, default_value_t = 0)]
     kex_cpu: usize,
+    /// Targets per host (each its own cert, key and chain in the host's
+    /// directory); request i goes to target i mod (hosts × this), so
+    /// consecutive requests go to different hosts.
+    /// With the same reload command on a host, many certificates per
+    /// host (`--paths-per-host` is the same flag).
+    #[arg(long, alias = "paths-per-host", default_value_t = 1)]
+    targets_per_host: usize,
+    /// The worker's default `warm_masters = false`: masters open during
+    /// the run, on first use, instead of before the clock starts.
+    #[arg(long)]
+    cold: bool,
+    /// Print the floor of the shape (handshake CPU × hosts ÷ cores, or
+    /// RTT × round trips × deployments ÷ concurrency, whichever binds),
+    /// from a handshake CPU measured here, and each run's ratio to it.
+    #[arg(long)]
+    floor: bool,
+    /// Sample the peak PSS of the worker plus its ssh processes
+    /// (`/proc/*/smaps_rollup`, every 100 ms; broker runs).
+    #[arg(long)]
+    pss: bool,
+    /// After the runs, deploy the same requests with the hand-written ssh
+    /// loop next to the benchmark (`crates/bench/ssh-loop.sh`), over the
+    /// same hosts, and print its rate and the ratio.
+    #[arg(long)]
+    ssh_loop: bool,
 }
 
 struct Fleet {
@@ -124,7 +145,49 @@ struct Figures {
     /// directory, at most (sampled every 20 ms; a master's `ssh -f` parent
     /// and child, alive together for a moment as it forks, count once).
     ssh_peak: usize,
+    /// What the deployments cost on the wire (see [`Wire`]).
+    wire: Wire,
+    /// Peak PSS of the worker plus its ssh processes, MiB (`--pss`).
+    pss_mib: f64,
     outcomes: BTreeMap<String, usize>,
+}
+
+/// SFTP requests, SFTP round trips and remote commands over a run, from the
+/// worker's counters (`certdeploy_sftp_requests_total`,
+/// `certdeploy_sftp_round_trips_total`, `certdeploy_ssh_commands_total`).
+#[derive(Default, Debug, Clone, Copy)]
+struct Wire {
+    requests: f64,
+    round_trips: f64,
+    commands: f64,
+}
+
+impl Wire {
+    fn of_pool(pool: &certdeploy_ssh::SshPool) -> Wire {
+        Wire {
+            requests: pool.sftp_requests() as f64,
+            round_trips: pool.sftp_round_trips() as f64,
+            commands: pool.commands_run() as f64,
+        }
+    }
+    fn of_metrics(body: &str) -> Wire {
+        Wire {
+            requests: metric(body, "certdeploy_sftp_requests_total"),
+            round_trips: metric(body, "certdeploy_sftp_round_trips_total"),
+            commands: metric(body, "certdeploy_ssh_commands_total"),
+        }
+    }
+    fn since(self, before: Wire) -> Wire {
+        Wire {
+            requests: self.requests - before.requests,
+            round_trips: self.round_trips - before.round_trips,
+            commands: self.commands - before.commands,
+        }
+    }
+    /// `round trips / requests / commands` per deployment.
+    fn per(self, n: f64) -> String {
+        format!("{:.1} / {:.1} / {:.2}", self.round_trips / n, self.requests / n, self.commands / n)
+    }
 }
 
 /// Samples the ssh processes under a control directory until finished.
@@ -153,6 +216,61 @@ impl SshPeak {
     }
 }
 
+/// Samples the PSS of a process plus the ssh processes under a control
+/// directory (`/proc/<pid>/smaps_rollup`), every 100 ms, until finished:
+/// the peak of the sum, MiB. PSS shares each shared page among the
+/// processes mapping it, so the sum counts the ssh binary's pages once.
+struct PssPeak {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<f64>,
+}
+
+impl PssPeak {
+    fn start(pid: u32, dir: PathBuf) -> PssPeak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0.0f64;
+            while !s.load(Ordering::SeqCst) {
+                let total: f64 = std::iter::once(pid).chain(ssh_pids_under(&dir)).map(pss_kib).sum();
+                peak = peak.max(total / 1024.0);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        PssPeak { stop, handle }
+    }
+    fn finish(self) -> f64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap_or(0.0)
+    }
+}
+
+/// The `ssh` processes whose command line names a path under `dir`.
+fn ssh_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim_end() == "ssh"))
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(&needle))
+        })
+        .collect()
+}
+
+/// A process's PSS in KiB (0 when gone).
+fn pss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `run`: the journal's durability and `reload_coalesce_ms`.
 fn config(
     f: &Fleet,
@@ -167,11 +285,12 @@ fn config(
         "[worker]\namqp_url = \"{amqp_url}\"\njournal_path = \"{}\"\nconcurrency = {}\nper_host_concurrency = 4\n\
          metrics_listen = \"{metrics}\"\njournal_durability = \"{durability}\"\nshutdown_grace_s = 30\n\
          reload_coalesce_ms = {coalesce_ms}\n{gc}\n\
-         [ssh]\nknown_hosts = \"{}\"\nidentity_file = \"{}\"\nconnect_timeout_s = 10\nwarm_masters = true\ncontrol_dir = \"{}\"\n{ssh}\n",
+         [ssh]\nknown_hosts = \"{}\"\nidentity_file = \"{}\"\nconnect_timeout_s = 10\nwarm_masters = {}\ncontrol_dir = \"{}\"\n{ssh}\n",
         journal.display(),
         args.concurrency,
         f.sshd.known_hosts_path().display(),
         f.sshd.identity_path().display(),
+        !args.cold,
         control.display(),
         ssh = args.kex.as_ref().map_or(String::new(), |k| format!("kex_algorithms = \"{k}\"\n"))
             + &args.max_masters.map_or(String::new(), |m| format!("max_masters = {m}\n")),
@@ -182,15 +301,15 @@ fn config(
             String::new()
         },
     );
-    for t in 0..targets(f, args) {
-        let (h, (cert, key, chain)) = (t % f.dirs.len(), target_files(f, args, t));
-        let (host, port) = &f.endpoints[h];
+    for j in 0..f.dirs.len() * args.targets_per_host {
+        let (host, port) = &f.endpoints[j % f.dirs.len()];
+        let [cert, key, chain] = target_files(f, j);
         // The reload command counts its runs in the host's directory.
-        let reload = format!("echo r >> {}; {}", f.dirs[h].join("reloads.log").display(), args.reload);
+        let reload = format!("echo r >> {}; {}", f.dirs[j % f.dirs.len()].join("reloads.log").display(), args.reload);
         c.push_str(&format!(
             "[targets.{}]\nhost = \"{host}\"\nport = {port}\nuser = \"{TEST_USER}\"\ncert_path = \"{}\"\n\
              key_path = \"{}\"\nchain_path = \"{}\"\nreload_command = \"{}\"\n\n",
-            target_name(f, args, t),
+            target_name(j),
             cert.display(),
             key.display(),
             chain.display(),
@@ -200,25 +319,19 @@ fn config(
     c
 }
 
-/// Targets: `paths_per_host` per host; target `t` is on host `t % hosts`.
-fn targets(f: &Fleet, args: &Args) -> usize {
-    f.dirs.len() * args.paths_per_host.max(1)
+/// Target `j` is on host `j mod hosts`; its name.
+fn target_name(j: usize) -> String {
+    format!("h{j}")
 }
 
-fn target_name(f: &Fleet, args: &Args, t: usize) -> String {
-    let h = t % f.dirs.len();
-    if args.paths_per_host > 1 { format!("h{h}p{}", t / f.dirs.len()) } else { format!("h{h}") }
-}
-
-/// Target `t`'s certificate, key and chain paths.
-fn target_files(f: &Fleet, args: &Args, t: usize) -> (PathBuf, PathBuf, PathBuf) {
-    let d = &f.dirs[t % f.dirs.len()];
-    if args.paths_per_host > 1 {
-        let p = t / f.dirs.len();
-        (d.join(format!("site{p}.pem")), d.join(format!("site{p}.key")), d.join(format!("chain{p}.pem")))
-    } else {
-        (d.join("site.pem"), d.join("site.key"), d.join("chain.pem"))
-    }
+/// Target `j`'s cert, key and chain paths (`site.pem`, `site.key`,
+/// `chain.pem` for the first target of a host; numbered for the others).
+fn target_files(f: &Fleet, j: usize) -> [PathBuf; 3] {
+    let hosts = f.dirs.len();
+    let d = &f.dirs[j % hosts];
+    let k = j / hosts;
+    let n = if k == 0 { String::new() } else { k.to_string() };
+    [d.join(format!("site{n}.pem")), d.join(format!("site{n}.key")), d.join(format!("chain{n}.pem"))]
 }
 
 /// Reload command runs on every host so far.
@@ -372,16 +485,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Files of each target must be exactly the bundle whose deployment
-/// finished last for it (and the key must belong to that certificate).
-fn verify_hosts(f: &Fleet, args: &Args, last: &BTreeMap<usize, Bundle>) -> anyhow::Result<()> {
-    for (t, b) in last {
-        let (c, k, ch) = target_files(f, args, *t);
-        let cert = std::fs::read_to_string(c).with_context(|| format!("target {t} cert"))?;
-        let key = std::fs::read_to_string(k).with_context(|| format!("target {t} key"))?;
-        let chain = std::fs::read_to_string(ch).with_context(|| format!("target {t} chain"))?;
+/// Files on each host must be exactly the bundle whose deployment finished
+/// last for it (and the key must belong to that certificate).
+fn verify_hosts(f: &Fleet, last: &BTreeMap<usize, Bundle>) -> anyhow::Result<()> {
+    for (h, b) in last {
+        let [cert, key, chain] = target_files(f, *h);
+        let cert = std::fs::read_to_string(cert).with_context(|| format!("target {h} cert"))?;
+        let key = std::fs::read_to_string(key).with_context(|| format!("target {h} key"))?;
+        let chain = std::fs::read_to_string(chain).with_context(|| format!("target {h} chain"))?;
         if cert != b.cert_pem || key != b.key_pem || chain != b.chain_pem {
-            bail!("target {t}: files do not match its last deployment");
+            bail!("target {h}: files do not match its last deployment");
         }
     }
     Ok(())
@@ -439,7 +552,7 @@ async fn broker_run(
     bundles: &[(String, usize, Bundle)],
     coalesce_ms: u64,
 ) -> anyhow::Result<Figures> {
-    let names: Arc<Vec<String>> = Arc::new((0..targets(f, args)).map(|t| target_name(f, args, t)).collect());
+    let names: Arc<Vec<String>> = Arc::new((0..f.dirs.len() * args.targets_per_host).map(target_name).collect());
     let reloads0 = reload_runs(f);
     let vhost = Vhost::new();
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -447,7 +560,7 @@ async fn broker_run(
     let cfg_path = f.tmp.path().join(format!("broker-{durability}.toml"));
     let control = f.tmp.path().join(format!("ssh-broker-{durability}"));
     std::fs::write(&cfg_path, config(f, args, &vhost.url(), (durability, coalesce_ms), &metrics, &journal, &control))?;
-    let peak = SshPeak::start(control);
+    let peak = SshPeak::start(control.clone());
     let bin = std::env::current_exe()?.with_file_name("certdeploy");
     let mut bcfg = certdeploy_amqp::BrokerConfig::new(vhost.url(), "bench");
     bcfg.rpc_timeout = Duration::from_secs(30);
@@ -470,6 +583,7 @@ async fn broker_run(
         .spawn()
         .with_context(|| format!("spawn {} (build it: cargo build --release -p certdeploy)", bin.display()))?;
     let pid = child.id();
+    let pss = args.pss.then(|| PssPeak::start(pid, control.clone()));
     // Killed however this function ends (a failed run must not leave a
     // worker behind).
     let mut child = KillOnDrop(child);
@@ -480,6 +594,7 @@ async fn broker_run(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let wire0 = Wire::of_metrics(&http_get(&metrics, "/metrics").map(|r| r.1).unwrap_or_default());
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
     let publisher = if args.queued_first {
@@ -524,6 +639,7 @@ async fn broker_run(
         }
     }
     let ssh_peak = peak.finish();
+    let pss_mib = pss.map_or(0.0, PssPeak::finish);
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = child.0.wait();
     broker.close().await;
@@ -551,7 +667,7 @@ async fn broker_run(
             last.insert(*h, (id.clone(), (*b).clone()));
         }
     }
-    verify_hosts(f, args, &last.into_iter().map(|(h, (_, b))| (h, b)).collect())?;
+    verify_hosts(f, &last.into_iter().map(|(h, (_, b))| (h, b)).collect())?;
     let lat = latencies(&sent, &got);
     let n = bundles.len() as f64;
     Ok(Figures {
@@ -570,6 +686,8 @@ async fn broker_run(
             / metric(&body, "certdeploy_journal_flushes_total").max(1.0),
         masters: metric(&body, "certdeploy_ssh_masters_opened_total"),
         ssh_peak,
+        wire: Wire::of_metrics(&body).since(wire0),
+        pss_mib,
         outcomes,
     })
 }
@@ -592,13 +710,16 @@ async fn direct_run(
     let now = certdeploy::clock::now();
     let mut validated = Vec::new();
     for (id, h, b) in bundles {
-        let v = certdeploy::intake::validate_body(&request(id, &target_name(f, args, *h), b, true), &cfg, now)
+        let v = certdeploy::intake::validate_body(&request(id, &target_name(*h), b, true), &cfg, now)
             .map_err(|r| anyhow::anyhow!("{}", r.error))?;
         validated.push(v);
     }
     // As the worker does with `warm_masters = true` before it consumes:
     // the masters' handshakes are not part of the figure in either mode.
-    rt.warm_masters().await;
+    if !args.cold {
+        rt.warm_masters().await;
+    }
+    let wire0 = Wire::of_pool(&rt.pool);
     let pid = std::process::id();
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
@@ -635,12 +756,13 @@ async fn direct_run(
             last.insert(*h, (*b).clone());
         }
     }
-    verify_hosts(f, args, &last)?;
+    verify_hosts(f, &last)?;
     let reloads = (reload_runs(f) - reloads0) as f64 / bundles.len().max(1) as f64;
     let flushes = rt.journal.flushes() as f64;
     let stats = rt.journal.stats();
     let flush_ms = stats.flush_latency.sum_us as f64 / 1000.0 / (stats.flush_latency.count.max(1) as f64);
     let masters = rt.pool.masters_opened() as f64;
+    let wire = Wire::of_pool(&rt.pool).since(wire0);
     let ssh_peak = peak.finish();
     rt.pool.close_all().await;
     let n = bundles.len() as f64;
@@ -659,6 +781,8 @@ async fn direct_run(
         flush_ms,
         masters,
         ssh_peak,
+        wire,
+        pss_mib: 0.0,
         outcomes,
     })
 }
@@ -719,7 +843,8 @@ fn kex_cpu(f: &Fleet, n: usize) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let addrs: Vec<String> = (0..args.hosts).map(|i| format!("127.0.0.{}", i + 2)).collect();
+    // 127.0.0.2 .. 127.0.0.251, then 127.0.1.2 ..: all loopback.
+    let addrs: Vec<String> = (0..args.hosts).map(|i| format!("127.0.{}.{}", i / 250, i % 250 + 2)).collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     eprintln!("starting sshd on {} addresses; generating {} certificates per run", args.hosts, args.n);
     let sshd = SshdFixture::start(&refs);
@@ -749,6 +874,7 @@ async fn main() -> anyhow::Result<()> {
     let mut table = Vec::new();
     let runs: Vec<(&String, u64)> =
         args.runs.iter().flat_map(|r| args.reload_coalesce_ms.iter().map(move |c| (r, *c))).collect();
+    let mut loop_bundles = Vec::new();
     for (k, (run, coalesce_ms)) in runs.into_iter().enumerate() {
         // Fresh certificates per run (same notBefore within a run: order
         // between requests of one host never makes one `superseded`).
@@ -757,13 +883,16 @@ async fn main() -> anyhow::Result<()> {
         let day = 86_400;
         let nb = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64
             - (30 - k as i64) * day;
-        let n_targets = targets(&fleet, &args);
+        let targets = args.hosts * args.targets_per_host;
         let bundles: Vec<(String, usize, Bundle)> = (0..args.n)
             .map(|i| {
-                let cn = format!("h{}.bench", i % args.hosts);
-                (format!("bench-{run}-{coalesce_ms}-{i}"), i % n_targets, ca.leaf_at(&cn, nb, nb + 365 * day))
+                let cn = format!("h{}.bench", i % targets);
+                (format!("bench-{run}-{coalesce_ms}-{i}"), i % targets, ca.leaf_at(&cn, nb, nb + 365 * day))
             })
             .collect();
+        if k == 0 {
+            loop_bundles = bundles.iter().map(|(id, j, b)| (format!("loop-{id}"), *j, b.clone())).collect();
+        }
         eprintln!("run {run}, reload_coalesce_ms = {coalesce_ms} ...");
         let fig = match run.as_str() {
             "broker-fsync" => broker_run(&fleet, &args, "fsync", &bundles, coalesce_ms).await?,
@@ -777,26 +906,27 @@ async fn main() -> anyhow::Result<()> {
     }
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
-        "\ncertdeploy-bench: N={} hosts={} paths/host={} reload=`{}` concurrency={} cpus={cpus} rate={}{} rtt={} kex={} max_masters={}",
+        "\ncertdeploy-bench: N={} hosts={} targets/host={} reload=`{}` concurrency={} cpus={cpus} rate={}{} rtt={} kex={} max_masters={}",
         args.n,
         args.hosts,
-        args.paths_per_host,
+        args.targets_per_host,
         args.reload,
         args.concurrency,
         if args.rate > 0.0 { format!("{}/s", args.rate) } else { "max".into() },
         if args.queued_first { " (queue filled before the worker started)" } else { "" },
         if args.rtt_ms > 0 { format!("{} ms (latency proxy)", args.rtt_ms) } else { "loopback".into() },
         args.kex.as_deref().unwrap_or("OpenSSH default"),
-        args.max_masters.map_or("default".to_string(), |m| m.to_string()),
+        args.max_masters
+            .map_or_else(|| format!("default ({})", certdeploy_ssh::default_max_masters()), |m| m.to_string()),
     );
     println!(
-        "| run | coalesce ms | reloads/deploy | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | ssh procs peak | outcomes |"
+        "| run | coalesce ms | reloads/deploy | wall s | deploys/s | p50 ms | p95 ms | p99 ms | worker CPU ms/deploy | peak RSS MiB | flushes/deploy | ms/flush | ssh masters | ssh procs peak | SFTP round trips / requests / commands per deploy | outcomes |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in &table {
         let n = f.outcomes.values().sum::<usize>().max(1) as f64;
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {:?} |",
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {} | {} | {:?} |",
             f.run,
             f.coalesce_ms,
             f.reloads,
@@ -811,10 +941,145 @@ async fn main() -> anyhow::Result<()> {
             f.flush_ms,
             f.masters,
             f.ssh_peak,
+            f.wire.per(n),
             f.outcomes
         );
     }
     println!("every run verified every target's final cert, key and chain");
+    if args.pss {
+        for f in table.iter().filter(|f| f.pss_mib > 0.0) {
+            println!("{}: peak PSS of the worker and its ssh processes {:.1} MiB", f.run, f.pss_mib);
+        }
+    }
+    if args.floor {
+        print_floor(&fleet, &args, &table, cpus)?;
+    }
+    if args.ssh_loop
+        && let Some(first) = table.first()
+    {
+        run_ssh_loop(&fleet, &args, &loop_bundles, first)?;
+    }
+    Ok(())
+}
+
+/// Round trips a remote command costs over an open master (channel open,
+/// then the command's exit and output), assumed for the floor.
+const COMMAND_ROUND_TRIPS: f64 = 2.0;
+
+/// The shape's floor and each run's ratio to it: the handshakes' CPU
+/// (client and sshd, measured here with the run's key exchange) spread over
+/// the cores, or the round trips (SFTP round trips and commands per
+/// deployment as measured, times the RTT) over the concurrency, whichever
+/// binds.
+fn print_floor(f: &Fleet, args: &Args, table: &[Figures], cpus: usize) -> anyhow::Result<()> {
+    let n_hs = 20;
+    client_cpu_ms(f, args.kex.as_deref(), 1)?;
+    let server0 = sshd_reaped_cpu_s(f);
+    let client_ms = client_cpu_ms(f, args.kex.as_deref(), n_hs)?;
+    let server_ms = (sshd_reaped_cpu_s(f) - server0) * 1000.0 / n_hs as f64;
+    let hs_s = (client_ms + server_ms) / 1000.0;
+    let hosts = f.dirs.len() as f64;
+    let hs_floor = hs_s * hosts / cpus.max(1) as f64;
+    println!(
+        "\nfloor: handshake CPU {client_ms:.1} ms client + {server_ms:.1} ms sshd ({}) × {hosts} hosts ÷ {cpus} cores = {hs_floor:.2} s",
+        args.kex.as_deref().unwrap_or("OpenSSH default key exchange")
+    );
+    println!(
+        "| run | round trips per deploy (SFTP + {COMMAND_ROUND_TRIPS} per command) | RTT floor s | floor s | wall s | ratio |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for fig in table {
+        let n = fig.outcomes.values().sum::<usize>().max(1) as f64;
+        let rts = (fig.wire.round_trips + COMMAND_ROUND_TRIPS * fig.wire.commands) / n;
+        let rtt_floor = args.rtt_ms as f64 / 1000.0 * rts * n / args.concurrency.max(1) as f64;
+        let floor = hs_floor.max(rtt_floor);
+        println!(
+            "| {} | {rts:.1} | {rtt_floor:.2} | {floor:.2} | {:.2} | {:.2} |",
+            fig.run,
+            fig.wall_s,
+            fig.wall_s / floor.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// CPU seconds of the sshd processes the fixture's listeners reaped.
+fn sshd_reaped_cpu_s(f: &Fleet) -> f64 {
+    let Ok(rd) = std::fs::read_dir(f.sshd.dir()) else { return 0.0 };
+    rd.flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("sshd") && n.ends_with(".pid")
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse::<u32>().ok())
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("").to_string();
+            let v: Vec<f64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+            // cutime and cstime (fields 16 and 17; the first after `)` is 3).
+            (v.get(13).copied().unwrap_or(0.0) + v.get(14).copied().unwrap_or(0.0)) / 100.0
+        })
+        .sum()
+}
+
+/// The hand-written ssh loop (`ssh-loop.sh` next to this source, copied
+/// into the run's directory) over the same hosts and targets, with the
+/// requests of the first run's shape: its rate and the ratio to `first`.
+fn run_ssh_loop(f: &Fleet, args: &Args, bundles: &[(String, usize, Bundle)], first: &Figures) -> anyhow::Result<()> {
+    let dir = f.tmp.path().join("ssh-loop");
+    let ctl = f.tmp.path().join("ssh-loop-ctl");
+    std::fs::create_dir_all(&ctl)?;
+    let script = dir.join("ssh-loop.sh");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(&script, include_str!("../ssh-loop.sh"))?;
+    let mut manifest = String::new();
+    for (i, (_, j, b)) in bundles.iter().enumerate() {
+        let d = dir.join(i.to_string());
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("cert"), &b.cert_pem)?;
+        std::fs::write(d.join("key"), &b.key_pem)?;
+        std::fs::write(d.join("chain"), &b.chain_pem)?;
+        let (host, port) = &f.endpoints[j % f.dirs.len()];
+        let [cert, key, chain] = target_files(f, *j);
+        manifest.push_str(&format!(
+            "{j} {host} {port} {} {} {} {}\n",
+            d.display(),
+            cert.display(),
+            key.display(),
+            chain.display()
+        ));
+    }
+    std::fs::write(dir.join("manifest"), manifest)?;
+    let t0 = Instant::now();
+    let out = Command::new("sh")
+        .arg(&script)
+        .arg(dir.join("manifest"))
+        .arg(args.concurrency.to_string())
+        .env("LOOP_KNOWN_HOSTS", f.sshd.known_hosts_path())
+        .env("LOOP_IDENTITY", f.sshd.identity_path())
+        .env("LOOP_USER", TEST_USER)
+        .env("LOOP_CONTROL_DIR", &ctl)
+        .env("LOOP_KEX", args.kex.as_deref().unwrap_or(""))
+        .env("LOOP_RELOAD", &args.reload)
+        .stdin(Stdio::null())
+        .output()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("for s in {}/*; do ssh -o ControlPath=$s -O exit x 2>/dev/null; done", ctl.display()))
+        .status();
+    if !out.status.success() {
+        bail!("ssh loop failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let per_s = bundles.len() as f64 / wall;
+    println!(
+        "\nhand-written ssh loop (crates/bench/ssh-loop.sh: one ssh command per deployment over a master per host, {} lanes): {} deployments in {wall:.2} s = {per_s:.1}/s; {}: {:.1}/s = {:.1}× the loop",
+        args.concurrency,
+        bundles.len(),
+        first.run,
+        first.per_s,
+        first.per_s / per_s.max(1e-9)
+    );
     Ok(())
 }
 

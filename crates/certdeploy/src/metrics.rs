@@ -23,6 +23,12 @@ pub const SSH_MASTERS_OPENED: &str = "certdeploy_ssh_masters_opened_total";
 pub const SSH_MASTERS_OPEN: &str = "certdeploy_ssh_masters_open";
 /// Idle ssh masters closed to make room for another under `max_masters`.
 pub const SSH_MASTER_EVICTIONS: &str = "certdeploy_ssh_master_evictions_total";
+/// SFTP requests sent to the hosts, and the round trips they took (a send
+/// while none of the session's earlier requests was awaited: requests that
+/// leave together count once); remote commands (exec channels) run.
+pub const SFTP_REQUESTS: &str = "certdeploy_sftp_requests_total";
+pub const SFTP_ROUND_TRIPS: &str = "certdeploy_sftp_round_trips_total";
+pub const SSH_COMMANDS: &str = "certdeploy_ssh_commands_total";
 pub const READY: &str = "certdeploy_ready";
 /// Expired target locks of dead workers taken over.
 pub const TAKEOVERS: &str = "certdeploy_lock_takeovers_total";
@@ -76,6 +82,9 @@ pub const ALL: &[&str] = &[
     SSH_MASTERS_OPENED,
     SSH_MASTERS_OPEN,
     SSH_MASTER_EVICTIONS,
+    SFTP_REQUESTS,
+    SFTP_ROUND_TRIPS,
+    SSH_COMMANDS,
     READY,
     TAKEOVERS,
     LOCKS_LOST,
@@ -149,6 +158,9 @@ fn register_at_zero() {
         AMQP_RECONNECTS,
         SSH_MASTERS_OPENED,
         SSH_MASTER_EVICTIONS,
+        SFTP_REQUESTS,
+        SFTP_ROUND_TRIPS,
+        SSH_COMMANDS,
         TAKEOVERS,
         LOCKS_LOST,
         DEFERRALS,
@@ -204,6 +216,12 @@ fn describe() {
     describe_counter!(SSH_MASTERS_OPENED, "SSH ControlMaster connections opened");
     describe_gauge!(SSH_MASTERS_OPEN, "SSH master processes open now (at most [ssh] max_masters)");
     describe_counter!(SSH_MASTER_EVICTIONS, "Idle SSH masters closed to make room for another under max_masters");
+    describe_counter!(SFTP_REQUESTS, "SFTP requests sent to the hosts");
+    describe_counter!(
+        SFTP_ROUND_TRIPS,
+        "SFTP round trips: sends while none of the session's earlier requests was awaited (requests sent together count once)"
+    );
+    describe_counter!(SSH_COMMANDS, "Remote commands run over SSH (exec channels)");
     describe_counter!(RESULTS_UNROUTABLE, "Results the broker returned as unroutable, by destination");
     describe_gauge!(READY, "1 when broker, journal and recovery are ready");
     describe_counter!(TAKEOVERS, "Expired target locks of dead workers taken over");

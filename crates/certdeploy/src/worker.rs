@@ -390,6 +390,9 @@ async fn journal_metrics(rt: Arc<Runtime>) {
         metrics::counter!(m::SSH_MASTERS_OPENED).absolute(rt.pool.masters_opened());
         metrics::gauge!(m::SSH_MASTERS_OPEN).set(rt.pool.masters_open() as f64);
         metrics::counter!(m::SSH_MASTER_EVICTIONS).absolute(rt.pool.masters_evicted());
+        metrics::counter!(m::SFTP_REQUESTS).absolute(rt.pool.sftp_requests());
+        metrics::counter!(m::SFTP_ROUND_TRIPS).absolute(rt.pool.sftp_round_trips());
+        metrics::counter!(m::SSH_COMMANDS).absolute(rt.pool.commands_run());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

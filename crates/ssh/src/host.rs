@@ -66,6 +66,79 @@ pub struct SshHost<'a> {
     /// From the first operation on: the host's master stays busy (never
     /// closed to make room for another host's) until this is dropped.
     pin: std::sync::Arc<std::sync::OnceLock<Pin>>,
+    /// The last listing of a directory (by the prune), so that the lock's
+    /// sweep right after it (the same directory: the lock lies next to the
+    /// certificate) needs no listing of its own.
+    pub(crate) listed: std::sync::Arc<std::sync::Mutex<Option<Listing>>>,
+    /// Per lock path: a temp file created (exclusively, unpredictable name)
+    /// with the last lock operation, for the next rewrite of that lock to
+    /// fill without a round trip to create it; removed with the lock.
+    pub(crate) spare: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Spare>>>,
+}
+
+/// A spare lock temp: its name, its handle, and the connection the handle
+/// belongs to (`Lease::conn_serial`).
+pub(crate) type Spare = (String, File, u64);
+
+/// A directory's entries as one listing saw them.
+#[derive(Clone, Debug)]
+pub(crate) struct Listing {
+    pub(crate) dir: String,
+    pub(crate) at: std::time::Instant,
+    pub(crate) entries: Vec<Listed>,
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug)]
+pub(crate) struct Listed {
+    pub(crate) name: String,
+    /// Modification time, whole seconds of the host's clock.
+    pub(crate) mtime: u64,
+    pub(crate) file: bool,
+}
+
+/// Entries OpenSSH's sftp-server puts in one READDIR answer at most; it
+/// puts fewer only when it reached the end of the directory.
+const READDIR_BATCH: usize = 100;
+
+/// The entries of `dir`. `short_end`: take an answer of fewer than
+/// [`READDIR_BATCH`] entries as the end of the directory (OpenSSH's
+/// sftp-server, the server certdeploy requires, answers so), which saves
+/// the round trip that would only say EOF; the READDIR the stream has sent
+/// meanwhile is answered and the handle closed without anybody waiting.
+/// Only for listings where an entry missed costs nothing (it is found by
+/// the next one: prune, lock sweep).
+pub(crate) async fn list_dir(lease: &Lease, dir: &str, short_end: bool) -> Result<Vec<Listed>, StepError> {
+    use futures_util::FutureExt as _;
+    let d = match lease.sftp().fs().open_dir(p(dir)).await {
+        Ok(d) => d,
+        Err(e) => return Err(lease.sftp_err("list", dir, &e)),
+    };
+    let mut out = Vec::new();
+    let mut rd = Box::pin(d.read_dir());
+    let entry = |e: openssh_sftp_client::fs::DirEntry| {
+        let meta = e.metadata();
+        Listed {
+            name: e.filename().to_string_lossy().into_owned(),
+            mtime: meta.modified().map(|t| t.as_duration().as_secs()).unwrap_or(u64::MAX),
+            file: meta.file_type().is_some_and(|t| t.is_file()),
+        }
+    };
+    loop {
+        // Entries of an answer already in are ready at once; `None` here:
+        // the stream has asked for the next answer.
+        let next = match rd.next().now_or_never() {
+            Some(n) => n,
+            None if short_end && !out.is_empty() && out.len() % READDIR_BATCH != 0 => break,
+            None => rd.next().await,
+        };
+        match next {
+            Some(Ok(e)) => out.push(entry(e)),
+            Some(Err(e)) => return Err(lease.sftp_err("list", dir, &e)),
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn p(s: &str) -> &Path {
@@ -225,6 +298,8 @@ impl<'a> SshHost<'a> {
             policy: Default::default(),
             ids: Default::default(),
             pin: Default::default(),
+            listed: Default::default(),
+            spare: Default::default(),
         }
     }
 
@@ -310,16 +385,22 @@ impl<'a> SshHost<'a> {
                 return Err(refuse(e.map(|e| crate::pool::error_chain(&e)).unwrap_or_default()));
             }
         };
-        let mine = match file.metadata().await {
-            Ok(m) => m,
-            Err(e) => return Err(lease.sftp_err("stat temp file", &staged, &e)),
+        // The created file is the SFTP server's: its uid, once known, says
+        // whose; before that, the file's own fstat (a round trip more).
+        let mine = match self.known_server_uid() {
+            Some(uid) => Some(uid),
+            None => match file.metadata().await {
+                Ok(m) => m.uid(),
+                Err(e) => return Err(lease.sftp_err("stat temp file", &staged, &e)),
+            },
         };
         let private_dir = dir.file_type().is_some_and(|t| t.is_dir())
             && dir.uid().is_some()
-            && dir.uid() == mine.uid()
+            && dir.uid() == mine
             && mode_of(&dir) & 0o077 == 0;
         let same_file = made_file.file_type().is_some_and(|t| t.is_file())
-            && made_file.uid() == mine.uid()
+            && made_file.uid().is_some()
+            && made_file.uid() == mine
             && made_file.len() == Some(0);
         if !private_dir || !same_file {
             // Not removed by name: the names are not ours any more.
@@ -838,6 +919,9 @@ impl<'a> SshHost<'a> {
 
     /// Make renames in these directories durable (`sync DIR...`, coreutils
     /// fsyncs each named directory). Best effort: the renames are done.
+    /// (OpenSSH's sftp-server would fsync a directory opened read-only
+    /// through `fsync@openssh.com`, but openssh-sftp-client sends fsync
+    /// only for a handle opened for writing, which a directory cannot be.)
     async fn sync_dirs(&self, lease: &Lease, dirs: BTreeSet<String>) {
         if dirs.is_empty() {
             return;
@@ -977,29 +1061,17 @@ impl<'a> SshHost<'a> {
         lives: &[&String],
         keep: u32,
     ) -> Result<(), StepError> {
-        let mut fs = lease.sftp().fs();
-        let d = match fs.open_dir(p(dir)).await {
-            Ok(d) => d,
-            Err(e) => return Err(lease.sftp_err("list", dir, &e)),
-        };
-        let mut entries = Vec::new();
-        let mut rd = Box::pin(d.read_dir());
-        while let Some(e) = rd.next().await {
-            match e {
-                Ok(e) => {
-                    let name = e.filename().to_string_lossy().into_owned();
-                    let mtime = e.metadata().modified().map(|t| t.into_raw()).unwrap_or(0);
-                    entries.push((name, mtime));
-                }
-                Err(e) => return Err(lease.sftp_err("list", dir, &e)),
-            }
-        }
+        let listed = list_dir(lease, dir, true).await?;
+        let entries: Vec<(String, u64)> =
+            listed.iter().map(|e| (e.name.clone(), if e.mtime == u64::MAX { 0 } else { e.mtime })).collect();
+        *self.listed.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Listing { dir: dir.to_string(), at: std::time::Instant::now(), entries: listed });
         let mut doomed = Vec::new();
         for live in lives {
             let base = file_name(live);
             let prefix = format!("{base}.certdeploy-bak.");
             let own = file_name(&backup_path(live, id)).to_string();
-            let mut others: Vec<&(String, u32)> =
+            let mut others: Vec<&(String, u64)> =
                 entries.iter().filter(|(n, _)| n.starts_with(&prefix) && *n != own).collect();
             // Newest first; this attempt's own backup counts as one kept.
             others.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));

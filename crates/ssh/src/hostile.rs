@@ -278,6 +278,17 @@ impl SshHost<'_> {
         Ok(ids)
     }
 
+    /// The uid the SFTP server runs as, when this process already knows it
+    /// (no request, no command).
+    pub(crate) fn known_server_uid(&self) -> Option<u32> {
+        if let Some(ids) = *self.ids.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Some(ids.ssh_uid);
+        }
+        let addr = self.addr();
+        let key = format!("{}@{addr} sudo={:?}", addr.user, addr.sudo);
+        SSH_UIDS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(&key)).map(|(u, _)| *u)
+    }
+
     /// Whether the written files' ids must be looked up before writing.
     pub(crate) fn needs_ids(&self) -> bool {
         self.policy.any_ids()

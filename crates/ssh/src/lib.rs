@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod check;
+mod count;
 mod error;
 mod host;
 mod hostile;

@@ -21,7 +21,7 @@ use std::time::Duration;
 use certdeploy_core::StepError;
 use certdeploy_core::driver::Fence;
 use certdeploy_core::lock::{Created, LockFile, is_lock_litter};
-use futures_util::stream::StreamExt as _;
+use openssh_sftp_client::file::File;
 use openssh_sftp_client::metadata::Permissions;
 
 use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind};
@@ -32,6 +32,10 @@ use openssh_sftp_client::error::SftpErrorKind;
 /// Bound on one lock operation (a few SFTP round trips).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How old a listing of the lock's directory by the same deployment may
+/// be for the sweep to use it instead of listing again.
+const RECENT_LISTING: Duration = Duration::from_secs(1);
+
 /// Largest lock file accepted (a lock holds paths and digests, not data).
 const MAX_LOCK_BYTES: usize = 256 * 1024;
 
@@ -39,6 +43,29 @@ const MAX_LOCK_BYTES: usize = 256 * 1024;
 /// through its handle until the link or rename).
 fn temp_name(path: &str) -> String {
     format!("{path}{}{}", certdeploy_core::lock::LOCK_TEMP_MARK, crate::host::random_hex())
+}
+
+/// Create a lock temp file: exclusively, readable (its fstat tells the
+/// host's clock) and writable.
+async fn new_temp(lease: &Lease, temp: &str) -> Result<File, openssh_sftp_client::Error> {
+    lease.sftp().options().read(true).write(true).create_new(true).open(p(temp)).await
+}
+
+/// Whether a lock operation on `path` (writing `bytes`, after a rewrite
+/// that `used_spare`) makes the temp of the lock's next rewrite: only in a
+/// holder's own run of a target lock (not a claim), which ends with the
+/// lock's removal (that removes the spare too). Taking the lock starts it;
+/// a rewrite continues it only if it used a spare itself (a takeover's
+/// first rewrite does not: its run may end with the lock left for an
+/// operator) and the lock is not `committing` (then the removal comes
+/// next).
+fn spare_wanted(path: &str, bytes: Option<&[u8]>, used_spare: bool) -> bool {
+    let committing = br#""phase":"committing""#;
+    path.ends_with(certdeploy_core::lock::LOCK_SUFFIX)
+        && match bytes {
+            None => true,
+            Some(b) => used_spare && !b.windows(committing.len()).any(|w| w == committing),
+        }
 }
 
 /// A lock path that is not a regular file (a FIFO would hang the SFTP
@@ -61,6 +88,17 @@ fn not_regular(addr: &crate::HostAddr, path: &str, m: &openssh_sftp_client::meta
 }
 
 impl SshHost<'_> {
+    /// Keep `next` (just created, or not) as the temp of `path`'s next
+    /// rewrite.
+    fn keep_spare(&self, lease: &Lease, path: &str, next: String, created: Result<File, openssh_sftp_client::Error>) {
+        if let Ok(f) = created {
+            self.spare
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(path.to_string(), (next, f, lease.conn_serial()));
+        }
+    }
+
     async fn bounded<T>(
         &self,
         lease: &Lease,
@@ -89,11 +127,27 @@ impl SshHost<'_> {
         bytes: &[u8],
         durable: bool,
         clock: bool,
-    ) -> Result<(String, u64), StepError> {
-        let temp = temp_name(path);
-        let f = match lease.sftp().options().read(true).write(true).create_new(true).open(p(&temp)).await {
-            Ok(f) => f,
-            Err(e) => return Err(lease.sftp_err("create lock temp file", &temp, &e)),
+    ) -> Result<(String, u64, bool), StepError> {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
+        let mut used_spare = false;
+        let (temp, f) = match spare {
+            Some((t, f, serial)) if serial == lease.conn_serial() => {
+                used_spare = true;
+                (t, f)
+            }
+            stale => {
+                // Made on a connection since replaced: its handle is gone
+                // with it; the file goes (best effort) and a new one is made.
+                if let Some((t, f, _)) = stale {
+                    drop(f);
+                    let _ = lease.sftp().fs().remove_file(p(&t)).await;
+                }
+                let temp = temp_name(path);
+                match new_temp(lease, &temp).await {
+                    Ok(f) => (temp, f),
+                    Err(e) => return Err(lease.sftp_err("create lock temp file", &temp, &e)),
+                }
+            }
         };
         let (mut a, mut b, mut c, mut d) = (f.clone(), f.clone(), f.clone(), f);
         let sync = async {
@@ -128,7 +182,7 @@ impl SshHost<'_> {
         }
         .await;
         match r {
-            Ok(now) => Ok((temp, now)),
+            Ok(now) => Ok((temp, now, used_spare)),
             Err(e) => {
                 let _ = lease.sftp().fs().remove_file(p(&temp)).await;
                 Err(lease.sftp_err("write lock temp file", &temp, &e))
@@ -152,13 +206,36 @@ impl SshHost<'_> {
             // released between the two requests; create again.
             let mut last = None;
             for _ in 0..3 {
-                let (temp, host_now) = self.lock_temp(&lease, path, bytes, false, true).await?;
+                let (temp, host_now, _) = self.lock_temp(&lease, path, bytes, false, true).await?;
                 let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
-                let (linked, _) = in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))).await;
+                // With the link, the temp of the lock's next rewrite (a
+                // target lock's, not a claim's: see `spare_wanted`).
+                let next = temp_name(path);
+                let spare = async {
+                    match spare_wanted(path, None, false) {
+                        true => Some(new_temp(&lease, &next).await),
+                        false => None,
+                    }
+                };
+                let ((linked, _), spare) =
+                    in_order2(in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))), spare).await;
+
                 let e = match linked {
-                    Ok(()) => return Ok(Created { created: true, host_now }),
-                    Err(e) if sftp_is_connection_loss(&e) => return Err(lease.sftp_err("create lock", path, &e)),
-                    Err(e) => e,
+                    Ok(()) => {
+                        if let Some(spare) = spare {
+                            self.keep_spare(&lease, path, next, spare);
+                        }
+                        return Ok(Created { created: true, host_now });
+                    }
+                    Err(e) => {
+                        if let Some(Ok(_)) = &spare {
+                            let _ = lease.sftp().fs().remove_file(p(&next)).await;
+                        }
+                        if sftp_is_connection_loss(&e) {
+                            return Err(lease.sftp_err("create lock", path, &e));
+                        }
+                        e
+                    }
                 };
                 match lease.sftp().fs().symlink_metadata(p(path)).await {
                     // Taken: the caller judges it by the host's clock
@@ -198,7 +275,7 @@ impl SshHost<'_> {
     ) -> Result<Option<u64>, StepError> {
         let lease = self.lease().await?;
         let work = async {
-            let (temp, host_now) = self.lock_temp(&lease, path, bytes, durable, true).await?;
+            let (temp, host_now, used_spare) = self.lock_temp(&lease, path, bytes, durable, true).await?;
             let mut fs = lease.sftp().fs();
             if !fence() {
                 // Stalled past the caller's lease since the temp was
@@ -206,7 +283,20 @@ impl SshHost<'_> {
                 let _ = fs.remove_file(p(&temp)).await;
                 return Ok(None);
             }
-            match fs.rename(p(&temp), p(path)).await {
+            // With the rename, the temp of the lock's next rewrite, if one
+            // is to come (see `spare_wanted`).
+            let next = temp_name(path);
+            let spare = async {
+                match spare_wanted(path, Some(bytes), used_spare) {
+                    true => Some(new_temp(&lease, &next).await),
+                    false => None,
+                }
+            };
+            let (renamed, spare) = in_order2(fs.rename(p(&temp), p(path)), spare).await;
+            if let Some(spare) = spare {
+                self.keep_spare(&lease, path, next, spare);
+            }
+            match renamed {
                 Ok(()) => Ok(Some(host_now)),
                 Err(e) => {
                     let _ = fs.remove_file(p(&temp)).await;
@@ -269,8 +359,17 @@ impl SshHost<'_> {
     /// Remove `path`; a missing file is not an error.
     pub(crate) async fn lock_file_remove(&self, path: &str) -> Result<(), StepError> {
         let lease = self.lease().await?;
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(path).map(|(t, ..)| t);
         let work = async {
-            match lease.sftp().fs().remove_file(p(path)).await {
+            // The spare temp goes with the lock (best effort: a temp left
+            // is swept like a killed worker's).
+            let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
+            let spare = async {
+                if let Some(t) = &spare {
+                    let _ = fs2.remove_file(p(t)).await;
+                }
+            };
+            match in_order2(fs1.remove_file(p(path)), spare).await.0 {
                 Ok(()) => Ok(()),
                 Err(e) if is_no_such_file(&e) => Ok(()),
                 Err(e) => Err(lease.sftp_err("remove lock", path, &e)),
@@ -291,21 +390,26 @@ impl SshHost<'_> {
             Some(i) => lock[..i].to_string(),
             None => ".".to_string(),
         };
+        // The prune's listing of this directory, when it was taken just
+        // now by this deployment, serves: what it shows older than `before`
+        // is older than a lease now (a file made since is younger), and
+        // litter that old belongs to nobody alive (the premise of every
+        // sweep, which removes by name after its listing too).
+        let recent = self
+            .listed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|l| l.dir == dir && l.at.elapsed() < RECENT_LISTING);
         let work = async {
-            let d = match lease.sftp().fs().open_dir(p(&dir)).await {
-                Ok(d) => d,
-                Err(e) => return Err(lease.sftp_err("list", &dir, &e)),
+            let entries = match recent {
+                Some(l) => l.entries,
+                None => crate::host::list_dir(&lease, &dir, true).await?,
             };
             let mut doomed = Vec::new();
-            let mut rd = Box::pin(d.read_dir());
-            while let Some(e) = rd.next().await {
-                let e = e.map_err(|e| lease.sftp_err("list", &dir, &e))?;
-                let name = e.filename().to_string_lossy().into_owned();
-                let full = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
-                let meta = e.metadata();
-                let mtime = meta.modified().map(|t| t.as_duration().as_secs()).unwrap_or(u64::MAX);
-                let regular = meta.file_type().is_some_and(|t| t.is_file());
-                if regular && is_lock_litter(lock, &full) && mtime < before {
+            for e in entries {
+                let full = if dir == "/" { format!("/{}", e.name) } else { format!("{dir}/{}", e.name) };
+                if e.file && is_lock_litter(lock, &full) && e.mtime < before {
                     doomed.push(full);
                 }
             }

@@ -162,6 +162,8 @@ struct PoolInner {
     closing: Arc<AtomicUsize>,
     evictions: AtomicU64,
     epoch: Instant,
+    /// SFTP requests, round trips and remote commands of every session.
+    wire: Arc<crate::count::Totals>,
 }
 
 impl Drop for PoolInner {
@@ -197,12 +199,16 @@ impl Slot {
 
 /// One open master with its SFTP session.
 pub(crate) struct Conn {
+    /// Unique among the process's connections: what a handle kept across
+    /// operations was opened on.
+    serial: u64,
     pub(crate) session: Arc<Session>,
     pub(crate) sftp: Sftp,
     dead: AtomicBool,
-    /// Under sudo: the task that owns the `sudo -n <sftp_server>` process
-    /// (drains its stderr, waits for its exit). It ends when the SFTP
-    /// session's stdin closes.
+    /// The task that owns the SFTP server's channel (the `sftp` subsystem,
+    /// or under sudo the `sudo -n <sftp_server>` process, whose stderr it
+    /// drains) and waits for its exit. It ends when the SFTP session's
+    /// stdin closes.
     server: Option<tokio::task::JoinHandle<()>>,
     /// This master's place among `max_masters` (taken out when the master
     /// is closed, given back once its process has exited).
@@ -317,6 +323,7 @@ impl SshPool {
                 closing: Arc::new(AtomicUsize::new(0)),
                 evictions: AtomicU64::new(0),
                 epoch: Instant::now(),
+                wire: Default::default(),
             }),
         })
     }
@@ -357,6 +364,24 @@ impl SshPool {
     /// first) since the pool was created.
     pub fn masters_evicted(&self) -> u64 {
         self.inner.evictions.load(Ordering::Relaxed)
+    }
+
+    /// SFTP requests sent since the pool was created (every packet but the
+    /// greeting; see the `count` module).
+    pub fn sftp_requests(&self) -> u64 {
+        self.inner.wire.requests.load(Ordering::Relaxed)
+    }
+
+    /// SFTP round trips since the pool was created: sends while none of the
+    /// session's earlier requests was still awaited (requests that leave
+    /// together count once).
+    pub fn sftp_round_trips(&self) -> u64 {
+        self.inner.wire.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Remote commands (exec channels) run since the pool was created.
+    pub fn commands_run(&self) -> u64 {
+        self.inner.wire.commands.load(Ordering::Relaxed)
     }
 
     /// Close every master now.
@@ -466,7 +491,7 @@ impl SshPool {
         let slot = self.slot(addr);
         slot.active.fetch_add(1, Ordering::SeqCst);
         // From here on the lease's Drop undoes `active`.
-        let mut lease = Lease { slot: slot.clone(), conn: None, host: addr.to_string() };
+        let mut lease = Lease { slot: slot.clone(), conn: None, host: addr.to_string(), wire: self.inner.wire.clone() };
         let mut guard = slot.conn.lock().await;
         let mut place = None;
         if let Some(c) = guard.as_ref() {
@@ -538,18 +563,10 @@ impl SshPool {
         };
         let session = Arc::new(Session::new_native_mux(dir));
         let place = Place { permit, pidfd: master_pidfd(session.control_socket()).await };
+        let wire = self.inner.wire.clone();
         let opened = match &addr.sudo {
-            None => {
-                match tokio::time::timeout(limit, Sftp::from_clonable_session(session.clone(), sftp_options())).await {
-                    Ok(Ok(s)) => Ok((s, None)),
-                    Ok(Err(e)) => {
-                        let e = sftp_error(&host, "open", "SFTP session", &e);
-                        Err(if e.is_transient() { e } else { StepError::permanent(e.message) })
-                    }
-                    Err(_) => Err(StepError::transient(format!("{host}: SFTP session: timed out"))),
-                }
-            }
-            Some(server) => sudo_sftp(&session, &host, server, limit).await.map(|(s, t)| (s, Some(t))),
+            None => subsystem_sftp(&session, &host, limit, wire).await.map(|(s, t)| (s, Some(t))),
+            Some(server) => sudo_sftp(&session, &host, server, limit, wire).await.map(|(s, t)| (s, Some(t))),
         };
         let (sftp, server) = match opened {
             Ok(o) => o,
@@ -561,7 +578,15 @@ impl SshPool {
             }
         };
         tracing::debug!(host = %host, ms = started.elapsed().as_millis() as u64, "ssh master opened");
-        Ok(Conn { session, sftp, dead: AtomicBool::new(false), server, place: Mutex::new(Some(place)) })
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        Ok(Conn {
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+            session,
+            sftp,
+            dead: AtomicBool::new(false),
+            server,
+            place: Mutex::new(Some(place)),
+        })
     }
 }
 
@@ -623,6 +648,46 @@ fn ssh_accepts(config_file: &Path) -> Result<(), String> {
 /// Most of the sudo'ed SFTP server's stderr kept for an error message.
 const SUDO_STDERR_MAX: usize = 4096;
 
+/// The SFTP session of a target without sudo: the `sftp` subsystem over
+/// a channel of the master, its streams counted (see the `count` module);
+/// the returned task waits for the subsystem to exit (it ends when the
+/// SFTP session's stdin closes).
+async fn subsystem_sftp(
+    session: &Arc<Session>,
+    host: &str,
+    limit: Duration,
+    wire: Arc<crate::count::Totals>,
+) -> Result<(Sftp, tokio::task::JoinHandle<()>), StepError> {
+    let mut cmd = Session::to_subsystem(session.clone(), "sftp");
+    cmd.stdin(openssh::Stdio::piped()).stdout(openssh::Stdio::piped()).stderr(openssh::Stdio::null());
+    let mut child = match tokio::time::timeout(limit, cmd.spawn()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return Err(StepError::transient(format!("{host}: SFTP session: cannot start: {}", error_chain(&e))));
+        }
+        Err(_) => return Err(StepError::transient(format!("{host}: SFTP session: timed out"))),
+    };
+    let (Some(stdin), Some(stdout)) = (child.stdin().take(), child.stdout().take()) else {
+        return Err(StepError::transient(format!("{host}: SFTP session: no stdin or stdout")));
+    };
+    let task = tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    let (w, r) = crate::count::wrap(wire, stdin, stdout);
+    match tokio::time::timeout(limit, Sftp::new(w, r, sftp_options())).await {
+        Ok(Ok(s)) => Ok((s, task)),
+        Ok(Err(e)) => {
+            task.abort();
+            let e = sftp_error(host, "open", "SFTP session", &e);
+            Err(if e.is_transient() { e } else { StepError::permanent(e.message) })
+        }
+        Err(_) => {
+            task.abort();
+            Err(StepError::transient(format!("{host}: SFTP session: timed out")))
+        }
+    }
+}
+
 /// The SFTP session of a sudo target: `sudo -n <server>` over an exec
 /// channel of the master, the SFTP protocol over its stdin and stdout.
 /// When it does not start (sudo asks for a password, the rule is missing,
@@ -634,6 +699,7 @@ async fn sudo_sftp(
     host: &str,
     server: &str,
     limit: Duration,
+    wire: Arc<crate::count::Totals>,
 ) -> Result<(Sftp, tokio::task::JoinHandle<()>), StepError> {
     use tokio::io::AsyncReadExt as _;
     let shown = format!("sudo -n {server}");
@@ -670,7 +736,8 @@ async fn sudo_sftp(
         }
         let _ = exit_tx.send(child.wait().await);
     });
-    let e = match tokio::time::timeout(limit, Sftp::new(stdin, stdout, sftp_options())).await {
+    let (w, r) = crate::count::wrap(wire, stdin, stdout);
+    let e = match tokio::time::timeout(limit, Sftp::new(w, r, sftp_options())).await {
         Ok(Ok(s)) => return Ok((s, task)),
         Ok(Err(e)) => e,
         Err(_) => {
@@ -831,6 +898,7 @@ pub(crate) struct Lease {
     slot: Arc<Slot>,
     conn: Option<Arc<Conn>>,
     pub(crate) host: String,
+    wire: Arc<crate::count::Totals>,
 }
 
 /// Why a command has no exit status.
@@ -851,6 +919,10 @@ impl Lease {
     }
     pub(crate) fn sftp(&self) -> &Sftp {
         &self.conn().sftp
+    }
+    /// Which connection this lease uses (see `Conn::serial`).
+    pub(crate) fn conn_serial(&self) -> u64 {
+        self.conn().serial
     }
     pub(crate) fn mark_dead(&self) {
         self.conn().dead.store(true, Ordering::SeqCst);
@@ -880,6 +952,7 @@ impl Lease {
     ) -> Result<(Option<i32>, Vec<u8>, Vec<u8>), ExecFailure> {
         let _permit = self.channel().await?;
         let conn = self.conn();
+        self.wire.commands.fetch_add(1, Ordering::Relaxed);
         let run = async {
             use tokio::io::AsyncReadExt as _;
             // The remote sshd runs the string with the user's shell (`sh -c`).

@@ -96,3 +96,25 @@ async fn sweep_removes_only_lock_temps_and_claims_older_than_given() {
         assert!(rig.sshd.exists(p), "{} removed", p.display());
     }
 }
+
+/// A lock's rewrites fill a temp created with the operation before (in
+/// its last batch); that spare temp goes with the lock's removal, so a
+/// lock taken, rewritten and released leaves nothing behind, and each
+/// rewrite leaves the lock with its new content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_rewritten_and_removed_leaves_no_temp() {
+    let rig = Rig::new();
+    let dir = rig.dir("spare");
+    let lock = dir.join("site.pem.certdeploy-lock").display().to_string();
+    let host = rig.host();
+    let c = host.lock_create(&lock, &record("d-1/1/aa").bytes()).await.expect("create");
+    assert!(c.created);
+    for (i, token) in ["d-1/1/bb", "d-1/1/cc"].into_iter().enumerate() {
+        let written = record(token).bytes();
+        let now = host.lock_replace(&lock, &written, i == 0, &|| true).await.expect("replace");
+        assert!(now.is_some());
+        assert_eq!(rig.sshd.read(&lock), written);
+    }
+    host.lock_remove(&lock).await.expect("remove");
+    assert_eq!(rig.sshd.list(&dir), Vec::<String>::new(), "no lock and no temp left");
+}

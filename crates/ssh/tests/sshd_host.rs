@@ -525,3 +525,30 @@ async fn kex_algorithms_reach_ssh_and_a_bogus_one_is_refused() {
     let e = SshPool::new(with("curve25519-sha256\n  ProxyCommand touch /tmp/x")).expect_err("two lines").to_string();
     assert!(e.contains("expected algorithm names separated by commas"), "{e}");
 }
+
+/// Prune and the lock sweep read directory listings that end at the first
+/// answer shorter than a full one (OpenSSH's sftp-server sends 100 entries
+/// per answer until the end): in a directory of several hundred entries
+/// every old backup is still found, wherever it comes in the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_finds_every_old_backup_in_a_directory_longer_than_one_listing_answer() {
+    let rig = Rig::new();
+    let d = rig.dir("long");
+    for i in 0..250 {
+        rig.sshd.write(d.join(format!("filler-{i:03}")), b"x", 0o644);
+    }
+    for i in 0..150 {
+        rig.sshd.write(d.join(format!("site.pem.certdeploy-bak.old-{i:03}")), &cert("older", 50), 0o644);
+    }
+    rig.sshd.write(d.join("site.pem"), &cert("old", 100), 0o644);
+    rig.sshd.write(d.join("site.key"), &key("old"), 0o600);
+    let r = rig.deploy(&target(&d, "true"), "long-1", &cert("new", 200), &key("new")).await;
+    assert_eq!(r.outcome, Outcome::Deployed, "{}", dump(&r));
+    let backups: Vec<String> = rig.sshd.list(&d).into_iter().filter(|n| n.contains(".certdeploy-bak.")).collect();
+    assert_eq!(
+        backups,
+        vec!["site.key.certdeploy-bak.long-1", "site.pem.certdeploy-bak.long-1"],
+        "only this deployment's own backups are kept (keep_backups = 1)"
+    );
+    assert_eq!(rig.sshd.list(&d).iter().filter(|n| n.starts_with("filler-")).count(), 250);
+}

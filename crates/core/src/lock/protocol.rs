@@ -61,7 +61,9 @@ pub async fn acquire<H: Host, C: Clock>(
     for _ in 0..ROUNDS {
         let c = host.lock_create(path, &bytes).await?;
         if c.created {
-            sweep(host, path, c.host_now, mine.lease_ms).await;
+            // No sweep here: this holder's release sweeps (a listing of
+            // the directory less per deployment), and what a killed worker
+            // left stays harmless until then.
             return Ok(Acquired::Ours { took_over: None, written: Box::new(mine.clone()), host_now: c.host_now });
         }
         let Some(file) = host.lock_read(path).await? else { continue };
