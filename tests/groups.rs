@@ -1,7 +1,8 @@
 //! Target groups against the real worker binary, a real RabbitMQ (a vhost
 //! of the test's own) and one real sshd serving a host per loopback
-//! address: waves in order, a halted group, and SIGKILLs of the worker in
-//! the middle of a group.
+//! address: waves in order, a halted group, a group that reverts its
+//! deployed members (a real nginx on the canary's files), and SIGKILLs of
+//! the worker in the middle of a group.
 //!
 //! Each host's reload command appends `<unix ns> <sha256 prefix of the
 //! certificate file>` to its reload log: when it reloaded, and what.
