@@ -1,7 +1,8 @@
 //! Target groups against the real worker binary, a real RabbitMQ (a vhost
 //! of the test's own) and one real sshd serving a host per loopback
-//! address: waves in order, a halted group, and SIGKILLs of the worker in
-//! the middle of a group.
+//! address: waves in order, a halted group, a group that reverts its
+//! deployed members (a real nginx on the canary's files), and SIGKILLs of
+//! the worker in the middle of a group.
 //!
 //! Each host's reload command appends `<unix ns> <sha256 prefix of the
 //! certificate file>` to its reload log: when it reloaded, and what.
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use certdeploy_core::wire::ResultEvent;
 use certdeploy_testbed::certs::{Bundle, TestCa, request};
+use certdeploy_testbed::nginx::NginxFixture;
 use common::*;
 
 /// Every event the worker published, from its durable results queue
@@ -113,6 +115,17 @@ fn sha_prefix(pem: &str) -> String {
 /// The configuration: every target with the logging reload (or its
 /// override), the worker's identity, and `[groups.fleet]`.
 fn config(fleet: &Fleet, ident: &Path, group: &str, overrides: Vec<(String, String)>) -> PathBuf {
+    config_with(fleet, ident, group, overrides, "")
+}
+
+/// [`config`] with `target_extra` lines in every target's table.
+fn config_with(
+    fleet: &Fleet,
+    ident: &Path,
+    group: &str,
+    overrides: Vec<(String, String)>,
+    target_extra: &str,
+) -> PathBuf {
     let mut reloads: Vec<(String, String)> =
         fleet.targets.iter().map(|t| (t.name.clone(), logging_reload(t))).collect();
     for (name, cmd) in overrides {
@@ -122,6 +135,7 @@ fn config(fleet: &Fleet, ident: &Path, group: &str, overrides: Vec<(String, Stri
     let opts = Opts {
         worker_extra: format!("key_identities = [\"{}\"]\n", ident.display()),
         reload_overrides: reloads,
+        target_extra: target_extra.to_string(),
         ..Opts::default()
     };
     let path = fleet.write_config(&opts);
@@ -302,6 +316,177 @@ async fn a_failing_canary_halts_the_group() {
             .collect();
         assert!(names.is_empty(), "{}: files {names:?}", t.name);
     }
+}
+
+/// (bytes, mode) of a file, `None` when missing.
+fn file_and_mode(p: &Path) -> Option<(Vec<u8>, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let m = fs::metadata(p).ok()?;
+    Some((fs::read(p).ok()?, m.permissions().mode() & 0o7777))
+}
+
+/// A target's cert, key and chain: bytes and mode of each.
+fn files_and_modes(t: &Target) -> [Option<(Vec<u8>, u32)>; 3] {
+    [file_and_mode(&t.cert), file_and_mode(&t.key), file_and_mode(&t.chain)]
+}
+
+/// `on_failure = "revert"`: five members in waves [1, "50%", "100%"]
+/// (1, 3, 5) all hold certificate A from a first group (no chain file,
+/// cert 0644, key 0600); the worker restarts configured with other modes
+/// (cert 0640, key 0400) and group B (with a chain) follows, whose last
+/// member's reload fails while B is in place. That member is rolled back;
+/// the four that deployed B (the canary, the second wave and the last
+/// wave's other member) are reverted: each gets a result `<child>.revert`
+/// on `result.reverted` (`reverts` = the child id); every member's cert,
+/// key and chain are A's bytes and modes again (B's chain file removed);
+/// nginx on the canary's files serves A again; the group result is
+/// `reverted` on `group.reverted`, its `children` the members' own
+/// outcomes and its `reverts` every reverted member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_last_wave_reverts_every_deployed_member() {
+    const SNI: &str = "fleet.example";
+    let fleet = Fleet::new(5, true);
+    let ident = identity(&fleet);
+    let ca = TestCa::new();
+    let (first, a, b) = (ca.leaf(SNI, 4), ca.leaf(SNI, 3), ca.leaf(SNI, 2));
+    // nginx on the canary's files, first serving a certificate of its own.
+    let canary = fleet.targets[0].clone();
+    fleet.sshd.write(&canary.cert, first.cert_pem.as_bytes(), 0o644);
+    fleet.sshd.write(&canary.key, first.key_pem.as_bytes(), 0o600);
+    let nginx = NginxFixture::start(&canary.cert, &canary.key, &canary.addr);
+    // The last member's reload fails while B's certificate is in place
+    // (its rollback puts A back, and then it succeeds).
+    let last = fleet.targets[4].clone();
+    let failing = format!(
+        "{}; if [ \"$(sha256sum < {} | cut -c1-16)\" = {} ]; then exit 1; fi",
+        logging_reload(&last),
+        last.cert.display(),
+        sha_prefix(&b.cert_pem)
+    );
+    let section = group_section(&fleet, "[1, \"50%\", \"100%\"]") + "on_failure = \"revert\"\n";
+    let write_config = |modes: &str| {
+        let overrides = vec![(canary.name.clone(), nginx.reload_command()), (last.name.clone(), failing.clone())];
+        let path = config_with(&fleet, &ident, &section, overrides, &format!("keep_backups = 1\n{modes}"));
+        let header = format!("[targets.{}]\n", canary.name);
+        let nginx_lines = format!(
+            "{header}validate_command = \"{}\"\nverify_endpoint = \"{}\"\nverify_sni = \"{SNI}\"\n",
+            nginx.validate_command(),
+            nginx.endpoint()
+        );
+        let text = fs::read_to_string(&path).expect("config").replacen(&header, &nginx_lines, 1);
+        fs::write(&path, text).expect("write config");
+        path
+    };
+    let cfg = write_config("cert_mode = \"0644\"\nkey_mode = \"0600\"\n");
+    let mut worker = Proc::worker(&fleet, &cfg, &[], "worker-a");
+    let mut ev = Events::connect(&fleet).await;
+    let mut without_chain: serde_json::Value = serde_json::from_slice(&group_request("g-a", &a)).expect("json");
+    without_chain.as_object_mut().expect("object").remove("chain_pem");
+    ev.publish(&serde_json::to_vec(&without_chain).expect("json")).await;
+    let done = ev.collect(Duration::from_secs(50), |e| !e.groups("g-a").is_empty()).await;
+    assert!(done, "no result of group A:\n{}", tail(&worker.log_text(), 40));
+    assert_eq!(ev.groups("g-a")[0]["outcome"], "deployed", "{}", ev.groups("g-a")[0]);
+    assert_eq!(nginx.served_leaf_sha256(), a.leaf_sha256, "nginx serves A");
+    let before: Vec<_> = fleet.targets.iter().map(files_and_modes).collect();
+    for (t, f) in fleet.targets.iter().zip(&before) {
+        assert_eq!(f[0], Some((a.cert_pem.clone().into_bytes(), 0o644)), "{} holds A", t.name);
+        assert_eq!(f[1], Some((a.key_pem.clone().into_bytes(), 0o600)), "{} holds A's key", t.name);
+        assert_eq!(f[2], None, "A has no chain file on {}", t.name);
+    }
+
+    // B's files get other modes: a revert must put back A's own.
+    worker.signal("TERM");
+    let stopped = tokio::task::block_in_place(|| worker.wait_timeout(Duration::from_secs(30)));
+    assert!(stopped.is_some(), "the worker did not stop:\n{}", tail(&worker.log_text(), 20));
+    let cfg = write_config("cert_mode = \"0640\"\nkey_mode = \"0400\"\n");
+    let worker = Proc::worker(&fleet, &cfg, &[], "worker-b");
+    let reloads = nginx.reloads();
+    ev.publish(&group_request("g-b", &b)).await;
+    let of_b =
+        |e: &Events| e.got.iter().filter(|(rk, _, v)| rk.starts_with("result.") && v["parent_id"] == "g-b").count();
+    // The members' and the reverts' results are published before the
+    // group result (into the same queue).
+    let done = ev.collect(Duration::from_secs(60), |e| !e.groups("g-b").is_empty()).await;
+    assert!(done, "no result of group B:\n{}", tail(&worker.log_text(), 40));
+    let (rk, corr, g) = ev
+        .got
+        .iter()
+        .find(|(rk, _, v)| rk.starts_with("group.") && v["deployment_id"] == "g-b")
+        .cloned()
+        .expect("group result");
+    assert_eq!((rk.as_str(), corr.as_deref()), ("group.reverted", Some("g-b")), "{g}");
+    assert_eq!(g["outcome"], "reverted", "every deployed member reverted: {g}");
+    assert_eq!((g["waves_run"].as_u64(), g["members"].as_u64()), (Some(3), Some(5)), "{g}");
+    let names: Vec<&str> = fleet.targets.iter().map(|t| t.name.as_str()).collect();
+    let children: BTreeMap<&str, &str> =
+        names.iter().map(|&n| (n, if n == last.name { "rolled_back" } else { "deployed" })).collect();
+    assert_eq!(g["children"], serde_json::json!(children), "children: the members' own outcomes");
+    let reverts: BTreeMap<&str, &str> = names[..4].iter().map(|&n| (n, "reverted")).collect();
+    assert_eq!(g["reverts"], serde_json::json!(reverts), "reverts: every member that deployed B");
+    let counts = &g["counts"];
+    assert_eq!(
+        [&counts["deployed"], &counts["rolled_back"], &counts["reverted"], &counts["halted"]],
+        [4, 1, 4, 0].map(serde_json::Value::from).each_ref(),
+        "{g}"
+    );
+    for (rk, corr, v) in ev.got.iter().filter(|(_, _, v)| v["parent_id"] == "g-b" || v["deployment_id"] == "g-b") {
+        assert_eq!(corr.as_deref(), Some("g-b"), "correlation id of {rk} {v}");
+    }
+    // Five members' results, four reverts' results.
+    assert_eq!(
+        of_b(&ev),
+        9,
+        "results of group B: {:?}",
+        ev.got.iter().map(|e| (&e.0, &e.2["deployment_id"])).collect::<Vec<_>>()
+    );
+    let results = ev.children("g-b");
+    for (i, t) in fleet.targets.iter().enumerate() {
+        let child = format!("g-b:{}", t.name);
+        let rs = &results[&t.name];
+        let deploys: Vec<&ResultEvent> = rs.iter().filter(|r| r.deployment_id == child).collect();
+        let revert_id = format!("{child}.revert");
+        let revs: Vec<&ResultEvent> = rs.iter().filter(|r| r.deployment_id == revert_id).collect();
+        if t.name == last.name {
+            assert_eq!(deploys.len(), 1, "{rs:?}");
+            assert_eq!(deploys[0].outcome.as_str(), "rolled_back", "{:?}", deploys[0]);
+            assert!(revs.is_empty(), "{}: a member that did not deploy is not reverted: {revs:?}", t.name);
+        } else {
+            assert_eq!(deploys.len(), 1, "{rs:?}");
+            assert_eq!(deploys[0].outcome.as_str(), "deployed", "{:?}", deploys[0]);
+            assert_eq!(revs.len(), 1, "{}: one revert result: {rs:?}", t.name);
+            let r = revs[0];
+            assert_eq!((r.outcome.as_str(), r.success), ("reverted", true), "{}: {}", t.name, r.message);
+            assert_eq!(r.reverts.as_deref(), Some(child.as_str()), "{r:?}");
+            assert_eq!((r.group.as_deref(), r.parent_id.as_deref()), (Some("fleet"), Some("g-b")), "{r:?}");
+            if t.name == canary.name {
+                assert!(r.message.contains("old certificate is served"), "the revert verified A: {}", r.message);
+            }
+        }
+        // Every member ends on A's files and modes (B's chain file gone):
+        // reverted, or rolled back by its own deployment.
+        let now = files_and_modes(t);
+        let show = |f: &[Option<(Vec<u8>, u32)>; 3]| {
+            f.iter()
+                .map(|x| x.as_ref().map(|(b, m)| (sha_prefix(&String::from_utf8_lossy(b)), format!("{m:o}"))))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            now == before[i],
+            "{}: (cert, key, chain) now {:?}, before B {:?}",
+            t.name,
+            show(&now),
+            show(&before[i])
+        );
+        assert!(fleet.leftovers(t).is_empty(), "{}: {:?}", t.name, fleet.leftovers(t));
+    }
+    // The reverts reloaded A: the last reload of each logging member is A's.
+    let (pa, pb) = (sha_prefix(&a.cert_pem), sha_prefix(&b.cert_pem));
+    for t in &fleet.targets[1..4] {
+        let lines: Vec<String> = reload_lines(t).into_iter().map(|l| l.1).collect();
+        assert_eq!(lines, [pa.clone(), pb.clone(), pa.clone()], "{}: reloads of A, B, A again", t.name);
+    }
+    assert!(nginx.reloads() >= reloads + 2, "nginx reloaded for B and for the revert");
+    assert_eq!(nginx.served_leaf_sha256(), a.leaf_sha256, "nginx on the canary serves A again");
 }
 
 /// SIGKILL of the worker at random instants while a group of 30 runs,

@@ -1831,11 +1831,10 @@ reload_command = "systemctl reload nginx"
             &[],
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        use certdeploy_core::group::WaveSize;
-        assert_eq!(
-            c.groups["web"].wave_sizes(),
-            vec![WaveSize::Count(1), WaveSize::Percent(25), WaveSize::Percent(100)]
-        );
+        use certdeploy_core::group::{OnFailure, WaveSize};
+        let g = &c.groups["web"];
+        assert_eq!(g.wave_sizes(), vec![WaveSize::Count(1), WaveSize::Percent(25), WaveSize::Percent(100)]);
+        assert_eq!((g.max_failed, g.on_failure), (2, OnFailure::Revert), "max_failed and on_failure are read");
         let cases = [
             ("targets = []\n", "groups.web.targets: must name"),
             ("targets = [\"web2\"]\n", "groups.web.targets: `web2` is not a configured target"),
@@ -1843,6 +1842,8 @@ reload_command = "systemctl reload nginx"
             ("targets = [\"web1\"]\nwaves = [0]\n", "groups.web.waves: 0:"),
             ("targets = [\"web1\"]\nwaves = [\"150%\"]\n", "groups.web.waves: `150%`"),
             ("targets = [\"web1\"]\nwaves = [\"half\"]\n", "groups.web.waves: `half`"),
+            ("targets = [\"web1\"]\nwaves = [\"0%\"]\n", "groups.web.waves: `0%`"),
+            ("targets = [\"web1\"]\nwaves = [1, -1]\n", "groups.web.waves: -1:"),
         ];
         for (g, want) in cases {
             let e = Config::parse(&with(g), "c.toml", &[]).unwrap_err().to_string();
@@ -1850,5 +1851,12 @@ reload_command = "systemctl reload nginx"
         }
         let e = Config::parse(&with("targets = [\"web1\"]\non_failure = \"panic\"\n"), "c.toml", &[]).unwrap_err();
         assert!(e.to_string().contains("expected `halt` or `revert`"), "{e}");
+        // A misspelt key is refused, not ignored.
+        let e = Config::parse(&with("targets = [\"web1\"]\nmax_fail = 1\n"), "c.toml", &[]).unwrap_err();
+        assert!(e.to_string().contains("unknown field `max_fail`"), "{e}");
+        // A group's name becomes part of ids: the characters of a deployment id only.
+        let bad = format!("{MIN}\n[groups.\"web 1\"]\ntargets = [\"web1\"]\n");
+        let e = Config::parse(&bad, "c.toml", &[]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: groups.web 1: a group name is"), "{e}");
     }
 }
