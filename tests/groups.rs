@@ -341,7 +341,10 @@ fn files_and_modes(t: &Target) -> [Option<(Vec<u8>, u32)>; 3] {
 /// key and chain are A's bytes and modes again (B's chain file removed);
 /// nginx on the canary's files serves A again; the group result is
 /// `reverted` on `group.reverted`, its `children` the members' own
-/// outcomes and its `reverts` every reverted member.
+/// outcomes and its `reverts` every reverted member. The worker dies right
+/// after publishing group B's result: the next one publishes the reverts'
+/// results and the group result again, the same copies.
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_last_wave_reverts_every_deployed_member() {
     const SNI: &str = "fleet.example";
@@ -399,15 +402,27 @@ async fn a_failing_last_wave_reverts_every_deployed_member() {
     let stopped = tokio::task::block_in_place(|| worker.wait_timeout(Duration::from_secs(30)));
     assert!(stopped.is_some(), "the worker did not stop:\n{}", tail(&worker.log_text(), 20));
     let cfg = write_config("cert_mode = \"0640\"\nkey_mode = \"0400\"\n");
-    let worker = Proc::worker(&fleet, &cfg, &[], "worker-b");
+    // This worker dies right after publishing the group result, before
+    // recording that it did: the next one publishes the reverts' results
+    // and the group result again, from the journal.
+    let mut first = Proc::worker(&fleet, &cfg, &[("FAILPOINTS", "group_after_publish=panic")], "worker-b");
     let reloads = nginx.reloads();
     ev.publish(&group_request("g-b", &b)).await;
+    let died = tokio::task::block_in_place(|| first.wait_timeout(Duration::from_secs(60)));
+    assert!(
+        died.is_some_and(|s| !s.success()),
+        "the failpoint did not end the worker:\n{}",
+        tail(&first.log_text(), 40)
+    );
+    let worker = Proc::worker(&fleet, &cfg, &[], "worker-b2");
     let of_b =
         |e: &Events| e.got.iter().filter(|(rk, _, v)| rk.starts_with("result.") && v["parent_id"] == "g-b").count();
     // The members' and the reverts' results are published before the
     // group result (into the same queue).
-    let done = ev.collect(Duration::from_secs(60), |e| !e.groups("g-b").is_empty()).await;
-    assert!(done, "no result of group B:\n{}", tail(&worker.log_text(), 40));
+    let done = ev.collect(Duration::from_secs(60), |e| e.groups("g-b").len() == 2).await;
+    assert!(done, "no second copy of group B's result:\n{}", tail(&worker.log_text(), 40));
+    let copies = ev.groups("g-b");
+    assert_eq!(copies[0], copies[1], "the group result's copies differ");
     let (rk, corr, g) = ev
         .got
         .iter()
@@ -432,10 +447,11 @@ async fn a_failing_last_wave_reverts_every_deployed_member() {
     for (rk, corr, v) in ev.got.iter().filter(|(_, _, v)| v["parent_id"] == "g-b" || v["deployment_id"] == "g-b") {
         assert_eq!(corr.as_deref(), Some("g-b"), "correlation id of {rk} {v}");
     }
-    // Five members' results, four reverts' results.
+    // Five members' results (recorded as published), four reverts'
+    // results twice (before each copy of the group result).
     assert_eq!(
         of_b(&ev),
-        9,
+        13,
         "results of group B: {:?}",
         ev.got.iter().map(|e| (&e.0, &e.2["deployment_id"])).collect::<Vec<_>>()
     );
@@ -453,8 +469,10 @@ async fn a_failing_last_wave_reverts_every_deployed_member() {
         } else {
             assert_eq!(deploys.len(), 1, "{rs:?}");
             assert_eq!(deploys[0].outcome.as_str(), "deployed", "{:?}", deploys[0]);
-            assert_eq!(revs.len(), 1, "{}: one revert result: {rs:?}", t.name);
+            assert_eq!(revs.len(), 2, "{}: the revert's result with each copy of the group's: {rs:?}", t.name);
             let r = revs[0];
+            let again = ResultEvent { worker: r.worker.clone(), ..revs[1].clone() };
+            assert_eq!(r, &again, "{}: the revert's result copies differ (apart from the publishing worker)", t.name);
             assert_eq!((r.outcome.as_str(), r.success), ("reverted", true), "{}: {}", t.name, r.message);
             assert_eq!(r.reverts.as_deref(), Some(child.as_str()), "{r:?}");
             assert_eq!((r.group.as_deref(), r.parent_id.as_deref()), (Some("fleet"), Some("g-b")), "{r:?}");

@@ -12,6 +12,7 @@ use std::time::Duration;
 use certdeploy_core::group::{Group, GroupEvent, GroupRecord, GroupResult, Next};
 use certdeploy_core::wire::RequestError;
 use certdeploy_core::{Report, Timestamp};
+use certdeploy_journal::DeploymentStatus;
 use tokio::sync::watch;
 
 use super::{Error, Runtime};
@@ -181,13 +182,10 @@ impl Runtime {
                     }
                     let member = g.spec.members[i].clone();
                     let child = g.spec.child_id(&member);
+                    // Its result is published with the group's end (from
+                    // the journal, at least once), not here.
                     let (outcome, message) = match Box::pin(self.revert(&child)).await {
-                        Ok(r) => {
-                            if let Err(e) = sink.child(&g, &r).await {
-                                tracing::warn!(group_id = %id, "publishing a revert's result failed: {e}");
-                            }
-                            (r.outcome.as_str().to_string(), r.message)
-                        }
+                        Ok(r) => (r.outcome.as_str().to_string(), r.message),
                         Err(e) if e.is_journal_poisoned() => return Err(e),
                         Err(e) => ("failed".to_string(), format!("revert of {child} could not run: {e}")),
                     };
@@ -204,6 +202,20 @@ impl Runtime {
             Next::Publish => {
                 let result = g.result.clone().expect("Publish follows Ended");
                 let at = g.ended_at.unwrap_or(Timestamp(0));
+                // Each revert's recorded result, again until the group's
+                // publication is recorded: at least once, every copy the
+                // journal's.
+                for i in g.reverts.keys() {
+                    let revert = certdeploy_core::revert::revert_id(&g.spec.child_id(&g.spec.members[*i]));
+                    let Some(DeploymentStatus::Finished { report, .. }) = self.journal.status(&revert)? else {
+                        continue;
+                    };
+                    if let Err(e) = sink.child(&g, &report).await {
+                        tracing::warn!(group_id = %id, "publishing a revert's result failed: {e}");
+                        tokio::time::sleep(RETRY).await;
+                        return Ok(false);
+                    }
+                }
                 for i in g.never_started() {
                     if let Err(e) = sink.child(&g, &g.halted_report(i, at)).await {
                         tracing::warn!(group_id = %id, "publishing a halted member's result failed: {e}");
