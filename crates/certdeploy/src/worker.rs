@@ -783,13 +783,7 @@ async fn handle(
     let validated = match checked {
         Ok(v) => v,
         Err(rej) => {
-            let id = rej.deployment_id.unwrap_or_else(|| "unknown".into());
-            let target = rej.target.unwrap_or_else(|| "unknown".into());
-            let reason = rej.error.to_string();
-            tracing::warn!(deployment_id = %id, target = %target, "rejected: {reason}");
-            let report = Report::rejected(&id, &target, "", format!("request rejected: {reason}"), now);
-            metrics::counter!(m::DEPLOYMENTS, "outcome" => "rejected").increment(1);
-            answer_and_dead_letter(rt, delivery, brx, report, &reply, &reason).await;
+            reject(rt, delivery, brx, rej, &reply, now).await;
             return Ok(());
         }
     };
@@ -903,13 +897,7 @@ async fn handle_group(
     let g = match checked {
         Ok(g) => g,
         Err(rej) => {
-            let id = rej.deployment_id.unwrap_or_else(|| "unknown".into());
-            let target = rej.target.unwrap_or_else(|| "unknown".into());
-            let reason = rej.error.to_string();
-            tracing::warn!(deployment_id = %id, group = %target, "rejected: {reason}");
-            let report = Report::rejected(&id, &target, "", format!("request rejected: {reason}"), now);
-            metrics::counter!(m::DEPLOYMENTS, "outcome" => "rejected").increment(1);
-            answer_and_dead_letter(rt, delivery, brx, report, &reply, &reason).await;
+            reject(rt, delivery, brx, rej, &reply, now).await;
             return Ok(());
         }
     };
@@ -983,6 +971,25 @@ impl GroupSink for BusSink {
 /// Publish a result for a request that will not run (rejected, delivery
 /// limit), then dead-letter the worker's own copy of it without the key in
 /// clear, and ack the original.
+/// A refused request (or group request): answered `rejected`, its message
+/// dead-lettered with the reason (key material redacted).
+async fn reject(
+    rt: &Runtime,
+    delivery: Delivery,
+    brx: watch::Receiver<Option<Arc<Broker>>>,
+    rej: intake::Rejection,
+    reply: &Reply,
+    now: certdeploy_core::Timestamp,
+) {
+    let id = rej.deployment_id.unwrap_or_else(|| "unknown".into());
+    let target = rej.target.unwrap_or_else(|| "unknown".into());
+    let reason = rej.error.to_string();
+    tracing::warn!(deployment_id = %id, target = %target, "rejected: {reason}");
+    let report = Report::rejected(&id, &target, "", format!("request rejected: {reason}"), now);
+    metrics::counter!(m::DEPLOYMENTS, "outcome" => "rejected").increment(1);
+    answer_and_dead_letter(rt, delivery, brx, report, reply, &reason).await;
+}
+
 async fn answer_and_dead_letter(
     rt: &Runtime,
     delivery: Delivery,

@@ -472,15 +472,7 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
             failpoint!("before_write");
             let results = env.host.write(deployment_id, &batch).await;
             failpoint!("after_write");
-            let events = files
-                .iter()
-                .zip(results)
-                .map(|(f, r)| match r {
-                    Ok(()) => Event::Written { role: f.role },
-                    Err(error) => Event::StepFailed { step: Step::Write, role: Some(f.role), error },
-                })
-                .collect();
-            successes_then_one_failure(events)
+            written(files.iter().map(|f| f.role), results)
         }
         Action::CheckBackups { files } => {
             failpoint!("before_check_backups");
@@ -505,15 +497,7 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
             failpoint!("before_write");
             let results = env.host.reinstate(deployment_id, files).await;
             failpoint!("after_write");
-            let events = files
-                .iter()
-                .zip(results)
-                .map(|(f, r)| match r {
-                    Ok(()) => Event::Written { role: f.role },
-                    Err(error) => Event::StepFailed { step: Step::Write, role: Some(f.role), error },
-                })
-                .collect();
-            successes_then_one_failure(events)
+            written(files.iter().map(|f| f.role), results)
         }
         Action::Exec { step, command, timeout_ms, guard } => {
             vec![exec_event(*step, exec(env, *step, command, *timeout_ms, guard.as_ref()).await)]
@@ -616,6 +600,19 @@ pub(crate) fn with_facts(
         _ => {}
     }
     s.snapshot
+}
+
+/// The events of a write (or a reinstate from backups): `written` per
+/// file put in place, then the one failure that decides.
+fn written(roles: impl Iterator<Item = Role>, results: Vec<Result<(), StepError>>) -> Vec<Event> {
+    let events = roles
+        .zip(results)
+        .map(|(role, r)| match r {
+            Ok(()) => Event::Written { role },
+            Err(error) => Event::StepFailed { step: Step::Write, role: Some(role), error },
+        })
+        .collect();
+    successes_then_one_failure(events)
 }
 
 /// Within one snapshot or write batch, record every success first (they
