@@ -1,5 +1,5 @@
 //! The benchmark command stays runnable: a tiny run through RabbitMQ and
-//! without it, which also verifies every host's final files; every host
+//! without it, which also verifies every target's final files; every host
 //! behind the latency proxy, with `--kex` and `--max-masters` set.
 
 use std::process::Command;
@@ -22,7 +22,7 @@ fn bench_runs_and_prints_its_table() {
     assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("| broker, journal fsync |"), "{stdout}");
     assert!(stdout.contains("| direct (no broker), journal fsync |"), "{stdout}");
-    assert!(stdout.contains("every run verified every host's final cert, key and chain"), "{stdout}");
+    assert!(stdout.contains("every run verified every target's final cert, key and chain"), "{stdout}");
     assert!(stdout.contains("{\"deployed\": 24}"), "all 24 deployed in each run:\n{stdout}");
     assert!(stdout.contains("rtt=4 ms (latency proxy) kex=curve25519-sha256 max_masters=2"), "{stdout}");
     // The worker kept at most two ssh processes (masters) at once.
