@@ -51,23 +51,6 @@ async fn new_temp(lease: &Lease, temp: &str) -> Result<File, openssh_sftp_client
     lease.sftp().options().read(true).write(true).create_new(true).open(p(temp)).await
 }
 
-/// Whether a lock operation on `path` (writing `bytes`, after a rewrite
-/// that `used_spare`) makes the temp of the lock's next rewrite: only in a
-/// holder's own run of a target lock (not a claim), which ends with the
-/// lock's removal (that removes the spare too). Taking the lock starts it;
-/// a rewrite continues it only if it used a spare itself (a takeover's
-/// first rewrite does not: its run may end with the lock left for an
-/// operator) and the lock is not `committing` (then the removal comes
-/// next).
-fn spare_wanted(path: &str, bytes: Option<&[u8]>, used_spare: bool) -> bool {
-    let committing = br#""phase":"committing""#;
-    path.ends_with(certdeploy_core::lock::LOCK_SUFFIX)
-        && match bytes {
-            None => true,
-            Some(b) => used_spare && !b.windows(committing.len()).any(|w| w == committing),
-        }
-}
-
 /// A lock path that is not a regular file (a FIFO would hang the SFTP
 /// server's open, a link could lead anywhere) is refused: others may
 /// write the target's directories, and plant anything at the lock path.
@@ -127,14 +110,10 @@ impl SshHost<'_> {
         bytes: &[u8],
         durable: bool,
         clock: bool,
-    ) -> Result<(String, u64, bool), StepError> {
+    ) -> Result<(String, u64), StepError> {
         let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
-        let mut used_spare = false;
         let (temp, f) = match spare {
-            Some((t, f, serial)) if serial == lease.conn_serial() => {
-                used_spare = true;
-                (t, f)
-            }
+            Some((t, f, serial)) if serial == lease.conn_serial() => (t, f),
             stale => {
                 // Made on a connection since replaced: its handle is gone
                 // with it; the file goes (best effort) and a new one is made.
@@ -182,7 +161,7 @@ impl SshHost<'_> {
         }
         .await;
         match r {
-            Ok(now) => Ok((temp, now, used_spare)),
+            Ok(now) => Ok((temp, now)),
             Err(e) => {
                 let _ = lease.sftp().fs().remove_file(p(&temp)).await;
                 Err(lease.sftp_err("write lock temp file", &temp, &e))
@@ -206,29 +185,22 @@ impl SshHost<'_> {
             // released between the two requests; create again.
             let mut last = None;
             for _ in 0..3 {
-                let (temp, host_now, _) = self.lock_temp(&lease, path, bytes, false, true).await?;
+                let (temp, host_now) = self.lock_temp(&lease, path, bytes, false, true).await?;
                 let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
-                // With the link, the temp of the lock's next rewrite (a
-                // target lock's, not a claim's: see `spare_wanted`).
+                // With the link, the temp of the lock's next rewrite.
                 let next = temp_name(path);
-                let spare = async {
-                    match spare_wanted(path, None, false) {
-                        true => Some(new_temp(&lease, &next).await),
-                        false => None,
-                    }
-                };
-                let ((linked, _), spare) =
-                    in_order2(in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))), spare).await;
-
+                let ((linked, _), spare) = in_order2(
+                    in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))),
+                    new_temp(&lease, &next),
+                )
+                .await;
                 let e = match linked {
                     Ok(()) => {
-                        if let Some(spare) = spare {
-                            self.keep_spare(&lease, path, next, spare);
-                        }
+                        self.keep_spare(&lease, path, next, spare);
                         return Ok(Created { created: true, host_now });
                     }
                     Err(e) => {
-                        if let Some(Ok(_)) = &spare {
+                        if spare.is_ok() {
                             let _ = lease.sftp().fs().remove_file(p(&next)).await;
                         }
                         if sftp_is_connection_loss(&e) {
@@ -275,7 +247,7 @@ impl SshHost<'_> {
     ) -> Result<Option<u64>, StepError> {
         let lease = self.lease().await?;
         let work = async {
-            let (temp, host_now, used_spare) = self.lock_temp(&lease, path, bytes, durable, true).await?;
+            let (temp, host_now) = self.lock_temp(&lease, path, bytes, durable, true).await?;
             let mut fs = lease.sftp().fs();
             if !fence() {
                 // Stalled past the caller's lease since the temp was
@@ -283,19 +255,10 @@ impl SshHost<'_> {
                 let _ = fs.remove_file(p(&temp)).await;
                 return Ok(None);
             }
-            // With the rename, the temp of the lock's next rewrite, if one
-            // is to come (see `spare_wanted`).
+            // With the rename, the temp of the lock's next rewrite.
             let next = temp_name(path);
-            let spare = async {
-                match spare_wanted(path, Some(bytes), used_spare) {
-                    true => Some(new_temp(&lease, &next).await),
-                    false => None,
-                }
-            };
-            let (renamed, spare) = in_order2(fs.rename(p(&temp), p(path)), spare).await;
-            if let Some(spare) = spare {
-                self.keep_spare(&lease, path, next, spare);
-            }
+            let (renamed, spare) = in_order2(fs.rename(p(&temp), p(path)), new_temp(&lease, &next)).await;
+            self.keep_spare(&lease, path, next, spare);
             match renamed {
                 Ok(()) => Ok(Some(host_now)),
                 Err(e) => {
