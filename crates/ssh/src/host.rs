@@ -73,12 +73,8 @@ pub struct SshHost<'a> {
     /// Per lock path: a temp file created (exclusively, unpredictable name)
     /// with the last lock operation, for the next rewrite of that lock to
     /// fill without a round trip to create it; removed with the lock.
-    pub(crate) spare: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Spare>>>,
+    pub(crate) spare: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, File)>>>,
 }
-
-/// A spare lock temp: its name, its handle, and the connection the handle
-/// belongs to (`Lease::conn_serial`).
-pub(crate) type Spare = (String, File, u64);
 
 /// A directory's entries as one listing saw them.
 #[derive(Clone, Debug)]

@@ -73,12 +73,9 @@ fn not_regular(addr: &crate::HostAddr, path: &str, m: &openssh_sftp_client::meta
 impl SshHost<'_> {
     /// Keep `next` (just created, or not) as the temp of `path`'s next
     /// rewrite.
-    fn keep_spare(&self, lease: &Lease, path: &str, next: String, created: Result<File, openssh_sftp_client::Error>) {
+    fn keep_spare(&self, path: &str, next: String, created: Result<File, openssh_sftp_client::Error>) {
         if let Ok(f) = created {
-            self.spare
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(path.to_string(), (next, f, lease.conn_serial()));
+            self.spare.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_string(), (next, f));
         }
     }
 
@@ -113,14 +110,8 @@ impl SshHost<'_> {
     ) -> Result<(String, u64), StepError> {
         let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
         let (temp, f) = match spare {
-            Some((t, f, serial)) if serial == lease.conn_serial() => (t, f),
-            stale => {
-                // Made on a connection since replaced: its handle is gone
-                // with it; the file goes (best effort) and a new one is made.
-                if let Some((t, f, _)) = stale {
-                    drop(f);
-                    let _ = lease.sftp().fs().remove_file(p(&t)).await;
-                }
+            Some(s) => s,
+            None => {
                 let temp = temp_name(path);
                 match new_temp(lease, &temp).await {
                     Ok(f) => (temp, f),
@@ -196,7 +187,7 @@ impl SshHost<'_> {
                 .await;
                 let e = match linked {
                     Ok(()) => {
-                        self.keep_spare(&lease, path, next, spare);
+                        self.keep_spare(path, next, spare);
                         return Ok(Created { created: true, host_now });
                     }
                     Err(e) => {
@@ -258,7 +249,7 @@ impl SshHost<'_> {
             // With the rename, the temp of the lock's next rewrite.
             let next = temp_name(path);
             let (renamed, spare) = in_order2(fs.rename(p(&temp), p(path)), new_temp(&lease, &next)).await;
-            self.keep_spare(&lease, path, next, spare);
+            self.keep_spare(path, next, spare);
             match renamed {
                 Ok(()) => Ok(Some(host_now)),
                 Err(e) => {
@@ -322,7 +313,7 @@ impl SshHost<'_> {
     /// Remove `path`; a missing file is not an error.
     pub(crate) async fn lock_file_remove(&self, path: &str) -> Result<(), StepError> {
         let lease = self.lease().await?;
-        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(path).map(|(t, ..)| t);
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(path).map(|(t, _)| t);
         let work = async {
             // The spare temp goes with the lock (best effort: a temp left
             // is swept like a killed worker's).

@@ -199,9 +199,6 @@ impl Slot {
 
 /// One open master with its SFTP session.
 pub(crate) struct Conn {
-    /// Unique among the process's connections: what a handle kept across
-    /// operations was opened on.
-    serial: u64,
     pub(crate) session: Arc<Session>,
     pub(crate) sftp: Sftp,
     dead: AtomicBool,
@@ -578,15 +575,7 @@ impl SshPool {
             }
         };
         tracing::debug!(host = %host, ms = started.elapsed().as_millis() as u64, "ssh master opened");
-        static SERIAL: AtomicU64 = AtomicU64::new(0);
-        Ok(Conn {
-            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
-            session,
-            sftp,
-            dead: AtomicBool::new(false),
-            server,
-            place: Mutex::new(Some(place)),
-        })
+        Ok(Conn { session, sftp, dead: AtomicBool::new(false), server, place: Mutex::new(Some(place)) })
     }
 }
 
@@ -919,10 +908,6 @@ impl Lease {
     }
     pub(crate) fn sftp(&self) -> &Sftp {
         &self.conn().sftp
-    }
-    /// Which connection this lease uses (see `Conn::serial`).
-    pub(crate) fn conn_serial(&self) -> u64 {
-        self.conn().serial
     }
     pub(crate) fn mark_dead(&self) {
         self.conn().dead.store(true, Ordering::SeqCst);
