@@ -166,6 +166,7 @@ fn register_at_zero() {
         DEFERRALS,
         JOURNAL_GC_PRUNED,
         JOURNAL_COMPACTIONS,
+        RELOADS_SAVED,
     ] {
         metrics::counter!(c).increment(0);
     }
@@ -222,6 +223,10 @@ fn describe() {
         "SFTP round trips: sends while none of the session's earlier requests was awaited (requests sent together count once)"
     );
     describe_counter!(SSH_COMMANDS, "Remote commands run over SSH (exec channels)");
+    describe_counter!(
+        RELOADS_SAVED,
+        "Validate-and-reload runs saved by deployments to one host account sharing them (reload_coalesce_ms)"
+    );
     describe_counter!(RESULTS_UNROUTABLE, "Results the broker returned as unroutable, by destination");
     describe_gauge!(READY, "1 when broker, journal and recovery are ready");
     describe_counter!(TAKEOVERS, "Expired target locks of dead workers taken over");

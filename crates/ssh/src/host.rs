@@ -70,10 +70,6 @@ pub struct SshHost<'a> {
     /// sweep right after it (the same directory: the lock lies next to the
     /// certificate) needs no listing of its own.
     pub(crate) listed: std::sync::Arc<std::sync::Mutex<Option<Listing>>>,
-    /// Per lock path: a temp file created (exclusively, unpredictable name)
-    /// with the last lock operation, for the next rewrite of that lock to
-    /// fill without a round trip to create it; removed with the lock.
-    pub(crate) spare: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, File)>>>,
 }
 
 /// A directory's entries as one listing saw them.
@@ -295,7 +291,6 @@ impl<'a> SshHost<'a> {
             ids: Default::default(),
             pin: Default::default(),
             listed: Default::default(),
-            spare: Default::default(),
         }
     }
 

@@ -21,7 +21,6 @@ use std::time::Duration;
 use certdeploy_core::StepError;
 use certdeploy_core::driver::Fence;
 use certdeploy_core::lock::{Created, LockFile, is_lock_litter};
-use openssh_sftp_client::file::File;
 use openssh_sftp_client::metadata::Permissions;
 
 use crate::error::{is_no_such_file, sftp_is_connection_loss, sftp_kind};
@@ -45,12 +44,6 @@ fn temp_name(path: &str) -> String {
     format!("{path}{}{}", certdeploy_core::lock::LOCK_TEMP_MARK, crate::host::random_hex())
 }
 
-/// Create a lock temp file: exclusively, readable (its fstat tells the
-/// host's clock) and writable.
-async fn new_temp(lease: &Lease, temp: &str) -> Result<File, openssh_sftp_client::Error> {
-    lease.sftp().options().read(true).write(true).create_new(true).open(p(temp)).await
-}
-
 /// A lock path that is not a regular file (a FIFO would hang the SFTP
 /// server's open, a link could lead anywhere) is refused: others may
 /// write the target's directories, and plant anything at the lock path.
@@ -71,14 +64,6 @@ fn not_regular(addr: &crate::HostAddr, path: &str, m: &openssh_sftp_client::meta
 }
 
 impl SshHost<'_> {
-    /// Keep `next` (just created, or not) as the temp of `path`'s next
-    /// rewrite.
-    fn keep_spare(&self, path: &str, next: String, created: Result<File, openssh_sftp_client::Error>) {
-        if let Ok(f) = created {
-            self.spare.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_string(), (next, f));
-        }
-    }
-
     async fn bounded<T>(
         &self,
         lease: &Lease,
@@ -108,16 +93,10 @@ impl SshHost<'_> {
         durable: bool,
         clock: bool,
     ) -> Result<(String, u64), StepError> {
-        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
-        let (temp, f) = match spare {
-            Some(s) => s,
-            None => {
-                let temp = temp_name(path);
-                match new_temp(lease, &temp).await {
-                    Ok(f) => (temp, f),
-                    Err(e) => return Err(lease.sftp_err("create lock temp file", &temp, &e)),
-                }
-            }
+        let temp = temp_name(path);
+        let f = match lease.sftp().options().read(true).write(true).create_new(true).open(p(&temp)).await {
+            Ok(f) => f,
+            Err(e) => return Err(lease.sftp_err("create lock temp file", &temp, &e)),
         };
         let (mut a, mut b, mut c, mut d) = (f.clone(), f.clone(), f.clone(), f);
         let sync = async {
@@ -178,27 +157,11 @@ impl SshHost<'_> {
             for _ in 0..3 {
                 let (temp, host_now) = self.lock_temp(&lease, path, bytes, false, true).await?;
                 let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
-                // With the link, the temp of the lock's next rewrite.
-                let next = temp_name(path);
-                let ((linked, _), spare) = in_order2(
-                    in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))),
-                    new_temp(&lease, &next),
-                )
-                .await;
+                let (linked, _) = in_order2(fs1.hard_link(p(&temp), p(path)), fs2.remove_file(p(&temp))).await;
                 let e = match linked {
-                    Ok(()) => {
-                        self.keep_spare(path, next, spare);
-                        return Ok(Created { created: true, host_now });
-                    }
-                    Err(e) => {
-                        if spare.is_ok() {
-                            let _ = lease.sftp().fs().remove_file(p(&next)).await;
-                        }
-                        if sftp_is_connection_loss(&e) {
-                            return Err(lease.sftp_err("create lock", path, &e));
-                        }
-                        e
-                    }
+                    Ok(()) => return Ok(Created { created: true, host_now }),
+                    Err(e) if sftp_is_connection_loss(&e) => return Err(lease.sftp_err("create lock", path, &e)),
+                    Err(e) => e,
                 };
                 match lease.sftp().fs().symlink_metadata(p(path)).await {
                     // Taken: the caller judges it by the host's clock
@@ -246,11 +209,7 @@ impl SshHost<'_> {
                 let _ = fs.remove_file(p(&temp)).await;
                 return Ok(None);
             }
-            // With the rename, the temp of the lock's next rewrite.
-            let next = temp_name(path);
-            let (renamed, spare) = in_order2(fs.rename(p(&temp), p(path)), new_temp(&lease, &next)).await;
-            self.keep_spare(path, next, spare);
-            match renamed {
+            match fs.rename(p(&temp), p(path)).await {
                 Ok(()) => Ok(Some(host_now)),
                 Err(e) => {
                     let _ = fs.remove_file(p(&temp)).await;
@@ -313,17 +272,8 @@ impl SshHost<'_> {
     /// Remove `path`; a missing file is not an error.
     pub(crate) async fn lock_file_remove(&self, path: &str) -> Result<(), StepError> {
         let lease = self.lease().await?;
-        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).remove(path).map(|(t, _)| t);
         let work = async {
-            // The spare temp goes with the lock (best effort: a temp left
-            // is swept like a killed worker's).
-            let (mut fs1, mut fs2) = (lease.sftp().fs(), lease.sftp().fs());
-            let spare = async {
-                if let Some(t) = &spare {
-                    let _ = fs2.remove_file(p(t)).await;
-                }
-            };
-            match in_order2(fs1.remove_file(p(path)), spare).await.0 {
+            match lease.sftp().fs().remove_file(p(path)).await {
                 Ok(()) => Ok(()),
                 Err(e) if is_no_such_file(&e) => Ok(()),
                 Err(e) => Err(lease.sftp_err("remove lock", path, &e)),
