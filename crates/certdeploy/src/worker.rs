@@ -601,21 +601,20 @@ async fn send_patiently(
     id: &str,
     reply: &Reply,
 ) -> Result<(), AmqpError> {
-    let report = ReportId { deployment_id: id };
     let started = Instant::now();
     let mut pause = Duration::from_millis(250);
     loop {
         match publish(broker, route, outcome, body, id, reply).await {
             Ok(()) => return Ok(()),
             Err(e) if broker.is_connected() && started.elapsed() + pause <= RESULT_PUBLISH_PATIENCE => {
-                tracing::warn!(deployment_id = %report.deployment_id, "result publish failed: {e}; retrying in {pause:?}");
+                tracing::warn!(deployment_id = %id, "result publish failed: {e}; retrying in {pause:?}");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(4));
             }
             Err(e) => {
                 if broker.is_connected() {
                     tracing::warn!(
-                        deployment_id = %report.deployment_id,
+                        deployment_id = %id,
                         "result publishes keep failing on this connection ({e}); reconnecting"
                     );
                     broker.close().await;
@@ -624,11 +623,6 @@ async fn send_patiently(
             }
         }
     }
-}
-
-/// What the retry loop logs a result by.
-struct ReportId<'a> {
-    deployment_id: &'a str,
 }
 
 async fn publish(
