@@ -87,8 +87,20 @@ impl TestCa {
         self.signed(p, nb)
     }
 
+    /// A renewal of `old` that keeps its private key (as many ACME clients
+    /// do): a new leaf for `cn`, valid from `not_before_days_ago` days ago.
+    pub fn renewal_keeping_key(&self, old: &Bundle, cn: &str, not_before_days_ago: i64) -> Bundle {
+        let nb = now() - not_before_days_ago * DAY;
+        let key = KeyPair::from_pem(&old.key_pem).expect("the old bundle's key");
+        self.signed_with(params(cn, nb, nb + 365 * DAY, false), nb, key)
+    }
+
     fn signed(&self, p: CertificateParams, not_before: i64) -> Bundle {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        self.signed_with(p, not_before, key)
+    }
+
+    fn signed_with(&self, p: CertificateParams, not_before: i64, key: KeyPair) -> Bundle {
         let issuer = Issuer::from_params(&self.inter_params, &self.inter_key);
         let cert = p.signed_by(&key, &issuer).expect("leaf");
         Bundle {
