@@ -238,6 +238,11 @@ async fn a_crash_at_the_shared_reload_recovers_each_member_like_its_own_reload()
     // A window wide enough for all 8 to share one batch.
     let m = many(&originals, "reload_coalesce_ms = 2000\n");
     let mut w = Proc::worker(&m.fleet, &m.cfg, &[("FAILPOINTS", "before_reload=sleep(60000)")], "worker-1");
+    // Ready first: a `journal show` run before the worker holds its
+    // journal would keep the worker out of it.
+    wait_for("the worker ready", Duration::from_secs(60), || {
+        get(&m.metrics, "/metrics").and_then(|(_, b)| sample(&b, "certdeploy_ready")) == Some(1.0)
+    });
     let mut client = Client::connect(&m.fleet).await;
     let ids: Vec<String> = (0..n).map(|i| format!("crash-{i}")).collect();
     for (i, b) in news.iter().enumerate() {
