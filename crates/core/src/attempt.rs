@@ -281,7 +281,18 @@ async fn settle<H: Host, V: Verifier, J: Journal, C: Clock>(
         return Ok(Settled::Refused(why));
     }
     let roll_back = match dead.phase {
-        LockPhase::Locked => return Ok(Settled::Done),
+        LockPhase::Locked => {
+            // Nothing changed on the host, but the dead holder's write may
+            // have made its temps before the lock could say `writing` (they
+            // travel together): they go, by the names its id gives them.
+            if valid_attempt_id(&dead.deployment_id) && held.valid(env.clock.mono_ms()) {
+                let paths: Vec<String> = plan.files.iter().map(|f| f.path.clone()).collect();
+                if let Err(e) = env.host.discard_temps(&dead.deployment_id, &paths).await {
+                    tracing::warn!("removing the temps of taken-over {}: {}", dead.deployment_id, e.message);
+                }
+            }
+            return Ok(Settled::Done);
+        }
         LockPhase::Writing => true,
         #[cfg(feature = "testkit")]
         LockPhase::Committing if w.planted == Planted::RollBackCommitting => true,

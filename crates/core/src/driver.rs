@@ -12,7 +12,7 @@ use std::future::Future;
 
 use crate::coalesce::{Coalesce, Ticket};
 use crate::event::*;
-use crate::lock::{Created, Held, LockFile};
+use crate::lock::{Created, Held, LockFile, LockPhase};
 use crate::machine::*;
 use crate::model::*;
 use crate::snapshot::*;
@@ -24,6 +24,39 @@ use crate::step::*;
 /// swapped out, cut off) for longer than its lease; the answer is taken
 /// from its own clock at that moment, not from before the stall.
 pub type Fence<'a> = &'a (dyn Fn() -> bool + Sync);
+
+/// A rewrite of the target lock handed to a host operation that carries
+/// it in its own pipeline ([`Host::write_locked`], [`Host::prune_locked`]):
+/// replace `path` with `bytes` as [`Host::lock_replace`] does (fsynced
+/// first if `durable`; `fence` asked just before the rename is sent).
+pub struct LockWrite<'a> {
+    pub path: &'a str,
+    pub bytes: Vec<u8>,
+    pub durable: bool,
+    pub fence: Box<dyn Fn() -> bool + Send + Sync + 'a>,
+    /// Asked once the rename is confirmed, before the requests that need
+    /// it (a write's live renames): may this worker still change the host,
+    /// its lease extended by this rewrite?
+    pub after: Box<dyn Fn() -> bool + Send + Sync + 'a>,
+}
+
+/// A lock rewrite's answer: the host's clock once replaced, `None` when the
+/// fence said no ([`Host::lock_replace`]).
+pub type Replaced = Result<Option<u64>, StepError>;
+/// [`Host::write_locked`]'s answer: the lock's, then the write's.
+pub type WrittenLocked = (Replaced, Vec<Result<(), StepError>>);
+/// [`Host::prune_locked`]'s answer: the lock's, then the prune's (`None`:
+/// not run).
+pub type PrunedLocked = (Replaced, Option<Result<(), StepError>>);
+
+impl LockWrite<'_> {
+    pub fn fence(&self) -> Fence<'_> {
+        &*self.fence
+    }
+    pub fn after(&self) -> Fence<'_> {
+        &*self.after
+    }
+}
 
 /// A host's file operations and commands. Implementations must be
 /// idempotent per request (a step may run more than once after a crash).
@@ -69,6 +102,26 @@ pub trait Host: Send + Sync {
         files: &[(WriteRequest, &[u8])],
     ) -> impl Future<Output = Vec<Result<(), StepError>>> + Send;
     fn exec(&self, command: &str, timeout_ms: u64) -> impl Future<Output = Result<ExecResult, StepError>> + Send;
+    /// The lock rewrite `lock`, then `write`, as one operation: the
+    /// write's temps may be created and filled in the same pipeline as the
+    /// lock's temp, but no live path changes before the lock's rename is
+    /// confirmed. The lock's answer is [`Host::lock_replace`]'s; the
+    /// write's results are empty unless the lock was replaced and then
+    /// `lock.after` allowed the live renames (otherwise every temp made for
+    /// the write is gone again).
+    fn write_locked(
+        &self,
+        deployment_id: &str,
+        files: &[(WriteRequest, &[u8])],
+        lock: LockWrite<'_>,
+    ) -> impl Future<Output = WrittenLocked> + Send {
+        async move {
+            match self.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await {
+                Ok(Some(t)) if lock.after()() => (Ok(Some(t)), self.write(deployment_id, files).await),
+                other => (other, Vec::new()),
+            }
+        }
+    }
     fn restore(
         &self,
         deployment_id: &str,
@@ -85,6 +138,40 @@ pub trait Host: Send + Sync {
         live_paths: &[String],
         keep: u32,
     ) -> impl Future<Output = Result<(), StepError>> + Send;
+    /// Remove the temp files a write of `deployment_id` may have left for
+    /// these configured paths (the host resolves symlinks again), and
+    /// nothing else: its backups stay. For a taker of a lock whose dead
+    /// holder had not said `writing` yet, whose write may have made its
+    /// temps in the same pipeline as that rewrite. A host whose writes
+    /// leave no temps has nothing to do.
+    fn discard_temps(
+        &self,
+        deployment_id: &str,
+        paths: &[String],
+    ) -> impl Future<Output = Result<(), StepError>> + Send {
+        let _ = (deployment_id, paths);
+        std::future::ready(Ok(()))
+    }
+    /// The lock rewrite `lock` and `prune` as one operation: the prune's
+    /// listing may travel with the lock's temp, and its removals with the
+    /// lock's rename, so they may happen whether or not that rename
+    /// succeeds, but never when the fence said no (then nothing was
+    /// removed and the prune's answer is `None`). The lock's answer is
+    /// [`Host::lock_replace`]'s.
+    fn prune_locked(
+        &self,
+        deployment_id: &str,
+        live_paths: &[String],
+        keep: u32,
+        lock: LockWrite<'_>,
+    ) -> impl Future<Output = PrunedLocked> + Send {
+        async move {
+            match self.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await {
+                Ok(Some(t)) => (Ok(Some(t)), Some(self.prune(deployment_id, live_paths, keep).await)),
+                other => (other, None),
+            }
+        }
+    }
 
     /// `exec`, but in the same remote command first check that the lock
     /// file at `guard.lock_path` still holds `guard.token`; if it does not,
@@ -396,10 +483,16 @@ pub async fn run_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
                         role: None,
                         error: StepError::lock_lost(l.lost_reason()),
                     }],
-                    _ => match (&action, dep.sharing(), &ticket) {
-                        (Action::Exec { step, command, timeout_ms, guard }, Sharing::Shared(_), Some(t)) => {
+                    _ => match (&action, dep.sharing(), &ticket, lock) {
+                        (Action::Exec { step, command, timeout_ms, guard }, Sharing::Shared(_), Some(t), _) => {
                             let r = t.exec(*step, || exec(env, *step, command, *timeout_ms, guard.as_ref())).await;
                             vec![exec_event(*step, r)]
+                        }
+                        (Action::LockPhase { phase, snapshots }, _, _, Some(held)) => {
+                            match after_lock_phase(&dep, *phase, now)? {
+                                Some(then) => perform_locked(env, held, *phase, snapshots, &then, payload).await?,
+                                None => perform(env, &action, payload, lock).await?,
+                            }
                         }
                         _ => perform(env, &action, payload, lock).await?,
                     },
@@ -412,6 +505,88 @@ pub async fn run_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
             }
         }
     }
+}
+
+/// The action the machine asks for right after the lock says `phase`,
+/// when it is one whose requests can carry the lock's rewrite (the write
+/// after `writing`, the prune after `committing`): asked of a copy of the
+/// attempt with the rewrite applied, so the machine decides as it would
+/// one step later.
+fn after_lock_phase(dep: &Deployment, phase: LockPhase, now: Timestamp) -> Result<Option<Action>, CoreError> {
+    let mut ahead = dep.clone();
+    ahead.apply(&Record { at: now, event: Event::LockPhase { phase } })?;
+    Ok(match ahead.next(now) {
+        Next::Perform(a @ (Action::Write { .. } | Action::Prune { .. })) => Some(a),
+        _ => None,
+    })
+}
+
+/// The lock rewrite to `phase` and the action after it (`then`, see
+/// [`after_lock_phase`]) as one host operation: one pipeline instead of
+/// two. Its events are the two steps' in their order: the rewrite's
+/// `LockPhase`, then the action's; when the rewrite fails, its
+/// `StepFailed{Lock}` alone (the machine retries or rolls back, and the
+/// action is asked for again; a prune that went with a failed rewrite is
+/// harmless and done again).
+async fn perform_locked<H: Host, V: Verifier, J: Journal, C: Clock>(
+    env: &Env<'_, H, V, J, C>,
+    held: &Held,
+    phase: LockPhase,
+    snapshots: &[(Role, Snapshot)],
+    then: &Action,
+    payload: Option<&Payload>,
+) -> Result<Vec<Event>, DriveError> {
+    let edit = |rec: &mut crate::lock::LockRecord| {
+        rec.phase = phase;
+        rec.snapshots = snapshots.to_vec();
+    };
+    let lock_failed = |error| vec![Event::StepFailed { step: Step::Lock, role: None, error }];
+    match then {
+        Action::Write { deployment_id, files } => {
+            let batch = write_batch(files, payload)?;
+            failpoint!("before_write");
+            let (r, results) =
+                held.rewrite_with(env.clock, edit, |w| env.host.write_locked(deployment_id, &batch, w)).await;
+            failpoint!("after_write");
+            Ok(match r {
+                Ok(()) => {
+                    let mut events = vec![Event::LockPhase { phase }];
+                    events.extend(written(files.iter().map(|f| f.role), results.unwrap_or_default()));
+                    events
+                }
+                Err(error) => lock_failed(error),
+            })
+        }
+        Action::Prune { deployment_id, live_paths, keep } => {
+            failpoint!("before_prune");
+            let (r, pruned) = held
+                .rewrite_with(env.clock, edit, |w| env.host.prune_locked(deployment_id, live_paths, *keep, w))
+                .await;
+            failpoint!("after_prune");
+            Ok(match (r, pruned.flatten()) {
+                (Ok(()), Some(p)) => {
+                    vec![Event::LockPhase { phase }, Event::Pruned { error: p.err().map(|e| e.message) }]
+                }
+                (Ok(()), None) => vec![Event::LockPhase { phase }],
+                (Err(error), _) => lock_failed(error),
+            })
+        }
+        other => perform(env, other, payload, Some(held)).await,
+    }
+}
+
+/// The bytes of each file to write, from the payload.
+fn write_batch<'p>(
+    files: &[WriteRequest],
+    payload: Option<&'p Payload>,
+) -> Result<Vec<(WriteRequest, &'p [u8])>, DriveError> {
+    let payload = payload.ok_or(DriveError::MissingPayload(files.first().map_or(Role::Cert, |f| f.role)))?;
+    let mut batch = Vec::with_capacity(files.len());
+    for f in files {
+        let bytes = payload.get(f.role).ok_or(DriveError::MissingPayload(f.role))?;
+        batch.push((f.clone(), bytes));
+    }
+    Ok(batch)
 }
 
 /// A short name for logs.
@@ -463,12 +638,7 @@ async fn perform<H: Host, V: Verifier, J: Journal, C: Clock>(
             successes_then_one_failure(events)
         }
         Action::Write { deployment_id, files } => {
-            let payload = payload.ok_or(DriveError::MissingPayload(files.first().map_or(Role::Cert, |f| f.role)))?;
-            let mut batch = Vec::with_capacity(files.len());
-            for f in files {
-                let bytes = payload.get(f.role).ok_or(DriveError::MissingPayload(f.role))?;
-                batch.push((f.clone(), bytes));
-            }
+            let batch = write_batch(files, payload)?;
             failpoint!("before_write");
             let results = env.host.write(deployment_id, &batch).await;
             failpoint!("after_write");

@@ -106,12 +106,13 @@ fn config(planted: Planted) -> FleetConfig {
 /// The system under test for one planted variant (`P` indexes [`PLANTED`]).
 struct FleetTest<const P: usize>;
 
-const PLANTED: [Planted; 5] = [
+const PLANTED: [Planted; 6] = [
     Planted::None,
     Planted::ClaimNotExclusive,
     Planted::RenewSkipsFence,
     Planted::RewriteRenameSkipsFence,
     Planted::RollBackCommitting,
+    Planted::WriteBeforeLockSaysWriting,
 ];
 
 fn step(f: &mut Fleet, t: &Step) {
@@ -256,6 +257,11 @@ fn planted_rollback_of_a_committing_deployment_is_caught() {
 }
 
 /// Poll every worker and let `ms` pass, `n` times.
+#[test]
+fn planted_write_before_the_lock_says_writing_is_caught() {
+    assert_caught::<5>();
+}
+
 fn run(f: &mut Fleet, n: usize, ms: u64) {
     for _ in 0..n {
         for w in 0..WORKERS {

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use certdeploy_core::driver::{Fence, Host, Snapped};
+use certdeploy_core::driver::{Fence, Host, LockWrite, PrunedLocked, Snapped, WrittenLocked};
 use certdeploy_core::step::truncate_output;
 use certdeploy_core::*;
 use futures_util::future::join_all;
@@ -131,6 +131,20 @@ pub(crate) async fn list_dir(lease: &Lease, dir: &str, short_end: bool) -> Resul
         }
     }
     Ok(out)
+}
+
+/// Remove these old backups, all at once (the requests pipeline on the
+/// SFTP channel); one already gone is fine.
+async fn remove_old_backups(lease: &Lease, doomed: &[String]) -> Result<(), StepError> {
+    let results = join_all(doomed.iter().map(|path| async move {
+        match lease.sftp().fs().remove_file(p(path)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_file(&e) => Ok(()),
+            Err(e) => Err(lease.sftp_err("remove old backup", path, &e)),
+        }
+    }))
+    .await;
+    results.into_iter().collect::<Result<Vec<()>, StepError>>().map(|_| ())
 }
 
 pub(crate) fn p(s: &str) -> &Path {
@@ -1053,6 +1067,13 @@ impl<'a> SshHost<'a> {
         keep: u32,
     ) -> Result<(), StepError> {
         let listed = list_dir(lease, dir, true).await?;
+        let doomed = self.old_backups(id, dir, lives, keep, listed);
+        remove_old_backups(lease, &doomed).await
+    }
+
+    /// The backups of `lives` (all in `dir`) beyond `keep` in this listing
+    /// of `dir`, never `id`'s own; the listing is kept for the lock's sweep.
+    fn old_backups(&self, id: &str, dir: &str, lives: &[&String], keep: u32, listed: Vec<Listed>) -> Vec<String> {
         let entries: Vec<(String, u64)> =
             listed.iter().map(|e| (e.name.clone(), if e.mtime == u64::MAX { 0 } else { e.mtime })).collect();
         *self.listed.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -1070,16 +1091,191 @@ impl<'a> SshHost<'a> {
                 doomed.push(if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") });
             }
         }
-        // All at once: the requests pipeline on the SFTP channel.
-        let results = join_all(doomed.iter().map(|path| async move {
-            match lease.sftp().fs().remove_file(p(path)).await {
-                Ok(()) => Ok(()),
-                Err(e) if is_no_such_file(&e) => Ok(()),
-                Err(e) => Err(lease.sftp_err("remove old backup", path, &e)),
+        doomed
+    }
+
+    /// [`Host::prune_locked`]: the listings go with the lock's temp, the
+    /// removals with its rename (after the fence): three round trips for
+    /// both steps.
+    async fn prune_with_lock(&self, id: &str, live_paths: &[String], keep: u32, lock: &LockWrite<'_>) -> PrunedLocked {
+        let lease = match self.pool_lease().await {
+            Ok(l) => l,
+            Err(e) => return (Err(e), None),
+        };
+        // Normally done in front of the reload already.
+        self.flush_pending_sync(&lease).await;
+        let dirs: Vec<String> = live_paths.iter().map(|l| parent_of(l)).collect::<BTreeSet<_>>().into_iter().collect();
+        let work = async {
+            let lease = &lease;
+            let lists = in_order_all(dirs.iter().map(|dir| list_dir(lease, dir, true)));
+            let (staged, listed) =
+                in_order2(self.lock_temp(lease, lock.path, &lock.bytes, lock.durable, true), lists).await;
+            let (temp, host_now) = match staged {
+                Ok(t) => t,
+                Err(e) => return (Err(e), None),
+            };
+            if !(lock.fence)() {
+                self.lock_temp_discard(lease, &temp).await;
+                return (Ok(None), None);
             }
-        }))
-        .await;
-        results.into_iter().collect::<Result<Vec<()>, StepError>>().map(|_| ())
+            let mut doomed = Vec::new();
+            let mut listing_failed = None;
+            for (dir, l) in dirs.iter().zip(listed) {
+                match l {
+                    Ok(l) => {
+                        let lives: Vec<&String> = live_paths.iter().filter(|p| parent_of(p) == *dir).collect();
+                        doomed.extend(self.old_backups(id, dir, &lives, keep, l));
+                    }
+                    Err(e) => {
+                        listing_failed.get_or_insert(e);
+                    }
+                }
+            }
+            let (renamed, removed) =
+                in_order2(self.lock_rename(lease, &temp, lock.path), remove_old_backups(lease, &doomed)).await;
+            let pruned = match listing_failed {
+                Some(e) => Err(e),
+                None => removed,
+            };
+            (renamed.map(|()| Some(host_now)), Some(pruned))
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, work).await {
+            Ok(v) => v,
+            Err(_) => {
+                let e = self.step_timeout(&lease, "prune");
+                (Err(e.clone()), Some(Err(e)))
+            }
+        }
+    }
+
+    /// [`Host::write`], and with `lock` [`Host::write_locked`]: the lock's
+    /// temp is created and filled in the same round trips as the files'
+    /// temps, its rename is confirmed (and `lock.after` asked) before the
+    /// first live rename is sent, and if either says no, every temp goes
+    /// and no live path changes. The first part of the answer is the
+    /// lock's (`None` without `lock`).
+    async fn write_with(
+        &self,
+        deployment_id: &str,
+        files: &[(WriteRequest, &[u8])],
+        lock: Option<&LockWrite<'_>>,
+    ) -> (Option<Result<Option<u64>, StepError>>, Vec<Result<(), StepError>>) {
+        let lease = match self.lease().await {
+            Ok(l) => l,
+            Err(e) => return (lock.map(|_| Err(e.clone())), vec![Err(e)]),
+        };
+        let temps: Vec<String> = files.iter().map(|(f, _)| fresh_temp(&f.live_path, deployment_id)).collect();
+        // Owners: configured ids, or an existing file's when its
+        // owner is root or the SSH user, or the SSH user's.
+        let ids = if self.needs_ids() || files.iter().any(|(f, _)| self.known_owner(&f.live_path).is_err()) {
+            match self.ids(&lease).await {
+                Ok(ids) => Some(ids),
+                Err(e) => return (lock.map(|_| Err(e.clone())), vec![Err(e)]),
+            }
+        } else {
+            None
+        };
+        let owners: Vec<(Result<Owner, &str>, bool)> = files
+            .iter()
+            .map(|(f, _)| {
+                let known = self.known_owner(&f.live_path);
+                match ids {
+                    Some(ids) if self.policy.owner_configured(f.role) || ids.owner_for(f.role, None).is_some() => {
+                        let kept = known.ok().flatten();
+                        let o = ids.owner_for(f.role, kept).map(|(u, g)| (Some(u), Some(g)));
+                        (Ok(o), true)
+                    }
+                    _ => (known, false),
+                }
+            })
+            .collect();
+        let work = async {
+            // The temps, concurrently (keeping the original owner where there
+            // was one; only a key's needs the private staging directory).
+            let fill =
+                in_order_all(files.iter().zip(&temps).zip(&owners).map(|(((f, bytes), temp), (owner, strict))| {
+                    let private = f.role.holds_key();
+                    self.write_temp(&lease, temp, f.mode, *owner, bytes, private, *strict)
+                }));
+            // The lock's temp goes with them; its rename once both are
+            // written, alone: no live path changes before it is confirmed.
+            let (filled, replaced) = match lock {
+                None => (fill.await, None),
+                Some(l) => {
+                    let (staged, filled) =
+                        in_order2(self.lock_temp(&lease, l.path, &l.bytes, l.durable, true), fill).await;
+                    let replaced = match staged {
+                        Ok((temp, _)) if !(l.fence)() => {
+                            self.lock_temp_discard(&lease, &temp).await;
+                            Ok(None)
+                        }
+                        Ok((temp, host_now)) => self.lock_rename(&lease, &temp, l.path).await.map(|()| Some(host_now)),
+                        Err(e) => Err(e),
+                    };
+                    if !matches!(replaced, Ok(Some(_))) || !(l.after)() {
+                        drop(filled);
+                        for temp in &temps {
+                            let _ = self.discard_temp(&lease, temp).await;
+                        }
+                        return (Some(replaced), Vec::new());
+                    }
+                    (filled, Some(replaced))
+                }
+            };
+            // The temps filled before the first failure are renamed over
+            // the live paths, in order; then the emptied staging directories
+            // are removed and each renamed file is fsynced again through its
+            // open handle, which makes its rename durable: one round trip.
+            let mut ready = Vec::with_capacity(files.len());
+            let mut failed = None;
+            for r in filled {
+                match r {
+                    Ok(t) if failed.is_none() => ready.push(t),
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            let lease = &lease;
+            let renames = in_order_all(
+                ready
+                    .iter()
+                    .zip(files)
+                    .map(|(t, (f, _))| async move { lease.sftp().fs().rename(p(&t.from), p(&f.live_path)).await }),
+            );
+            let unstage =
+                in_order_all(ready.iter().map(|t| async move { t.remove_stage(&mut lease.sftp().fs()).await }));
+            let resync = in_order_all(ready.iter().map(|t| async move { t.file.clone().sync_all().await.is_ok() }));
+            let (renamed, _, synced) = in_order3(renames, unstage, resync).await;
+            let mut out: Vec<Result<(), StepError>> = Vec::with_capacity(files.len());
+            let mut unsynced = BTreeSet::new();
+            for (((r, t), (f, _)), synced) in renamed.into_iter().zip(&ready).zip(files).zip(synced) {
+                if r.is_ok() && !synced {
+                    unsynced.insert(parent_of(&f.live_path));
+                }
+                out.push(r.map_err(|e| lease.sftp_err(&format!("rename {} over", t.from), &f.live_path, &e)));
+            }
+            out.extend(failed.map(Err));
+            drop(ready);
+            // Temps not renamed (their content may be a key) go away.
+            for (i, temp) in temps.iter().enumerate() {
+                if !matches!(out.get(i), Some(Ok(()))) {
+                    let _ = self.discard_temp(lease, temp).await;
+                }
+            }
+            // A rename not made durable here is, by `sync DIR` in front of
+            // the next command (or by prune or restore): see `pending_sync`.
+            self.pending_sync.lock().unwrap_or_else(|e| e.into_inner()).extend(unsynced);
+            (replaced, out)
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, work).await {
+            Ok(v) => v,
+            Err(_) => {
+                let e = self.step_timeout(&lease, "write");
+                (lock.map(|_| Err(e.clone())), vec![Err(e)])
+            }
+        }
     }
 
     fn step_timeout(&self, lease: &Lease, what: &str) -> StepError {
@@ -1272,95 +1468,17 @@ impl Host for SshHost<'_> {
     }
 
     async fn write(&self, deployment_id: &str, files: &[(WriteRequest, &[u8])]) -> Vec<Result<(), StepError>> {
-        let lease = match self.lease().await {
-            Ok(l) => l,
-            Err(e) => return vec![Err(e)],
-        };
-        let temps: Vec<String> = files.iter().map(|(f, _)| fresh_temp(&f.live_path, deployment_id)).collect();
-        // Owners: configured ids, or an existing file's when its
-        // owner is root or the SSH user, or the SSH user's.
-        let ids = if self.needs_ids() || files.iter().any(|(f, _)| self.known_owner(&f.live_path).is_err()) {
-            match self.ids(&lease).await {
-                Ok(ids) => Some(ids),
-                Err(e) => return vec![Err(e)],
-            }
-        } else {
-            None
-        };
-        let owners: Vec<(Result<Owner, &str>, bool)> = files
-            .iter()
-            .map(|(f, _)| {
-                let known = self.known_owner(&f.live_path);
-                match ids {
-                    Some(ids) if self.policy.owner_configured(f.role) || ids.owner_for(f.role, None).is_some() => {
-                        let kept = known.ok().flatten();
-                        let o = ids.owner_for(f.role, kept).map(|(u, g)| (Some(u), Some(g)));
-                        (Ok(o), true)
-                    }
-                    _ => (known, false),
-                }
-            })
-            .collect();
-        let work = async {
-            // The temps, concurrently (keeping the original owner where there
-            // was one; only a key's needs the private staging directory).
-            let filled =
-                in_order_all(files.iter().zip(&temps).zip(&owners).map(|(((f, bytes), temp), (owner, strict))| {
-                    let private = f.role.holds_key();
-                    self.write_temp(&lease, temp, f.mode, *owner, bytes, private, *strict)
-                }))
-                .await;
-            // The temps filled before the first failure are renamed over
-            // the live paths, in order; then the emptied staging directories
-            // are removed and each renamed file is fsynced again through its
-            // open handle, which makes its rename durable: one round trip.
-            let mut ready = Vec::with_capacity(files.len());
-            let mut failed = None;
-            for r in filled {
-                match r {
-                    Ok(t) if failed.is_none() => ready.push(t),
-                    Ok(_) => {}
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
-                }
-            }
-            let lease = &lease;
-            let renames = in_order_all(
-                ready
-                    .iter()
-                    .zip(files)
-                    .map(|(t, (f, _))| async move { lease.sftp().fs().rename(p(&t.from), p(&f.live_path)).await }),
-            );
-            let unstage =
-                in_order_all(ready.iter().map(|t| async move { t.remove_stage(&mut lease.sftp().fs()).await }));
-            let resync = in_order_all(ready.iter().map(|t| async move { t.file.clone().sync_all().await.is_ok() }));
-            let (renamed, _, synced) = in_order3(renames, unstage, resync).await;
-            let mut out: Vec<Result<(), StepError>> = Vec::with_capacity(files.len());
-            let mut unsynced = BTreeSet::new();
-            for (((r, t), (f, _)), synced) in renamed.into_iter().zip(&ready).zip(files).zip(synced) {
-                if r.is_ok() && !synced {
-                    unsynced.insert(parent_of(&f.live_path));
-                }
-                out.push(r.map_err(|e| lease.sftp_err(&format!("rename {} over", t.from), &f.live_path, &e)));
-            }
-            out.extend(failed.map(Err));
-            drop(ready);
-            // Temps not renamed (their content may be a key) go away.
-            for (i, temp) in temps.iter().enumerate() {
-                if !matches!(out.get(i), Some(Ok(()))) {
-                    let _ = self.discard_temp(lease, temp).await;
-                }
-            }
-            // A rename not made durable here is, by `sync DIR` in front of
-            // the next command (or by prune or restore): see `pending_sync`.
-            self.pending_sync.lock().unwrap_or_else(|e| e.into_inner()).extend(unsynced);
-            out
-        };
-        match tokio::time::timeout(STEP_TIMEOUT, work).await {
-            Ok(v) => v,
-            Err(_) => vec![Err(self.step_timeout(&lease, "write"))],
-        }
+        self.write_with(deployment_id, files, None).await.1
+    }
+
+    async fn write_locked(
+        &self,
+        deployment_id: &str,
+        files: &[(WriteRequest, &[u8])],
+        lock: LockWrite<'_>,
+    ) -> WrittenLocked {
+        let (replaced, written) = self.write_with(deployment_id, files, Some(&lock)).await;
+        (replaced.unwrap_or(Ok(None)), written)
     }
 
     async fn exec(&self, command: &str, timeout_ms: u64) -> Result<ExecResult, StepError> {
@@ -1417,6 +1535,28 @@ impl Host for SshHost<'_> {
         }
     }
 
+    async fn discard_temps(&self, deployment_id: &str, paths: &[String]) -> Result<(), StepError> {
+        let lease = self.pool_lease().await?;
+        let work = async {
+            let mut bases = Vec::with_capacity(paths.len());
+            for path in paths {
+                // A path the link rules refuse was never written through its
+                // link: its own names are the only ones there can be.
+                let live = match self.resolve(&lease, path).await {
+                    Ok(live) => live,
+                    Err(e) if !e.is_transient() => path.clone(),
+                    Err(e) => return Err(e),
+                };
+                bases.push(temp_path(&live, deployment_id));
+            }
+            self.discard_temps_of(&lease, &bases).await
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(self.step_timeout(&lease, "remove temps")),
+        }
+    }
+
     async fn remove_backups(&self, deployment_id: &str, paths: &[String]) -> Result<(), StepError> {
         let lease = self.pool_lease().await?;
         let work = async {
@@ -1446,6 +1586,16 @@ impl Host for SshHost<'_> {
             Ok(r) => r,
             Err(_) => Err(self.step_timeout(&lease, "remove backups")),
         }
+    }
+
+    async fn prune_locked(
+        &self,
+        deployment_id: &str,
+        live_paths: &[String],
+        keep: u32,
+        lock: LockWrite<'_>,
+    ) -> PrunedLocked {
+        self.prune_with_lock(deployment_id, live_paths, keep, &lock).await
     }
 
     async fn prune(&self, deployment_id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {

@@ -85,7 +85,7 @@ impl SshHost<'_> {
     /// `in_order2`; the fstat only with `clock`). Returns its name and, with
     /// `clock`, its mtime in host seconds (the host's clock). The handle
     /// closes when dropped.
-    async fn lock_temp(
+    pub(crate) async fn lock_temp(
         &self,
         lease: &Lease,
         path: &str,
@@ -218,6 +218,34 @@ impl SshHost<'_> {
             }
         };
         self.bounded(&lease, "replace lock", work).await
+    }
+
+    /// Rename the written lock temp `temp` over `path` (within the lock
+    /// operations' bound); on failure the temp goes. For a rewrite that
+    /// travels in another step's pipeline ([`Self::lock_file_replace`]'s
+    /// second half, the fence already asked).
+    pub(crate) async fn lock_rename(&self, lease: &Lease, temp: &str, path: &str) -> Result<(), StepError> {
+        let work = async {
+            let mut fs = lease.sftp().fs();
+            match fs.rename(p(temp), p(path)).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = fs.remove_file(p(temp)).await;
+                    Err(lease.sftp_err("replace lock", path, &e))
+                }
+            }
+        };
+        self.bounded(lease, "replace lock", work).await
+    }
+
+    /// Remove a lock temp that will not be renamed (best effort).
+    pub(crate) async fn lock_temp_discard(&self, lease: &Lease, temp: &str) {
+        let _ = self
+            .bounded(lease, "remove lock temp", async {
+                let _ = lease.sftp().fs().remove_file(p(temp)).await;
+                Ok(())
+            })
+            .await;
     }
 
     /// The lock file's content and mtime, `None` when there is none.

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use super::Planted;
 use super::protocol::reacquire;
 use super::record::{LockPhase, LockRecord, Parsed};
-use crate::driver::{Clock, Host};
+use crate::driver::{Clock, Host, LockWrite};
 use crate::step::StepError;
 
 /// The part of the lease kept as margin: a quarter, at least 0.5 s.
@@ -227,13 +227,33 @@ impl Held {
     /// Write the lock with `edit` applied, extending the lease from the
     /// moment the write started. Refused once the lock is no longer valid
     /// (the fence), unless `skip_fence` (a deliberately broken renewal).
-    async fn write<H: Host, C: Clock>(
-        &self,
-        host: &H,
-        clock: &C,
+    async fn write<'a, H: Host, C: Clock>(
+        &'a self,
+        host: &'a H,
+        clock: &'a C,
         edit: impl FnOnce(&mut LockRecord),
         skip_fence: bool,
     ) -> Result<(), StepError> {
+        let replace =
+            |w: LockWrite<'a>| async move { (host.lock_replace(w.path, &w.bytes, w.durable, w.fence()).await, ()) };
+        self.write_via(clock, edit, skip_fence, replace).await.0
+    }
+
+    /// [`Self::write`], the lock replaced by `op` (a host operation that
+    /// replaces the lock as [`Host::lock_replace`] does, and may carry other
+    /// requests in the same pipeline); `op`'s own result comes back beside
+    /// the rewrite's, `None` when `op` did not run (the fence).
+    async fn write_via<'a, C: Clock, T, F, Fut>(
+        &'a self,
+        clock: &'a C,
+        edit: impl FnOnce(&mut LockRecord),
+        skip_fence: bool,
+        op: F,
+    ) -> (Result<(), StepError>, Option<T>)
+    where
+        F: FnOnce(LockWrite<'a>) -> Fut,
+        Fut: Future<Output = (Result<Option<u64>, StepError>, T)>,
+    {
         let started = clock.mono_ms();
         let (next, durable) = {
             let mut st = self.st();
@@ -241,7 +261,7 @@ impl Held {
             let fenced = st.lost || st.released || started >= st.valid_until;
             if fenced && !skip_fence {
                 drop(st);
-                return Err(StepError::lock_lost(self.lost_reason()));
+                return (Err(StepError::lock_lost(self.lost_reason())), None);
             }
             let mut next = st.record.clone();
             edit(&mut next);
@@ -256,24 +276,44 @@ impl Held {
         // over a taker's lock.
         #[cfg(feature = "testkit")]
         let skip_fence = skip_fence || self.planted == Planted::RewriteRenameSkipsFence;
-        let fence = || {
+        let fence = move || {
             let now = clock.mono_ms();
             let mut st = self.st();
             self.note_overrun(&mut st, now);
             skip_fence || (!st.lost && !st.released && now < st.valid_until)
         };
-        let Some(host_now) = host.lock_replace(&self.path, &next.bytes(), durable, &fence).await? else {
-            return Err(StepError::lock_lost(format!(
-                "{} (the lease ran out while the lock was being rewritten)",
-                self.lost_reason()
-            )));
+        // Once the rename is confirmed, the lease runs from `started`.
+        let lease = self.lease_ms.saturating_sub(margin_ms(self.lease_ms));
+        let after = move || {
+            let now = clock.mono_ms();
+            let st = self.st();
+            !st.lost && !st.released && now < started + lease
+        };
+        let w = LockWrite {
+            path: &self.path,
+            bytes: next.bytes(),
+            durable,
+            fence: Box::new(fence),
+            after: Box::new(after),
+        };
+        let (replaced, out) = op(w).await;
+        let host_now = match replaced {
+            Ok(Some(host_now)) => host_now,
+            Ok(None) => {
+                let e = StepError::lock_lost(format!(
+                    "{} (the lease ran out while the lock was being rewritten)",
+                    self.lost_reason()
+                ));
+                return (Err(e), Some(out));
+            }
+            Err(e) => return (Err(e), Some(out)),
         };
         let mut st = self.st();
         st.record = next;
         st.host_now = host_now;
         st.valid_until = started + self.lease_ms.saturating_sub(margin_ms(self.lease_ms));
         st.written_at = started;
-        Ok(())
+        (Ok(()), Some(out))
     }
 
     /// Rewrite the lock (phase changes, a takeover handing over to the
@@ -286,6 +326,25 @@ impl Held {
     ) -> Result<(), StepError> {
         let _turn = self.turn().await;
         self.write(host, clock, edit, false).await
+    }
+
+    /// [`Self::rewrite`] through `op`: a host operation that replaces the
+    /// lock (the rename confirmed, or fenced, as [`Host::lock_replace`])
+    /// and carries other requests in the same pipeline (the write's temps,
+    /// the prune's listing). `op`'s result is `None` when it did not run:
+    /// the lock was fenced before anything was sent.
+    pub async fn rewrite_with<'a, C: Clock, T, F, Fut>(
+        &'a self,
+        clock: &'a C,
+        edit: impl FnOnce(&mut LockRecord),
+        op: F,
+    ) -> (Result<(), StepError>, Option<T>)
+    where
+        F: FnOnce(LockWrite<'a>) -> Fut,
+        Fut: Future<Output = (Result<Option<u64>, StepError>, T)>,
+    {
+        let _turn = self.turn().await;
+        self.write_via(clock, edit, false, op).await
     }
 
     /// Check the lock is still ours, then extend the lease. Skipped while

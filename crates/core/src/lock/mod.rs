@@ -59,4 +59,8 @@ pub enum Planted {
     /// its prune.
     #[cfg(feature = "testkit")]
     RollBackCommitting,
+    /// A write carrying the lock's `writing` rewrite changes the live files
+    /// before that rewrite's rename is confirmed.
+    #[cfg(feature = "testkit")]
+    WriteBeforeLockSaysWriting,
 }

@@ -41,9 +41,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use crate::attempt::{self, Executed, Notice, Worker};
-use crate::driver::{Clock, DriveError, Env, Fence, Host, Journal, JournalError, NoVerifier, Snapped};
+use crate::driver::{
+    Clock, DriveError, Env, Fence, Host, Journal, JournalError, LockWrite, NoVerifier, PrunedLocked, Snapped,
+    WrittenLocked,
+};
 use crate::event::*;
-use crate::lock::{Created, LockFile, LockRecord, Parsed, Planted, is_lock_litter, lock_path, margin_ms, new_token};
+use crate::lock::{
+    Created, LockFile, LockPhase, LockRecord, Parsed, Planted, is_lock_litter, lock_path, margin_ms, new_token,
+};
 use crate::machine::*;
 use crate::model::*;
 use crate::report::*;
@@ -147,6 +152,25 @@ impl std::fmt::Debug for InFlight {
 }
 
 impl HostWorld {
+    /// Remove the backups of `live_paths` beyond `keep`, never `id`'s own.
+    fn prune(&mut self, worker: usize, id: &str, live_paths: &[String], keep: u32) {
+        for live in live_paths {
+            self.side_effect(worker, "prune", live);
+            let own = backup_path(live, id);
+            let prefix = format!("{live}.certdeploy-bak.");
+            let mut others: Vec<(u64, String)> = self
+                .files
+                .iter()
+                .filter(|(p, _)| p.starts_with(&prefix) && **p != own)
+                .map(|(p, f)| (f.ino, p.clone()))
+                .collect();
+            others.sort_by_key(|o| std::cmp::Reverse(o.0));
+            for (_, p) in others.into_iter().skip(keep.saturating_sub(1) as usize) {
+                self.files.remove(&p);
+            }
+        }
+    }
+
     pub fn host_now(&self) -> u64 {
         (EPOCH_MS + self.t + self.host_skew) / 1000
     }
@@ -195,6 +219,25 @@ impl HostWorld {
                 self.violations
                     .push(format!("t={} worker {worker}: {what} of {path} while the host holds {named}", self.t));
             }
+        }
+    }
+
+    /// A live file of a target changes only while its lock says
+    /// `writing`: a taker rolls back from what that phase records, and
+    /// does nothing for a `locked` holder.
+    fn live_change(&mut self, worker: usize, what: &str, path: &str) {
+        self.side_effect(worker, what, path);
+        let Some(target) = self.target_of(path) else { return };
+        let lock = lock_path(&self.targets[target].0);
+        let phase = self.files.get(&lock).and_then(|f| match LockRecord::parse(&lock, &f.bytes) {
+            Ok(Parsed::Lock(r)) => Some(r.phase),
+            _ => None,
+        });
+        if phase != Some(LockPhase::Writing) {
+            self.violations.push(format!(
+                "t={} worker {worker}: {what} of {path} while the lock says {phase:?}, not writing",
+                self.t
+            ));
         }
     }
 
@@ -408,6 +451,7 @@ impl<T: Send + 'static> Future for LockOp<'_, T> {
 pub struct FleetHost {
     pub world: Arc<Mutex<HostWorld>>,
     pub worker: usize,
+    pub planted: Planted,
 }
 
 impl FleetHost {
@@ -445,13 +489,25 @@ impl Host for FleetHost {
             files
                 .iter()
                 .map(|(f, bytes)| {
-                    w.side_effect(worker, "write", &f.live_path);
+                    w.live_change(worker, "write", &f.live_path);
                     w.put(&f.live_path, bytes.to_vec(), f.mode);
                     Ok(())
                 })
                 .collect()
         })
         .await
+    }
+
+    async fn write_locked(&self, id: &str, files: &[(WriteRequest, &[u8])], lock: LockWrite<'_>) -> WrittenLocked {
+        #[cfg(feature = "testkit")]
+        if self.planted == Planted::WriteBeforeLockSaysWriting {
+            let written = self.write(id, files).await;
+            return (self.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await, written);
+        }
+        match self.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await {
+            Ok(Some(t)) if lock.after()() => (Ok(Some(t)), self.write(id, files).await),
+            other => (other, Vec::new()),
+        }
     }
 
     async fn exec(&self, command: &str, _timeout_ms: u64) -> Result<ExecResult, StepError> {
@@ -496,24 +552,34 @@ impl Host for FleetHost {
     async fn prune(&self, id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {
         let worker = self.worker;
         self.op("prune", |w| {
-            for live in live_paths {
-                w.side_effect(worker, "prune", live);
-                let own = backup_path(live, id);
-                let prefix = format!("{live}.certdeploy-bak.");
-                let mut others: Vec<(u64, String)> = w
-                    .files
-                    .iter()
-                    .filter(|(p, _)| p.starts_with(&prefix) && **p != own)
-                    .map(|(p, f)| (f.ino, p.clone()))
-                    .collect();
-                others.sort_by_key(|o| std::cmp::Reverse(o.0));
-                for (_, p) in others.into_iter().skip(keep.saturating_sub(1) as usize) {
-                    w.files.remove(&p);
-                }
-            }
+            w.prune(worker, id, live_paths, keep);
             Ok(())
         })
         .await
+    }
+
+    // As over SFTP: the lock's temp goes first; the fence is asked before
+    // the rename, and the prune's removals leave with the rename (they land
+    // together, even where the rename fails to).
+    async fn prune_locked(&self, id: &str, live_paths: &[String], keep: u32, lock: LockWrite<'_>) -> PrunedLocked {
+        let (p, b) = (lock.path.to_string(), lock.bytes.clone());
+        let (temp, host_now) = self.lock_op("lock replace (temp)", lock.path, move |w| w.temp(&p, &b)).await;
+        if !(lock.fence)() {
+            self.lock_op("lock replace (temp removed)", lock.path, move |w| {
+                w.files.remove(&temp);
+            })
+            .await;
+            return (Ok(None), None);
+        }
+        let (p, worker, id, lives) = (lock.path.to_string(), self.worker, id.to_string(), live_paths.to_vec());
+        self.lock_op("lock replace (rename) and prune", lock.path, move |w| {
+            if let Some(f) = w.files.remove(&temp) {
+                w.files.insert(p, f);
+            }
+            w.prune(worker, &id, &lives, keep);
+        })
+        .await;
+        (Ok(Some(host_now)), Some(Ok(())))
     }
 
     async fn lock_create(&self, path: &str, bytes: &[u8]) -> Result<Created, StepError> {
@@ -855,7 +921,7 @@ impl Parts {
     /// This worker's view of the simulated host, its journal and its clock.
     fn adapters(&self) -> (FleetHost, FleetJournal, FleetClock) {
         (
-            FleetHost { world: self.world.clone(), worker: self.index },
+            FleetHost { world: self.world.clone(), worker: self.index, planted: self.cfg.planted },
             FleetJournal { st: self.journal.clone(), world: self.world.clone() },
             FleetClock { world: self.world.clone(), mono_offset: self.mono_offset },
         )
