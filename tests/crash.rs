@@ -134,11 +134,12 @@ mod failpoints {
         /// Durable journal records (`record()` calls) of an uninterrupted run.
         fn records(self) -> usize {
             match self {
-                // Started, Begun{Write}, ReloadShared, Begun{Reload}, Begun{Commit}, Finished.
-                Flow::Deploy | Flow::FreshDeploy => 6,
-                // Started, Begun{Write}, ReloadShared, Begun{Reload}, Begun{Restore},
+                // Started, Begun{Write}, Begun{Reload}, Begun{Commit}, Finished
+                // (ReloadShared is appended and made durable by Begun{Reload}).
+                Flow::Deploy | Flow::FreshDeploy => 5,
+                // Started, Begun{Write}, Begun{Reload}, Begun{Restore},
                 // Begun{RetryReload}, Finished.
-                Flow::Rollback | Flow::FreshRollback => 7,
+                Flow::Rollback | Flow::FreshRollback => 6,
                 // Started, Finished.
                 Flow::Unchanged => 2,
             }

@@ -210,3 +210,54 @@ fn crafted_lock_with_a_symlinked_cert_path_is_refused() {
     let left = certdeploy_names(t);
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A holder killed after its write made its temps but before the lock's
+/// `writing` rewrite (which travels in the same round trips) was renamed
+/// into place leaves a `locked` lock and those temps, a key's in its
+/// private staging directory. The worker taking the lock over removes them
+/// by the names the dead deployment's id gives them, and nothing else: its
+/// backup link stays, as does another deployment's temp.
+#[test]
+fn a_dead_locked_holders_temps_are_removed_by_the_taker() {
+    let fleet = Fleet::new(1, false);
+    let t = &fleet.targets[0];
+    // Backups kept beyond this deployment's own: the prune leaves the dead
+    // deployment's backup alone, so what removes it could only be the taker.
+    let cfg = fleet.write_config(&Opts {
+        worker_extra: "lock_lease_s = 2\n".into(),
+        target_extra: "keep_backups = 3\n".into(),
+        ..Opts::default()
+    });
+    let cert = t.cert.to_str().unwrap();
+    let key_name = t.key.file_name().unwrap().to_string_lossy().into_owned();
+    let lock = serde_json::json!({
+        "v": 1, "token": "d-dead/1/0", "worker": "gone-1", "journal": "elsewhere:/j",
+        "deployment_id": "d-dead", "attempt": 1, "phase": "locked",
+        "lease_ms": 2000, "seq": 0, "acquired_at_ms": 0, "snapshots": []
+    });
+    let lock_path = format!("{cert}.certdeploy-lock");
+    fleet.sshd.write(&lock_path, lock.to_string().as_bytes(), 0o600);
+    let cert_temp = format!("{cert}.certdeploy-tmp.d-dead.0123456789abcdef");
+    fleet.sshd.write(&cert_temp, b"half a certificate", 0o644);
+    let stage = t.dir.join(format!(".certdeploy-stage.{key_name}.certdeploy-tmp.d-dead.fedcba9876543210"));
+    fleet.sshd.mkdir(&stage, 0o700);
+    fleet.sshd.write(stage.join("t"), b"KEY BYTES", 0o600);
+    let backup = format!("{cert}.certdeploy-bak.d-dead");
+    fleet.sshd.write(&backup, b"a backup link", 0o644);
+    let other = format!("{cert}.certdeploy-tmp.d-other.0011223344556677");
+    fleet.sshd.write(&other, b"someone else's", 0o644);
+    for p in [&lock_path, &cert_temp, &backup, &other] {
+        let st = Command::new("touch").args(["-h", "-d", "2000-01-01", p]).status().expect("touch");
+        assert!(st.success());
+    }
+    let b = TestCa::new().leaf("locked-dead.example", 2);
+    let args = deploy_args(fleet.tmp.path(), "t0", "after-dead-1", &b, false, true);
+    let (code, out, err) = run(&cfg, &strs(&args));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(result_of(&out, &err)["outcome"], "deployed", "{out}");
+    assert!(!fleet.sshd.exists(&cert_temp), "the dead deployment's certificate temp is left\n{err}");
+    assert!(!fleet.sshd.exists(&stage), "the dead deployment's key staging directory is left\n{err}");
+    assert!(fleet.sshd.exists(&backup), "the dead deployment's backup was removed");
+    assert!(fleet.sshd.exists(&other), "another deployment's temp was removed");
+    assert_eq!(fleet.sshd.read(&t.cert), b.cert_pem.as_bytes());
+}

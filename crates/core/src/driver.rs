@@ -114,14 +114,7 @@ pub trait Host: Send + Sync {
         deployment_id: &str,
         files: &[(WriteRequest, &[u8])],
         lock: LockWrite<'_>,
-    ) -> impl Future<Output = WrittenLocked> + Send {
-        async move {
-            match self.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await {
-                Ok(Some(t)) if lock.after()() => (Ok(Some(t)), self.write(deployment_id, files).await),
-                other => (other, Vec::new()),
-            }
-        }
-    }
+    ) -> impl Future<Output = WrittenLocked> + Send;
     fn restore(
         &self,
         deployment_id: &str,
@@ -144,14 +137,13 @@ pub trait Host: Send + Sync {
     /// holder had not said `writing` yet, whose write may have made its
     /// temps in the same pipeline as that rewrite. A host whose writes
     /// leave no temps has nothing to do.
+    // (No default for this and the `*_locked` operations: a wrapper of a
+    // host must pass them on, or it silently loses what they do.)
     fn discard_temps(
         &self,
         deployment_id: &str,
         paths: &[String],
-    ) -> impl Future<Output = Result<(), StepError>> + Send {
-        let _ = (deployment_id, paths);
-        std::future::ready(Ok(()))
-    }
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
     /// The lock rewrite `lock` and `prune` as one operation: the prune's
     /// listing may travel with the lock's temp, and its removals with the
     /// lock's rename, so they may happen whether or not that rename
@@ -164,14 +156,7 @@ pub trait Host: Send + Sync {
         live_paths: &[String],
         keep: u32,
         lock: LockWrite<'_>,
-    ) -> impl Future<Output = PrunedLocked> + Send {
-        async move {
-            match self.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await {
-                Ok(Some(t)) => (Ok(Some(t)), Some(self.prune(deployment_id, live_paths, keep).await)),
-                other => (other, None),
-            }
-        }
-    }
+    ) -> impl Future<Output = PrunedLocked> + Send;
 
     /// `exec`, but in the same remote command first check that the lock
     /// file at `guard.lock_path` still holds `guard.token`; if it does not,
@@ -470,8 +455,13 @@ pub async fn run_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
                     }
                     _ => 1,
                 };
+                // Appended, not waited for: it guards no side effect of
+                // its own (a validate changes nothing), and the `Begun`
+                // made durable before the reload makes it durable too (the
+                // journal syncs in order). Lost in a crash before that, the
+                // member recovers like one that never joined a batch.
                 let rec = Record { at: env.clock.now(), event: Event::ReloadShared { with } };
-                record(env, key, &rec).await?;
+                env.journal.append(key, &rec)?;
                 dep.apply(&rec)?;
             }
             Next::Perform(action) => {
@@ -587,6 +577,34 @@ fn write_batch<'p>(
         batch.push((f.clone(), bytes));
     }
     Ok(batch)
+}
+
+/// [`Host::write_locked`] as two operations, one after the other: for a
+/// host whose requests do not pipeline.
+pub async fn write_locked_in_turn<H: Host>(
+    host: &H,
+    deployment_id: &str,
+    files: &[(WriteRequest, &[u8])],
+    lock: LockWrite<'_>,
+) -> WrittenLocked {
+    match host.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await {
+        Ok(Some(t)) if lock.after()() => (Ok(Some(t)), host.write(deployment_id, files).await),
+        other => (other, Vec::new()),
+    }
+}
+
+/// [`Host::prune_locked`] as two operations, one after the other.
+pub async fn prune_locked_in_turn<H: Host>(
+    host: &H,
+    deployment_id: &str,
+    live_paths: &[String],
+    keep: u32,
+    lock: LockWrite<'_>,
+) -> PrunedLocked {
+    match host.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await {
+        Ok(Some(t)) => (Ok(Some(t)), Some(host.prune(deployment_id, live_paths, keep).await)),
+        other => (other, None),
+    }
 }
 
 /// A short name for logs.

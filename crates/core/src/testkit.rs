@@ -16,7 +16,9 @@ use std::task::{Context, Poll, Waker};
 
 pub mod fleet;
 
-use crate::driver::{Clock, Fence, Host, Journal, JournalError, Snapped, Verifier};
+use crate::driver::{
+    Clock, Fence, Host, Journal, JournalError, LockWrite, PrunedLocked, Snapped, Verifier, WrittenLocked,
+};
 use crate::event::*;
 use crate::lock::{Created, LockFile, LockRecord, Parsed};
 use crate::machine::*;
@@ -674,6 +676,30 @@ impl Host for MemHost {
 
     async fn resolve_path(&self, path: &str) -> Result<String, StepError> {
         Ok(self.0.world().resolve(path))
+    }
+
+    async fn write_locked(
+        &self,
+        deployment_id: &str,
+        files: &[(WriteRequest, &[u8])],
+        lock: LockWrite<'_>,
+    ) -> WrittenLocked {
+        crate::driver::write_locked_in_turn(self, deployment_id, files, lock).await
+    }
+
+    async fn prune_locked(
+        &self,
+        deployment_id: &str,
+        live_paths: &[String],
+        keep: u32,
+        lock: LockWrite<'_>,
+    ) -> PrunedLocked {
+        crate::driver::prune_locked_in_turn(self, deployment_id, live_paths, keep, lock).await
+    }
+
+    // Writes here are atomic: they leave no temps.
+    async fn discard_temps(&self, _deployment_id: &str, _paths: &[String]) -> Result<(), StepError> {
+        Ok(())
     }
 
     async fn prune(&self, deployment_id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {

@@ -135,6 +135,26 @@ impl driver::Host for Scripted {
     async fn prune(&self, id: &str, live: &[String], keep: u32) -> Result<(), StepError> {
         self.0.prune(id, live, keep).await
     }
+    async fn write_locked(
+        &self,
+        id: &str,
+        files: &[(WriteRequest, &[u8])],
+        lock: driver::LockWrite<'_>,
+    ) -> driver::WrittenLocked {
+        self.0.write_locked(id, files, lock).await
+    }
+    async fn prune_locked(
+        &self,
+        id: &str,
+        live: &[String],
+        keep: u32,
+        lock: driver::LockWrite<'_>,
+    ) -> driver::PrunedLocked {
+        self.0.prune_locked(id, live, keep, lock).await
+    }
+    async fn discard_temps(&self, id: &str, paths: &[String]) -> Result<(), StepError> {
+        self.0.discard_temps(id, paths).await
+    }
     async fn exec_guarded(&self, c: &str, t: u64, g: &ExecGuard) -> Result<ExecResult, StepError> {
         self.0.exec_guarded(c, t, g).await
     }

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use certdeploy_core::driver::{Fence, Host, Snapped};
+use certdeploy_core::driver::{Fence, Host, LockWrite, PrunedLocked, Snapped, WrittenLocked};
 use certdeploy_core::lock::{Created, LockFile};
 use certdeploy_core::{ExecGuard, ExecResult, RestoreRequest, RestoreStatus, SnapshotRequest, StepError, WriteRequest};
 
@@ -44,6 +44,15 @@ impl<H: Host> Host for Metered<H> {
     }
     async fn prune(&self, id: &str, live_paths: &[String], keep: u32) -> Result<(), StepError> {
         timed("prune", self.0.prune(id, live_paths, keep)).await
+    }
+    async fn write_locked(&self, id: &str, files: &[(WriteRequest, &[u8])], lock: LockWrite<'_>) -> WrittenLocked {
+        timed("write", self.0.write_locked(id, files, lock)).await
+    }
+    async fn prune_locked(&self, id: &str, live_paths: &[String], keep: u32, lock: LockWrite<'_>) -> PrunedLocked {
+        timed("prune", self.0.prune_locked(id, live_paths, keep, lock)).await
+    }
+    async fn discard_temps(&self, id: &str, paths: &[String]) -> Result<(), StepError> {
+        timed("cleanup", self.0.discard_temps(id, paths)).await
     }
     async fn exec_guarded(&self, command: &str, timeout_ms: u64, guard: &ExecGuard) -> Result<ExecResult, StepError> {
         timed("exec", self.0.exec_guarded(command, timeout_ms, guard)).await

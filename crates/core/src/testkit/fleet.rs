@@ -504,10 +504,12 @@ impl Host for FleetHost {
             let written = self.write(id, files).await;
             return (self.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await, written);
         }
-        match self.lock_replace(lock.path, &lock.bytes, lock.durable, lock.fence()).await {
-            Ok(Some(t)) if lock.after()() => (Ok(Some(t)), self.write(id, files).await),
-            other => (other, Vec::new()),
-        }
+        crate::driver::write_locked_in_turn(self, id, files, lock).await
+    }
+
+    // Writes here leave no temps.
+    async fn discard_temps(&self, _id: &str, _paths: &[String]) -> Result<(), StepError> {
+        Ok(())
     }
 
     async fn exec(&self, command: &str, _timeout_ms: u64) -> Result<ExecResult, StepError> {
