@@ -69,6 +69,10 @@ pub type Shared = Result<ExecResult, StepError>;
 #[derive(Debug)]
 pub struct Book {
     window_ms: u64,
+    /// Per key, deployments under way in this worker that may still join
+    /// its open batch (announced, not joined yet): while there are none,
+    /// an open batch need not wait for the rest of its window.
+    expected: BTreeMap<ReloadKey, u32>,
     /// Per key, the batch open or at work (until all its members are done).
     open: BTreeMap<ReloadKey, BatchId>,
     batches: BTreeMap<BatchId, Batch>,
@@ -86,6 +90,9 @@ struct Batch {
     steps: BTreeMap<(Step, u32), Run>,
     /// A shared step did not succeed: every member deploys again alone.
     failed: bool,
+    /// Its members announce themselves ([`Book::expect`]): it may close
+    /// before its window once nobody else is expected.
+    announced: bool,
 }
 
 #[derive(Debug, Default)]
@@ -124,7 +131,7 @@ pub enum AtStep {
 impl Book {
     /// `window_ms` = 0: every deployment is a batch of its own.
     pub fn new(window_ms: u64) -> Book {
-        Book { window_ms, open: BTreeMap::new(), batches: BTreeMap::new(), next: 0 }
+        Book { window_ms, expected: BTreeMap::new(), open: BTreeMap::new(), batches: BTreeMap::new(), next: 0 }
     }
 
     pub fn window_ms(&self) -> u64 {
@@ -164,6 +171,7 @@ impl Book {
                 seats: vec![Seat::default()],
                 steps: BTreeMap::new(),
                 failed: false,
+                announced: false,
             },
         );
         if !closed {
@@ -172,13 +180,50 @@ impl Book {
         Ok((b, 0, closes_at))
     }
 
-    /// Close the batch once its window has passed: nobody joins any more
-    /// (and others of its key wait until it is done). Returns how many
-    /// members it has, `None` while it is still open.
+    /// A deployment of `key` is under way and may join its open batch
+    /// (it has not written yet).
+    pub fn expect(&mut self, key: &ReloadKey) {
+        *self.expected.entry(key.clone()).or_insert(0) += 1;
+    }
+
+    /// An expected deployment of `key` joined a batch, or ended without
+    /// joining one. Returns the open batch of the key when nobody else is
+    /// expected now (its members waiting for the window may go on).
+    pub fn unexpect(&mut self, key: &ReloadKey) -> Option<BatchId> {
+        let n = self.expected.get_mut(key)?;
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return None;
+        }
+        self.expected.remove(key);
+        self.open.get(key).copied()
+    }
+
+    /// May the batch close before its window has passed? Once no other
+    /// deployment of its key is under way in this worker: nobody could
+    /// join it.
+    pub fn nobody_expected(&self, b: BatchId) -> bool {
+        self.batches.get(&b).is_none_or(|batch| batch.announced && !self.expected.contains_key(&batch.key))
+    }
+
+    /// A member of batch `b` joined as an announced deployment: the batch
+    /// may close early (see [`Self::nobody_expected`]). Batches of members
+    /// that do not announce themselves always wait for their window.
+    pub fn announced(&mut self, b: BatchId) {
+        if let Some(batch) = self.batches.get_mut(&b) {
+            batch.announced = true;
+        }
+    }
+
+    /// Close the batch once its window has passed, or earlier once nobody
+    /// else is expected: nobody joins any more (and others of its key wait
+    /// until it is done). Returns how many members it has, `None` while
+    /// it is still open.
     pub fn close(&mut self, b: BatchId, now: u64) -> Option<u32> {
+        let early = self.nobody_expected(b);
         let batch = self.batches.get_mut(&b)?;
         if !batch.closed {
-            if now < batch.closes_at {
+            if now < batch.closes_at && !early {
                 return None;
             }
             batch.closed = true;
@@ -332,10 +377,27 @@ impl Reloads {
     /// Join (or open) the batch of `key`, before writing: waits while a
     /// closed batch of the key is at work (see [`Book::join`]).
     pub async fn enter<C: Clock>(self: &Arc<Self>, key: &ReloadKey, clock: &C) -> Ticket {
+        self.enter_expected(key, clock, None).await
+    }
+
+    /// [`Self::enter`] for a deployment announced by `expected`: once it
+    /// has joined, it is no longer waited for.
+    pub async fn enter_expected<C: Clock>(
+        self: &Arc<Self>,
+        key: &ReloadKey,
+        clock: &C,
+        expected: Option<&Expected>,
+    ) -> Ticket {
         let (batch, seat, closes_at) = std::future::poll_fn(|cx| {
             let mut inner = self.lock();
             match inner.book.join(key, clock.now().0) {
-                Ok(joined) => Poll::Ready(joined),
+                Ok(joined) => {
+                    if let Some(e) = expected {
+                        inner.book.announced(joined.0);
+                        e.arrived(&mut inner);
+                    }
+                    Poll::Ready(joined)
+                }
                 Err(busy) => {
                     inner.park(busy, cx.waker());
                     Poll::Pending
@@ -344,6 +406,40 @@ impl Reloads {
         })
         .await;
         Ticket { reloads: self.clone(), batch, seat, closes_at, size: 1 }
+    }
+
+    /// Announce a deployment of `key` under way that may join the key's
+    /// open batch: until it joins one (or the returned guard is dropped),
+    /// that batch waits for it, within its window.
+    pub fn expect(self: &Arc<Self>, key: &ReloadKey) -> Expected {
+        self.lock().book.expect(key);
+        Expected { reloads: self.clone(), key: key.clone(), pending: std::sync::atomic::AtomicBool::new(true) }
+    }
+}
+
+/// A deployment announced to [`Reloads::expect`], until it joins a batch or
+/// is dropped.
+pub struct Expected {
+    reloads: Arc<Reloads>,
+    key: ReloadKey,
+    pending: std::sync::atomic::AtomicBool,
+}
+
+impl Expected {
+    fn arrived(&self, inner: &mut Inner) {
+        if self.pending.swap(false, std::sync::atomic::Ordering::AcqRel)
+            && let Some(b) = inner.book.unexpect(&self.key)
+        {
+            inner.wake(b);
+        }
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        let reloads = self.reloads.clone();
+        let mut inner = reloads.lock();
+        self.arrived(&mut inner);
     }
 }
 
@@ -393,7 +489,20 @@ impl Ticket {
                     self.size = n;
                     return n;
                 }
-                None => clock.sleep_until(Timestamp(self.closes_at)).await,
+                None => {
+                    // Until the window has passed, or nobody else is
+                    // expected any more (woken by the last one's arrival).
+                    let (r, b) = (&self.reloads, self.batch);
+                    let nobody = std::future::poll_fn(|cx| {
+                        let mut inner = r.lock();
+                        if inner.book.nobody_expected(b) {
+                            return Poll::Ready(());
+                        }
+                        inner.park(b, cx.waker());
+                        Poll::Pending
+                    });
+                    crate::lock::race(clock.sleep_until(Timestamp(self.closes_at)), nobody).await;
+                }
             }
         }
     }
@@ -508,8 +617,9 @@ pub enum Coalesce<'a> {
     /// Its own, journaled as shared with nobody (`reload_shared_with` = 1).
     Alone,
     /// Join the batch of `key` in `reloads` before writing; the ticket is
-    /// left in `slot`.
-    Join { reloads: &'a Arc<Reloads>, key: &'a ReloadKey, slot: &'a Slot },
+    /// left in `slot`. `expected`: this deployment's announcement (see
+    /// [`Reloads::expect`]), consumed when it joins.
+    Join { reloads: &'a Arc<Reloads>, key: &'a ReloadKey, slot: &'a Slot, expected: Option<&'a Expected> },
 }
 
 impl Coalesce<'_> {

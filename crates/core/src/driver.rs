@@ -434,10 +434,10 @@ pub async fn run_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
             Next::Wait(t) => env.clock.sleep_until(t).await,
             Next::Record(event) => {
                 // A member of a batch enters it before its first write.
-                if let (Event::Begun { step: Step::Write }, Coalesce::Join { reloads, key: k, .. }, None) =
+                if let (Event::Begun { step: Step::Write }, Coalesce::Join { reloads, key: k, expected, .. }, None) =
                     (&event, coalesce, &ticket)
                 {
-                    ticket = Some(reloads.enter(k, env.clock).await);
+                    ticket = Some(reloads.enter_expected(k, env.clock, expected).await);
                 }
                 tracing::debug!(deployment_id = %key, event = event_name(&event), "journal");
                 let rec = Record { at: now, event };
@@ -446,10 +446,10 @@ pub async fn run_coalesced<H: Host, V: Verifier, J: Journal, C: Clock>(
             }
             Next::Perform(Action::Exec { .. }) if dep.sharing() == Sharing::Join && coalesce.on() => {
                 let with = match coalesce {
-                    Coalesce::Join { reloads, key: k, .. } => {
+                    Coalesce::Join { reloads, key: k, expected, .. } => {
                         let t = match &mut ticket {
                             Some(t) => t,
-                            None => ticket.insert(reloads.enter(k, env.clock).await),
+                            None => ticket.insert(reloads.enter_expected(k, env.clock, expected).await),
                         };
                         t.close(env.clock).await
                     }

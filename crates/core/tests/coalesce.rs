@@ -214,9 +214,10 @@ async fn member<H: driver::Host, V: driver::Verifier, J: driver::Journal>(
     site: &Site,
     first_attempt: u32,
     start_at: u64,
+    mut expected: Option<Expected>,
 ) -> Terminal {
-    env.clock.sleep_until(Timestamp(start_at)).await;
     let key = ReloadKey::of(&site.plan, "");
+    env.clock.sleep_until(Timestamp(start_at)).await;
     let mut alone: Option<Ticket> = None;
     for attempt in first_attempt.. {
         assert!(attempt < first_attempt + 5, "{}: too many attempts", site.id);
@@ -225,10 +226,11 @@ async fn member<H: driver::Host, V: driver::Verifier, J: driver::Journal>(
         let slot = Slot::default();
         let c = match alone {
             Some(_) => Coalesce::Alone,
-            None => Coalesce::Join { reloads, key: &key, slot: &slot },
+            None => Coalesce::Join { reloads, key: &key, slot: &slot, expected: expected.as_ref() },
         };
         match driver::start_coalesced(env, plan, &site.payload, None, c).await.expect("driver") {
             Terminal::Abandoned(why) => {
+                expected = None;
                 if let Some(t) = turn_to_deploy_alone(&slot).await {
                     alone = Some(t);
                 } else {
@@ -261,9 +263,13 @@ struct Case {
     /// Per member, when it starts (ms after the first).
     delays: Vec<u64>,
     crash: Option<(u64, bool)>,
+    /// Members announce themselves ([`Reloads::expect`]) as the worker's do.
+    announce: bool,
 }
 
 struct Ran {
+    /// The simulation's clock when the members started.
+    t0: u64,
     sim: Sim,
     sites: Vec<Site>,
     saved: u64,
@@ -299,13 +305,17 @@ fn run_case(c: &Case) -> Ran {
     let (host, verifier, journal) = (MemHost(sim.clone()), MemVerifier(sim.clone()), MemJournal(sim.clone()));
     let env = Env { host: &host, verifier: &verifier, journal: &journal, clock: &clock, cert_facts: fake_cert_facts };
     let t0 = sim.world().now;
+    // Announced as the worker announces the deliveries it has taken, when
+    // they are taken (before any starts): a batch of their key waits for
+    // them within its window, and for nobody once all of them have joined.
+    let announce = |s: &Site| c.announce.then(|| reloads.expect(&ReloadKey::of(&s.plan, "")));
 
     // The worker runs every request at once.
     let first = run_until_crash(|| {
         let tasks: Vec<Task<'_, Terminal>> = sites
             .iter()
             .zip(&c.delays)
-            .map(|(s, d)| Box::pin(member(&env, &reloads, s, 1, t0 + d)) as Task<'_, Terminal>)
+            .map(|(s, d)| Box::pin(member(&env, &reloads, s, 1, t0 + d, announce(s))) as Task<'_, Terminal>)
             .collect();
         run_all(tasks, &clock, &reloads)
     });
@@ -332,13 +342,13 @@ fn run_case(c: &Case) -> Ran {
             .map(|s| {
                 let attempts =
                     sim.durable_records(&s.id).iter().filter(|r| matches!(r.event, Event::Started { .. })).count();
-                Box::pin(member(&env, &reloads, s, attempts as u32 + 1, now)) as Task<'_, Terminal>
+                Box::pin(member(&env, &reloads, s, attempts as u32 + 1, now, announce(s))) as Task<'_, Terminal>
             })
             .collect();
         run_all(tasks, &clock, &reloads);
     }
     assert_eq!(reloads.live(), 0, "every batch is forgotten once its members are done");
-    Ran { sim, sites, saved: saved.load(Ordering::Relaxed), crashed }
+    Ran { t0, sim, sites, saved: saved.load(Ordering::Relaxed), crashed }
 }
 
 /// The last result journaled for `id`.
@@ -421,16 +431,25 @@ fn fault() -> impl Strategy<Value = Trouble> {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (2usize..=5, any::<bool>(), fault(), any::<bool>(), any::<bool>(), prop::option::of((1u64..160, any::<bool>())))
-        .prop_flat_map(|(n, broken, fault, verify, stagger, crash)| {
+    (
+        2usize..=5,
+        any::<bool>(),
+        fault(),
+        any::<bool>(),
+        any::<bool>(),
+        prop::option::of((1u64..160, any::<bool>())),
+        any::<bool>(),
+    )
+        .prop_flat_map(|(n, broken, fault, verify, stagger, crash, announce)| {
             // A reload that fails for good fails the deployment running it:
             // only the shared one is scheduled to (all arrive together, and
             // no broken certificate makes them deploy alone first).
             let (broken, stagger) =
                 if matches!(fault, Trouble::ReloadFails) { (false, false) } else { (broken, stagger) };
             let delays = if stagger { prop::collection::vec(0u64..400, n).boxed() } else { Just(vec![0; n]).boxed() };
-            (Just(n), if broken { (0..n).prop_map(Some).boxed() } else { Just(None).boxed() }, delays)
-                .prop_map(move |(n, broken, delays)| Case { n, broken, fault: fault.clone(), verify, delays, crash })
+            (Just(n), if broken { (0..n).prop_map(Some).boxed() } else { Just(None).boxed() }, delays).prop_map(
+                move |(n, broken, delays)| Case { n, broken, fault: fault.clone(), verify, delays, crash, announce },
+            )
         })
 }
 
@@ -448,7 +467,15 @@ proptest! {
 /// result `reload_shared_with = 5`, four reloads saved.
 #[test]
 fn five_together_share_one_reload() {
-    let c = Case { n: 5, broken: None, fault: Trouble::None, verify: true, delays: vec![0; 5], crash: None };
+    let c = Case {
+        n: 5,
+        broken: None,
+        fault: Trouble::None,
+        verify: true,
+        delays: vec![0; 5],
+        crash: None,
+        announce: false,
+    };
     let o = run_case(&c);
     check(&c, &o).unwrap();
     let w = o.sim.world();
@@ -461,7 +488,15 @@ fn five_together_share_one_reload() {
 /// ends `rolled_back`.
 #[test]
 fn one_broken_among_four_only_it_rolls_back() {
-    let c = Case { n: 4, broken: Some(2), fault: Trouble::None, verify: true, delays: vec![0; 4], crash: None };
+    let c = Case {
+        n: 4,
+        broken: Some(2),
+        fault: Trouble::None,
+        verify: true,
+        delays: vec![0; 4],
+        crash: None,
+        announce: false,
+    };
     let o = run_case(&c);
     check(&c, &o).unwrap();
     let w = o.sim.world();
@@ -474,14 +509,85 @@ fn one_broken_among_four_only_it_rolls_back() {
 /// Members arriving further apart than the window do not share.
 #[test]
 fn members_beyond_the_window_reload_alone() {
-    let c =
-        Case { n: 3, broken: None, fault: Trouble::None, verify: false, delays: vec![0, 1_000, 2_000], crash: None };
+    let c = Case {
+        n: 3,
+        broken: None,
+        fault: Trouble::None,
+        verify: false,
+        delays: vec![0, 1_000, 2_000],
+        crash: None,
+        announce: false,
+    };
     let o = run_case(&c);
     check(&c, &o).unwrap();
     for s in &o.sites {
         assert_eq!(result(&o.sim, &s.id).unwrap().reload_shared_with, Some(1));
     }
     assert_eq!(o.sim.world().exec_log.iter().filter(|e| *e == RELOAD).count(), 3);
+}
+
+/// Announced members all taken together share one reload, as without
+/// announcements, and nobody waits for the rest of the window: the batch
+/// closes once every announced member has joined.
+#[test]
+fn announced_members_share_one_reload_without_waiting_for_the_window() {
+    let c = Case {
+        n: 5,
+        broken: None,
+        fault: Trouble::None,
+        verify: false,
+        delays: vec![0; 5],
+        crash: None,
+        announce: true,
+    };
+    let o = run_case(&c);
+    check(&c, &o).unwrap();
+    assert_eq!(o.sim.world().exec_log, vec![VALIDATE.to_string(), RELOAD.to_string()]);
+    let took = o.sim.world().now - o.t0;
+    assert!(took < WINDOW_MS, "waited for the window: ended after {took} ms");
+}
+
+/// A deployment alone under way for its daemon does not wait for a window
+/// nobody can join (unannounced, it waits the whole window).
+#[test]
+fn a_lone_announced_member_reloads_without_waiting_for_the_window() {
+    for announce in [true, false] {
+        let c =
+            Case { n: 1, broken: None, fault: Trouble::None, verify: false, delays: vec![0], crash: None, announce };
+        let o = run_case(&c);
+        check(&c, &o).unwrap();
+        let took = o.sim.world().now - o.t0;
+        assert_eq!(took < WINDOW_MS, announce, "announce {announce}: ended after {took} ms");
+    }
+}
+
+/// The book's side of announcements: an announced batch closes early once
+/// nobody else of its key is expected, not before; unannounced batches
+/// always wait for their window.
+#[test]
+fn book_closes_an_announced_batch_once_nobody_else_is_expected() {
+    let key = ReloadKey {
+        host: "h".into(),
+        port: 22,
+        user: "u".into(),
+        runner: String::new(),
+        validate_command: None,
+        reload_command: "r".into(),
+        exec_timeout_ms: 1,
+    };
+    let mut b = Book::new(200);
+    b.expect(&key);
+    b.expect(&key);
+    let (b0, _, _) = b.join(&key, 1_000).unwrap();
+    b.announced(b0);
+    assert_eq!(b.unexpect(&key), None, "one more is expected");
+    assert_eq!(b.close(b0, 1_001), None, "waits for the one expected");
+    assert_eq!(b.unexpect(&key), Some(b0), "the last one went: the open batch is told");
+    assert_eq!(b.close(b0, 1_001), Some(1), "closed before its window");
+    let other = ReloadKey { reload_command: "other".into(), ..key.clone() };
+    let (b1, _, _) = b.join(&other, 2_000).unwrap();
+    assert_eq!(b.close(b1, 2_001), None, "unannounced: waits for its window");
+    assert_eq!(b.close(b1, 2_200), Some(1));
 }
 
 #[test]

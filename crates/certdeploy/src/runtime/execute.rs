@@ -68,9 +68,18 @@ impl Runtime {
             let started = Instant::now();
             let slot = Slot::default();
             let reload_key = Self::reload_key(&plan, v.target_config.as_ref());
+            // Announced while it holds its target and has not written: an
+            // open batch of its key waits for it (within the window) and
+            // for nobody else once every announced deployment has joined.
+            let expected = alone.is_none().then(|| self.reloads.expect(&reload_key));
             let coalesce = match alone {
                 Some(_) => Coalesce::Alone,
-                None => Coalesce::Join { reloads: &self.reloads, key: &reload_key, slot: &slot },
+                None => Coalesce::Join {
+                    reloads: &self.reloads,
+                    key: &reload_key,
+                    slot: &slot,
+                    expected: expected.as_ref(),
+                },
             };
             metrics::gauge!(m::IN_FLIGHT).increment(1.0);
             let r = attempt::execute_coalesced(&env, &w, plan, &payload, token, coalesce).instrument(span).await;
