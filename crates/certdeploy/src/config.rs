@@ -1475,7 +1475,10 @@ reload_command = "systemctl reload nginx"
         let s = c.ssh_config("/tmp".into(), Duration::from_secs(1));
         assert_eq!(s.max_masters, certdeploy_ssh::default_max_masters());
         assert!((1..=certdeploy_ssh::DEFAULT_MAX_MASTERS_CAP).contains(&s.max_masters));
-        assert!(s.max_masters <= 96, "~1.4 MiB of PSS per master: the default keeps the worker and its masters under 300 MiB");
+        assert!(
+            s.max_masters <= 96,
+            "~1.4 MiB of PSS per master: the default keeps the worker and its masters under 300 MiB"
+        );
         assert_eq!(s.kex_algorithms, None, "OpenSSH's own default unless configured");
         let set = format!("[ssh]\nmax_masters = 3\nkex_algorithms = \"curve25519-sha256\"\n{MIN}");
         let s = Config::parse(&set, "c.toml", &[]).unwrap().ssh_config("/tmp".into(), Duration::from_secs(1));
