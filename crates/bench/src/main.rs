@@ -147,8 +147,8 @@ struct Figures {
     ssh_peak: usize,
     /// What the deployments cost on the wire (see [`Wire`]).
     wire: Wire,
-    /// Peak PSS of the worker plus its ssh processes, MiB (`--pss`).
-    pss_mib: f64,
+    /// Peak PSS of the worker plus its ssh processes (`--pss`).
+    pss: PssAtPeak,
     outcomes: BTreeMap<String, usize>,
 }
 
@@ -222,7 +222,17 @@ impl SshPeak {
 /// processes mapping it, so the sum counts the ssh binary's pages once.
 struct PssPeak {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<f64>,
+    handle: std::thread::JoinHandle<PssAtPeak>,
+}
+
+/// The sample with the largest sum: the worker's share and the ssh
+/// processes' (MiB), and how many ssh processes there were.
+#[derive(Clone, Copy, Debug, Default)]
+struct PssAtPeak {
+    total_mib: f64,
+    worker_mib: f64,
+    ssh_mib: f64,
+    ssh_procs: usize,
 }
 
 impl PssPeak {
@@ -230,19 +240,23 @@ impl PssPeak {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let handle = std::thread::spawn(move || {
-            let mut peak = 0.0f64;
+            let mut peak = PssAtPeak::default();
             while !s.load(Ordering::SeqCst) {
-                let total: f64 = std::iter::once(pid).chain(ssh_pids_under(&dir)).map(pss_kib).sum();
-                peak = peak.max(total / 1024.0);
+                let ssh = ssh_pids_under(&dir);
+                let worker_mib = pss_kib(pid) / 1024.0;
+                let ssh_mib = ssh.iter().copied().map(pss_kib).sum::<f64>() / 1024.0;
+                if worker_mib + ssh_mib > peak.total_mib {
+                    peak = PssAtPeak { total_mib: worker_mib + ssh_mib, worker_mib, ssh_mib, ssh_procs: ssh.len() };
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
             peak
         });
         PssPeak { stop, handle }
     }
-    fn finish(self) -> f64 {
+    fn finish(self) -> PssAtPeak {
         self.stop.store(true, Ordering::SeqCst);
-        self.handle.join().unwrap_or(0.0)
+        self.handle.join().unwrap_or_default()
     }
 }
 
@@ -639,7 +653,7 @@ async fn broker_run(
         }
     }
     let ssh_peak = peak.finish();
-    let pss_mib = pss.map_or(0.0, PssPeak::finish);
+    let pss = pss.map_or_else(PssAtPeak::default, PssPeak::finish);
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = child.0.wait();
     broker.close().await;
@@ -687,7 +701,7 @@ async fn broker_run(
         masters: metric(&body, "certdeploy_ssh_masters_opened_total"),
         ssh_peak,
         wire: Wire::of_metrics(&body).since(wire0),
-        pss_mib,
+        pss,
         outcomes,
     })
 }
@@ -782,7 +796,7 @@ async fn direct_run(
         masters,
         ssh_peak,
         wire,
-        pss_mib: 0.0,
+        pss: PssAtPeak::default(),
         outcomes,
     })
 }
@@ -947,8 +961,17 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("every run verified every target's final cert, key and chain");
     if args.pss {
-        for f in table.iter().filter(|f| f.pss_mib > 0.0) {
-            println!("{}: peak PSS of the worker and its ssh processes {:.1} MiB", f.run, f.pss_mib);
+        for f in table.iter().filter(|f| f.pss.total_mib > 0.0) {
+            let p = f.pss;
+            println!(
+                "{}: peak PSS of the worker and its ssh processes {:.1} MiB (worker {:.1} MiB, {} ssh processes {:.1} MiB, {:.2} MiB each)",
+                f.run,
+                p.total_mib,
+                p.worker_mib,
+                p.ssh_procs,
+                p.ssh_mib,
+                p.ssh_mib / p.ssh_procs.max(1) as f64
+            );
         }
     }
     if args.floor {

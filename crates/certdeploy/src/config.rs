@@ -355,7 +355,9 @@ pub struct SshSection {
     /// fleets small enough to keep one ssh process per host; off by default).
     pub warm_masters: bool,
     /// Most ssh master processes open at once (default: from this
-    /// process's limits, see `certdeploy_ssh::default_max_masters`).
+    /// process's limits and at most 96 for memory, see
+    /// `certdeploy_ssh::default_max_masters`; a configured value may be
+    /// larger).
     pub max_masters: Option<usize>,
     /// ssh's `KexAlgorithms` (default: OpenSSH's own).
     pub kex_algorithms: Option<String>,
@@ -1472,11 +1474,18 @@ reload_command = "systemctl reload nginx"
         let c = Config::parse(MIN, "c.toml", &[]).unwrap();
         let s = c.ssh_config("/tmp".into(), Duration::from_secs(1));
         assert_eq!(s.max_masters, certdeploy_ssh::default_max_masters());
-        assert!((1..=certdeploy_ssh::MAX_MASTERS_CAP).contains(&s.max_masters));
+        assert!((1..=certdeploy_ssh::DEFAULT_MAX_MASTERS_CAP).contains(&s.max_masters));
+        assert!(
+            s.max_masters <= 96,
+            "~1.4 MiB of PSS per master: the default keeps the worker and its masters under 300 MiB"
+        );
         assert_eq!(s.kex_algorithms, None, "OpenSSH's own default unless configured");
         let set = format!("[ssh]\nmax_masters = 3\nkex_algorithms = \"curve25519-sha256\"\n{MIN}");
         let s = Config::parse(&set, "c.toml", &[]).unwrap().ssh_config("/tmp".into(), Duration::from_secs(1));
         assert_eq!((s.max_masters, s.kex_algorithms.as_deref()), (3, Some("curve25519-sha256")));
+        let above = format!("[ssh]\nmax_masters = 300\n{MIN}");
+        let s = Config::parse(&above, "c.toml", &[]).unwrap().ssh_config("/tmp".into(), Duration::from_secs(1));
+        assert_eq!(s.max_masters, 300, "an operator may configure more than the default's cap");
         for (text, want) in [
             ("[ssh]\nmax_masters = 0\n", "c.toml: ssh.max_masters: must be at least 1"),
             ("[ssh]\nkex_algorithms = \"curve25519-sha256 x\"\n", "expected algorithm names separated by commas"),

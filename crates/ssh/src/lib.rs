@@ -31,5 +31,7 @@ pub use error::shell_quote;
 pub use host::SshHost;
 pub use hostile::{TargetPolicy, valid_id_name};
 pub use live::read_public_file;
-pub use pool::{HostAddr, MAX_MASTERS_CAP, PoolError, SshConfig, SshPool, check_kex_syntax, default_max_masters};
+pub use pool::{
+    DEFAULT_MAX_MASTERS_CAP, HostAddr, PoolError, SshConfig, SshPool, check_kex_syntax, default_max_masters,
+};
 pub use sudo::{sudo_expressible, sudoers_command, sudoers_escape, sudoers_rule};

@@ -68,18 +68,23 @@ pub struct SshConfig {
     pub kex_algorithms: Option<String>,
 }
 
-/// Upper bound of [`default_max_masters`].
-pub const MAX_MASTERS_CAP: usize = 256;
+/// Upper bound of [`default_max_masters`], for memory: each open master is
+/// an `ssh` process of ~1.4 MiB PSS, and the worker itself takes up to
+/// ~140 MiB once its journal cache is full, so 96 masters keep the worker
+/// and its ssh processes near 270 MiB, under 300 MiB (128 measured 309).
+/// A configured `max_masters` may be larger.
+pub const DEFAULT_MAX_MASTERS_CAP: usize = 96;
 
 /// The default `max_masters` for this process's limits: a quarter of
 /// `RLIMIT_NPROC` (each master is a process of this user), an eighth of
 /// `RLIMIT_NOFILE` (each master costs the worker its SFTP socket and a
-/// socket per command in flight), at most [`MAX_MASTERS_CAP`], at least 1.
+/// socket per command in flight), at most [`DEFAULT_MAX_MASTERS_CAP`]
+/// (memory), at least 1.
 pub fn default_max_masters() -> usize {
     use rustix::process::{Resource, getrlimit};
     let soft = |r| getrlimit(r).current.unwrap_or(u64::MAX);
     let n = (soft(Resource::Nproc) / 4).min(soft(Resource::Nofile) / 8);
-    n.clamp(1, MAX_MASTERS_CAP as u64) as usize
+    n.clamp(1, DEFAULT_MAX_MASTERS_CAP as u64) as usize
 }
 
 /// One remote account.
