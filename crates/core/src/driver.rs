@@ -561,7 +561,11 @@ async fn perform_locked<H: Host, V: Verifier, J: Journal, C: Clock>(
                 (Err(error), _) => lock_failed(error),
             })
         }
-        other => perform(env, other, payload, Some(held)).await,
+        // Nothing to carry it: the rewrite on its own.
+        _ => {
+            let alone = Action::LockPhase { phase, snapshots: snapshots.to_vec() };
+            perform(env, &alone, payload, Some(held)).await
+        }
     }
 }
 

@@ -282,12 +282,19 @@ impl Held {
             self.note_overrun(&mut st, now);
             skip_fence || (!st.lost && !st.released && now < st.valid_until)
         };
-        // Once the rename is confirmed, the lease runs from `started`.
+        // Once the rename is confirmed, the lease runs from `started`: the
+        // holder's watch sees it extended from then on (the requests that
+        // follow in the same operation may take a while).
         let lease = self.lease_ms.saturating_sub(margin_ms(self.lease_ms));
         let after = move || {
             let now = clock.mono_ms();
-            let st = self.st();
-            !st.lost && !st.released && now < started + lease
+            let mut st = self.st();
+            let valid = !st.lost && !st.released && now < started + lease;
+            if valid {
+                st.valid_until = st.valid_until.max(started + lease);
+                st.written_at = st.written_at.max(started);
+            }
+            valid
         };
         let w = LockWrite {
             path: &self.path,
