@@ -561,12 +561,9 @@ fn a_lone_announced_member_reloads_without_waiting_for_the_window() {
     }
 }
 
-/// The book's side of announcements: an announced batch closes early once
-/// nobody else of its key is expected, not before; unannounced batches
-/// always wait for their window.
-#[test]
-fn book_closes_an_announced_batch_once_nobody_else_is_expected() {
-    let key = ReloadKey {
+/// A key of the book's own tests.
+fn book_key() -> ReloadKey {
+    ReloadKey {
         host: "h".into(),
         port: 22,
         user: "u".into(),
@@ -574,7 +571,15 @@ fn book_closes_an_announced_batch_once_nobody_else_is_expected() {
         validate_command: None,
         reload_command: "r".into(),
         exec_timeout_ms: 1,
-    };
+    }
+}
+
+/// The book's side of announcements: an announced batch closes early once
+/// nobody else of its key is expected, not before; unannounced batches
+/// always wait for their window.
+#[test]
+fn book_closes_an_announced_batch_once_nobody_else_is_expected() {
+    let key = book_key();
     let mut b = Book::new(200);
     b.expect(&key);
     b.expect(&key);
@@ -592,15 +597,7 @@ fn book_closes_an_announced_batch_once_nobody_else_is_expected() {
 
 #[test]
 fn book_joins_within_the_window_only() {
-    let key = ReloadKey {
-        host: "h".into(),
-        port: 22,
-        user: "u".into(),
-        runner: String::new(),
-        validate_command: None,
-        reload_command: "r".into(),
-        exec_timeout_ms: 1,
-    };
+    let key = book_key();
     let mut b = Book::new(200);
     let (b0, s0, closes) = b.join(&key, 1_000).unwrap();
     assert_eq!((s0, closes), (0, 1_200));
