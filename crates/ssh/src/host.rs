@@ -1205,11 +1205,7 @@ impl<'a> SshHost<'a> {
                     let (staged, filled) =
                         in_order2(self.lock_temp(&lease, l.path, &l.bytes, l.durable, true), fill).await;
                     let replaced = match staged {
-                        Ok((temp, _)) if !(l.fence)() => {
-                            self.lock_temp_discard(&lease, &temp).await;
-                            Ok(None)
-                        }
-                        Ok((temp, host_now)) => self.lock_rename(&lease, &temp, l.path).await.map(|()| Some(host_now)),
+                        Ok((temp, host_now)) => self.lock_install(&lease, &temp, host_now, l.path, l.fence()).await,
                         Err(e) => Err(e),
                     };
                     if !matches!(replaced, Ok(Some(_))) || !(l.after)() {

@@ -202,28 +202,33 @@ impl SshHost<'_> {
         let lease = self.lease().await?;
         let work = async {
             let (temp, host_now) = self.lock_temp(&lease, path, bytes, durable, true).await?;
-            let mut fs = lease.sftp().fs();
-            if !fence() {
-                // Stalled past the caller's lease since the temp was
-                // written: the rename is not sent.
-                let _ = fs.remove_file(p(&temp)).await;
-                return Ok(None);
-            }
-            match fs.rename(p(&temp), p(path)).await {
-                Ok(()) => Ok(Some(host_now)),
-                Err(e) => {
-                    let _ = fs.remove_file(p(&temp)).await;
-                    Err(lease.sftp_err("replace lock", path, &e))
-                }
-            }
+            self.lock_install(&lease, &temp, host_now, path, fence).await
         };
         self.bounded(&lease, "replace lock", work).await
     }
 
+    /// The second half of a lock replace, once its temp is written (with
+    /// the host's clock `host_now`): when `fence` says no (the caller
+    /// stalled past its lease since the temp was written) the rename is
+    /// not sent and the temp goes (`None`); otherwise the rename.
+    pub(crate) async fn lock_install(
+        &self,
+        lease: &Lease,
+        temp: &str,
+        host_now: u64,
+        path: &str,
+        fence: Fence<'_>,
+    ) -> Result<Option<u64>, StepError> {
+        if !fence() {
+            self.lock_temp_discard(lease, temp).await;
+            return Ok(None);
+        }
+        self.lock_rename(lease, temp, path).await.map(|()| Some(host_now))
+    }
+
     /// Rename the written lock temp `temp` over `path` (within the lock
     /// operations' bound); on failure the temp goes. For a rewrite that
-    /// travels in another step's pipeline ([`Self::lock_file_replace`]'s
-    /// second half, the fence already asked).
+    /// travels in another step's pipeline (the fence already asked).
     pub(crate) async fn lock_rename(&self, lease: &Lease, temp: &str, path: &str) -> Result<(), StepError> {
         let work = async {
             let mut fs = lease.sftp().fs();

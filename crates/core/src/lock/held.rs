@@ -318,7 +318,7 @@ impl Held {
         let mut st = self.st();
         st.record = next;
         st.host_now = host_now;
-        st.valid_until = started + self.lease_ms.saturating_sub(margin_ms(self.lease_ms));
+        st.valid_until = started + lease;
         st.written_at = started;
         (Ok(()), Some(out))
     }
